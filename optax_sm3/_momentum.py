@@ -1,0 +1,97 @@
+"""Exponential-moving-average momentum, as SM3's references use it."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_sm3 import _validation
+
+
+class ScaleByMomentumState(NamedTuple):
+  """State of :func:`scale_by_momentum`.
+
+  Attributes:
+    momentum: a tree like the updates: the running average of the updates,
+      each leaf of the parameter's shape, dtype ``mu_dtype`` (or the
+      parameter's dtype when ``mu_dtype`` is ``None``).
+  """
+
+  momentum: optax.Updates
+
+
+def scale_by_momentum(
+  momentum: Any = 0.9,
+  *,
+  nesterov: bool = False,
+  mu_dtype: Any = None,
+) -> optax.GradientTransformation:
+  r"""Replaces updates by their exponential moving average.
+
+  .. math::
+
+    m \leftarrow \mu m + (1 - \mu) u, \qquad
+    \text{output} = m \text{ (or } \mu m + (1 - \mu) u
+    \text{ with Nesterov)}
+
+  the rule of ``optax.sm3`` and of the TensorFlow and PyTorch SM3 code (not
+  optax's heavy-ball ``optax.trace``). The arithmetic runs in the wider of the
+  update's and ``mu_dtype``; the buffer is stored in ``mu_dtype``.
+
+  Args:
+    momentum: :math:`\mu` in ``[0, 1)``; may be traced.
+    nesterov: use Nesterov's look-ahead output.
+    mu_dtype: dtype of the buffer (``jnp.bfloat16`` halves its memory);
+      ``None`` keeps the parameter's dtype.
+
+  Returns:
+    A :class:`optax.GradientTransformation` whose state is a
+    :class:`ScaleByMomentumState`.
+
+  Raises:
+    ValueError: if ``momentum`` is outside ``[0, 1)``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_sm3
+    >>> tx = optax_sm3.scale_by_momentum(0.5)
+    >>> state = tx.init(jnp.zeros(2))
+    >>> updates, state = tx.update(jnp.ones(2), state)
+    >>> updates
+    Array([0.5, 0.5], dtype=float32)
+
+  References:
+    Anil et al., `Memory-Efficient Adaptive Optimization
+    <https://arxiv.org/abs/1901.11150>`_, 2019
+  """
+  _validation.check_range("momentum", momentum, low=0.0, high=1.0, high_open=True)
+  mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+
+  def init_fn(params):
+    return ScaleByMomentumState(
+      jax.tree.map(lambda p: jnp.zeros(p.shape, mu_dtype or p.dtype), params)
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+
+    def step(u, m):
+      dtype = jnp.promote_types(u.dtype, m.dtype)
+      mu, one_minus_mu = _validation.complement(momentum, dtype)
+      uf = u.astype(dtype)
+      m_new = mu * m.astype(dtype) + one_minus_mu * uf
+      out = mu * m_new + one_minus_mu * uf if nesterov else m_new
+      return out.astype(u.dtype), m_new.astype(m.dtype)
+
+    pairs = jax.tree.map(step, updates, state.momentum)
+    treedef = jax.tree.structure(updates)
+    flat = treedef.flatten_up_to(pairs)
+    return (
+      treedef.unflatten([o for o, _ in flat]),
+      ScaleByMomentumState(treedef.unflatten([m for _, m in flat])),
+    )
+
+  return optax.GradientTransformation(init_fn, update_fn)

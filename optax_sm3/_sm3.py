@@ -1,0 +1,160 @@
+"""The ready SM3 optimizer: clipping, weight decay, SM3, momentum, step size."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optax
+
+from optax_sm3 import _momentum, _scale_by_sm3, _validation
+
+_WEIGHT_DECAY_MODES = ("decoupled", "coupled")
+
+
+def sm3(
+  learning_rate: optax.ScalarOrSchedule,
+  momentum: Any = 0.9,
+  beta: Any = 0.0,
+  eps: Any = 1e-8,
+  *,
+  nesterov: bool = False,
+  mu_dtype: Any = None,
+  weight_decay: Any = 0.0,
+  weight_decay_mode: str = "decoupled",
+  weight_decay_mask: Any = None,
+  grad_clip_norm: Any = None,
+  grad_clip_value: Any = None,
+  variant: str = "II",
+  accumulator_dtype: Any = None,
+  stacked_axes: Any = None,
+  merge_axes_up_to: int | None = None,
+  skip_unit_axes: bool = False,
+) -> optax.GradientTransformation:
+  r"""The SM3 optimizer (Anil et al., 2019).
+
+  An :func:`optax.chain` of, in order: clipping by global norm
+  (``grad_clip_norm``), clipping by value (``grad_clip_value``), coupled L2
+  weight decay (``weight_decay_mode="coupled"``: :math:`g \leftarrow g +
+  \lambda \theta`), :func:`optax_sm3.scale_by_sm3`, momentum, decoupled
+  weight decay (the default mode: :math:`u \leftarrow u + \lambda\theta`, as
+  AdamW), and the learning rate:
+
+  .. math::
+
+    u_t &= \mathrm{SM3}(g_t) \quad\text{(see } \texttt{scale\_by\_sm3}) \\
+    m_t &= \mu m_{t-1} + (1 - \mu) u_t \quad\text{(if } \mu > 0) \\
+    \theta_{t+1} &= \theta_t - \eta_t (m_t + \lambda \theta_t)
+
+  Stages that are off (``None`` or a Python ``0``) are left out of the chain.
+  In particular ``momentum=0`` or ``None`` allocates no momentum buffer: the
+  state is the accumulators alone, :math:`O(\sum_r d_r)` per parameter.
+  (``optax.sm3`` and the PyTorch ports keep a full-size buffer even then.)
+
+  For parameters of rank >= 1, ``sm3(lr, momentum)`` produces the same updates
+  as ``optax.sm3(lr, momentum)``; unlike it, it accepts scalars, schedules
+  and traced ``beta``/``eps``/``momentum`` (``optax.inject_hyperparams``).
+
+  Args:
+    learning_rate: a non-negative float or an optax schedule (a callable from
+      the step count to the rate), e.g. :func:`optax_sm3.warmup_schedule`.
+    momentum: :math:`\mu` in ``[0, 1)``, or ``None``; ``0``/``None`` disables
+      momentum and its buffer.
+    beta: second-moment decay in ``[0, 1)`` (``0``: sums, the paper's
+      default); see :func:`optax_sm3.scale_by_sm3`.
+    eps: ``>= 0``, added under the square root.
+    nesterov: Nesterov momentum.
+    mu_dtype: dtype of the momentum buffer (``jnp.bfloat16`` halves it);
+      ``None`` keeps the parameters' dtype.
+    weight_decay: :math:`\lambda \ge 0`.
+    weight_decay_mode: ``"decoupled"`` (after preconditioning, AdamW style)
+      or ``"coupled"`` (an L2 term added to the gradient before
+      preconditioning, as braintools does).
+    weight_decay_mask: a tree of booleans, or a callable from parameters to
+      one, selecting the parameters that decay (``optax.add_decayed_weights``
+      semantics).
+    grad_clip_norm: if set (``> 0``), clip gradients to this global norm.
+    grad_clip_value: if set (``> 0``), clip each gradient entry to
+      ``[-grad_clip_value, grad_clip_value]``.
+    variant: ``"II"`` (default) or ``"I"``; see
+      :func:`optax_sm3.scale_by_sm3`.
+    accumulator_dtype: see :func:`optax_sm3.scale_by_sm3`.
+    stacked_axes: see :func:`optax_sm3.scale_by_sm3`.
+    merge_axes_up_to: see :func:`optax_sm3.scale_by_sm3`.
+    skip_unit_axes: see :func:`optax_sm3.scale_by_sm3`.
+
+  Returns:
+    The optimizer, an :class:`optax.GradientTransformation`.
+
+  Raises:
+    ValueError: for a negative learning rate, ``momentum`` or ``beta``
+      outside ``[0, 1)``, ``eps < 0``, ``weight_decay < 0``, clipping bounds
+      ``<= 0``, or an unknown ``weight_decay_mode`` or ``variant``.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_sm3
+    >>> def loss(params):
+    ...   return jnp.sum((params["w"] @ jnp.ones(3) - 1.0) ** 2)
+    >>> params = {"w": jnp.zeros((4, 3))}
+    >>> opt = optax_sm3.sm3(learning_rate=0.1)
+    >>> state = opt.init(params)
+    >>> for step in range(5):
+    ...   grads = jax.grad(loss)(params)
+    ...   updates, state = opt.update(grads, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    ...   print(f"step {step}: loss {loss(params):.4f}")
+    step 0: loss 3.7636
+    step 1: loss 3.4012
+    step 2: loss 2.9753
+    step 3: loss 2.5281
+    step 4: loss 2.0887
+
+  References:
+    Anil et al., `Memory-Efficient Adaptive Optimization
+    <https://arxiv.org/abs/1901.11150>`_, 2019
+  """
+  if not callable(learning_rate):
+    _validation.check_range("learning_rate", learning_rate, low=0.0)
+  if momentum is not None:
+    _validation.check_range("momentum", momentum, low=0.0, high=1.0, high_open=True)
+  _validation.check_range("weight_decay", weight_decay, low=0.0)
+  if weight_decay_mode not in _WEIGHT_DECAY_MODES:
+    raise ValueError(
+      f"`weight_decay_mode` must be one of {_WEIGHT_DECAY_MODES}, got "
+      f"{weight_decay_mode!r}"
+    )
+  for name, bound in (
+    ("grad_clip_norm", grad_clip_norm),
+    ("grad_clip_value", grad_clip_value),
+  ):
+    if bound is not None:
+      _validation.check_range(name, bound, low=0.0, low_open=True)
+
+  decay = (
+    []
+    if _validation.is_static_zero(weight_decay)
+    else [optax.add_decayed_weights(weight_decay, weight_decay_mask)]
+  )
+  return optax.chain(
+    *([] if grad_clip_norm is None else [optax.clip_by_global_norm(grad_clip_norm)]),
+    *([] if grad_clip_value is None else [optax.clip(grad_clip_value)]),
+    *(decay if weight_decay_mode == "coupled" else []),
+    _scale_by_sm3.scale_by_sm3(
+      beta,
+      eps,
+      variant=variant,
+      accumulator_dtype=accumulator_dtype,
+      stacked_axes=stacked_axes,
+      merge_axes_up_to=merge_axes_up_to,
+      skip_unit_axes=skip_unit_axes,
+    ),
+    *(
+      []
+      if _validation.is_static_zero(momentum)
+      else [_momentum.scale_by_momentum(momentum, nesterov=nesterov, mu_dtype=mu_dtype)]
+    ),
+    *(decay if weight_decay_mode == "decoupled" else []),
+    optax.scale_by_learning_rate(learning_rate),
+  )
