@@ -1,0 +1,296 @@
+"""Step time and memory of SM3 next to optax's optimizers, on one CPU run.
+
+One jitted train step (``update`` + ``optax.apply_updates``, parameters and
+state donated) per optimizer, on a 34.6 M-parameter tree: an embedding
+(200000, 128), dense kernels (1024, 4096) and (4096, 1024), a conv kernel
+(3, 3, 256, 256) and a bias (4096,). Optimizers are timed round-robin, so
+machine noise hits all of them alike; the report gives medians and ratios
+taken within this run, the optimizer state bytes, and XLA's temporary bytes
+for the step. A size sweep (about 1 M to 100 M parameters) shows how the
+step time grows.
+
+Usage (from the repository root)::
+
+  python benchmarks/step_time.py            # full run, a few minutes
+  python benchmarks/step_time.py --quick    # about a minute
+
+Writes ``step_time.md`` and ``step_time.json`` under ``--out``
+(``results/step_time`` by default) and prints the Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+try:
+  from tqdm import tqdm
+except ImportError:  # pragma: no cover - tqdm is in the [bench] extra
+  tqdm = None
+
+import optax_sm3
+
+BASE_SHAPES = {
+  "embedding": (200000, 128),
+  "dense_in": (1024, 4096),
+  "dense_out": (4096, 1024),
+  "conv": (3, 3, 256, 256),
+  "bias": (4096,),
+}
+
+LEARNING_RATE = 1e-3
+
+
+def optimizers() -> dict[str, optax.GradientTransformation]:
+  return {
+    "optax.sgd": optax.sgd(LEARNING_RATE),
+    "optax.adam": optax.adam(LEARNING_RATE),
+    "optax.adafactor": optax.adafactor(LEARNING_RATE),
+    "optax.sm3 (m=0)": optax.sm3(LEARNING_RATE, momentum=0.0),
+    "optax.sm3 (m=0.9)": optax.sm3(LEARNING_RATE, momentum=0.9),
+    "optax_sm3.sm3 (m=0)": optax_sm3.sm3(LEARNING_RATE, momentum=0.0),
+    "optax_sm3.sm3 (m=0.9)": optax_sm3.sm3(LEARNING_RATE, momentum=0.9),
+  }
+
+
+def scaled_shapes(scale: float) -> dict[str, tuple[int, ...]]:
+  """The base tree with its leading (or, for the conv, last) axes scaled."""
+  shapes = {}
+  for name, shape in BASE_SHAPES.items():
+    if name == "bias":
+      shapes[name] = shape
+    elif name == "conv":
+      shapes[name] = (*shape[:3], max(1, round(shape[3] * scale)))
+    else:
+      shapes[name] = (max(1, round(shape[0] * scale)), *shape[1:])
+  return shapes
+
+
+def make_tree(shapes, dtype, seed):
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(shapes))
+  return {
+    name: (0.02 * jax.random.normal(key, shape)).astype(dtype)
+    for key, (name, shape) in zip(keys, shapes.items(), strict=True)
+  }
+
+
+def tree_bytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+class Case:
+  """One optimizer on one tree: a compiled, donated train step."""
+
+  def __init__(self, tx, shapes, dtype):
+    self.params = make_tree(shapes, dtype, seed=0)
+    self.grads = make_tree(shapes, dtype, seed=1)
+    self.state = tx.init(self.params)
+    self.param_bytes = tree_bytes(self.params)
+    self.state_bytes = tree_bytes(self.state)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, state, grads):
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    self.step = step.lower(self.params, self.state, self.grads).compile()
+    self.temp_bytes = self.step.memory_analysis().temp_size_in_bytes
+    self.times: list[float] = []
+    self.run(2)  # warm-up
+
+  def run(self, steps: int) -> float:
+    """Runs ``steps`` steps; returns seconds per step."""
+    start = time.perf_counter()
+    for _ in range(steps):
+      self.params, self.state = self.step(self.params, self.state, self.grads)
+    jax.block_until_ready(self.params)
+    return (time.perf_counter() - start) / steps
+
+  def close(self):
+    del self.params, self.state, self.grads, self.step
+
+
+def measure(txs, shapes, dtype, repeats, steps_per_repeat, progress):
+  """Round-robin timing of every optimizer; returns one row per optimizer."""
+  cases = {name: Case(tx, shapes, dtype) for name, tx in txs.items()}
+  for _ in range(repeats):
+    for case in cases.values():
+      case.times.append(case.run(steps_per_repeat))
+      progress.update(1)
+  rows = {}
+  for name, case in cases.items():
+    rows[name] = {
+      "median_ms": 1e3 * statistics.median(case.times),
+      "min_ms": 1e3 * min(case.times),
+      "max_ms": 1e3 * max(case.times),
+      "param_bytes": case.param_bytes,
+      "state_bytes": case.state_bytes,
+      "temp_bytes": case.temp_bytes,
+    }
+    case.close()
+  return rows
+
+
+def add_ratios(rows):
+  for row in rows.values():
+    for base, key in (
+      ("optax.adam", "vs_adam"),
+      ("optax.sgd", "vs_sgd"),
+      ("optax.sm3 (m=0)", "vs_optax_sm3_m0"),
+    ):
+      if base in rows:
+        row[key] = row["median_ms"] / rows[base]["median_ms"]
+
+
+def _mb(n: int) -> str:
+  return f"{n / 2**20:,.1f}"
+
+
+def main_table(rows, title) -> str:
+  lines = [
+    f"#### {title}",
+    "",
+    "| optimizer | median step (ms) | vs adam | vs optax.sm3 (m=0) | vs sgd "
+    "| state (MiB) | state / params | XLA temp (MiB) | temp / params |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+  ]
+  for name, r in rows.items():
+    lines.append(
+      f"| {name} | {r['median_ms']:.1f} | {r.get('vs_adam', math.nan):.2f} "
+      f"| {r.get('vs_optax_sm3_m0', math.nan):.2f} | {r.get('vs_sgd', math.nan):.2f} "
+      f"| {_mb(r['state_bytes'])} | {r['state_bytes'] / r['param_bytes']:.2%} "
+      f"| {_mb(r['temp_bytes'])} | {r['temp_bytes'] / r['param_bytes']:.2%} |"
+    )
+  return "\n".join(lines)
+
+
+def sweep_table(sweep) -> str:
+  names = list(next(iter(sweep.values()))["rows"])
+  lines = [
+    "#### Size sweep (float32): median step time in ms (ns per parameter)",
+    "",
+    "| parameters | " + " | ".join(names) + " |",
+    "|---:|" + "---:|" * len(names),
+  ]
+  for point in sweep.values():
+    n = point["num_params"]
+    cells = [
+      f"{point['rows'][k]['median_ms']:.1f} ({1e6 * point['rows'][k]['median_ms'] / n:.2f})"
+      for k in names
+    ]
+    lines.append(f"| {n / 1e6:.1f} M | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument(
+    "--quick", action="store_true", help="fewer repeats, a shorter sweep"
+  )
+  parser.add_argument(
+    "--repeats", type=int, default=None, help="timed rounds per optimizer"
+  )
+  parser.add_argument("--steps", type=int, default=3, help="steps per timed round")
+  parser.add_argument("--no-sweep", action="store_true", help="skip the size sweep")
+  parser.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 run")
+  parser.add_argument("--out", default="results/step_time", help="output folder")
+  args = parser.parse_args(argv)
+  if args.repeats is None:
+    args.repeats = 5 if args.quick else 11
+  if args.repeats < 1 or args.steps < 1:
+    parser.error("--repeats and --steps must be >= 1")
+  return args
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  txs = optimizers()
+  sweep_names = [
+    "optax.sgd",
+    "optax.adam",
+    "optax.sm3 (m=0)",
+    "optax_sm3.sm3 (m=0)",
+    "optax_sm3.sm3 (m=0.9)",
+  ]
+  scales = [1 / 32, 1 / 4, 1] if args.quick else [1 / 32, 1 / 8, 1 / 4, 1 / 2, 1, 2, 3]
+  sweep_repeats = max(3, args.repeats // 2)
+  total = args.repeats * len(txs) * (1 if args.no_bf16 else 2)
+  if not args.no_sweep:
+    total += sweep_repeats * len(sweep_names) * len(scales)
+  bar = (
+    tqdm(total=total, desc="timing", unit="round", file=sys.stderr) if tqdm else None
+  )
+  progress = bar if bar is not None else type("P", (), {"update": lambda *_: None})()
+
+  result = {
+    "machine": {
+      "platform": platform.platform(),
+      "processor": platform.processor(),
+      "jax": jax.__version__,
+      "optax": optax.__version__,
+      "optax_sm3": optax_sm3.__version__,
+      "devices": [str(d) for d in jax.devices()],
+    },
+    "repeats": args.repeats,
+    "steps_per_repeat": args.steps,
+  }
+  result["float32"] = measure(
+    txs, BASE_SHAPES, jnp.float32, args.repeats, args.steps, progress
+  )
+  add_ratios(result["float32"])
+  if not args.no_bf16:
+    result["bfloat16"] = measure(
+      txs, BASE_SHAPES, jnp.bfloat16, args.repeats, args.steps, progress
+    )
+    add_ratios(result["bfloat16"])
+  if not args.no_sweep:
+    result["sweep"] = {}
+    for scale in scales:
+      shapes = scaled_shapes(scale)
+      n = sum(math.prod(s) for s in shapes.values())
+      rows = measure(
+        {k: txs[k] for k in sweep_names},
+        shapes,
+        jnp.float32,
+        sweep_repeats,
+        args.steps,
+        progress,
+      )
+      result["sweep"][f"{scale:g}"] = {"num_params": n, "rows": rows}
+  if bar is not None:
+    bar.close()
+
+  n = sum(math.prod(s) for s in BASE_SHAPES.values())
+  parts = [
+    f"Parameter tree: {n / 1e6:.1f} M values; medians of {args.repeats} rounds "
+    f"of {args.steps} steps, all optimizers timed round-robin in one run.",
+    "",
+    main_table(result["float32"], "float32 parameters"),
+  ]
+  if "bfloat16" in result:
+    parts += ["", main_table(result["bfloat16"], "bfloat16 parameters")]
+  if "sweep" in result:
+    parts += ["", sweep_table(result["sweep"])]
+  markdown = "\n".join(parts) + "\n"
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "step_time.md").write_text(markdown)
+  (out / "step_time.json").write_text(json.dumps(result, indent=2))
+  print(markdown)
+  print(f"wrote {out / 'step_time.md'} and {out / 'step_time.json'}")
+  return result
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,347 @@
+"""scale_by_sm3 against the NumPy reference, plus its contracts."""
+
+import math
+
+import _reference
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_sm3
+from optax_sm3 import _cover
+
+# ---------------------------------------------------------------------------
+# Gradient sequences: random, with exact zeros, zero rows, all-zero steps.
+
+
+@st.composite
+def shapes(draw, max_rank=4):
+  rank = draw(st.integers(0, max_rank))
+  return tuple(draw(st.lists(st.integers(1, 4), min_size=rank, max_size=rank)))
+
+
+@st.composite
+def gradient_sequences(draw, shape):
+  steps = draw(st.integers(1, 4))
+  seed = draw(st.integers(0, 2**31 - 1))
+  rng = np.random.default_rng(seed)
+  grads = []
+  for _ in range(steps):
+    pattern = draw(st.sampled_from(["dense", "sparse", "zero_rows", "zero"]))
+    g = rng.standard_normal(shape).astype(np.float32)
+    g *= draw(st.sampled_from([1e-3, 1.0, 30.0]))
+    if pattern == "sparse":
+      g *= rng.random(shape) < 0.5
+    elif pattern == "zero_rows" and len(shape) >= 1:
+      g[rng.random(shape[0]) < 0.5] = 0.0
+    elif pattern == "zero":
+      g = np.zeros(shape, np.float32)
+    grads.append(g)
+  return grads
+
+
+def _run(tx, grads):
+  state = tx.init(jnp.zeros(grads[0].shape))
+  outs = []
+  update = jax.jit(tx.update)
+  for g in grads:
+    u, state = update(jnp.asarray(g), state)
+    outs.append(np.asarray(u))
+  return outs, state
+
+
+def _flat_accumulators(state):
+  leaves = jax.tree.leaves(state.accumulators)
+  return np.concatenate([np.ravel(a) for a in leaves])
+
+
+def _check_against_reference(tx, ref, grads):
+  outs, state = _run(tx, grads)
+  for g, out in zip(grads, outs, strict=True):
+    expected = ref.precondition(g)
+    np.testing.assert_allclose(out, expected, rtol=2e-5, atol=1e-7)
+  np.testing.assert_allclose(
+    _flat_accumulators(state), ref.accumulator_values(), rtol=2e-5, atol=1e-30
+  )
+
+
+@hypothesis.given(data=st.data())
+@pytest.mark.parametrize("variant", ["II", "I"])
+@pytest.mark.parametrize("beta", [0.0, 0.9])
+@pytest.mark.parametrize("block_size", [0, 3])
+def test_matches_reference(data, variant, beta, block_size):
+  shape = data.draw(shapes())
+  grads = data.draw(gradient_sequences(shape))
+  tx = optax_sm3.scale_by_sm3(beta, 1e-8, variant=variant, block_size=block_size)
+  ref = _reference.ReferenceSM3(shape, beta=beta, eps=1e-8, variant=variant)
+  _check_against_reference(tx, ref, grads)
+
+
+@hypothesis.given(data=st.data())
+@pytest.mark.parametrize("block_size", [0, 5])
+def test_covers_match_reference(data, block_size):
+  shape = data.draw(shapes())
+  stacked = data.draw(st.integers(0, len(shape)))
+  merge = data.draw(st.sampled_from([None, 4, 9]))
+  skip = data.draw(st.booleans())
+  beta = data.draw(st.sampled_from([0.0, 0.5]))
+  grads = data.draw(gradient_sequences(shape))
+  tx = optax_sm3.scale_by_sm3(
+    beta,
+    stacked_axes=stacked,
+    merge_axes_up_to=merge,
+    skip_unit_axes=skip,
+    block_size=block_size,
+  )
+  cover = _cover.make_cover(
+    shape, stacked_axes=stacked, merge_axes_up_to=merge, skip_unit_axes=skip
+  )
+  ref = _reference.ReferenceSM3(shape, groups=cover.groups, stacked=stacked, beta=beta)
+  _check_against_reference(tx, ref, grads)
+
+
+def test_skipping_unit_axes_does_not_change_updates():
+  rng = np.random.default_rng(0)
+  shape = (3, 1, 4)
+  full = optax_sm3.scale_by_sm3()
+  lean = optax_sm3.scale_by_sm3(skip_unit_axes=True)
+  s_full, s_lean = full.init(jnp.zeros(shape)), lean.init(jnp.zeros(shape))
+  assert [a.shape for a in s_lean.accumulators] == [(3,), (4,)]
+  for _ in range(3):
+    g = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    u_full, s_full = full.update(g, s_full)
+    u_lean, s_lean = lean.update(g, s_lean)
+    np.testing.assert_array_equal(u_full, u_lean)
+
+
+def test_blocked_and_direct_are_bit_identical():
+  rng = np.random.default_rng(1)
+  shape = (37, 5, 6)  # 37 rows do not divide into blocks evenly
+  txs = [optax_sm3.scale_by_sm3(0.3, block_size=b) for b in (0, 64, 1000)]
+  states = [tx.init(jnp.zeros(shape)) for tx in txs]
+  for _ in range(3):
+    g = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    results = [jax.jit(tx.update)(g, s) for tx, s in zip(txs, states, strict=True)]
+    states = [s for _, s in results]
+    for u, s in results[1:]:
+      np.testing.assert_array_equal(u, results[0][0])
+      for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(results[0][1]), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_blocked_path_has_no_parameter_sized_temporary():
+  shape = (65536, 256)  # 64 MiB; lowered from shapes only, never allocated
+  tx = optax_sm3.scale_by_sm3()
+  params = jax.ShapeDtypeStruct(shape, jnp.float32)
+  state = jax.eval_shape(tx.init, params)
+  compiled = jax.jit(tx.update).lower(params, state).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  param_bytes = math.prod(shape) * 4
+  assert temp <= 0.05 * param_bytes, (temp, param_bytes)
+
+
+# ---------------------------------------------------------------------------
+# State layout, dtypes, memory.
+
+
+@pytest.mark.parametrize(
+  ("shape", "expected"),
+  [
+    ((), [()]),
+    ((5,), [(5,)]),
+    ((3, 4), [(3,), (4,)]),
+    ((2, 3, 4, 5), [(2,), (3,), (4,), (5,)]),
+    ((1, 1), [(1,), (1,)]),
+  ],
+)
+def test_accumulator_shapes(shape, expected):
+  state = optax_sm3.scale_by_sm3().init(jnp.zeros(shape))
+  assert [a.shape for a in state.accumulators] == expected
+  assert state.count.shape == () and state.count.dtype == jnp.int32
+
+
+@pytest.mark.parametrize(
+  ("options", "shape", "expected"),
+  [
+    ({"stacked_axes": 1}, (6, 3, 4), [(6, 3), (6, 4)]),
+    ({"stacked_axes": 1}, (6, 4), [(6, 4)]),
+    ({"merge_axes_up_to": 9}, (3, 3, 16, 8), [(3, 3), (16,), (8,)]),
+    ({"skip_unit_axes": True}, (1, 7, 1), [(7,)]),
+    ({"skip_unit_axes": True}, (1, 1), [(1, 1)]),
+  ],
+)
+def test_cover_options_shapes(options, shape, expected):
+  state = optax_sm3.scale_by_sm3(**options).init(jnp.zeros(shape))
+  assert [a.shape for a in state.accumulators] == expected
+
+
+def test_stacked_axes_per_parameter_tree_and_callable():
+  params = {"stack": jnp.zeros((4, 3, 2)), "dense": jnp.zeros((3, 2))}
+  tree = {"stack": 1, "dense": 0}
+  for option in (tree, lambda p: tree):
+    state = optax_sm3.scale_by_sm3(stacked_axes=option).init(params)
+    assert [a.shape for a in state.accumulators["stack"]] == [(4, 3), (4, 2)]
+    assert [a.shape for a in state.accumulators["dense"]] == [(3,), (2,)]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_dtypes(dtype):
+  params = {"w": jnp.zeros((3, 4), dtype), "b": jnp.zeros((4,), dtype)}
+  tx = optax_sm3.scale_by_sm3()
+  state = tx.init(params)
+  for a in jax.tree.leaves(state.accumulators):
+    assert a.dtype == jnp.float32
+  grads = jax.tree.map(lambda p: jnp.ones_like(p) * 3, params)
+  updates, new_state = tx.update(grads, state)
+  for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params), strict=True):
+    assert u.dtype == p.dtype
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == jax.tree.map(
+    lambda x: (x.shape, x.dtype), new_state
+  )
+
+
+def test_bf16_accumulators_keep_growing():
+  # bf16 sums stall at 256 (an increment of 1 is below half an ulp); ours are
+  # float32 whatever the parameter dtype.
+  tx = optax_sm3.scale_by_sm3()
+  state = tx.init(jnp.zeros((2, 2), jnp.bfloat16))
+  g = jnp.ones((2, 2), jnp.bfloat16)
+  update = jax.jit(tx.update)
+  for _ in range(400):
+    _, state = update(g, state)
+  np.testing.assert_array_equal(state.accumulators[0], [400.0, 400.0])
+
+
+def test_accumulator_dtype_option():
+  state = optax_sm3.scale_by_sm3(accumulator_dtype=jnp.bfloat16).init(jnp.zeros((2, 3)))
+  assert all(a.dtype == jnp.bfloat16 for a in state.accumulators)
+
+
+def test_memory_is_sum_of_dims():
+  params = {
+    "emb": jnp.zeros((1000, 64)),
+    "conv": jnp.zeros((3, 3, 8, 16)),
+    "b": jnp.zeros((16,)),
+    "s": jnp.zeros(()),
+  }
+  state = optax_sm3.scale_by_sm3().init(params)
+  total = sum(a.size for a in jax.tree.leaves(state.accumulators))
+  assert total == (1000 + 64) + (3 + 3 + 8 + 16) + 16 + 1
+
+
+def test_scalar_parameters_train():
+  tx = optax.chain(optax_sm3.scale_by_sm3(), optax.scale(-0.5))
+  params = jnp.asarray(3.0)
+  state = tx.init(params)
+  for _ in range(50):
+    g = jax.grad(lambda p: (p - 1.0) ** 2)(params)
+    u, state = tx.update(g, state)
+    params = optax.apply_updates(params, u)
+  assert abs(float(params) - 1.0) < 0.05
+
+
+def test_zero_gradient_gives_zero_update_even_with_zero_eps():
+  tx = optax_sm3.scale_by_sm3(eps=0.0)
+  state = tx.init(jnp.zeros((2, 3)))
+  u, state = tx.update(jnp.zeros((2, 3)), state)
+  np.testing.assert_array_equal(u, np.zeros((2, 3)))
+  g = jnp.asarray([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+  u, _ = tx.update(g, state)
+  assert np.all(np.isfinite(u))
+  np.testing.assert_allclose(u, g)
+
+
+def test_masked_and_none_leaves():
+  params = {"a": jnp.ones((2, 3)), "b": jnp.ones((4,))}
+  tx = optax.masked(optax_sm3.scale_by_sm3(), {"a": True, "b": False})
+  state = tx.init(params)
+  grads = jax.tree.map(lambda p: 3.0 * p, params)
+  updates, _ = tx.update(grads, state)
+  np.testing.assert_array_equal(updates["b"], grads["b"])  # passed through
+  np.testing.assert_allclose(updates["a"], np.ones((2, 3)), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Traced hyperparameters.
+
+
+def test_inject_hyperparams_traced_beta_and_eps():
+  tx = optax.inject_hyperparams(optax_sm3.scale_by_sm3)(beta=0.5, eps=1e-6)
+  params = {"w": jnp.ones((3, 4))}
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  u, state = update(params, state)
+  direct = optax_sm3.scale_by_sm3(0.5, 1e-6)
+  u_direct, _ = direct.update(params, direct.init(params))
+  np.testing.assert_allclose(u["w"], u_direct["w"], rtol=1e-6)
+  # beta is a run-time value: switching it to 0 (a sum) takes effect.
+  state.hyperparams["beta"] = jnp.asarray(0.0)
+  u0, _ = update(params, state)
+  assert not np.allclose(u0["w"], u["w"])
+
+
+def test_beta_and_eps_under_jit_as_arguments():
+  params = jnp.ones((3, 4))
+
+  @jax.jit
+  def run(beta, eps):
+    tx = optax_sm3.scale_by_sm3(beta, eps)
+    return tx.update(params, tx.init(params))[0]
+
+  expected = optax_sm3.scale_by_sm3(0.25, 1e-3).update(
+    params, optax_sm3.scale_by_sm3().init(params)
+  )[0]
+  np.testing.assert_allclose(run(0.25, 1e-3), expected, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Invalid input.
+
+
+@pytest.mark.parametrize(
+  ("kwargs", "name"),
+  [
+    ({"beta": -0.1}, "beta"),
+    ({"beta": 1.0}, "beta"),
+    ({"beta": float("nan")}, "beta"),
+    ({"eps": -1e-8}, "eps"),
+    ({"variant": "III"}, "variant"),
+    ({"merge_axes_up_to": 0}, "merge_axes_up_to"),
+    ({"block_size": -1}, "block_size"),
+  ],
+)
+def test_invalid_hyperparameters(kwargs, name):
+  with pytest.raises(ValueError, match=name):
+    optax_sm3.scale_by_sm3(**kwargs)
+
+
+@pytest.mark.parametrize(
+  ("kwargs", "name"),
+  [
+    ({"beta": "0.5"}, "beta"),
+    ({"eps": [1e-8]}, "eps"),
+    ({"merge_axes_up_to": 2.5}, "merge_axes_up_to"),
+  ],
+)
+def test_wrong_types(kwargs, name):
+  with pytest.raises(TypeError, match=name):
+    optax_sm3.scale_by_sm3(**kwargs)
+
+
+def test_complex_parameters_rejected_at_init():
+  with pytest.raises(ValueError, match="complex"):
+    optax_sm3.scale_by_sm3().init({"z": jnp.zeros((2, 2), jnp.complex64)})
+
+
+def test_stacked_axes_out_of_range():
+  with pytest.raises(ValueError, match="stacked_axes"):
+    optax_sm3.scale_by_sm3(stacked_axes=3).init(jnp.zeros((2, 2)))
+
+
+def test_stacked_axes_tree_mismatch():
+  with pytest.raises(ValueError, match="stacked_axes"):
+    optax_sm3.scale_by_sm3(stacked_axes={"x": 1}).init({"a": jnp.zeros((2, 2))})
