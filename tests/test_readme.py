@@ -1,0 +1,29 @@
+"""The README's quick example runs as written and prints what the README shows."""
+
+import contextlib
+import io
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _blocks(text, language):
+  return re.findall(rf"```{language}\n(.*?)```", text, flags=re.DOTALL)
+
+
+def test_quickstart_output_matches_readme():
+  readme = (ROOT / "README.md").read_text()
+  code = _blocks(readme, "python")[0]
+  expected = _blocks(readme, "text")[0]
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
+  assert out.getvalue().split() == expected.split()
+
+
+def test_quickstart_example_file_matches_readme():
+  readme = (ROOT / "README.md").read_text()
+  code = _blocks(readme, "python")[0]
+  example = (ROOT / "examples" / "quickstart.py").read_text()
+  assert code.strip() in example
