@@ -1,0 +1,282 @@
+"""Shardings of an optimizer's state that follow the parameters' layout.
+
+``tx.init`` is opaque (``optax.chain`` hides its pieces in closures), so the
+state's layout is read off its *shapes*: :func:`jax.eval_shape` gives the
+abstract state, and a walk over it recognises
+
+* :class:`~optax_sm3.ScaleBySM3State`: the counter is replicated; each
+  parameter's accumulators are matched to the axes of the parameter (a cover
+  is a run of stacked leading axes that prefix every accumulator, then
+  increasing groups of adjacent axes, possibly with size-1 axes left out), and
+  each accumulator dimension takes the ``PartitionSpec`` entry of the
+  parameter axis it indexes;
+* any subtree with the parameters' structure (the momentum of
+  :class:`~optax_sm3.ScaleByMomentumState`, ``optax.adam``'s ``mu`` and
+  ``nu``, ...): a leaf of its parameter's shape is sharded like the
+  parameter;
+* everything else (counters, injected hyperparameters, leaves that match
+  nothing): replicated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from optax_sm3 import _momentum, _scale_by_sm3
+
+_REPLICATED = PartitionSpec()
+
+
+def _entries(spec: PartitionSpec, rank: int) -> tuple[Any, ...]:
+  """``spec``'s entry for each of ``rank`` axes (missing trailing ones: None)."""
+  entries = tuple(spec)
+  if len(entries) > rank:
+    raise ValueError(
+      f"`param_specs`: the spec {spec} has {len(entries)} entries for a "
+      f"parameter of rank {rank}"
+    )
+  return entries + (None,) * (rank - len(entries))
+
+
+def _match_groups(
+  shape: tuple[int, ...], tails: Sequence[tuple[int, ...]], start: int
+) -> list[tuple[int, ...]] | None:
+  """Axes of ``shape[start:]`` indexed by each tail, in order, or ``None``.
+
+  Each tail must be the sizes of a run of adjacent axes after the previous
+  run; only size-1 axes may be left between runs or after the last one.
+  Depth-first, earliest run first, so the answer is deterministic.
+  """
+  if not tails:
+    return [] if all(d == 1 for d in shape[start:]) else None
+  tail, rest = tails[0], tails[1:]
+  for first in range(start, len(shape) - len(tail) + 1):
+    if shape[first : first + len(tail)] == tail:
+      later = _match_groups(shape, rest, first + len(tail))
+      if later is not None:
+        return [tuple(range(first, first + len(tail))), *later]
+    if shape[first] != 1:
+      break  # only size-1 axes can be skipped
+  return None
+
+
+def _accumulator_axes(
+  shape: tuple[int, ...], accumulator_shapes: Sequence[tuple[int, ...]]
+) -> list[tuple[int, ...]] | None:
+  """For each accumulator, the parameter axis each of its dimensions indexes.
+
+  Tries the fewest stacked axes first. ``None`` if no cover fits.
+  """
+  rank = len(shape)
+  if len(accumulator_shapes) == 1 and tuple(accumulator_shapes[0]) == shape:
+    # Rank 0 or 1 (per slice), or all axes of size 1: the full accumulator.
+    return [tuple(range(rank))]
+  for stacked in range(rank + 1):
+    prefix = shape[:stacked]
+    if any(tuple(s[:stacked]) != prefix for s in accumulator_shapes):
+      continue
+    tails = [tuple(s[stacked:]) for s in accumulator_shapes]
+    if any(not tail for tail in tails):
+      continue
+    groups = _match_groups(shape, tails, stacked)
+    if groups is not None:
+      return [tuple(range(stacked)) + group for group in groups]
+  return None
+
+
+def _like_param(leaf: Any, shape: tuple[int, ...], spec: PartitionSpec) -> Any:
+  return spec if tuple(leaf.shape) == shape else _REPLICATED
+
+
+def _accumulator_specs(
+  accumulators: Any, shapes: list[tuple[int, ...]], specs: list[PartitionSpec], treedef
+) -> Any:
+  try:
+    per_param = treedef.flatten_up_to(accumulators)
+  except (ValueError, TypeError):
+    return jax.tree.map(lambda _: _REPLICATED, accumulators)
+  out = []
+  for shape, spec, accs in zip(shapes, specs, per_param, strict=True):
+    leaves = jax.tree.leaves(accs)
+    if not isinstance(accs, tuple) or len(leaves) != len(accs) or not leaves:
+      out.append(jax.tree.map(lambda _: _REPLICATED, accs))
+      continue
+    axes = _accumulator_axes(shape, [tuple(a.shape) for a in accs])
+    if axes is None:
+      out.append(tuple(_REPLICATED for _ in accs))
+      continue
+    entries = _entries(spec, len(shape))
+    out.append(tuple(PartitionSpec(*(entries[a] for a in dims)) for dims in axes))
+  return treedef.unflatten(out)
+
+
+def state_partition_specs(
+  tx: optax.GradientTransformation, params: Any, param_specs: Any
+) -> Any:
+  """The ``PartitionSpec`` of every leaf of ``tx.init(params)``.
+
+  The specs to give the optimizer's state so that it follows the parameters'
+  layout: each SM3 accumulator is split like the parameter axis it indexes
+  (replicated where that axis is), momentum and any other parameter-shaped
+  buffer like its parameter, and counters and other scalars are replicated.
+  Only shapes are used (``tx.init`` runs under :func:`jax.eval_shape`), so
+  ``params`` may be :class:`jax.ShapeDtypeStruct` leaves.
+
+  The cover of each parameter is read off its accumulators' shapes (fewest
+  stacked axes first); a state leaf that matches nothing is replicated.
+
+  Args:
+    tx: an optax transformation, e.g. :func:`optax_sm3.sm3`, or an
+      :func:`optax.chain` holding :func:`optax_sm3.scale_by_sm3` and other
+      optax transformations.
+    params: the parameters (arrays or shape-dtype structs).
+    param_specs: a tree of :class:`jax.sharding.PartitionSpec` (or ``None``
+      for replicated) matching ``params``.
+
+  Returns:
+    A tree of ``PartitionSpec`` with the structure of ``tx.init(params)``.
+
+  Raises:
+    ValueError: if ``param_specs`` does not match ``params`` or a spec has
+      more entries than its parameter has axes.
+    TypeError: if a leaf of ``param_specs`` is not a ``PartitionSpec``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jax.sharding import PartitionSpec as P
+    >>> import optax_sm3
+    >>> params = {"emb": jnp.zeros((1000, 64)), "b": jnp.zeros(64)}
+    >>> specs = {"emb": P("model", None), "b": P()}
+    >>> tx = optax_sm3.sm3(0.1, momentum=0.9)
+    >>> sm3_state, momentum_state = optax_sm3.state_partition_specs(
+    ...     tx, params, specs)[:2]
+    >>> sm3_state.count
+    P()
+    >>> sm3_state.accumulators["emb"]
+    (P('model',), P(None,))
+    >>> momentum_state.momentum["emb"]
+    P('model', None)
+  """
+  treedef = jax.tree.structure(params)
+  try:
+    specs = treedef.flatten_up_to(param_specs)
+  except (ValueError, TypeError) as error:
+    raise ValueError(
+      f"`param_specs` must have the structure of `params`: {error}"
+    ) from None
+  for i, spec in enumerate(specs):
+    if spec is None:
+      specs[i] = _REPLICATED
+    elif not isinstance(spec, PartitionSpec):
+      raise TypeError(
+        f"`param_specs` leaves must be PartitionSpec or None, got {spec!r}"
+      )
+  shapes = [tuple(p.shape) for p in treedef.flatten_up_to(params)]
+  for shape, spec in zip(shapes, specs, strict=True):
+    _entries(spec, len(shape))
+  state = jax.eval_shape(tx.init, params)
+
+  def is_params_like(node: Any) -> bool:
+    return jax.tree.structure(node) == treedef
+
+  def is_leaf(node: Any) -> bool:
+    return isinstance(
+      node, (_scale_by_sm3.ScaleBySM3State, _momentum.ScaleByMomentumState)
+    ) or is_params_like(node)
+
+  def params_like(node: Any) -> Any:
+    leaves = treedef.flatten_up_to(node)
+    return treedef.unflatten(
+      [_like_param(x, s, p) for x, s, p in zip(leaves, shapes, specs, strict=True)]
+    )
+
+  def visit(node: Any) -> Any:
+    if isinstance(node, _scale_by_sm3.ScaleBySM3State):
+      return _scale_by_sm3.ScaleBySM3State(
+        count=jax.tree.map(lambda _: _REPLICATED, node.count),
+        accumulators=_accumulator_specs(node.accumulators, shapes, specs, treedef),
+      )
+    if isinstance(node, _momentum.ScaleByMomentumState):
+      if is_params_like(node.momentum):
+        return _momentum.ScaleByMomentumState(params_like(node.momentum))
+      return jax.tree.map(lambda _: _REPLICATED, node)
+    if is_params_like(node):
+      return params_like(node)
+    return _REPLICATED  # a leaf that is none of the above
+
+  return jax.tree.map(visit, state, is_leaf=is_leaf)
+
+
+def state_shardings(
+  tx: optax.GradientTransformation, params: Any, param_shardings: Any
+) -> Any:
+  """The :class:`~jax.sharding.NamedSharding` of every leaf of ``tx.init(params)``.
+
+  :func:`state_partition_specs` on the specs of ``param_shardings``, on their
+  (common) mesh. Pass the result as ``out_shardings`` of
+  ``jax.jit(tx.init)``, as the state's in/out shardings of a jitted training
+  step, and as the target layout when restoring a checkpoint. Works the same
+  in explicit sharding mode (meshes with ``jax.sharding.AxisType.Explicit``).
+
+  Args:
+    tx: an optax transformation (see :func:`state_partition_specs`).
+    params: the parameters (arrays or shape-dtype structs).
+    param_shardings: a tree of ``NamedSharding`` matching ``params``, all on
+      the same mesh.
+
+  Returns:
+    A tree of ``NamedSharding`` with the structure of ``tx.init(params)``.
+
+  Raises:
+    ValueError: if ``param_shardings`` does not match ``params``, is empty,
+      or uses more than one mesh.
+    TypeError: if a leaf of ``param_shardings`` is not a ``NamedSharding``.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> import optax_sm3
+    >>> mesh = jax.make_mesh((1,), ("model",), devices=jax.devices()[:1])
+    >>> params = {"w": jnp.zeros((8, 4))}
+    >>> shardings = {"w": NamedSharding(mesh, P("model", None))}
+    >>> tx = optax_sm3.sm3(0.1, momentum=0.0)
+    >>> out = optax_sm3.state_shardings(tx, params, shardings)
+    >>> [s.spec for s in out[0].accumulators["w"]]
+    [P('model',), P(None,)]
+    >>> state = jax.jit(tx.init, out_shardings=out)(params)
+    >>> state[0].accumulators["w"][0].sharding == out[0].accumulators["w"][0]
+    True
+  """
+  treedef = jax.tree.structure(params)
+  try:
+    flat = treedef.flatten_up_to(param_shardings)
+  except (ValueError, TypeError) as error:
+    raise ValueError(
+      f"`param_shardings` must have the structure of `params`: {error}"
+    ) from None
+  for sharding in flat:
+    if not isinstance(sharding, NamedSharding):
+      raise TypeError(
+        f"`param_shardings` leaves must be NamedSharding, got {sharding!r}"
+      )
+  meshes = []
+  for sharding in flat:
+    if not any(sharding.mesh == mesh for mesh in meshes):
+      meshes.append(sharding.mesh)
+  if len(meshes) != 1:
+    raise ValueError(
+      f"`param_shardings` must all be on one mesh, got {len(meshes)} meshes"
+    )
+  mesh = meshes[0]
+  specs = state_partition_specs(tx, params, treedef.unflatten([s.spec for s in flat]))
+  return jax.tree.map(
+    lambda spec: NamedSharding(mesh, spec),
+    specs,
+    is_leaf=lambda x: isinstance(x, PartitionSpec),
+  )
