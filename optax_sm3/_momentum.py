@@ -72,7 +72,7 @@ def scale_by_momentum(
 
   def init_fn(params):
     return ScaleByMomentumState(
-      jax.tree.map(lambda p: jnp.zeros(p.shape, mu_dtype or p.dtype), params)
+      jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype or p.dtype), params)
     )
 
   def update_fn(updates, state, params=None):
