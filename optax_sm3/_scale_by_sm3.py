@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -262,6 +262,9 @@ def scale_by_sm3(
     leaf_covers = covers(updates)
 
     def step(g, accumulators, cover):
+      if isinstance(accumulators, Mapping):
+        # flax.nnx.Optimizer hands tuples back as mappings {0: a, 1: b}.
+        accumulators = tuple(accumulators[i] for i in range(len(accumulators)))
       dtype = accumulators[0].dtype
       c_old, c_new = _coefficients(beta, dtype)
       return _precondition(
