@@ -8,8 +8,8 @@ import optax_sm3
 # A model that is mostly an embedding table (50,000 x 64), fit to random targets.
 k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
 params = {
-    "embedding": 0.1 * jax.random.normal(k1, (50_000, 64)),
-    "head": jnp.ones((64,)),
+  "embedding": 0.1 * jax.random.normal(k1, (50_000, 64)),
+  "head": jnp.ones((64,)),
 }
 ids = jax.random.randint(k2, (4096,), 0, 50_000)
 targets = jax.random.normal(k3, (4096,))
