@@ -205,7 +205,8 @@ def scale_by_sm3(
     >>> state = tx.init(params)
     >>> [a.shape for a in state[0].accumulators["w"]]
     [(2,), (3,)]
-    >>> loss = lambda p: jnp.sum((p["w"] - jnp.arange(3.0)) ** 2)
+    >>> target = jnp.tile(jnp.arange(3.0), (2, 1))
+    >>> loss = lambda p: jnp.sum((p["w"] - target) ** 2)
     >>> for step in range(4):
     ...   grads = jax.grad(loss)(params)
     ...   updates, state = tx.update(grads, state, params)
