@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import optax
+
 import optax_sm3
 
 # A model that is mostly an embedding table (50,000 x 64), fit to random targets.

@@ -1,0 +1,1 @@
+"""Real-data benchmarks of optax-sm3 against optax optimizers (``python -m benchmarks``)."""

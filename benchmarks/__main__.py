@@ -1,0 +1,143 @@
+"""The project's main job: SM3 against Adam & co. on real data.
+
+Run ``python -m benchmarks`` (MovieLens-100k) or ``python -m benchmarks
+--workloads all``; ``--help`` lists the flags. Results go to ``results/``:
+``results.json``, ``results.md`` and one PNG per workload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import platform
+import sys
+import time
+
+from benchmarks import _data, _optimizers, _report, _runner, _workloads
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # a short message and exit code 2, no traceback
+    self.print_usage(sys.stderr)
+    self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _names(allowed: tuple[str, ...], what: str):
+  def parse(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if names == ["all"]:
+      return list(allowed)
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not names:
+      raise argparse.ArgumentTypeError(
+        f"unknown {what} {', '.join(map(repr, unknown)) or repr(text)}; allowed: "
+        f"{', '.join(allowed)} (comma-separated) or 'all'"
+      )
+    return list(dict.fromkeys(names))
+
+  return parse
+
+
+def _positive(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+  return value
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  """Parses the command line (``argv`` defaults to ``sys.argv[1:]``)."""
+  parser = _Parser(
+    prog="python -m benchmarks",
+    description="Compare optax-sm3 with optax optimizers on real data.",
+  )
+  parser.add_argument(
+    "--workloads",
+    type=_names(_workloads.WORKLOAD_NAMES, "workload"),
+    default=["movielens"],
+    help=f"comma-separated, from {', '.join(_workloads.WORKLOAD_NAMES)}, or 'all' "
+    "(default: movielens)",
+  )
+  parser.add_argument(
+    "--optimizers",
+    type=_names(tuple(_optimizers.OPTIMIZERS), "optimizer"),
+    default=list(_optimizers.OPTIMIZERS),
+    help=f"comma-separated, from {', '.join(_optimizers.OPTIMIZERS)} (default: all)",
+  )
+  parser.add_argument(
+    "--quick",
+    action="store_true",
+    help="a quarter of the steps, 2 seeds, 3 learning rates per optimizer",
+  )
+  parser.add_argument("--seeds", type=_positive, help="seeds per optimizer (3)")
+  parser.add_argument(
+    "--steps", type=_positive, help="training steps per run (default: per workload)"
+  )
+  parser.add_argument(
+    "--grid-size", type=_positive, help="learning rates tried per optimizer (4)"
+  )
+  parser.add_argument(
+    "--out", type=pathlib.Path, default=pathlib.Path("results"), help="(results)"
+  )
+  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  args = parser.parse_args(argv)
+  args.seeds = args.seeds or (2 if args.quick else 3)
+  args.grid_size = args.grid_size or (3 if args.quick else 4)
+  return args
+
+
+def main(argv=None) -> int:
+  """Runs the benchmark; returns the exit status."""
+  args = parse_args(argv)
+  try:
+    workloads = [_workloads.build(name) for name in args.workloads]
+  except _data.MissingDataError as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 1
+  optimizers = [_optimizers.OPTIMIZERS[name] for name in args.optimizers]
+  steps = {
+    w.name: args.steps or (max(w.steps // 4, 1) if args.quick else w.steps)
+    for w in workloads
+  }
+  total = len(workloads) * sum(
+    args.seeds + len(_runner.subgrid(o.grid, args.grid_size)) for o in optimizers
+  )
+  from tqdm import tqdm
+
+  results = {
+    "command": " ".join(["python -m benchmarks", *sys.argv[1:]])
+    if argv is None
+    else " ".join(["python -m benchmarks", *argv]),
+    "seeds": args.seeds,
+    "grid_size": args.grid_size,
+    "machine": f"{platform.machine()} {platform.processor()} {platform.system()}",
+    "workloads": {},
+  }
+  start = time.perf_counter()
+  with tqdm(total=total, unit="run", disable=args.no_progress) as bar:
+
+    def progress(label):
+      bar.set_postfix_str(label)
+      bar.update()
+
+    for workload in workloads:
+      results["workloads"][workload.name] = _runner.run_workload(
+        workload,
+        optimizers,
+        steps=steps[workload.name],
+        seeds=args.seeds,
+        grid_size=args.grid_size,
+        progress=progress,
+      )
+  results["wall_s"] = time.perf_counter() - start
+  paths = _report.write(results, args.out)
+  print(_report.markdown(results))
+  print(f"wall time {results['wall_s']:.0f} s; wrote", *map(str, paths.values()))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,60 @@
+"""The optimizers compared, each with a learning-rate grid of the same size.
+
+Every factory takes the (possibly traced) learning rate and the run's step
+count, so one compiled training loop serves the whole grid and every seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import optax
+
+import optax_sm3
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+  """A named optimizer and its learning-rate grid.
+
+  Attributes:
+    name: the label used in tables and plots.
+    make: ``make(learning_rate, total_steps)`` returns the
+      :class:`optax.GradientTransformation`.
+    grid: the learning rates tried on the validation split.
+  """
+
+  name: str
+  make: Callable[[Any, int], optax.GradientTransformation]
+  grid: tuple[float, ...]
+
+
+def _sm3_warmup(momentum: float):
+  def make(learning_rate, total_steps):
+    schedule = optax_sm3.warmup_schedule(1.0, total_steps)
+    return optax_sm3.sm3(lambda count: learning_rate * schedule(count), momentum)
+
+  return make
+
+
+# The grids are centred on each optimizer's usual rates: SM3 and AdaGrad sum
+# squared gradients, so their steps shrink over time and want larger rates;
+# Adafactor's rate is relative to the parameters' scale.
+OPTIMIZERS = {
+  "sm3-m0": Optimizer("sm3-m0", _sm3_warmup(0.0), (0.03, 0.1, 0.3, 1.0)),
+  "sm3-m0.9": Optimizer("sm3-m0.9", _sm3_warmup(0.9), (0.03, 0.1, 0.3, 1.0)),
+  "adam": Optimizer("adam", lambda lr, _: optax.adam(lr), (3e-4, 1e-3, 3e-3, 1e-2)),
+  "adagrad": Optimizer(
+    "adagrad", lambda lr, _: optax.adagrad(lr), (0.01, 0.03, 0.1, 0.3)
+  ),
+  "adafactor": Optimizer(
+    "adafactor",
+    lambda lr, _: optax.adafactor(lr),
+    (3e-3, 1e-2, 3e-2, 1e-1),
+  ),
+  "optax.sm3": Optimizer(
+    "optax.sm3", lambda lr, _: optax.sm3(lr), (0.03, 0.1, 0.3, 1.0)
+  ),
+}

@@ -1,0 +1,187 @@
+"""The protocol: tune each optimizer's rate on validation, then run seeds on test.
+
+For each optimizer, every rate of its grid (all grids have the same size)
+trains once with seed 0 on the training split minus the validation rows; the
+rate with the best validation metric then trains on the whole training split
+with each seed, and only those runs are scored on the test split. All runs of
+a workload take the same number of steps.
+
+A run is compiled once per (workload, optimizer): the learning rate, the seed
+and the number of usable training rows are arguments of the compiled loop, and
+``lax.scan`` runs ``chunk`` steps per dispatch.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks import _optimizers, _workloads
+
+_CHUNKS = (100, 50, 40, 25, 20, 10, 5, 4, 2, 1)
+
+
+def chunk_size(steps: int) -> int:
+  """The largest of a few chunk lengths (at most 100) that divides ``steps``."""
+  return next(c for c in _CHUNKS if steps % c == 0)
+
+
+def subgrid(grid: Sequence[float], size: int) -> tuple[float, ...]:
+  """The ``size`` middle values of ``grid`` (all of it if ``size`` is larger)."""
+  size = min(size, len(grid))
+  start = (len(grid) - size) // 2
+  return tuple(grid[start : start + size])
+
+
+def tree_bytes(tree) -> int:
+  """Total bytes of the array leaves of ``tree`` (shapes or arrays)."""
+  return int(
+    sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+  )
+
+
+class Trainer:
+  """One compiled training loop for a workload and an optimizer."""
+
+  def __init__(
+    self, workload: _workloads.Workload, optimizer: _optimizers.Optimizer, steps: int
+  ):
+    self.workload = workload
+    self.optimizer = optimizer
+    self.steps = steps
+    self.chunk = chunk_size(steps)
+    self.train = {k: jnp.asarray(v) for k, v in workload.train.items()}
+    size = len(next(iter(workload.train.values())))
+    self.sizes = {"tune": size - workload.num_valid, "final": size}
+
+    def init(key, lr):
+      params = workload.init(key)
+      return params, optimizer.make(lr, steps).init(params)
+
+    def run_chunk(params, state, key, lr, train):
+      opt = optimizer.make(lr, steps)
+
+      def step(carry, _):
+        params, state, key = carry
+        key, batch_key = jax.random.split(key)
+        batch = workload.sample(batch_key, train)
+        loss, grads = jax.value_and_grad(workload.loss)(params, batch)
+        updates, state = opt.update(grads, state, params)
+        return (optax.apply_updates(params, updates), state, key), loss
+
+      (params, state, key), losses = jax.lax.scan(
+        step, (params, state, key), None, length=self.chunk
+      )
+      return params, state, key, losses
+
+    self._init = jax.jit(init)
+    self._run_chunk = jax.jit(run_chunk, donate_argnums=(0, 1))
+    self._evaluate = jax.jit(workload.evaluate)
+    self._compiled = None
+    shapes = jax.eval_shape(init, jax.random.key(0), 1.0)
+    self.param_bytes = tree_bytes(shapes[0])
+    self.state_bytes = tree_bytes(shapes[1])
+
+  def run(self, lr: float, seed: int, split: str) -> dict:
+    """Trains once; ``split`` is ``"tune"`` (validation) or ``"final"`` (test).
+
+    Returns:
+      A dict with the ``metric`` on the split, ``losses`` (the mean training
+      loss of each chunk) and ``step_ms`` (median step time of the chunks,
+      compilation excluded).
+    """
+    key = jax.random.key(seed)
+    init_key, key = jax.random.split(key)
+    lr = jnp.float32(lr)
+    params, state = self._init(init_key, lr)
+    train = dict(self.train, pool=jnp.int32(self.sizes[split]))
+    if self._compiled is None:
+      self._compiled = self._run_chunk.lower(params, state, key, lr, train).compile()
+    losses, times = [], []
+    for _ in range(self.steps // self.chunk):
+      start = time.perf_counter()
+      params, state, key, chunk_losses = self._compiled(params, state, key, lr, train)
+      chunk_losses = np.asarray(chunk_losses)  # waits for the chunk
+      times.append(time.perf_counter() - start)
+      losses.append(float(chunk_losses.mean()))
+    data = self.workload.valid if split == "tune" else self.workload.test
+    metric = float(self._evaluate(params, data))
+    return {
+      "metric": metric,
+      "losses": losses,
+      "step_ms": 1e3 * statistics.median(times) / self.chunk,
+    }
+
+
+def _better(workload, a: float, b: float) -> bool:
+  """Whether metric ``a`` beats ``b`` (NaN never wins)."""
+  if math.isnan(a):
+    return False
+  if math.isnan(b):
+    return True
+  return a > b if workload.higher_is_better else a < b
+
+
+def run_workload(
+  workload: _workloads.Workload,
+  optimizers: Sequence[_optimizers.Optimizer],
+  *,
+  steps: int,
+  seeds: int,
+  grid_size: int,
+  progress: Callable[[str], None] = lambda _: None,
+) -> dict:
+  """Runs the protocol on one workload.
+
+  Args:
+    workload: the workload.
+    optimizers: the optimizers to compare.
+    steps: training steps of every run.
+    seeds: number of seeds of the final runs (seeds ``0 .. seeds - 1``).
+    grid_size: learning rates tried per optimizer (the middle of its grid).
+    progress: called with a short label after every run.
+
+  Returns:
+    A JSON-ready dict of the settings and, per optimizer, the validation
+    metric of each rate, the chosen rate, the state's bytes, and the runs.
+  """
+  out = {
+    "metric": workload.metric,
+    "higher_is_better": workload.higher_is_better,
+    "steps": steps,
+    "chunk": chunk_size(steps),
+    "optimizers": {},
+  }
+  for optimizer in optimizers:
+    trainer = Trainer(workload, optimizer, steps)
+    out["param_bytes"] = trainer.param_bytes
+    tuning = {}
+    best_lr, best = None, math.nan
+    for lr in subgrid(optimizer.grid, grid_size):
+      tuning[repr(lr)] = metric = trainer.run(lr, 0, "tune")["metric"]
+      progress(f"{workload.name} {optimizer.name} lr={lr:g}")
+      if best_lr is None or _better(workload, metric, best):
+        best_lr, best = lr, metric
+    runs = []
+    for seed in range(seeds):
+      runs.append({"seed": seed, **trainer.run(best_lr, seed, "final")})
+      progress(f"{workload.name} {optimizer.name} seed={seed}")
+    metrics = [r["metric"] for r in runs]
+    out["optimizers"][optimizer.name] = {
+      "validation": tuning,
+      "learning_rate": best_lr,
+      "state_bytes": trainer.state_bytes,
+      "state_ratio": trainer.state_bytes / trainer.param_bytes,
+      "metric_mean": float(np.mean(metrics)),
+      "metric_std": float(np.std(metrics, ddof=1)) if len(metrics) > 1 else 0.0,
+      "step_ms": float(np.median([r["step_ms"] for r in runs])),
+      "runs": runs,
+    }
+  return out

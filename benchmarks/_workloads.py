@@ -1,0 +1,354 @@
+"""The benchmark workloads: real data, a small model, a loss and a metric.
+
+Each workload keeps its training set on the device and samples minibatches
+inside the compiled step, so a training run is a few ``lax.scan`` dispatches.
+The last ``num_valid`` training rows form the validation split used to pick
+learning rates; sampling only from the first ``pool`` rows trains without them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import _data
+
+WORKLOAD_NAMES = ("movielens", "shakespeare-word", "shakespeare-char", "mnist")
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  """A training problem.
+
+  Attributes:
+    name: one of :data:`WORKLOAD_NAMES`.
+    metric: the metric's name, e.g. ``"test RMSE"``.
+    higher_is_better: whether a larger metric is better.
+    init: ``init(key)`` returns the parameters.
+    loss: ``loss(params, batch)`` returns the scalar training loss.
+    sample: ``sample(key, train)`` draws a batch from the first
+      ``train["pool"]`` rows of ``train``.
+    evaluate: ``evaluate(params, split)`` returns the metric on a split.
+    train: the training arrays (validation rows last) and the scalar ``pool``.
+    valid: the validation split (the last ``num_valid`` training rows).
+    test: the test split, used only for the final runs.
+    num_valid: the number of validation rows.
+    steps: the default number of training steps.
+  """
+
+  name: str
+  metric: str
+  higher_is_better: bool
+  init: Callable[[jax.Array], Any]
+  loss: Callable[[Any, Any], jax.Array]
+  sample: Callable[[jax.Array, dict], Any]
+  evaluate: Callable[[Any, dict], jax.Array]
+  train: dict
+  valid: dict
+  test: dict
+  num_valid: int
+  steps: int
+
+
+def _carve(train: dict, valid_fraction: float, seed: int = 1):
+  """Shuffles the training rows; the last ones become the validation split."""
+  size = len(next(iter(train.values())))
+  order = np.random.default_rng(seed).permutation(size)
+  num_valid = round(valid_fraction * size)
+  train = {k: v[order] for k, v in train.items()}
+  valid = {k: v[size - num_valid :] for k, v in train.items()}
+  return train, valid, num_valid
+
+
+def _normal(key, shape, scale):
+  return scale * jax.random.normal(key, shape, jnp.float32)
+
+
+def _dense_init(key, fan_in, fan_out):
+  return _normal(key, (fan_in, fan_out), 1.0 / math.sqrt(fan_in))
+
+
+def _rows(key, train, batch_size):
+  return jax.random.randint(key, (batch_size,), 0, train["pool"])
+
+
+def _cross_entropy(logits, labels):
+  logp = jax.nn.log_softmax(logits)
+  return -jnp.mean(jnp.take_along_axis(logp, labels[..., None], axis=-1))
+
+
+# MovieLens: biased matrix factorisation.
+
+
+def movielens(dim: int = 128, batch_size: int = 1024, l2: float = 0.05) -> Workload:
+  """Matrix factorisation of MovieLens-100k ratings; metric test RMSE."""
+  data = _data.load_movielens()
+  mean = float(data["train_ratings"].mean())
+  split = {
+    "users": data["train_users"],
+    "items": data["train_items"],
+    "ratings": data["train_ratings"],
+  }
+  train, valid, num_valid = _carve(split, 0.1)
+  test = {
+    "users": data["test_users"],
+    "items": data["test_items"],
+    "ratings": data["test_ratings"],
+  }
+
+  def init(key):
+    ku, ki = jax.random.split(key)
+    return {
+      "user_embedding": _normal(ku, (data["num_users"], dim), 0.1),
+      "item_embedding": _normal(ki, (data["num_items"], dim), 0.1),
+      "user_bias": jnp.zeros((data["num_users"],), jnp.float32),
+      "item_bias": jnp.zeros((data["num_items"],), jnp.float32),
+    }
+
+  def predict(params, users, items):
+    u = params["user_embedding"][users]
+    v = params["item_embedding"][items]
+    bias = params["user_bias"][users] + params["item_bias"][items]
+    return jnp.sum(u * v, axis=-1) + bias + mean, u, v
+
+  def loss(params, batch):
+    pred, u, v = predict(params, batch["users"], batch["items"])
+    penalty = jnp.mean(jnp.sum(u * u, axis=-1) + jnp.sum(v * v, axis=-1))
+    return jnp.mean((pred - batch["ratings"]) ** 2) + l2 * penalty
+
+  def sample(key, train):
+    rows = _rows(key, train, batch_size)
+    return {k: train[k][rows] for k in ("users", "items", "ratings")}
+
+  def evaluate(params, split):
+    pred, _, _ = predict(params, split["users"], split["items"])
+    pred = jnp.clip(pred, 1.0, 5.0)
+    return jnp.sqrt(jnp.mean((pred - split["ratings"]) ** 2))
+
+  return Workload(
+    "movielens", "test RMSE", False, init, loss, sample, evaluate,
+    train, valid, test, num_valid, steps=3000,
+  )  # fmt: skip
+
+
+# Shakespeare, word level: a neural n-gram model (Bengio et al., 2003).
+
+
+def _chunked_mean(fn, rows, size: int = 32):
+  """Mean of ``fn`` over chunks of ``size`` rows (bounds the logits' memory).
+
+  Rows past the last whole chunk are dropped (the eval sets are multiples of
+  ``size``); fewer than ``size`` rows are evaluated at once.
+  """
+  if rows.shape[0] < size:
+    return fn(rows)
+  whole = rows.shape[0] // size * size
+  chunks = rows[:whole].reshape(whole // size, size, *rows.shape[1:])
+  return jnp.mean(jax.lax.map(fn, chunks))
+
+
+def _lm_eval_rows(split: dict, limit: int, seed: int = 2) -> dict:
+  rows = split["tokens"]
+  if len(rows) > limit:
+    rows = rows[np.random.default_rng(seed).choice(len(rows), limit, replace=False)]
+  return {"tokens": rows}
+
+
+def shakespeare_word(
+  context: int = 3, dim: int = 64, hidden: int = 128, batch_size: int = 128
+) -> Workload:
+  """A word-level neural n-gram LM; metric held-out cross-entropy."""
+  data = _data.load_shakespeare("word")
+  vocab = data["vocab_size"]
+  train, valid, num_valid = _carve({"tokens": data["train"]}, 0.1)
+  valid = _lm_eval_rows(valid, 256)
+  test = _lm_eval_rows({"tokens": data["test"]}, 512)
+  width = data["train"].shape[1]
+
+  def init(key):
+    k = jax.random.split(key, 3)
+    return {
+      "embedding": _normal(k[0], (vocab, dim), 0.1),
+      "hidden": _dense_init(k[1], context * dim, hidden),
+      "hidden_bias": jnp.zeros((hidden,), jnp.float32),
+      "softmax": _dense_init(k[2], hidden, vocab),
+      "softmax_bias": jnp.zeros((vocab,), jnp.float32),
+    }
+
+  def logits(params, contexts):
+    x = params["embedding"][contexts].reshape(contexts.shape[0], context * dim)
+    h = jnp.tanh(x @ params["hidden"] + params["hidden_bias"][None, :])
+    return h @ params["softmax"] + params["softmax_bias"][None, :]
+
+  def loss(params, batch):
+    return _cross_entropy(logits(params, batch["context"]), batch["target"])
+
+  def sample(key, train):
+    kr, kp = jax.random.split(key)
+    rows = train["tokens"][_rows(kr, train, batch_size)]
+    pos = jax.random.randint(kp, (batch_size,), context, width)
+    window = pos[:, None] + jnp.arange(-context, 1)[None, :]
+    picked = jnp.take_along_axis(rows, window, axis=1)
+    return {"context": picked[:, :context], "target": picked[:, context]}
+
+  def evaluate_rows(params, rows):
+    pos = jnp.arange(context, width)
+    windows = rows[:, pos[:, None] + jnp.arange(-context, 1)[None, :]]
+    windows = windows.reshape(-1, context + 1)
+    return _cross_entropy(logits(params, windows[:, :context]), windows[:, context])
+
+  def evaluate(params, split):
+    return _chunked_mean(lambda r: evaluate_rows(params, r), split["tokens"])
+
+  return Workload(
+    "shakespeare-word", "test loss", False, init, loss, sample, evaluate,
+    train, valid, test, num_valid, steps=600,
+  )  # fmt: skip
+
+
+# Shakespeare, character level: a small pre-norm transformer.
+
+
+def _layer_norm(x, scale):
+  x = x - jnp.mean(x, axis=-1, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-5) * scale
+
+
+def shakespeare_char(
+  dim: int = 64,
+  layers: int = 2,
+  heads: int = 4,
+  batch_size: int = 32,
+  length: int = 32,
+) -> Workload:
+  """A small character-level transformer; metric held-out cross-entropy."""
+  data = _data.load_shakespeare("char")
+  # Rows are cut to `length + 1` characters to keep attention cheap on a CPU.
+  data = data | {k: data[k][:, : length + 1] for k in ("train", "test")}
+  vocab = data["vocab_size"]
+  train, valid, num_valid = _carve({"tokens": data["train"]}, 0.1)
+  valid = _lm_eval_rows(valid, 256)
+  test = _lm_eval_rows({"tokens": data["test"]}, 512)
+
+  def init(key):
+    k = iter(jax.random.split(key, 3 + 4 * layers))
+    params = {
+      "embedding": _normal(next(k), (vocab, dim), 0.1),
+      "position": _normal(next(k), (length, dim), 0.1),
+      "final_norm": jnp.ones((dim,), jnp.float32),
+      "unembedding": _dense_init(next(k), dim, vocab),
+    }
+    for i in range(layers):
+      params[f"block{i}"] = {
+        "norm1": jnp.ones((dim,), jnp.float32),
+        "qkv": _dense_init(next(k), dim, 3 * dim),
+        "out": _dense_init(next(k), dim, dim) / math.sqrt(2 * layers),
+        "norm2": jnp.ones((dim,), jnp.float32),
+        "up": _dense_init(next(k), dim, 4 * dim),
+        "down": _dense_init(next(k), 4 * dim, dim) / math.sqrt(2 * layers),
+      }
+    return params
+
+  mask = np.tril(np.ones((length, length), bool))
+
+  def logits(params, tokens):
+    b = tokens.shape[0]
+    x = params["embedding"][tokens] + params["position"][None, :, :]
+    for i in range(layers):
+      p = params[f"block{i}"]
+      h = _layer_norm(x, p["norm1"][None, None, :]) @ p["qkv"]
+      q, k, v = jnp.split(h.reshape(b, length, 3 * heads, dim // heads), 3, axis=2)
+      att = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(dim // heads)
+      att = jax.nn.softmax(jnp.where(mask[None, None], att, -1e9), axis=-1)
+      x = x + jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, length, dim) @ p["out"]
+      h = _layer_norm(x, p["norm2"][None, None, :])
+      x = x + jax.nn.gelu(h @ p["up"]) @ p["down"]
+    x = _layer_norm(x, params["final_norm"][None, None, :])
+    return x @ params["unembedding"]
+
+  def loss(params, batch):
+    return _cross_entropy(logits(params, batch[:, :-1]), batch[:, 1:])
+
+  def sample(key, train):
+    return train["tokens"][_rows(key, train, batch_size)]
+
+  def evaluate(params, split):
+    return _chunked_mean(lambda r: loss(params, r), split["tokens"])
+
+  return Workload(
+    "shakespeare-char", "test loss", False, init, loss, sample, evaluate,
+    train, valid, test, num_valid, steps=400,
+  )  # fmt: skip
+
+
+# MNIST: a 784-512-256-10 MLP.
+
+
+def mnist(batch_size: int = 128) -> Workload:
+  """A 784-512-256-10 ReLU MLP on the 5k MNIST subset; metric test accuracy."""
+  data = _data.load_mnist()
+  train, valid, num_valid = _carve(
+    {"images": data["train_images"], "labels": data["train_labels"]}, 0.1
+  )
+  test = {"images": data["test_images"], "labels": data["test_labels"]}
+  sizes = (784, 512, 256, 10)
+
+  def init(key):
+    keys = jax.random.split(key, len(sizes) - 1)
+    return [
+      {"w": _dense_init(k, m, n), "b": jnp.zeros((n,), jnp.float32)}
+      for k, m, n in zip(keys, sizes[:-1], sizes[1:], strict=True)
+    ]
+
+  def logits(params, x):
+    for i, layer in enumerate(params):
+      x = x @ layer["w"] + layer["b"][None, :]
+      if i < len(params) - 1:
+        x = jax.nn.relu(x)
+    return x
+
+  def loss(params, batch):
+    return _cross_entropy(logits(params, batch["images"]), batch["labels"])
+
+  def sample(key, train):
+    rows = _rows(key, train, batch_size)
+    return {"images": train["images"][rows], "labels": train["labels"][rows]}
+
+  def evaluate(params, split):
+    predicted = jnp.argmax(logits(params, split["images"]), axis=-1)
+    return jnp.mean((predicted == split["labels"]).astype(jnp.float32))
+
+  return Workload(
+    "mnist", "test accuracy", True, init, loss, sample, evaluate,
+    train, valid, test, num_valid, steps=1000,
+  )  # fmt: skip
+
+
+_BUILDERS = {
+  "movielens": movielens,
+  "shakespeare-word": shakespeare_word,
+  "shakespeare-char": shakespeare_char,
+  "mnist": mnist,
+}
+
+
+def build(name: str, **sizes) -> Workload:
+  """The workload called ``name`` (one of :data:`WORKLOAD_NAMES`).
+
+  Args:
+    name: the workload.
+    **sizes: model or batch sizes passed to its builder (tests use small ones).
+
+  Raises:
+    ValueError: for an unknown name.
+    benchmarks._data.MissingDataError: if its data package is missing.
+  """
+  if name not in _BUILDERS:
+    raise ValueError(f"unknown workload {name!r}; allowed: {', '.join(WORKLOAD_NAMES)}")
+  return _BUILDERS[name](**sizes)

