@@ -26,6 +26,7 @@ def test_quickstart_example_file_matches_readme():
   readme = (ROOT / "README.md").read_text()
   code = _blocks(readme, "python")[0]
   example = (ROOT / "examples" / "quickstart.py").read_text()
+
   # Compared line by line, ignoring blank lines (isort separates first-party imports).
   def lines(text):
     return "\n".join(line for line in text.splitlines() if line.strip())
