@@ -6,11 +6,12 @@ depend on the order it is taken in):
 * direct: ``nu`` over the whole parameter, then one reduction per group. XLA
   on the CPU materialises ``nu`` to feed the reductions: a temporary as large
   as the parameter, and an extra write and read of it.
-* blocked: a loop over blocks of the leading axis that forms ``nu`` one
-  cache-sized block at a time and folds it into the accumulators. Used on a
-  single-device CPU for parameters larger than one block; it needs no
-  full-size temporary. With several devices the direct form is kept, because
-  slicing a sharded axis in a loop would make XLA gather the parameter.
+* blocked: a loop over blocks of at most ``block_size`` entries that forms
+  ``nu`` one cache-sized block at a time and folds each block's maxima into
+  the accumulators. Used on a single-device CPU for parameters larger than
+  one block; its only temporary is one block. With several devices the direct
+  form is kept, because slicing a sharded axis in a loop would make XLA
+  gather the parameter.
 
 The update itself, ``g / sqrt(nu + eps)``, is left as one elementwise
 expression of the gradient and the *old* accumulators, which XLA fuses with
@@ -19,6 +20,7 @@ whatever consumes it (momentum, ``optax.apply_updates``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -27,9 +29,11 @@ import jax.numpy as jnp
 
 from optax_sm3 import _cover
 
-# Elements of ``nu`` formed per loop iteration on the CPU: 1 MiB of float32,
-# small enough to stay in cache, large enough to amortise the loop.
-DEFAULT_BLOCK_SIZE = 1 << 18
+# Elements of ``nu`` formed per loop iteration on the CPU: 4 MiB of float32.
+# Measured on the step-time benchmark's tree (benchmarks/step_time.py):
+# 1 MiB blocks pay ~30% more in per-iteration overhead, 16 MiB blocks fall
+# out of the cache.
+DEFAULT_BLOCK_SIZE = 1 << 20
 
 
 def cover_minimum(
@@ -83,6 +87,11 @@ def _fold(
 ) -> tuple[jax.Array, ...]:
   """New accumulators from ``source`` (``nu`` for SM3-II, ``g**2`` for I)."""
   maxima = [jnp.max(source, axis=cover.reduced_axes(g)) for g in cover.groups]
+  return _combine(maxima, accumulators, c_old, c_new, variant)
+
+
+def _combine(maxima, accumulators, c_old, c_new, variant) -> tuple[jax.Array, ...]:
+  """SM3-II keeps the maxima of ``nu``; SM3-I mixes the maxima of ``g**2`` in."""
   if variant == "II":
     return tuple(maxima)
   return tuple(c_old * a + c_new * m for a, m in zip(accumulators, maxima, strict=True))
@@ -98,51 +107,91 @@ def _direct(g, accumulators, cover, c_old, c_new, variant):
   return _fold(source, accumulators, cover, c_old, c_new, variant)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Tiling:
+  """How a parameter is cut into blocks for the CPU loop.
+
+  Blocks hold ``rows`` consecutive indices of ``axis`` and every index of the
+  axes after it, at one fixed index of each axis before it. So a block never
+  holds more than ``block_size`` entries, whatever the parameter's rank.
+  """
+
+  axis: int
+  rows: int
+  row_blocks: int
+  outer: tuple[int, ...]
+
+  @property
+  def num_blocks(self) -> int:
+    return math.prod(self.outer) * self.row_blocks
+
+  def block_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (1,) * self.axis + (self.rows,) + shape[self.axis + 1 :]
+
+  def starts(self, index: jax.Array, shape: tuple[int, ...]) -> list[jax.Array]:
+    """The block's first index along every axis."""
+    outer, row_block = jnp.divmod(index, self.row_blocks)
+    leading = []
+    for size in reversed(self.outer):
+      outer, position = jnp.divmod(outer, size)
+      leading.append(position)
+    # The last block may overlap its predecessor: harmless for a maximum.
+    row = jnp.minimum(row_block * self.rows, shape[self.axis] - self.rows)
+    zero = jnp.zeros([], index.dtype)
+    return [*reversed(leading), row] + [zero] * (len(shape) - self.axis - 1)
+
+
+def _tiling(shape: tuple[int, ...], block_size: int) -> _Tiling:
+  """Cuts along the first axis whose trailing sub-tensor fits in a block."""
+  axis = next(a for a in range(len(shape)) if math.prod(shape[a + 1 :]) <= block_size)
+  rows = min(shape[axis], max(1, block_size // math.prod(shape[axis + 1 :])))
+  return _Tiling(axis, rows, -(-shape[axis] // rows), shape[:axis])
+
+
 def _blocked(g, accumulators, cover, c_old, c_new, variant, block_size):
-  """``_direct`` as a loop over blocks of axis 0, with no full-size temporary."""
-  rows = cover.shape[0]
-  rows_per_block = max(1, min(rows, block_size // max(1, math.prod(cover.shape[1:]))))
-  num_blocks = -(-rows // rows_per_block)
+  """``_direct`` as a loop over blocks, with no parameter-sized temporary."""
+  shape = cover.shape
+  tiling = _tiling(shape, block_size)
+  block_shape = tiling.block_shape(shape)
   dtype = accumulators[0].dtype
-  # Accumulators indexed by axis 0 are written block by block; the others are
-  # maxima over axis 0, carried across blocks.
-  indexed = [cover.stacked > 0 or 0 in group for group in cover.groups]
-  shapes = [
-    (rows_per_block, *cover.broadcast_shape(group)[1:])
-    if on_rows
-    else cover.broadcast_shape(group)
-    for group, on_rows in zip(cover.groups, indexed, strict=True)
+  # The axes each accumulator is indexed by, in the parameter's axis order.
+  indexed = [tuple(range(cover.stacked)) + tuple(group) for group in cover.groups]
+  local_shapes = [
+    tuple(block_shape[a] if a in axes else 1 for a in range(len(shape)))
+    for axes in indexed
   ]
 
   def body(index, carry):
-    # The last block may overlap its predecessor: harmless for a maximum.
-    start = jnp.minimum(index * rows_per_block, rows - rows_per_block)
-    block = jax.lax.dynamic_slice_in_dim(g, start, rows_per_block, 0)
+    # Tying the gradient to the loop counter keeps XLA from hoisting a
+    # whole-parameter conversion out of the loop: the CPU backend upcasts
+    # bf16/f16 slices to f32, and loop-invariant code motion would then
+    # convert all of ``g`` at once.
+    index, grad = jax.lax.optimization_barrier((index, g))
+    starts = tiling.starts(index, shape)
+    block = jax.lax.dynamic_slice(grad, starts, block_shape)
+
+    # Where each accumulator's part for this block starts, and its size.
+    at = [[starts[a] for a in axes] for axes in indexed]
+    sizes = [[block_shape[a] for a in axes] for axes in indexed]
     if variant == "II":
       local = [
-        jax.lax.dynamic_slice_in_dim(a, start, rows_per_block, 0) if on_rows else a
-        for a, on_rows in zip(accumulators, indexed, strict=True)
+        jax.lax.dynamic_slice(a, s, n).reshape(shape_)
+        for a, s, n, shape_ in zip(accumulators, at, sizes, local_shapes, strict=True)
       ]
-      source = estimate(block, local, shapes, c_old, c_new)
+      source = estimate(block, local, local_shapes, c_old, c_new)
     else:
       block = block.astype(dtype)
       source = block * block
-    maxima = [jnp.max(source, axis=cover.reduced_axes(group)) for group in cover.groups]
-    return tuple(
-      jax.lax.dynamic_update_slice_in_dim(c, m, start, 0)
-      if on_rows
-      else jnp.maximum(c, m)
-      for c, m, on_rows in zip(carry, maxima, indexed, strict=True)
-    )
+    new_carry = []
+    for c, group, s, n in zip(carry, cover.groups, at, sizes, strict=True):
+      maximum = jnp.max(source, axis=cover.reduced_axes(group)).reshape(n)
+      merged = jnp.maximum(jax.lax.dynamic_slice(c, s, n), maximum)
+      new_carry.append(jax.lax.dynamic_update_slice(c, merged, s))
+    return tuple(new_carry)
 
-  init = tuple(
-    jnp.zeros(a.shape, dtype) if on_rows else jnp.full(a.shape, -jnp.inf, dtype)
-    for a, on_rows in zip(accumulators, indexed, strict=True)
-  )
-  maxima = jax.lax.fori_loop(0, num_blocks, body, init)
-  if variant == "II":
-    return maxima
-  return tuple(c_old * a + c_new * m for a, m in zip(accumulators, maxima, strict=True))
+  init = tuple(jnp.full(a.shape, -jnp.inf, dtype) for a in accumulators)
+  maxima = jax.lax.fori_loop(0, tiling.num_blocks, body, init)
+  return _combine(maxima, accumulators, c_old, c_new, variant)
 
 
 def new_accumulators(

@@ -183,9 +183,10 @@ def scale_by_sm3(
       each). Exact: such an accumulator holds the global maximum, which never
       wins the minimum.
     block_size: on a single-device CPU, parameters with more entries than
-      this have their accumulators computed in a loop over blocks of about
-      this many entries, which avoids a parameter-sized temporary (results
-      are bit-identical). ``None`` picks 2**18; ``0`` turns the loop off.
+      this have their accumulators computed in a loop over blocks of at most
+      this many entries, so the step's only temporary is one float32 block
+      instead of a parameter-sized one (results are bit-identical). ``None``
+      picks 2**20 (4 MiB); ``0`` turns the loop off.
 
   Returns:
     A :class:`optax.GradientTransformation` whose state is a
