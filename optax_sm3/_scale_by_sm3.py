@@ -186,7 +186,8 @@ def scale_by_sm3(
       this have their accumulators computed in a loop over blocks of at most
       this many entries, so the step's only temporary is one float32 block
       instead of a parameter-sized one (results are bit-identical). ``None``
-      picks 2**20 (4 MiB); ``0`` turns the loop off.
+      picks 2**20 (a 4 MiB block), or 2**18 for 16-bit gradients; ``0``
+      turns the loop off.
 
   Returns:
     A :class:`optax.GradientTransformation` whose state is a
@@ -230,11 +231,10 @@ def scale_by_sm3(
     merge_axes_up_to = _static_int(merge_axes_up_to, "merge_axes_up_to")
   if merge_axes_up_to is not None and merge_axes_up_to < 1:
     raise ValueError(f"`merge_axes_up_to` must be >= 1, got {merge_axes_up_to}")
-  if block_size is None:
-    block_size = _accumulate.DEFAULT_BLOCK_SIZE
-  block_size = _static_int(block_size, "block_size")
-  if block_size < 0:
-    raise ValueError(f"`block_size` must be >= 0, got {block_size}")
+  if block_size is not None:
+    block_size = _static_int(block_size, "block_size")
+    if block_size < 0:
+      raise ValueError(f"`block_size` must be >= 0, got {block_size}")
 
   def covers(tree):
     stacked = _per_param(stacked_axes, tree, "stacked_axes")
@@ -277,7 +277,7 @@ def scale_by_sm3(
         c_new,
         jnp.asarray(eps, dtype),
         variant,
-        block_size,
+        _accumulate.default_block_size(g.dtype) if block_size is None else block_size,
       )
 
     results = jax.tree.map(step, updates, state.accumulators, leaf_covers)

@@ -29,6 +29,7 @@ def sm3(
   stacked_axes: Any = None,
   merge_axes_up_to: int | None = None,
   skip_unit_axes: bool = False,
+  block_size: int | None = None,
 ) -> optax.GradientTransformation:
   r"""The SM3 optimizer (Anil et al., 2019).
 
@@ -81,6 +82,8 @@ def sm3(
     stacked_axes: see :func:`optax_sm3.scale_by_sm3`.
     merge_axes_up_to: see :func:`optax_sm3.scale_by_sm3`.
     skip_unit_axes: see :func:`optax_sm3.scale_by_sm3`.
+    block_size: see :func:`optax_sm3.scale_by_sm3` (CPU only; never changes
+      results).
 
   Returns:
     The optimizer, an :class:`optax.GradientTransformation`.
@@ -149,6 +152,7 @@ def sm3(
       stacked_axes=stacked_axes,
       merge_axes_up_to=merge_axes_up_to,
       skip_unit_axes=skip_unit_axes,
+      block_size=block_size,
     ),
     *(
       []

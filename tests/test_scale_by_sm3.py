@@ -178,7 +178,7 @@ def test_blocked_path_temporary_is_one_block(shape, dtype):
   state = jax.eval_shape(tx.init, params)
   compiled = jax.jit(tx.update).lower(params, state).compile()
   temp = compiled.memory_analysis().temp_size_in_bytes
-  block_bytes = 4 * _accumulate.DEFAULT_BLOCK_SIZE
+  block_bytes = 4 * _accumulate.default_block_size(dtype)
   accumulator_bytes = sum(a.size * 4 for a in jax.tree.leaves(state.accumulators))
   assert temp <= block_bytes + 2 * accumulator_bytes + 2**16, (temp, block_bytes)
   assert temp < math.prod(shape) * jnp.dtype(dtype).itemsize / 4

@@ -347,12 +347,27 @@ def test_init_on_shape_dtype_structs():
     ({"grad_clip_value": -1.0}, "grad_clip_value"),
     ({"weight_decay_mode": "l2"}, "weight_decay_mode"),
     ({"variant": "2"}, "variant"),
+    ({"block_size": -1}, "block_size"),
   ],
 )
 def test_invalid_arguments(kwargs, name):
   kwargs = {"learning_rate": 0.1, **kwargs}
   with pytest.raises(ValueError, match=name):
     optax_sm3.sm3(**kwargs)
+
+
+def test_block_size_reaches_the_preconditioner():
+  # Lowered from shapes only: 64 MiB of parameters are never allocated.
+  params = jax.ShapeDtypeStruct((65536, 256), jnp.float32)
+
+  def temp_bytes(tx):
+    state = jax.eval_shape(tx.init, params)
+    step = jax.jit(lambda g, s: tx.update(g, s, g)).lower(params, state).compile()
+    return step.memory_analysis().temp_size_in_bytes
+
+  blocked = temp_bytes(optax_sm3.sm3(0.1, momentum=0.0))
+  direct = temp_bytes(optax_sm3.sm3(0.1, momentum=0.0, block_size=0))
+  assert blocked < 2**23 < 2**26 <= direct, (blocked, direct)
 
 
 def test_learning_rate_wrong_type():
