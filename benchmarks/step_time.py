@@ -24,6 +24,7 @@ import argparse
 import functools
 import json
 import math
+import os
 import pathlib
 import platform
 import statistics
@@ -153,6 +154,91 @@ def add_ratios(rows):
         row[key] = row["median_ms"] / rows[base]["median_ms"]
 
 
+# The targets of the performance issue, checked on the float32 tree:
+# (what, optimizer row, metric of the row, upper bound).
+TARGETS = (
+  ("step time / optax.adam", "optax_sm3.sm3 (m=0)", "vs_adam", 0.6),
+  ("step time / optax.sm3 (m=0)", "optax_sm3.sm3 (m=0)", "vs_optax_sm3_m0", 0.3),
+  ("step time / optax.adam", "optax_sm3.sm3 (m=0.9)", "vs_adam", 0.8),
+  ("XLA temporary / parameter bytes", "optax_sm3.sm3 (m=0)", "temp_fraction", 0.05),
+  ("XLA temporary / parameter bytes", "optax_sm3.sm3 (m=0.9)", "temp_fraction", 0.05),
+  ("optimizer state / parameter bytes", "optax_sm3.sm3 (m=0)", "state_fraction", 0.01),
+)
+# Step time ~ n ** exponent over the size sweep; linear means 1 (within this).
+GROWTH_TOLERANCE = 0.1
+# The exponent is fitted on sweep points with at least this many parameters
+# (32 MiB of float32: past the last-level cache of the machines we run on), so
+# fixed per-step costs and cache-resident small trees do not bend it.
+GROWTH_FROM_PARAMS = 8_000_000
+
+
+def add_fractions(rows):
+  for row in rows.values():
+    row["temp_fraction"] = row["temp_bytes"] / row["param_bytes"]
+    row["state_fraction"] = row["state_bytes"] / row["param_bytes"]
+
+
+def growth_exponent(sizes, times) -> float:
+  """Least-squares slope of log(time) against log(size): 1 for linear growth."""
+  x = [math.log(n) for n in sizes]
+  y = [math.log(t) for t in times]
+  mx, my = statistics.fmean(x), statistics.fmean(y)
+  return sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True)) / sum(
+    (a - mx) ** 2 for a in x
+  )
+
+
+def growth_exponents(sweep, min_params: int = GROWTH_FROM_PARAMS) -> dict[str, float]:
+  points = [p for p in sweep.values() if p["num_params"] >= min_params]
+  if len(points) < 2:
+    points = list(sweep.values())
+  sizes = [p["num_params"] for p in points]
+  return {
+    name: growth_exponent(sizes, [p["rows"][name]["median_ms"] for p in points])
+    for name in points[0]["rows"]
+  }
+
+
+def check_targets(result) -> list[dict]:
+  """Each target with the value measured in this run and whether it is met."""
+  rows = result["float32"]
+  checks = [
+    {
+      "target": f"{name}: {what} <= {bound:g}",
+      "value": rows[name][metric],
+      "met": rows[name][metric] <= bound,
+    }
+    for what, name, metric, bound in TARGETS
+    if name in rows and metric in rows[name]
+  ]
+  exponents = result.get("growth_exponents", {})
+  for name in ("optax_sm3.sm3 (m=0)", "optax_sm3.sm3 (m=0.9)"):
+    if name in exponents:
+      checks.append(
+        {
+          "target": f"{name}: step time ~ n^b over the sweep, b within "
+          f"{GROWTH_TOLERANCE:g} of 1",
+          "value": exponents[name],
+          "met": abs(exponents[name] - 1) <= GROWTH_TOLERANCE,
+        }
+      )
+  return checks
+
+
+def targets_table(checks) -> str:
+  lines = [
+    "#### Targets (float32 tree)",
+    "",
+    "| target | measured | met |",
+    "|---|---:|:-:|",
+  ]
+  for c in checks:
+    lines.append(
+      f"| {c['target']} | {c['value']:.3g} | {'yes' if c['met'] else 'NO'} |"
+    )
+  return "\n".join(lines)
+
+
 def _mb(n: int) -> str:
   return f"{n / 2**20:,.1f}"
 
@@ -190,6 +276,13 @@ def sweep_table(sweep) -> str:
       for k in names
     ]
     lines.append(f"| {n / 1e6:.1f} M | " + " | ".join(cells) + " |")
+  if len(sweep) > 1:
+    exponents = growth_exponents(sweep)
+    lines.append(
+      f"| growth exponent b (time ~ n^b, n >= {GROWTH_FROM_PARAMS / 1e6:g} M) | "
+      + " | ".join(f"{exponents[k]:.2f}" for k in names)
+      + " |"
+    )
   return "\n".join(lines)
 
 
@@ -204,12 +297,21 @@ def parse_args(argv):
   parser.add_argument("--steps", type=int, default=3, help="steps per timed round")
   parser.add_argument("--no-sweep", action="store_true", help="skip the size sweep")
   parser.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 run")
+  parser.add_argument(
+    "--scale",
+    type=float,
+    default=1.0,
+    help="scale the tree's sizes (1 = the 34.6 M-parameter tree; the sweep "
+    "scales from there)",
+  )
   parser.add_argument("--out", default="results/step_time", help="output folder")
   args = parser.parse_args(argv)
   if args.repeats is None:
     args.repeats = 5 if args.quick else 11
   if args.repeats < 1 or args.steps < 1:
     parser.error("--repeats and --steps must be >= 1")
+  if not args.scale > 0:
+    parser.error("--scale must be > 0")
   return args
 
 
@@ -223,6 +325,7 @@ def main(argv=None) -> dict:
     "optax_sm3.sm3 (m=0)",
     "optax_sm3.sm3 (m=0.9)",
   ]
+  base_shapes = scaled_shapes(args.scale)
   scales = [1 / 32, 1 / 4, 1] if args.quick else [1 / 32, 1 / 8, 1 / 4, 1 / 2, 1, 2, 3]
   sweep_repeats = max(3, args.repeats // 2)
   total = args.repeats * len(txs) * (1 if args.no_bf16 else 2)
@@ -241,23 +344,23 @@ def main(argv=None) -> dict:
       "optax": optax.__version__,
       "optax_sm3": optax_sm3.__version__,
       "devices": [str(d) for d in jax.devices()],
+      "cpus": os.cpu_count(),
     },
+    "scale": args.scale,
     "repeats": args.repeats,
     "steps_per_repeat": args.steps,
   }
   result["float32"] = measure(
-    txs, BASE_SHAPES, jnp.float32, args.repeats, args.steps, progress
+    txs, base_shapes, jnp.float32, args.repeats, args.steps, progress
   )
-  add_ratios(result["float32"])
   if not args.no_bf16:
     result["bfloat16"] = measure(
-      txs, BASE_SHAPES, jnp.bfloat16, args.repeats, args.steps, progress
+      txs, base_shapes, jnp.bfloat16, args.repeats, args.steps, progress
     )
-    add_ratios(result["bfloat16"])
   if not args.no_sweep:
     result["sweep"] = {}
     for scale in scales:
-      shapes = scaled_shapes(scale)
+      shapes = scaled_shapes(scale * args.scale)
       n = sum(math.prod(s) for s in shapes.values())
       rows = measure(
         {k: txs[k] for k in sweep_names},
@@ -270,11 +373,21 @@ def main(argv=None) -> dict:
       result["sweep"][f"{scale:g}"] = {"num_params": n, "rows": rows}
   if bar is not None:
     bar.close()
+  for key in ("float32", "bfloat16"):
+    if key in result:
+      add_ratios(result[key])
+      add_fractions(result[key])
+  if "sweep" in result:
+    result["growth_exponents"] = growth_exponents(result["sweep"])
+  result["targets"] = check_targets(result)
 
-  n = sum(math.prod(s) for s in BASE_SHAPES.values())
+  n = sum(math.prod(s) for s in base_shapes.values())
+  machine = result["machine"]
   parts = [
     f"Parameter tree: {n / 1e6:.1f} M values; medians of {args.repeats} rounds "
-    f"of {args.steps} steps, all optimizers timed round-robin in one run.",
+    f"of {args.steps} steps, all optimizers timed round-robin in one run "
+    f"(jax {machine['jax']}, optax {machine['optax']}, {machine['cpus']} CPUs, "
+    f"{len(machine['devices'])} device(s)).",
     "",
     main_table(result["float32"], "float32 parameters"),
   ]
@@ -282,6 +395,7 @@ def main(argv=None) -> dict:
     parts += ["", main_table(result["bfloat16"], "bfloat16 parameters")]
   if "sweep" in result:
     parts += ["", sweep_table(result["sweep"])]
+  parts += ["", targets_table(result["targets"])]
   markdown = "\n".join(parts) + "\n"
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)

@@ -139,11 +139,19 @@ class _Tiling:
 
   def starts(self, index: jax.Array, shape: tuple[int, ...]) -> list[jax.Array]:
     """The block's first index along every axis."""
-    outer, row_block = jnp.divmod(index, self.row_blocks)
+    # Non-negative indices: truncating division is floor division, and a few
+    # scalar ops less matter inside a loop body.
+    row_block = index
     leading = []
-    for size in reversed(self.outer):
-      outer, position = jnp.divmod(outer, size)
-      leading.append(position)
+    if self.outer:
+      outer, row_block = (
+        jax.lax.div(index, self.row_blocks),
+        jax.lax.rem(index, self.row_blocks),
+      )
+      for size in reversed(self.outer[1:]):
+        leading.append(jax.lax.rem(outer, size))
+        outer = jax.lax.div(outer, size)
+      leading.append(outer)
     # The last block may overlap its predecessor: harmless for a maximum.
     row = jnp.minimum(row_block * self.rows, shape[self.axis] - self.rows)
     zero = jnp.zeros([], index.dtype)
@@ -169,6 +177,16 @@ def _blocked(g, accumulators, cover, c_old, c_new, variant, block_size):
     tuple(block_shape[a] if a in axes else 1 for a in range(len(shape)))
     for axes in indexed
   ]
+  # How a block's maxima enter each accumulator. The axes up to the tiling
+  # axis vary between blocks. Indexed by all of them, an accumulator gets a
+  # part of its own from each block ("own": written, and where the clamped
+  # last block overlaps it rewrites the same values); indexed by none, every
+  # block covers all of it ("whole"); otherwise parts are revisited ("part").
+  varying = set(range(tiling.axis + 1))
+  merges = [
+    "own" if varying <= set(axes) else "part" if varying & set(axes) else "whole"
+    for axes in indexed
+  ]
 
   def body(index, carry):
     # Tying the gradient to the loop counter keeps XLA from hoisting a
@@ -192,10 +210,16 @@ def _blocked(g, accumulators, cover, c_old, c_new, variant, block_size):
       block = block.astype(dtype)
       source = block * block
     new_carry = []
-    for c, group, s, n in zip(carry, cover.groups, at, sizes, strict=True):
+    for c, group, s, n, merge in zip(
+      carry, cover.groups, at, sizes, merges, strict=True
+    ):
       maximum = jnp.max(source, axis=cover.reduced_axes(group)).reshape(n)
-      merged = jnp.maximum(jax.lax.dynamic_slice(c, s, n), maximum)
-      new_carry.append(jax.lax.dynamic_update_slice(c, merged, s))
+      if merge == "whole":
+        new_carry.append(jnp.maximum(c, maximum))
+        continue
+      if merge == "part":
+        maximum = jnp.maximum(jax.lax.dynamic_slice(c, s, n), maximum)
+      new_carry.append(jax.lax.dynamic_update_slice(c, maximum, s))
     return tuple(new_carry)
 
   init = tuple(jnp.full(a.shape, -jnp.inf, dtype) for a in accumulators)

@@ -140,3 +140,40 @@ def test_cli_parses_all_and_quick():
   assert args.workloads == list(_workloads.WORKLOAD_NAMES)
   assert (args.seeds, args.grid_size) == (2, 3)
   assert cli.parse_args([]).workloads == ["movielens"]
+
+
+def test_growth_exponent_recovers_power_laws():
+  from benchmarks import step_time
+
+  sizes = [1e6, 4e6, 1.6e7, 6.4e7]
+  assert step_time.growth_exponent(sizes, [3e-9 * n for n in sizes]) == pytest.approx(1)
+  assert step_time.growth_exponent(sizes, [n**1.5 for n in sizes]) == pytest.approx(1.5)
+  sweep = {
+    str(i): {"num_params": n, "rows": {"a": {"median_ms": 5.0 if n < 8e6 else n}}}
+    for i, n in enumerate(sizes)
+  }
+  # Points below GROWTH_FROM_PARAMS (fixed-cost dominated here) are left out.
+  assert step_time.growth_exponents(sweep)["a"] == pytest.approx(1)
+
+
+def test_step_time_cli_writes_tables_and_targets(tmp_path):
+  from benchmarks import step_time
+
+  flags = ["--scale", "0.002", "--repeats", "1", "--steps", "1", "--no-sweep"]
+  result = step_time.main([*flags, "--no-bf16", "--out", str(tmp_path)])
+  rows = result["float32"]
+  assert set(rows) == set(step_time.optimizers())
+  assert rows["optax.adam"]["vs_adam"] == 1.0
+  # The SM3 state is the per-axis accumulators (plus a full one for the rank-1
+  # bias, which dominates at this scale); momentum adds one parameter copy.
+  assert rows["optax_sm3.sm3 (m=0)"]["state_fraction"] < 0.25
+  assert rows["optax_sm3.sm3 (m=0.9)"]["state_fraction"] == pytest.approx(
+    1 + rows["optax_sm3.sm3 (m=0)"]["state_fraction"], rel=1e-3
+  )
+  assert rows["optax.adam"]["state_fraction"] == pytest.approx(2.0, rel=1e-3)
+  assert len(result["targets"]) == len(step_time.TARGETS)
+  assert {type(c["met"]) for c in result["targets"]} == {bool}
+  saved = json.loads((tmp_path / "step_time.json").read_text())
+  assert saved["targets"] == result["targets"]
+  markdown = (tmp_path / "step_time.md").read_text()
+  assert "#### Targets" in markdown and "optax_sm3.sm3 (m=0.9)" in markdown

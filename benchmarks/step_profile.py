@@ -1,0 +1,165 @@
+"""Where SM3's step time goes: each pass of the step timed on its own.
+
+The step-time benchmark (``benchmarks/step_time.py``) times whole train
+steps. This script takes one embedding-sized parameter (200000 x 128 float32
+by default) and times, round-robin in one run, the pieces a step is made of:
+
+* ``read``: ``g.sum()``, one read of a parameter-sized array: the floor for
+  any pass that must see every gradient entry;
+* ``sgd``: ``p - lr * g``, three parameter-sized streams (read ``p`` and
+  ``g``, write ``p``), the unit everything else is measured in;
+* ``sm3 update pass``: ``p - lr * g / sqrt(min(r, c) + g**2)`` from the *old*
+  accumulators, as XLA fuses it into ``optax.apply_updates``;
+* ``sm3 accumulator pass``: the new accumulators, with the blocked CPU loop
+  (the default) and without it (``block_size=0``);
+* whole steps of ``optax_sm3.sm3`` (momentum 0 and 0.9) and ``optax.adam``.
+
+Each time is also given in *stream-equivalents*: time / (sgd time / 3), the
+number of parameter-sized reads or writes at sgd's bandwidth it costs.
+
+Usage (from the repository root)::
+
+  python benchmarks/step_profile.py [--rows 200000] [--cols 128] [--rounds 11]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import optax_sm3
+from optax_sm3 import _accumulate, _cover
+
+
+def _timer(fn, args, donate, steps):
+  """A compiled ``fn`` and a closure timing ``steps`` calls of it."""
+  compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+  state = [jax.tree.map(lambda x: jnp.array(x, copy=True), a) for a in args]
+
+  def run() -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+      out = compiled(*state)
+      outs = out if isinstance(out, tuple) else (out,)
+      for position, index in enumerate(donate):
+        state[index] = outs[position]
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / steps
+
+  return compiled, run
+
+
+def components(rows: int, cols: int, learning_rate: float = 1e-3):
+  """name -> (function, arguments, donated argument indices, streams moved)."""
+  shape = (rows, cols)
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  p = 0.02 * jax.random.normal(keys[0], shape)
+  g = 0.02 * jax.random.normal(keys[1], shape)
+  accumulators = (
+    jnp.abs(jax.random.normal(keys[2], (rows,))),
+    jnp.abs(jax.random.normal(keys[2], (cols,))),
+  )
+  cover = _cover.make_cover(shape)
+  shapes = [cover.broadcast_shape(group) for group in cover.groups]
+  one = jnp.ones([], jnp.float32)
+
+  def update_pass(p, g, r, c):
+    nu = _accumulate.estimate(g, (r, c), shapes, one, one)
+    return p - learning_rate * _accumulate.scaled_update(g, nu, jnp.float32(1e-8))
+
+  def accumulator_pass(block_size):
+    def fn(g, r, c):
+      return _accumulate.new_accumulators(g, (r, c), cover, one, one, "II", block_size)
+
+    return fn
+
+  def train_step(tx):
+    def fn(p, state, g):
+      updates, state = tx.update(g, state, p)
+      return optax.apply_updates(p, updates), state
+
+    return fn, (p, tx.init(p), g), (0, 1)
+
+  default_block = _accumulate.default_block_size(jnp.float32)
+  steps = {
+    "read: g.sum()": ((lambda g: g.sum()), (g,), (), 1),
+    "sgd: p - lr * g": ((lambda p, g: p - learning_rate * g), (p, g), (0,), 3),
+    "sm3 update pass (old accumulators)": (update_pass, (p, g, *accumulators), (0,), 3),
+    "sm3 accumulator pass, blocked": (
+      accumulator_pass(default_block),
+      (g, *accumulators),
+      (),
+      1,
+    ),
+    "sm3 accumulator pass, direct": (accumulator_pass(0), (g, *accumulators), (), 1),
+  }
+  for name, tx, streams in (
+    ("optax_sm3.sm3 (m=0) step", optax_sm3.sm3(learning_rate, momentum=0.0), 4),
+    ("optax_sm3.sm3 (m=0.9) step", optax_sm3.sm3(learning_rate, momentum=0.9), 7),
+    ("optax.adam step", optax.adam(learning_rate), 10),
+  ):
+    steps[name] = (*train_step(tx), streams)
+  return steps
+
+
+def profile(rows: int, cols: int, rounds: int, steps: int) -> dict[str, dict]:
+  timers = {}
+  for name, (fn, args, donate, streams) in components(rows, cols).items():
+    compiled, run = _timer(fn, args, donate, steps)
+    run()  # warm-up
+    timers[name] = (run, streams, compiled.memory_analysis().temp_size_in_bytes)
+  times = {name: [] for name in timers}
+  for _ in range(rounds):
+    for name, (run, _, _) in timers.items():
+      times[name].append(run())
+  stream_ms = 1e3 * statistics.median(times["sgd: p - lr * g"]) / 3
+  result = {}
+  for name, (_, streams, temp) in timers.items():
+    ms = 1e3 * statistics.median(times[name])
+    result[name] = {
+      "median_ms": ms,
+      "stream_equivalents": ms / stream_ms,
+      "streams_moved": streams,
+      "temp_bytes": temp,
+    }
+  return result
+
+
+def table(result, rows: int, cols: int) -> str:
+  lines = [
+    f"Parameter {rows} x {cols} float32 ({rows * cols * 4 / 2**20:,.0f} MiB); "
+    "one stream = one parameter-sized read or write at sgd's speed.",
+    "",
+    "| pass | median (ms) | stream-equivalents | parameter-sized streams moved "
+    "| XLA temp (MiB) |",
+    "|---|---:|---:|---:|---:|",
+  ]
+  for name, r in result.items():
+    lines.append(
+      f"| {name} | {r['median_ms']:.2f} | {r['stream_equivalents']:.1f} "
+      f"| {r['streams_moved']} | {r['temp_bytes'] / 2**20:.1f} |"
+    )
+  return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--rows", type=int, default=200_000)
+  parser.add_argument("--cols", type=int, default=128)
+  parser.add_argument("--rounds", type=int, default=11, help="timed rounds")
+  parser.add_argument("--steps", type=int, default=5, help="calls per round")
+  args = parser.parse_args(argv)
+  if min(args.rows, args.cols, args.rounds, args.steps) < 1:
+    parser.error("--rows, --cols, --rounds and --steps must be >= 1")
+  result = profile(args.rows, args.cols, args.rounds, args.steps)
+  print(table(result, args.rows, args.cols))
+  return result
+
+
+if __name__ == "__main__":
+  main()
