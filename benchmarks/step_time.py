@@ -132,6 +132,7 @@ def measure(txs, shapes, dtype, repeats, steps_per_repeat, progress):
   rows = {}
   for name, case in cases.items():
     rows[name] = {
+      "round_ms": [1e3 * t for t in case.times],
       "median_ms": 1e3 * statistics.median(case.times),
       "min_ms": 1e3 * min(case.times),
       "max_ms": 1e3 * max(case.times),
@@ -144,6 +145,12 @@ def measure(txs, shapes, dtype, repeats, steps_per_repeat, progress):
 
 
 def add_ratios(rows):
+  """Ratios to the baselines: the median over rounds of each round's ratio.
+
+  Optimizers are timed round-robin, so the times of one round are taken
+  moments apart; their ratio cancels the slow drifts of a shared machine's
+  speed that a ratio of two medians would keep.
+  """
   for row in rows.values():
     for base, key in (
       ("optax.adam", "vs_adam"),
@@ -151,7 +158,9 @@ def add_ratios(rows):
       ("optax.sm3 (m=0)", "vs_optax_sm3_m0"),
     ):
       if base in rows:
-        row[key] = row["median_ms"] / rows[base]["median_ms"]
+        row[key] = statistics.median(
+          t / b for t, b in zip(row["round_ms"], rows[base]["round_ms"], strict=True)
+        )
 
 
 # The targets of the performance issue, checked on the float32 tree:
@@ -164,7 +173,8 @@ TARGETS = (
   ("XLA temporary / parameter bytes", "optax_sm3.sm3 (m=0.9)", "temp_fraction", 0.05),
   ("optimizer state / parameter bytes", "optax_sm3.sm3 (m=0)", "state_fraction", 0.01),
 )
-# Step time ~ n ** exponent over the size sweep; linear means 1 (within this).
+# Step time ~ n ** b over the size sweep: at most linear growth means
+# b <= 1 + GROWTH_TOLERANCE (b < 1: fixed per-step costs still amortising).
 GROWTH_TOLERANCE = 0.1
 # The exponent is fitted on sweep points with at least this many parameters
 # (32 MiB of float32: past the last-level cache of the machines we run on), so
@@ -216,10 +226,10 @@ def check_targets(result) -> list[dict]:
     if name in exponents:
       checks.append(
         {
-          "target": f"{name}: step time ~ n^b over the sweep, b within "
-          f"{GROWTH_TOLERANCE:g} of 1",
+          "target": f"{name}: step time ~ n^b over the sweep, b <= "
+          f"{1 + GROWTH_TOLERANCE:g} (at most linear)",
           "value": exponents[name],
-          "met": abs(exponents[name] - 1) <= GROWTH_TOLERANCE,
+          "met": exponents[name] <= 1 + GROWTH_TOLERANCE,
         }
       )
   return checks
@@ -327,7 +337,7 @@ def main(argv=None) -> dict:
   ]
   base_shapes = scaled_shapes(args.scale)
   scales = [1 / 32, 1 / 4, 1] if args.quick else [1 / 32, 1 / 8, 1 / 4, 1 / 2, 1, 2, 3]
-  sweep_repeats = max(3, args.repeats // 2)
+  sweep_repeats = args.repeats
   total = args.repeats * len(txs) * (1 if args.no_bf16 else 2)
   if not args.no_sweep:
     total += sweep_repeats * len(sweep_names) * len(scales)
@@ -385,7 +395,8 @@ def main(argv=None) -> dict:
   machine = result["machine"]
   parts = [
     f"Parameter tree: {n / 1e6:.1f} M values; medians of {args.repeats} rounds "
-    f"of {args.steps} steps, all optimizers timed round-robin in one run "
+    f"of {args.steps} steps, all optimizers timed round-robin in one run; ratios "
+    "are medians of the per-round ratios "
     f"(jax {machine['jax']}, optax {machine['optax']}, {machine['cpus']} CPUs, "
     f"{len(machine['devices'])} device(s)).",
     "",

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_sm3 import _validation
+from optax_sm3 import _tree, _validation
 
 
 class ScaleByMomentumState(NamedTuple):
@@ -86,12 +86,9 @@ def scale_by_momentum(
       out = mu * m_new + one_minus_mu * uf if nesterov else m_new
       return out.astype(u.dtype), m_new.astype(m.dtype)
 
-    pairs = jax.tree.map(step, updates, state.momentum)
-    treedef = jax.tree.structure(updates)
-    flat = treedef.flatten_up_to(pairs)
-    return (
-      treedef.unflatten([o for o, _ in flat]),
-      ScaleByMomentumState(treedef.unflatten([m for _, m in flat])),
+    outputs, momenta = _tree.unzip_pairs(
+      updates, jax.tree.map(step, updates, state.momentum)
     )
+    return outputs, ScaleByMomentumState(momenta)
 
   return optax.GradientTransformation(init_fn, update_fn)

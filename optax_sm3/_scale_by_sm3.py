@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_sm3 import _accumulate, _cover, _validation
+from optax_sm3 import _accumulate, _cover, _tree, _validation
 
 _VARIANTS = ("II", "I")
 _safe_increment = getattr(optax, "safe_increment", None) or optax.safe_int32_increment
@@ -281,10 +281,7 @@ def scale_by_sm3(
       )
 
     results = jax.tree.map(step, updates, state.accumulators, leaf_covers)
-    treedef = jax.tree.structure(updates)
-    pairs = treedef.flatten_up_to(results)
-    new_updates = treedef.unflatten([u for u, _ in pairs])
-    accumulators = treedef.unflatten([a for _, a in pairs])
+    new_updates, accumulators = _tree.unzip_pairs(updates, results)
     return new_updates, ScaleBySM3State(_safe_increment(state.count), accumulators)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -177,3 +177,18 @@ def test_step_time_cli_writes_tables_and_targets(tmp_path):
   assert saved["targets"] == result["targets"]
   markdown = (tmp_path / "step_time.md").read_text()
   assert "#### Targets" in markdown and "optax_sm3.sm3 (m=0.9)" in markdown
+
+
+def test_ratios_cancel_drift_between_rounds():
+  from benchmarks import step_time
+
+  # The machine slows down 3x over the run; every round, sm3 takes half of adam.
+  drift = [1.0, 1.5, 2.0, 2.5, 3.0]
+  rows = {
+    "optax.adam": {"round_ms": [10 * d for d in drift]},
+    "optax_sm3.sm3 (m=0)": {"round_ms": [5 * d for d in reversed(drift)][::-1]},
+  }
+  rows["optax_sm3.sm3 (m=0)"]["round_ms"][0] = 100.0  # one disturbed round
+  step_time.add_ratios(rows)
+  assert rows["optax_sm3.sm3 (m=0)"]["vs_adam"] == pytest.approx(0.5)
+  assert rows["optax.adam"]["vs_adam"] == 1.0

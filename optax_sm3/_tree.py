@@ -1,0 +1,27 @@
+"""Small pytree helpers shared by the transformations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+
+def unzip_pairs(like: Any, pairs: Any) -> tuple[Any, Any]:
+  """Splits a tree of ``(a, b)`` pairs into a tree of ``a`` and one of ``b``.
+
+  ``jax.tree.transpose`` needs every pair to have the same inner structure;
+  here ``b`` may differ between leaves (SM3 keeps one accumulator per axis).
+
+  Args:
+    like: a tree whose structure the pairs sit in (the updates).
+    pairs: ``like``'s structure with a pair ``(a, b)`` at each leaf.
+
+  Returns:
+    ``(a_tree, b_tree)``, both with ``like``'s structure.
+  """
+  treedef = jax.tree.structure(like)
+  flat = treedef.flatten_up_to(pairs)
+  return treedef.unflatten([a for a, _ in flat]), treedef.unflatten(
+    [b for _, b in flat]
+  )

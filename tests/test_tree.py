@@ -1,0 +1,26 @@
+"""The pytree helpers."""
+
+import jax.numpy as jnp
+import numpy as np
+
+from optax_sm3 import _tree
+
+
+def test_unzip_pairs_with_ragged_second_elements():
+  like = {"w": jnp.zeros((2, 3)), "b": jnp.zeros(3), "s": jnp.zeros(())}
+  pairs = {
+    "w": (jnp.ones((2, 3)), (jnp.ones(2), jnp.ones(3))),
+    "b": (2 * jnp.ones(3), (jnp.ones(3),)),
+    "s": (jnp.asarray(3.0), (jnp.asarray(4.0),)),
+  }
+  first, second = _tree.unzip_pairs(like, pairs)
+  assert set(first) == set(second) == {"w", "b", "s"}
+  np.testing.assert_array_equal(first["b"], 2 * np.ones(3))
+  assert [a.shape for a in second["w"]] == [(2,), (3,)]
+  assert float(first["s"]) == 3.0 and float(second["s"][0]) == 4.0
+
+
+def test_unzip_pairs_keeps_nested_structure():
+  like = [{"a": jnp.zeros(1)}, (jnp.zeros(2),)]
+  pairs = [{"a": (1, "x")}, ((2, "y"),)]
+  assert _tree.unzip_pairs(like, pairs) == ([{"a": 1}, (2,)], [{"a": "x"}, ("y",)])
