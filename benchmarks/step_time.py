@@ -16,6 +16,9 @@ Usage (from the repository root)::
 
 Writes ``step_time.md`` and ``step_time.json`` under ``--out``
 (``results/step_time`` by default) and prints the Markdown.
+
+Ratios are medians of per-round ratios (see :func:`add_ratios`); the targets
+of the performance issue are checked at the end (:data:`TARGETS`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import math
 import os
 import pathlib
 import platform
+import random
 import statistics
 import sys
 import time
@@ -122,11 +126,18 @@ class Case:
     del self.params, self.state, self.grads, self.step
 
 
-def measure(txs, shapes, dtype, repeats, steps_per_repeat, progress):
-  """Round-robin timing of every optimizer; returns one row per optimizer."""
+def measure(txs, shapes, dtype, repeats, steps_per_repeat, progress, seed=0):
+  """Round-robin timing of every optimizer; returns one row per optimizer.
+
+  The order is shuffled every round (seeded): a step that runs right after
+  another optimizer's pays for what that one left behind (its temporaries
+  freed, the caches filled with its buffers), and no optimizer should always
+  follow the same neighbour.
+  """
   cases = {name: Case(tx, shapes, dtype) for name, tx in txs.items()}
+  order = random.Random(seed)
   for _ in range(repeats):
-    for case in cases.values():
+    for case in order.sample(list(cases.values()), len(cases)):
       case.times.append(case.run(steps_per_repeat))
       progress.update(1)
   rows = {}
@@ -395,7 +406,7 @@ def main(argv=None) -> dict:
   machine = result["machine"]
   parts = [
     f"Parameter tree: {n / 1e6:.1f} M values; medians of {args.repeats} rounds "
-    f"of {args.steps} steps, all optimizers timed round-robin in one run; ratios "
+    f"of {args.steps} steps, all optimizers timed round-robin (shuffled each round) in one run; ratios "
     "are medians of the per-round ratios "
     f"(jax {machine['jax']}, optax {machine['optax']}, {machine['cpus']} CPUs, "
     f"{len(machine['devices'])} device(s)).",
