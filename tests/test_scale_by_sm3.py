@@ -1,6 +1,7 @@
 """scale_by_sm3 against the NumPy reference, plus its contracts."""
 
 import math
+from unittest import mock
 
 import _reference
 import hypothesis
@@ -13,6 +14,16 @@ import pytest
 
 import optax_sm3
 from optax_sm3 import _accumulate, _cover
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _loop_small_parameters():
+  # The shapes here are tiny; let the blocked CPU loop run on them anyway, so
+  # that every test with a block_size checks the loop (test_accumulate.py
+  # tests which parameters the library loops by default).
+  with mock.patch.object(_accumulate, "MIN_LOOP_SIZE", 0):
+    yield
+
 
 # ---------------------------------------------------------------------------
 # Gradient sequences: random, with exact zeros, zero rows, all-zero steps.
