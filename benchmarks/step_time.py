@@ -57,8 +57,9 @@ BASE_SHAPES = {
 LEARNING_RATE = 1e-3
 
 
-def optimizers() -> dict[str, optax.GradientTransformation]:
-  return {
+def optimizers(with_direct: bool = False) -> dict[str, optax.GradientTransformation]:
+  """The optimizers timed; ``with_direct`` adds SM3 without the CPU loop."""
+  txs = {
     "optax.sgd": optax.sgd(LEARNING_RATE),
     "optax.adam": optax.adam(LEARNING_RATE),
     "optax.adafactor": optax.adafactor(LEARNING_RATE),
@@ -67,10 +68,35 @@ def optimizers() -> dict[str, optax.GradientTransformation]:
     "optax_sm3.sm3 (m=0)": optax_sm3.sm3(LEARNING_RATE, momentum=0.0),
     "optax_sm3.sm3 (m=0.9)": optax_sm3.sm3(LEARNING_RATE, momentum=0.9),
   }
+  if with_direct:
+    txs["optax_sm3.sm3 (m=0, block_size=0)"] = optax_sm3.sm3(
+      LEARNING_RATE, momentum=0.0, block_size=0
+    )
+  return txs
 
 
-def scaled_shapes(scale: float) -> dict[str, tuple[int, ...]]:
-  """The base tree with its leading (or, for the conv, last) axes scaled."""
+# A transformer-like stack: many mid-sized matrices instead of one big table.
+LAYERS, WIDTH = 12, 512
+
+
+def transformer_shapes(layers: int, width: int = WIDTH) -> dict[str, tuple[int, ...]]:
+  """Attention (4 x (d, d)) and MLP ((d, 4d), (4d, d)) kernels per layer."""
+  shapes = {}
+  for layer in range(layers):
+    for name in ("q", "k", "v", "o"):
+      shapes[f"{layer}/{name}"] = (width, width)
+    shapes[f"{layer}/up"] = (width, 4 * width)
+    shapes[f"{layer}/down"] = (4 * width, width)
+  return shapes
+
+
+def scaled_shapes(scale: float, tree: str = "embedding") -> dict[str, tuple[int, ...]]:
+  """The tree with its leading (or, for the conv, last) axes scaled.
+
+  For the transformer tree, the number of layers is scaled instead.
+  """
+  if tree == "transformer":
+    return transformer_shapes(max(1, round(LAYERS * scale)))
   shapes = {}
   for name, shape in BASE_SHAPES.items():
     if name == "bias":
@@ -200,7 +226,12 @@ def add_fractions(rows):
 
 
 def growth_exponent(sizes, times) -> float:
-  """Least-squares slope of log(time) against log(size): 1 for linear growth."""
+  """Least-squares slope of log(time) against log(size): 1 for linear growth.
+
+  NaN when the sizes do not differ (there is no slope to fit).
+  """
+  if len(set(sizes)) < 2:
+    return math.nan
   x = [math.log(n) for n in sizes]
   y = [math.log(t) for t in times]
   mx, my = statistics.fmean(x), statistics.fmean(y)
@@ -319,11 +350,23 @@ def parse_args(argv):
   parser.add_argument("--no-sweep", action="store_true", help="skip the size sweep")
   parser.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 run")
   parser.add_argument(
+    "--tree",
+    choices=("embedding", "transformer"),
+    default="embedding",
+    help="embedding: the 34.6 M-parameter tree above; transformer: 12 layers "
+    f"of width {WIDTH} (37.7 M parameters in 72 matrices)",
+  )
+  parser.add_argument(
     "--scale",
     type=float,
     default=1.0,
     help="scale the tree's sizes (1 = the 34.6 M-parameter tree; the sweep "
     "scales from there)",
+  )
+  parser.add_argument(
+    "--with-direct",
+    action="store_true",
+    help="also time optax_sm3.sm3 with block_size=0 (no CPU loop)",
   )
   parser.add_argument("--out", default="results/step_time", help="output folder")
   args = parser.parse_args(argv)
@@ -338,7 +381,7 @@ def parse_args(argv):
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  txs = optimizers()
+  txs = optimizers(args.with_direct)
   sweep_names = [
     "optax.sgd",
     "optax.adam",
@@ -346,7 +389,7 @@ def main(argv=None) -> dict:
     "optax_sm3.sm3 (m=0)",
     "optax_sm3.sm3 (m=0.9)",
   ]
-  base_shapes = scaled_shapes(args.scale)
+  base_shapes = scaled_shapes(args.scale, args.tree)
   scales = [1 / 32, 1 / 4, 1] if args.quick else [1 / 32, 1 / 8, 1 / 4, 1 / 2, 1, 2, 3]
   sweep_repeats = args.repeats
   total = args.repeats * len(txs) * (1 if args.no_bf16 else 2)
@@ -367,6 +410,7 @@ def main(argv=None) -> dict:
       "devices": [str(d) for d in jax.devices()],
       "cpus": os.cpu_count(),
     },
+    "tree": args.tree,
     "scale": args.scale,
     "repeats": args.repeats,
     "steps_per_repeat": args.steps,
@@ -381,8 +425,10 @@ def main(argv=None) -> dict:
   if not args.no_sweep:
     result["sweep"] = {}
     for scale in scales:
-      shapes = scaled_shapes(scale * args.scale)
+      shapes = scaled_shapes(scale * args.scale, args.tree)
       n = sum(math.prod(s) for s in shapes.values())
+      if any(point["num_params"] == n for point in result["sweep"].values()):
+        continue  # a scale that rounds to a tree already measured
       rows = measure(
         {k: txs[k] for k in sweep_names},
         shapes,
@@ -405,7 +451,8 @@ def main(argv=None) -> dict:
   n = sum(math.prod(s) for s in base_shapes.values())
   machine = result["machine"]
   parts = [
-    f"Parameter tree: {n / 1e6:.1f} M values; medians of {args.repeats} rounds "
+    f"Parameter tree: {args.tree}, {n / 1e6:.1f} M values in "
+    f"{len(base_shapes)} arrays; medians of {args.repeats} rounds "
     f"of {args.steps} steps, all optimizers timed round-robin (shuffled each round) in one run; ratios "
     "are medians of the per-round ratios "
     f"(jax {machine['jax']}, optax {machine['optax']}, {machine['cpus']} CPUs, "
@@ -417,7 +464,8 @@ def main(argv=None) -> dict:
     parts += ["", main_table(result["bfloat16"], "bfloat16 parameters")]
   if "sweep" in result:
     parts += ["", sweep_table(result["sweep"])]
-  parts += ["", targets_table(result["targets"])]
+  if args.tree == "embedding":
+    parts += ["", targets_table(result["targets"])]
   markdown = "\n".join(parts) + "\n"
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)

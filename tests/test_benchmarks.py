@@ -1,6 +1,7 @@
 """Smoke tests of the benchmarks: data loaders, one tiny run per workload, CLI."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -154,6 +155,16 @@ def test_growth_exponent_recovers_power_laws():
   }
   # Points below GROWTH_FROM_PARAMS (fixed-cost dominated here) are left out.
   assert step_time.growth_exponents(sweep)["a"] == pytest.approx(1)
+  assert math.isnan(step_time.growth_exponent([4e6, 4e6], [1.0, 2.0]))
+
+
+def test_transformer_tree():
+  from benchmarks import step_time
+
+  shapes = step_time.scaled_shapes(1.0, "transformer")
+  assert len(shapes) == 6 * step_time.LAYERS
+  assert sum(math.prod(s) for s in shapes.values()) == 12 * 12 * 512**2
+  assert len(step_time.scaled_shapes(0.25, "transformer")) == 6 * 3
 
 
 def test_step_time_cli_writes_tables_and_targets(tmp_path):
