@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -52,3 +53,43 @@ def test_at_least_two_blocks():
   tiling = _accumulate._tiling((512, 512), 512 * 512 // 2)
   assert tiling.num_blocks == 2
   assert _accumulate._tiling((3, 3, 256, 256), 3 * 3 * 256 * 256 // 2).num_blocks == 3
+
+
+def test_loop_commutes_with_vmap_grad_and_scan():
+  # (300, 300) has more than 2**16 entries: the library loops it by default.
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  g, h, w = (jax.random.normal(k, (300, 300)) for k in keys[:3])
+  ensemble = jax.random.normal(keys[3], (3, 300, 300))
+  looped = optax_sm3.scale_by_sm3(0.5)
+  direct = optax_sm3.scale_by_sm3(0.5, block_size=0)
+
+  def two_steps(tx, first, second):
+    state = tx.init(first)
+    _, state = tx.update(first, state)
+    return tx.update(second, state)
+
+  def vmapped(tx):
+    return jax.jit(jax.vmap(lambda x: two_steps(tx, x, 2 * x)))(ensemble)
+
+  for a, b in zip(
+    jax.tree.leaves(vmapped(looped)), jax.tree.leaves(vmapped(direct)), strict=True
+  ):
+    np.testing.assert_array_equal(a, b)
+
+  def grad(tx):
+    loss = lambda t: jnp.sum(two_steps(tx, g, g + t * h)[0] * w)
+    return jax.jit(jax.grad(loss))(0.3)
+
+  assert grad(looped) == grad(direct) != 0
+
+  def scanned(tx):
+    def body(state, x):
+      updates, state = tx.update(x, state)
+      return state, updates.sum()
+
+    return jax.jit(lambda: jax.lax.scan(body, tx.init(g), ensemble))()
+
+  for a, b in zip(
+    jax.tree.leaves(scanned(looped)), jax.tree.leaves(scanned(direct)), strict=True
+  ):
+    np.testing.assert_array_equal(a, b)
