@@ -40,7 +40,9 @@ DEFAULT_BLOCK_SIZE_16BIT = 1 << 18
 
 
 # Parameters with at most this many entries keep the direct form. Each loop
-# costs ~25 ms of compile time, and below this size it runs no faster.
+# costs ~25 ms of compile time, and the gain shrinks with the size: 256
+# parameters of 128 x 128 ran at 1.18x Adam looped and 1.39x direct, 1024 of
+# 32 x 64 ran slower looped (1.51x against 1.40x) and took 4x longer to compile.
 MIN_LOOP_SIZE = 1 << 16
 
 
