@@ -307,13 +307,13 @@ def main_table(rows, title) -> str:
     lines.append(
       f"| {name} | {r['median_ms']:.1f} | {r.get('vs_adam', math.nan):.2f} "
       f"| {r.get('vs_optax_sm3_m0', math.nan):.2f} | {r.get('vs_sgd', math.nan):.2f} "
-      f"| {_mb(r['state_bytes'])} | {r['state_bytes'] / r['param_bytes']:.2%} "
-      f"| {_mb(r['temp_bytes'])} | {r['temp_bytes'] / r['param_bytes']:.2%} |"
+      f"| {_mb(r['state_bytes'])} | {r['state_fraction']:.2%} "
+      f"| {_mb(r['temp_bytes'])} | {r['temp_fraction']:.2%} |"
     )
   return "\n".join(lines)
 
 
-def sweep_table(sweep) -> str:
+def sweep_table(sweep, exponents) -> str:
   names = list(next(iter(sweep.values()))["rows"])
   lines = [
     "#### Size sweep (float32): median step time in ms (ns per parameter)",
@@ -329,7 +329,6 @@ def sweep_table(sweep) -> str:
     ]
     lines.append(f"| {n / 1e6:.1f} M | " + " | ".join(cells) + " |")
   if len(sweep) > 1:
-    exponents = growth_exponents(sweep)
     lines.append(
       f"| growth exponent b (time ~ n^b, n >= {GROWTH_FROM_PARAMS / 1e6:g} M) | "
       + " | ".join(f"{exponents[k]:.2f}" for k in names)
@@ -360,7 +359,7 @@ def parse_args(argv):
     "--scale",
     type=float,
     default=1.0,
-    help="scale the tree's sizes (1 = the 34.6 M-parameter tree; the sweep "
+    help="scale the tree's sizes (1 = the tree as described above; the sweep "
     "scales from there)",
   )
   parser.add_argument(
@@ -391,10 +390,14 @@ def main(argv=None) -> dict:
   ]
   base_shapes = scaled_shapes(args.scale, args.tree)
   scales = [1 / 32, 1 / 4, 1] if args.quick else [1 / 32, 1 / 8, 1 / 4, 1 / 2, 1, 2, 3]
-  sweep_repeats = args.repeats
+  # One tree per size: small scales of the transformer tree round to the same
+  # number of layers.
+  sweep_trees = {}
+  for scale in [] if args.no_sweep else scales:
+    shapes = scaled_shapes(scale * args.scale, args.tree)
+    sweep_trees.setdefault(sum(math.prod(s) for s in shapes.values()), (scale, shapes))
   total = args.repeats * len(txs) * (1 if args.no_bf16 else 2)
-  if not args.no_sweep:
-    total += sweep_repeats * len(sweep_names) * len(scales)
+  total += args.repeats * len(sweep_names) * len(sweep_trees)
   bar = (
     tqdm(total=total, desc="timing", unit="round", file=sys.stderr) if tqdm else None
   )
@@ -424,16 +427,12 @@ def main(argv=None) -> dict:
     )
   if not args.no_sweep:
     result["sweep"] = {}
-    for scale in scales:
-      shapes = scaled_shapes(scale * args.scale, args.tree)
-      n = sum(math.prod(s) for s in shapes.values())
-      if any(point["num_params"] == n for point in result["sweep"].values()):
-        continue  # a scale that rounds to a tree already measured
+    for n, (scale, shapes) in sweep_trees.items():
       rows = measure(
         {k: txs[k] for k in sweep_names},
         shapes,
         jnp.float32,
-        sweep_repeats,
+        args.repeats,
         args.steps,
         progress,
       )
@@ -463,7 +462,7 @@ def main(argv=None) -> dict:
   if "bfloat16" in result:
     parts += ["", main_table(result["bfloat16"], "bfloat16 parameters")]
   if "sweep" in result:
-    parts += ["", sweep_table(result["sweep"])]
+    parts += ["", sweep_table(result["sweep"], result["growth_exponents"])]
   if args.tree == "embedding":
     parts += ["", targets_table(result["targets"])]
   markdown = "\n".join(parts) + "\n"
