@@ -40,9 +40,10 @@ DEFAULT_BLOCK_SIZE_16BIT = 1 << 18
 
 
 # Parameters with at most this many entries keep the direct form. Each loop
-# costs ~25 ms of compile time, and the gain shrinks with the size: 256
-# parameters of 128 x 128 ran at 1.18x Adam looped and 1.39x direct, 1024 of
-# 32 x 64 ran slower looped (1.51x against 1.40x) and took 4x longer to compile.
+# costs ~25 ms of compile time, and the gain shrinks with the size (scratch
+# runs, not kept: 256 parameters of 128 x 128 ran at 1.18x Adam looped and
+# 1.39x direct; 1024 of 32 x 64 ran slower looped, 1.51x against 1.40x, and
+# took 4x longer to compile).
 MIN_LOOP_SIZE = 1 << 16
 
 
@@ -269,9 +270,9 @@ def new_accumulators(
   # At least two blocks, also for parameters that would fit in one: XLA folds
   # a one-trip loop back into the direct form, and its CPU scheduler forms
   # every parameter's direct ``nu`` before the first reduction, so they would
-  # all be live at once (measured: 64 parameters of 512 x 512 took 2.6x
-  # Adam's step time with a temporary as large as the parameters; looped,
-  # 1.0x and 1.2%).
+  # all be live at once (`python benchmarks/step_time.py --tree transformer
+  # --with-direct`: 2.1x Adam's step time with a temporary as large as the
+  # parameters; looped, 0.8x and 1.7%).
   block = min(block_size, -(-size // 2))
   return jax.lax.platform_dependent(
     cpu=lambda: _blocked(g, accumulators, cover, c_old, c_new, variant, block),
