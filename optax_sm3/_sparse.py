@@ -43,6 +43,11 @@ class SparseRows(NamedTuple):
     update: ``update(indices, row_grads, state, table) -> (new_table,
       new_state)``; ``indices`` has shape ``(k,)`` (repeats allowed),
       ``row_grads`` shape ``(k, *table.shape[1:])``.
+    lookup: ``lookup(indices, state, table) -> rows``: the rows
+      ``table[indices]`` as the dense optimizer would hold them now. Read
+      rows through it, never by indexing ``table`` directly.
+    sync: ``sync(state, table) -> (table, state)``: the whole table as the
+      dense optimizer would hold it now (for evaluation and checkpoints).
   """
 
   init: Callable[[jax.Array], optax.OptState]
@@ -50,6 +55,8 @@ class SparseRows(NamedTuple):
     [jax.Array, jax.Array, optax.OptState, jax.Array],
     tuple[jax.Array, optax.OptState],
   ]
+  lookup: Callable[[jax.Array, optax.OptState, jax.Array], jax.Array]
+  sync: Callable[[optax.OptState, jax.Array], tuple[jax.Array, optax.OptState]]
 
 
 def _check_table(table: Any) -> None:
@@ -284,4 +291,11 @@ def sparse_rows(
       )
     return step(jnp.asarray(indices), jnp.asarray(row_grads), state, table)
 
-  return SparseRows(init_fn, update_fn)
+  def lookup_fn(indices, state, table):
+    del state  # Every row is kept current (see above).
+    return jnp.take(jnp.asarray(table), jnp.asarray(indices), axis=0)
+
+  def sync_fn(state, table):
+    return table, state
+
+  return SparseRows(init_fn, update_fn, lookup_fn, sync_fn)
