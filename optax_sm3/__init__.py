@@ -6,12 +6,14 @@ state costs ``O(sum of dims)`` instead of ``O(prod of dims)``.
 """
 
 from optax_sm3._adapter import SM3
+from optax_sm3._convert import from_optax_sm3
 from optax_sm3._momentum import ScaleByMomentumState, scale_by_momentum
 from optax_sm3._scale_by_sm3 import ScaleBySM3State, scale_by_sm3
 from optax_sm3._schedules import warmup_schedule
 from optax_sm3._sharding import state_partition_specs, state_shardings
 from optax_sm3._sm3 import sm3
 from optax_sm3._sparse import SparseRows, sparse_rows
+from optax_sm3._weight_decay import WeightDecayState
 
 __version__ = "0.1.0"
 
@@ -19,7 +21,9 @@ __all__ = (
   "SM3",
   "ScaleByMomentumState",
   "ScaleBySM3State",
+  "WeightDecayState",
   "SparseRows",
+  "from_optax_sm3",
   "scale_by_momentum",
   "scale_by_sm3",
   "sm3",

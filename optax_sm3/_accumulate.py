@@ -89,10 +89,28 @@ def estimate(
 
 
 def scaled_update(g: jax.Array, nu: jax.Array, eps: jax.Array) -> jax.Array:
-  """``g / sqrt(nu + eps)``, 0 where ``nu == 0``, in ``g``'s dtype."""
+  """``g / sqrt(nu + eps)``, 0 where ``nu == 0``, in ``g``'s dtype.
+
+  The double ``where`` keeps the derivative finite where ``nu == 0`` (with
+  ``eps = 0`` the unused branch ``rsqrt(0)`` would otherwise turn the
+  zero cotangent into ``0 * inf = NaN``).
+  """
   zero = jnp.zeros([], nu.dtype)
-  inv_sqrt = jnp.where(nu > 0, jax.lax.rsqrt(nu + eps), zero)
+  positive = nu > 0
+  safe = jnp.where(positive, nu + eps, jnp.ones([], nu.dtype))
+  inv_sqrt = jnp.where(positive, jax.lax.rsqrt(safe), zero)
   return (g.astype(nu.dtype) * inv_sqrt).astype(g.dtype)
+
+
+def finite_or_zero(g: jax.Array) -> jax.Array:
+  """``g`` with its non-finite entries replaced by 0, for the accumulators.
+
+  NaN and infinite gradient entries count as zero in the accumulators on
+  every path (direct, blocked, sparse rows) and platform; XLA's CPU
+  max-reductions would otherwise keep a NaN in small arrays and drop it in
+  large ones. The entry's own update stays non-finite.
+  """
+  return jnp.where(jnp.isfinite(g), g, jnp.zeros([], g.dtype))
 
 
 def _fold(
@@ -116,6 +134,7 @@ def _combine(maxima, accumulators, c_old, c_new, variant) -> tuple[jax.Array, ..
 
 
 def _direct(g, accumulators, cover, c_old, c_new, variant):
+  g = finite_or_zero(g)
   if variant == "II":
     shapes = [cover.broadcast_shape(group) for group in cover.groups]
     source = estimate(g, accumulators, shapes, c_old, c_new)
@@ -204,7 +223,7 @@ def _blocked(g, accumulators, cover, c_old, c_new, variant, block_size):
     # convert all of ``g`` at once.
     index, grad = jax.lax.optimization_barrier((index, g))
     starts = tiling.starts(index, shape)
-    block = jax.lax.dynamic_slice(grad, starts, block_shape)
+    block = finite_or_zero(jax.lax.dynamic_slice(grad, starts, block_shape))
 
     # Where each accumulator's part for this block starts, and its size.
     at = [[starts[a] for a in axes] for axes in indexed]

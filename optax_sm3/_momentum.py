@@ -17,7 +17,8 @@ class ScaleByMomentumState(NamedTuple):
   Attributes:
     momentum: a tree like the updates: the running average of the updates,
       each leaf of the parameter's shape, dtype ``mu_dtype`` (or the
-      parameter's dtype when ``mu_dtype`` is ``None``).
+      parameter's dtype when ``mu_dtype`` is ``None``); or ``None`` when
+      ``momentum`` was 0 at ``init`` (no buffer is kept).
   """
 
   momentum: optax.Updates
@@ -41,8 +42,19 @@ def scale_by_momentum(
   optax's heavy-ball ``optax.trace``). The arithmetic runs in the wider of the
   update's and ``mu_dtype``; the buffer is stored in ``mu_dtype``.
 
+  With :math:`\mu = 0` the output is the update itself, so no buffer is
+  needed. Whether to keep one is decided once, at ``init``, from the value
+  ``momentum`` has then (``None`` or 0: no buffer, the state's ``momentum``
+  is ``None``), and read back from the state at ``update``. So the state
+  has the same structure and size whether ``momentum`` is a Python number or
+  a hyperparameter injected by :func:`optax.inject_hyperparams`. A state
+  made without a buffer cannot run a non-zero momentum later: ``update``
+  raises a ``ValueError`` if the value is concrete, and a traced value that
+  became non-zero (an injected hyperparameter changed at run time) raises
+  when the step executes.
+
   Args:
-    momentum: :math:`\mu` in ``[0, 1)``; may be traced.
+    momentum: :math:`\mu` in ``[0, 1)`` or ``None`` (as 0); may be traced.
     nesterov: use Nesterov's look-ahead output.
     mu_dtype: dtype of the buffer (``jnp.bfloat16`` halves its memory);
       ``None`` keeps the parameter's dtype.
@@ -52,7 +64,10 @@ def scale_by_momentum(
     :class:`ScaleByMomentumState`.
 
   Raises:
-    ValueError: if ``momentum`` is outside ``[0, 1)``.
+    ValueError: if ``momentum`` is outside ``[0, 1)``; at ``update``, if a
+      state kept no buffer but ``momentum`` is not 0.
+    TypeError: if ``nesterov`` is not a bool, ``mu_dtype`` is not a real
+      floating dtype, or (at ``init``) a parameter is not real floating.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -67,18 +82,31 @@ def scale_by_momentum(
     Anil et al., `Memory-Efficient Adaptive Optimization
     <https://arxiv.org/abs/1901.11150>`_, 2019
   """
-  _validation.check_range("momentum", momentum, low=0.0, high=1.0, high_open=True)
-  mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+  if momentum is not None:
+    _validation.check_range("momentum", momentum, low=0.0, high=1.0, high_open=True)
+  nesterov = _validation.check_bool("nesterov", nesterov)
+  mu_dtype = _validation.float_dtype("mu_dtype", mu_dtype)
 
   def init_fn(params):
+    if _validation.concrete_zero(momentum):
+      return ScaleByMomentumState(None)
+    _validation.check_float_leaves(params, "scale_by_momentum")
     return ScaleByMomentumState(
-      jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype or p.dtype), params)
+      jax.tree.map(
+        lambda p: jnp.zeros_like(p, dtype=mu_dtype or jnp.result_type(p)), params
+      )
     )
 
   def update_fn(updates, state, params=None):
     del params
+    if state.momentum is None:
+      _validation.runtime_check_zero(
+        momentum, "momentum", "no momentum buffer was allocated"
+      )
+      return updates, state
 
     def step(u, m):
+      u = jnp.asarray(u)
       dtype = jnp.promote_types(u.dtype, m.dtype)
       mu, one_minus_mu = _validation.complement(momentum, dtype)
       uf = u.astype(dtype)

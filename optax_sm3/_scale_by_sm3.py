@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -12,6 +13,16 @@ import optax
 from optax_sm3 import _accumulate, _cover, _tree, _validation
 
 _VARIANTS = ("II", "I")
+_PARAMETERS = (
+  "beta",
+  "eps",
+  "variant",
+  "accumulator_dtype",
+  "stacked_axes",
+  "merge_axes_up_to",
+  "skip_unit_axes",
+  "block_size",
+)
 _safe_increment = getattr(optax, "safe_increment", None) or optax.safe_int32_increment
 
 PerParam = int | Any | Callable[[Any], Any]
@@ -74,14 +85,41 @@ def _accumulator_dtype(param_dtype, accumulator_dtype) -> jnp.dtype:
   return jnp.promote_types(param_dtype, jnp.float32)
 
 
+def _reject_optax_style(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+  """Explains why a call written for ``optax.scale_by_sm3`` is refused."""
+  translation = (
+    "optax.scale_by_sm3(b1, b2, eps) takes momentum b1 first and its "
+    "second-moment decay b2 (1.0 = sums) second; here every argument is a "
+    "keyword, and the same transformation is "
+    "optax.chain(optax_sm3.scale_by_sm3(beta=0.0 if b2 == 1 else b2, eps=eps), "
+    "optax_sm3.scale_by_momentum(b1)) (or optax_sm3.sm3(learning_rate, "
+    "momentum=b1, beta=..., eps=eps) for the whole optimizer)"
+  )
+  if args:
+    raise TypeError(
+      f"scale_by_sm3 takes keyword arguments only (beta=, eps=, ...), got "
+      f"{len(args)} positional: {args!r}. {translation}."
+    )
+  names = ", ".join(sorted(kwargs))
+  raise TypeError(
+    f"scale_by_sm3 got unexpected keyword arguments: {names}. {translation}."
+  )
+
+
 def _reject_complex(params: Any) -> None:
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    if jnp.issubdtype(leaf.dtype, jnp.complexfloating):
-      raise ValueError(
-        "scale_by_sm3 does not support complex parameters; got dtype "
-        f"{leaf.dtype} at {jax.tree_util.keystr(path)}. Split them into "
-        "real and imaginary parts first."
-      )
+  _validation.check_float_leaves(params, "scale_by_sm3")
+
+
+def _check_shapes(path, g, accumulators, cover: _cover.Cover) -> None:
+  """Raises if ``g``'s shape does not match the state's accumulators."""
+  expected = tuple(cover.accumulator_shape(group) for group in cover.groups)
+  actual = tuple(tuple(a.shape) for a in accumulators)
+  if expected != actual:
+    raise ValueError(
+      f"gradient at {jax.tree_util.keystr(path)} has shape {tuple(g.shape)}, "
+      f"which needs accumulators of shapes {expected}, but the state holds "
+      f"{actual}: the state was made for a parameter of another shape"
+    )
 
 
 def _coefficients(beta: Any, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
@@ -121,10 +159,28 @@ def _precondition(
   return _accumulate.scaled_update(g, nu, eps), new
 
 
+def _keyword_only(factory: Callable[..., Any]) -> Callable[..., Any]:
+  """Refuses calls written for ``optax.scale_by_sm3``, with the translation.
+
+  ``functools.wraps`` keeps ``factory``'s signature visible to ``inspect``,
+  which ``optax.inject_hyperparams`` reads.
+  """
+
+  @functools.wraps(factory)
+  def wrapper(*args: Any, **kwargs: Any) -> Any:
+    unknown = {k: v for k, v in kwargs.items() if k not in _PARAMETERS}
+    if args or unknown:
+      _reject_optax_style(args, unknown)
+    return factory(**kwargs)
+
+  return wrapper
+
+
+@_keyword_only
 def scale_by_sm3(
+  *,
   beta: Any = 0.0,
   eps: Any = 1e-8,
-  *,
   variant: str = "II",
   accumulator_dtype: Any = None,
   stacked_axes: PerParam | None = None,
@@ -160,6 +216,15 @@ def scale_by_sm3(
   dtype. Memory: :math:`\sum_r d_r` numbers per parameter of shape
   :math:`(d_1, \dots, d_k)`, instead of :math:`\prod_r d_r`.
 
+  Every argument is keyword-only. ``optax.scale_by_sm3(b1, b2, eps)`` takes
+  momentum ``b1`` first and its second-moment decay ``b2`` (``1.0`` meaning
+  sums) second, so a positional call written for it, e.g.
+  ``scale_by_sm3(0.9, 1.0)``, would mean something else here: positional
+  arguments and ``b1``/``b2`` raise a ``TypeError`` that gives the
+  translation (``optax.scale_by_sm3(b1, b2, eps)`` is
+  ``optax_sm3.sm3``'s ``scale_by_sm3(beta=0 if b2 == 1 else b2, eps=eps)``
+  followed by ``scale_by_momentum(b1)``).
+
   Args:
     beta: second-moment decay in ``[0, 1)``; ``0`` sums squared gradients
       (AdaGrad-like, the paper's default), ``beta > 0`` keeps an exponential
@@ -194,8 +259,14 @@ def scale_by_sm3(
     :class:`ScaleBySM3State`.
 
   Raises:
-    ValueError: for ``beta`` outside ``[0, 1)``, ``eps < 0``, an unknown
-      ``variant``, or (at ``init``) complex parameters.
+    TypeError: for positional arguments or unknown keywords (``b1``/``b2``
+      with the translation from ``optax.scale_by_sm3``), a non-floating
+      ``accumulator_dtype``, or (at ``init``) parameters that are not real
+      floating point; at ``update``, boolean gradients.
+    ValueError: for ``beta`` outside ``[0, 1)``, ``eps`` negative or
+      infinite, an unknown ``variant``, or (at ``init``) complex
+      parameters; at ``update``, a gradient whose shape does not match the
+      state (the message names its tree path and both shapes).
 
   Examples:
     >>> import jax
@@ -225,6 +296,7 @@ def scale_by_sm3(
   """
   _validation.check_range("beta", beta, low=0.0, high=1.0, high_open=True)
   _validation.check_range("eps", eps, low=0.0)
+  accumulator_dtype = _validation.float_dtype("accumulator_dtype", accumulator_dtype)
   if variant not in _VARIANTS:
     raise ValueError(f"`variant` must be one of {_VARIANTS}, got {variant!r}")
   if merge_axes_up_to is not None:
@@ -250,6 +322,7 @@ def scale_by_sm3(
     )
 
   def init_fn(params):
+    params = jax.tree.map(jnp.asarray, params)
     _reject_complex(params)
 
     def zeros(param, cover):
@@ -261,13 +334,25 @@ def scale_by_sm3(
 
   def update_fn(updates, state, params=None):
     del params
+    updates = jax.tree.map(jnp.asarray, updates)
     leaf_covers = covers(updates)
 
-    def step(g, accumulators, cover):
+    def step(path, g, accumulators, cover):
       if isinstance(accumulators, Mapping):
         # flax.nnx.Optimizer hands tuples back as mappings {0: a, 1: b}.
         accumulators = tuple(accumulators[i] for i in range(len(accumulators)))
+      _check_shapes(path, g, accumulators, cover)
       dtype = accumulators[0].dtype
+      if g.dtype == jnp.bool_:
+        raise TypeError(
+          f"gradient at {jax.tree_util.keystr(path)} is boolean; SM3 needs "
+          "numeric gradients"
+        )
+      if not jnp.issubdtype(g.dtype, jnp.inexact):
+        # Integer gradients would truncate the update: scale them as floats.
+        g = g.astype(dtype)
+      if g.size == 0:
+        return g, tuple(accumulators)
       c_old, c_new = _coefficients(beta, dtype)
       return _precondition(
         g,
@@ -280,7 +365,9 @@ def scale_by_sm3(
         _accumulate.default_block_size(g.dtype) if block_size is None else block_size,
       )
 
-    results = jax.tree.map(step, updates, state.accumulators, leaf_covers)
+    results = jax.tree_util.tree_map_with_path(
+      step, updates, state.accumulators, leaf_covers
+    )
     new_updates, accumulators = _tree.unzip_pairs(updates, results)
     return new_updates, ScaleBySM3State(_safe_increment(state.count), accumulators)
 

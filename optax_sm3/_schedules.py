@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_sm3 import _validation
@@ -32,8 +34,9 @@ def warmup_schedule(
   (``(w / t)^2``, which starts infinite); this is the intended form.
 
   Args:
-    peak_value: the constant rate after warm-up, ``>= 0``.
-    total_steps: :math:`T`, the number of training steps, ``>= 1``.
+    peak_value: the constant rate after warm-up, finite and ``>= 0``.
+    total_steps: :math:`T`, the number of training steps, ``>= 1`` (a Python
+      or NumPy integer).
     warmup_fraction: :math:`w / T` in ``[0, 1]``; 5% by default.
     decay_fraction: :math:`d / T` in ``[0, 1]``; 0 (no decay) by default,
       the authors used 10%. ``warmup_fraction + decay_fraction <= 1``.
@@ -55,8 +58,11 @@ def warmup_schedule(
     <https://arxiv.org/abs/1901.11150>`_, 2019
   """
   _validation.check_range("peak_value", peak_value, low=0.0)
-  if isinstance(total_steps, bool) or not isinstance(total_steps, int):
+  if isinstance(total_steps, (bool, np.bool_)) or not isinstance(
+    total_steps, numbers.Integral
+  ):
     raise TypeError(f"`total_steps` must be an int, got {total_steps!r}")
+  total_steps = int(total_steps)
   if total_steps < 1:
     raise ValueError(f"`total_steps` must be >= 1, got {total_steps}")
   _validation.check_range("warmup_fraction", warmup_fraction, low=0.0, high=1.0)

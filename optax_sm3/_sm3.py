@@ -6,7 +6,7 @@ from typing import Any
 
 import optax
 
-from optax_sm3 import _momentum, _scale_by_sm3, _validation
+from optax_sm3 import _momentum, _scale_by_sm3, _validation, _weight_decay
 
 _WEIGHT_DECAY_MODES = ("decoupled", "coupled")
 
@@ -46,10 +46,18 @@ def sm3(
     m_t &= \mu m_{t-1} + (1 - \mu) u_t \quad\text{(if } \mu > 0) \\
     \theta_{t+1} &= \theta_t - \eta_t (m_t + \lambda \theta_t)
 
-  Stages that are off (``None`` or a Python ``0``) are left out of the chain.
-  In particular ``momentum=0`` or ``None`` allocates no momentum buffer: the
-  state is the accumulators alone, :math:`O(\sum_r d_r)` per parameter.
-  (``optax.sm3`` and the PyTorch ports keep a full-size buffer even then.)
+  Momentum and weight decay that are 0 (or ``None``) keep no state: in
+  particular ``momentum=0`` allocates no momentum buffer, so the state is
+  the accumulators alone, :math:`O(\sum_r d_r)` per parameter (``optax.sm3``
+  and the PyTorch ports keep a full-size buffer even then). This is decided
+  once, at ``init``, from the values the hyperparameters have then, and read
+  back from the state at ``update``: ``optax.inject_hyperparams(sm3)`` with
+  the same values gives the same state (structure, shapes and dtypes) as
+  ``sm3``, and ``update`` needs ``params`` only when weight decay is on. A
+  stage that was off at ``init`` stays off: injecting a non-zero
+  ``momentum`` or ``weight_decay`` later raises a ``ValueError`` (when the
+  step executes, for a traced value). Create the state with a non-zero value
+  to change it at run time.
 
   For parameters of rank >= 1, ``sm3(lr, momentum)`` produces the same updates
   as ``optax.sm3(lr, momentum)``; unlike it, it accepts scalars, schedules
@@ -89,9 +97,12 @@ def sm3(
     The optimizer, an :class:`optax.GradientTransformation`.
 
   Raises:
-    ValueError: for a negative learning rate, ``momentum`` or ``beta``
-      outside ``[0, 1)``, ``eps < 0``, ``weight_decay < 0``, clipping bounds
-      ``<= 0``, or an unknown ``weight_decay_mode`` or ``variant``.
+    ValueError: for a negative or infinite learning rate, ``momentum`` or
+      ``beta`` outside ``[0, 1)``, ``eps``/``weight_decay`` negative or
+      infinite, clipping bounds ``<= 0`` or infinite, or an unknown
+      ``weight_decay_mode`` or ``variant``.
+    TypeError: for a non-bool ``nesterov``, a non-floating ``mu_dtype`` or
+      ``accumulator_dtype``, or (at ``init``) non-floating parameters.
 
   Examples:
     >>> import jax
@@ -135,18 +146,14 @@ def sm3(
     if bound is not None:
       _validation.check_range(name, bound, low=0.0, low_open=True)
 
-  decay = (
-    []
-    if _validation.is_static_zero(weight_decay)
-    else [optax.add_decayed_weights(weight_decay, weight_decay_mask)]
-  )
+  decay = _weight_decay.add_decayed_weights(weight_decay, weight_decay_mask)
   return optax.chain(
     *([] if grad_clip_norm is None else [optax.clip_by_global_norm(grad_clip_norm)]),
     *([] if grad_clip_value is None else [optax.clip(grad_clip_value)]),
-    *(decay if weight_decay_mode == "coupled" else []),
+    *([decay] if weight_decay_mode == "coupled" else []),
     _scale_by_sm3.scale_by_sm3(
-      beta,
-      eps,
+      beta=beta,
+      eps=eps,
       variant=variant,
       accumulator_dtype=accumulator_dtype,
       stacked_axes=stacked_axes,
@@ -154,11 +161,7 @@ def sm3(
       skip_unit_axes=skip_unit_axes,
       block_size=block_size,
     ),
-    *(
-      []
-      if _validation.is_static_zero(momentum)
-      else [_momentum.scale_by_momentum(momentum, nesterov=nesterov, mu_dtype=mu_dtype)]
-    ),
-    *(decay if weight_decay_mode == "decoupled" else []),
+    _momentum.scale_by_momentum(momentum, nesterov=nesterov, mu_dtype=mu_dtype),
+    *([decay] if weight_decay_mode == "decoupled" else []),
     optax.scale_by_learning_rate(learning_rate),
   )

@@ -29,7 +29,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_sm3 import _accumulate, _cover, _momentum, _scale_by_sm3, _sm3, _validation
+from optax_sm3 import (
+  _accumulate,
+  _cover,
+  _momentum,
+  _scale_by_sm3,
+  _sm3,
+  _validation,
+  _weight_decay,
+)
 
 _safe_increment = getattr(optax, "safe_increment", None) or optax.safe_int32_increment
 
@@ -127,7 +135,12 @@ def _sm3_rows(
   updates = _accumulate.scaled_update(grads, nu, eps)
 
   mask_shape = (k,) + (1,) * (grads.ndim - 1)
-  nu_valid = jnp.where(valid.reshape(mask_shape), nu, -jnp.inf)
+  # Non-finite gradient entries count as 0 in the accumulators, as in the
+  # dense path (see _accumulate.finite_or_zero).
+  nu_acc = _accumulate.estimate(
+    _accumulate.finite_or_zero(grads), local, shapes, c_old, c_new
+  )
+  nu_valid = jnp.where(valid.reshape(mask_shape), nu_acc, -jnp.inf)
   # Rows outside the batch see a zero gradient: their accumulator is
   # c_old * max_j min(r_i, c_j) = c_old * r_i, as max_j c_j = max_i r_i >= r_i.
   new_rows = jnp.max(nu_valid, axis=cover.reduced_axes(cover.groups[0]))
@@ -245,8 +258,8 @@ def sparse_rows(
   has_momentum = not _validation.is_static_zero(momentum)
   has_decay = not _validation.is_static_zero(weight_decay)
   tail = optax.chain(
-    *([_momentum.scale_by_momentum(momentum)] if has_momentum else []),
-    *([optax.add_decayed_weights(weight_decay)] if has_decay else []),
+    _momentum.scale_by_momentum(momentum),
+    _weight_decay.add_decayed_weights(weight_decay),
     optax.scale_by_learning_rate(learning_rate),
   )
   every_row = has_momentum or has_decay

@@ -52,7 +52,7 @@ def check_range(
   low_open: bool = False,
   high_open: bool = False,
 ) -> None:
-  """Raises if a known ``value`` lies outside ``[low, high]``.
+  """Raises if a known ``value`` lies outside ``[low, high]`` or is not finite.
 
   Args:
     name: the argument's name, used in the message.
@@ -64,7 +64,7 @@ def check_range(
 
   Raises:
     TypeError: if ``value`` is not a real scalar.
-    ValueError: if ``value`` is NaN or out of range.
+    ValueError: if ``value`` is NaN, infinite or out of range.
   """
   try:
     number = concrete_value(value)
@@ -74,14 +74,109 @@ def check_range(
     return
   below = low is not None and (number < low or (low_open and number == low))
   above = high is not None and (number > high or (high_open and number == high))
-  if np.isnan(number) or below or above:
-    left = "(" if low_open else "["
-    right = ")" if high_open else "]"
+  if not np.isfinite(number) or below or above:
+    # Infinite values are never accepted: an unbounded side is open.
+    left = "(" if low_open or low is None else "["
+    right = ")" if high_open or high is None else "]"
     low_text = "-inf" if low is None else f"{low:g}"
     high_text = "inf" if high is None else f"{high:g}"
     raise ValueError(
       f"`{name}` must be in {left}{low_text}, {high_text}{right}, got {value!r}"
     )
+
+
+def check_bool(name: str, value: Any) -> bool:
+  """Returns ``value`` as a Python bool, or raises ``TypeError``.
+
+  Only ``True``/``False`` (Python or NumPy) are accepted: a string such as
+  ``"no"`` would otherwise count as true.
+  """
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  raise TypeError(f"`{name}` must be a bool, got {value!r}")
+
+
+def float_dtype(name: str, dtype: Any) -> np.dtype | None:
+  """``dtype`` as a real floating NumPy dtype (``None`` passes through).
+
+  Raises:
+    TypeError: if ``dtype`` is not a dtype, or not a real floating one.
+  """
+  if dtype is None:
+    return None
+  try:
+    result = jnp.dtype(dtype)
+  except TypeError as error:
+    raise TypeError(f"`{name}` must be a floating dtype, got {dtype!r}") from error
+  if not jnp.issubdtype(result, jnp.floating):
+    raise TypeError(
+      f"`{name}` must be a real floating dtype (e.g. float32, bfloat16), got {result}"
+    )
+  return result
+
+
+def check_float_leaves(tree: Any, what: str) -> None:
+  """Raises ``TypeError`` naming the path of any leaf that is not real floating.
+
+  Args:
+    tree: parameters (Python numbers and arrays).
+    what: the caller's name, for the message.
+  """
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    dtype = jnp.result_type(leaf)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+      raise ValueError(
+        f"{what} does not support complex parameters; got dtype {dtype} at "
+        f"{jax.tree_util.keystr(path)}. Split them into real and imaginary "
+        "parts first."
+      )
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(
+        f"{what} needs real floating parameters; got dtype {dtype} at "
+        f"{jax.tree_util.keystr(path)} (an integer or bool parameter cannot "
+        "take a fractional step)"
+      )
+
+
+def concrete_zero(value: Any) -> bool:
+  """Whether ``value`` is ``None`` or a known (non-traced) number equal to 0.
+
+  Unlike :func:`is_static_zero`, concrete JAX arrays count: this is for
+  decisions taken once, at ``init``, where ``optax.inject_hyperparams``
+  passes its hyperparameters as concrete arrays.
+  """
+  if value is None:
+    return True
+  if isinstance(value, jax.core.Tracer):
+    return False
+  return float(np.asarray(value)) == 0.0
+
+
+def runtime_check_zero(value: Any, name: str, stage: str) -> None:
+  """Raises when the step runs if a traced ``value`` is not 0.
+
+  A stage switched off at ``init`` (``value`` was 0 then) keeps no state, so
+  it cannot honour a value made non-zero later through
+  ``optax.inject_hyperparams``. A concrete value is checked now; a traced
+  one by a host callback, which raises (as a ``JaxRuntimeError`` carrying
+  this message) when the step executes.
+  """
+  message = (
+    f"`{name}` was 0 when the optimizer state was created, so {stage}; it "
+    "cannot be made non-zero afterwards. Create the state with a non-zero "
+    f"`{name}` (e.g. inject_hyperparams(...)({name}=...) with a non-zero "
+    "initial value) to change it at run time."
+  )
+  if not isinstance(value, jax.core.Tracer):
+    if value is not None and float(np.asarray(value)) != 0.0:
+      raise ValueError(message)
+    return
+
+  def check(v):
+    if float(np.asarray(v)) != 0.0:
+      raise ValueError(f"{message} Got {name}={float(np.asarray(v))}.")
+
+  jax.debug.callback(check, value)
 
 
 def complement(value: Any, dtype: Any) -> tuple[jax.Array, jax.Array]:

@@ -60,8 +60,8 @@ def test_loop_commutes_with_vmap_grad_and_scan():
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
   g, h, w = (jax.random.normal(k, (300, 300)) for k in keys[:3])
   ensemble = jax.random.normal(keys[3], (3, 300, 300))
-  looped = optax_sm3.scale_by_sm3(0.5)
-  direct = optax_sm3.scale_by_sm3(0.5, block_size=0)
+  looped = optax_sm3.scale_by_sm3(beta=0.5)
+  direct = optax_sm3.scale_by_sm3(beta=0.5, block_size=0)
 
   def two_steps(tx, first, second):
     state = tx.init(first)

@@ -87,7 +87,9 @@ def _check_against_reference(tx, ref, grads):
 def test_matches_reference(data, variant, beta, block_size):
   shape = data.draw(shapes())
   grads = data.draw(gradient_sequences(shape))
-  tx = optax_sm3.scale_by_sm3(beta, 1e-8, variant=variant, block_size=block_size)
+  tx = optax_sm3.scale_by_sm3(
+    beta=beta, eps=1e-8, variant=variant, block_size=block_size
+  )
   ref = _reference.ReferenceSM3(shape, beta=beta, eps=1e-8, variant=variant)
   _check_against_reference(tx, ref, grads)
 
@@ -102,7 +104,7 @@ def test_covers_match_reference(data, block_size):
   beta = data.draw(st.sampled_from([0.0, 0.5]))
   grads = data.draw(gradient_sequences(shape))
   tx = optax_sm3.scale_by_sm3(
-    beta,
+    beta=beta,
     stacked_axes=stacked,
     merge_axes_up_to=merge,
     skip_unit_axes=skip,
@@ -132,7 +134,7 @@ def test_skipping_unit_axes_does_not_change_updates():
 def test_blocked_and_direct_are_bit_identical():
   rng = np.random.default_rng(1)
   shape = (37, 5, 6)  # 37 rows do not divide into blocks evenly
-  txs = [optax_sm3.scale_by_sm3(0.3, block_size=b) for b in (0, 64, 1000)]
+  txs = [optax_sm3.scale_by_sm3(beta=0.3, block_size=b) for b in (0, 64, 1000)]
   states = [tx.init(jnp.zeros(shape)) for tx in txs]
   for _ in range(3):
     g = jnp.asarray(rng.standard_normal(shape), jnp.float32)
@@ -158,9 +160,9 @@ def test_blocked_is_bit_identical_to_direct_for_any_tiling(data, variant):
   block_size = data.draw(st.integers(1, max(1, math.prod(shape))))
   grads = data.draw(gradient_sequences(shape))
   options = dict(stacked_axes=stacked, merge_axes_up_to=merge, skip_unit_axes=skip)
-  direct = optax_sm3.scale_by_sm3(beta, variant=variant, block_size=0, **options)
+  direct = optax_sm3.scale_by_sm3(beta=beta, variant=variant, block_size=0, **options)
   blocked = optax_sm3.scale_by_sm3(
-    beta, variant=variant, block_size=block_size, **options
+    beta=beta, variant=variant, block_size=block_size, **options
   )
   s_direct = direct.init(jnp.zeros(shape, dtype))
   s_blocked = blocked.init(jnp.zeros(shape, dtype))
@@ -326,7 +328,7 @@ def test_inject_hyperparams_traced_beta_and_eps():
   state = tx.init(params)
   update = jax.jit(tx.update)
   u, state = update(params, state)
-  direct = optax_sm3.scale_by_sm3(0.5, 1e-6)
+  direct = optax_sm3.scale_by_sm3(beta=0.5, eps=1e-6)
   u_direct, _ = direct.update(params, direct.init(params))
   np.testing.assert_allclose(u["w"], u_direct["w"], rtol=1e-6)
   # beta is a run-time value: switching it to 0 (a sum) takes effect.
@@ -340,10 +342,10 @@ def test_beta_and_eps_under_jit_as_arguments():
 
   @jax.jit
   def run(beta, eps):
-    tx = optax_sm3.scale_by_sm3(beta, eps)
+    tx = optax_sm3.scale_by_sm3(beta=beta, eps=eps)
     return tx.update(params, tx.init(params))[0]
 
-  expected = optax_sm3.scale_by_sm3(0.25, 1e-3).update(
+  expected = optax_sm3.scale_by_sm3(beta=0.25, eps=1e-3).update(
     params, optax_sm3.scale_by_sm3().init(params)
   )[0]
   np.testing.assert_allclose(run(0.25, 1e-3), expected, rtol=1e-6)
