@@ -18,38 +18,14 @@ from optax_sm3._adapter_support import (
   attach,
   has_tracer,
   is_scheduler,
+  leaf_kind,
   read,
+  register_graph_node,
   restore_like,
   traced_plain_mode_error,
 )
 
-_INSTALL_HINT = "pip install 'optax-sm3[brainstate]'"
 _GROUP_OPTIONS = ("lr", "weight_decay")
-
-
-def _state_class() -> type | None:
-  """``brainstate.State`` if brainstate is already imported, else ``None``.
-
-  A tree can only hold ``brainstate.State`` objects if brainstate has been
-  imported, so looking in ``sys.modules`` needs no import of our own.
-  """
-  module = sys.modules.get("brainstate")
-  return None if module is None else module.State
-
-
-def _require_brainstate():
-  try:
-    import brainstate
-  except ImportError as error:
-    raise ImportError(
-      "optax_sm3.SM3 was given objects that are not arrays; trees of "
-      f"brainstate.State objects need brainstate ({_INSTALL_HINT})"
-    ) from error
-  return brainstate
-
-
-def _is_array_like(leaf: Any) -> bool:
-  return isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float))
 
 
 def _is_schedule(lr: Any) -> bool:
@@ -187,6 +163,9 @@ class SM3:
     <https://arxiv.org/abs/1901.11150>`_, 2019
   """
 
+  # brainstate.graph.Node's: attributes the graph engine leaves out.
+  graph_invisible_attrs: tuple[str, ...] = ()
+
   def __init__(
     self,
     lr: Any = 1.0,
@@ -226,6 +205,21 @@ class SM3:
     else:
       self._base_lr = _nice_float(self._schedule(0))
     self.default_tx()  # checks the hyperparameters
+    register_graph_node(type(self))
+
+  def check_valid_context(self, error_msg: Callable[[], str]) -> None:
+    """Raises ``error_msg()`` if a State held here belongs to an ended trace.
+
+    As ``brainstate.graph.Node.check_valid_context``; plain mode holds no
+    States, so nothing to check there.
+    """
+    brainstate = sys.modules.get("brainstate")
+    if brainstate is None:
+      return
+    register_graph_node(type(self))
+    for _, value in brainstate.graph.iter_leaf(self):
+      if isinstance(value, brainstate.State):
+        value.check_valid_trace(error_msg)
 
   # Learning rate ------------------------------------------------------------
 
@@ -357,27 +351,10 @@ class SM3:
 
   def _check_leaves(self, tree: Any, name: str, method: str) -> bool:
     """Whether ``tree`` holds States (else arrays); raises for anything else."""
-    state_class = _state_class()
-    is_state = (
-      (lambda x: isinstance(x, state_class)) if state_class else (lambda _: False)
-    )
-    leaves = jax.tree.leaves(tree, is_leaf=is_state)
-    if not leaves:
-      raise ValueError(f"`{name}` holds no parameters")
-    states = [is_state(leaf) for leaf in leaves]
-    if any(states) and not all(states):
-      raise TypeError(f"`{name}` mixes brainstate.State objects and arrays")
-    if not any(states) and not all(_is_array_like(leaf) for leaf in leaves):
-      odd = next(type(leaf) for leaf in leaves if not _is_array_like(leaf))
-      brainstate = _require_brainstate()
-      raise TypeError(
-        f"`{name}` leaves must be {brainstate.State.__name__} objects or "
-        f"arrays, got {odd.__name__}"
-      )
-    if not any(states) and has_tracer(tree):
+    uses_states, self._is_state = leaf_kind(tree, name)
+    if not uses_states and has_tracer(tree):
       raise traced_plain_mode_error(method)
-    self._is_state = is_state
-    return all(states)
+    return uses_states
 
   def _group_of(self, key: Any) -> int | None:
     for index, group in enumerate(self.param_groups):
@@ -407,6 +384,8 @@ class SM3:
     uses_states = self._check_leaves(
       param_states, "param_states", "register_trainable_weights"
     )
+    if uses_states:
+      register_graph_node(type(self))
     if uses_states != self._uses_states and len(self.param_groups) > 1:
       raise TypeError("`param_states` must be of the kind registered before")
     same_kind = uses_states == self._uses_states and self.param_groups

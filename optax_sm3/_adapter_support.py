@@ -8,12 +8,68 @@ of trouble. None of it imports brainstate or braintools.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+_INSTALL_HINT = "pip install 'optax-sm3[brainstate]'"
+
+
+def _state_class() -> type | None:
+  """``brainstate.State`` if brainstate is already imported, else ``None``.
+
+  A tree can only hold ``brainstate.State`` objects if brainstate has been
+  imported, so looking in ``sys.modules`` needs no import of our own.
+  """
+  module = sys.modules.get("brainstate")
+  return None if module is None else module.State
+
+
+def _require_brainstate():
+  try:
+    import brainstate
+  except ImportError as error:
+    raise ImportError(
+      "optax_sm3.SM3 was given objects that are not arrays; trees of "
+      f"brainstate.State objects need brainstate ({_INSTALL_HINT})"
+    ) from error
+  return brainstate
+
+
+def _is_array_like(leaf: Any) -> bool:
+  return isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float))
+
+
+def leaf_kind(tree: Any, name: str) -> tuple[bool, Callable[[Any], bool]]:
+  """Whether ``tree``'s leaves are States (else arrays), and the State test.
+
+  Raises:
+    ValueError: if ``tree`` has no leaves.
+    TypeError: for a tree mixing States and arrays, or other leaves.
+    ImportError: for other leaves when brainstate is missing.
+  """
+  state_class = _state_class()
+  is_state = (
+    (lambda x: isinstance(x, state_class)) if state_class else (lambda _: False)
+  )
+  leaves = jax.tree.leaves(tree, is_leaf=is_state)
+  if not leaves:
+    raise ValueError(f"`{name}` holds no parameters")
+  states = [is_state(leaf) for leaf in leaves]
+  if any(states) and not all(states):
+    raise TypeError(f"`{name}` mixes brainstate.State objects and arrays")
+  if not any(states) and not all(_is_array_like(leaf) for leaf in leaves):
+    odd = next(type(leaf) for leaf in leaves if not _is_array_like(leaf))
+    brainstate = _require_brainstate()
+    raise TypeError(
+      f"`{name}` leaves must be {brainstate.State.__name__} objects or "
+      f"arrays, got {odd.__name__}"
+    )
+  return all(states), is_state
 
 
 class Box:
@@ -122,6 +178,50 @@ class ConstantLR:
     self.last_epoch.value = state_dict["last_epoch"]
     self.base_lrs = list(state_dict["base_lrs"])
     self.current_lrs.value = list(state_dict.get("current_lrs", self.base_lrs))
+
+
+_GRAPH_NODE_TYPES: set[type] = set()
+
+
+def register_graph_node(node_type: type) -> None:
+  """Makes ``node_type`` a brainstate graph node, once brainstate is imported.
+
+  braintools optimizers are ``brainstate.graph.Node`` subclasses, so a
+  module holding one sees its states (``module.states()``) and
+  ``brainstate.graph.treefy_split`` takes it apart. Registering the type
+  with brainstate's graph engine gives the same without importing
+  brainstate here; the node's children are its attributes in alphabetical
+  order, less ``graph_invisible_attrs``, as for ``Node``.
+  """
+  brainstate = sys.modules.get("brainstate")
+  if brainstate is None or node_type in _GRAPH_NODE_TYPES:
+    return
+
+  def flatten(node):
+    hidden = node.graph_invisible_attrs
+    items = sorted((k, v) for k, v in vars(node).items() if k not in hidden)
+    return items, (type(node),)
+
+  def set_key(node, key, value):
+    if not isinstance(key, str):
+      raise KeyError(f"Invalid key: {key!r}")
+    current = vars(node).get(key)
+    if isinstance(current, brainstate.State) and isinstance(
+      value, brainstate.TreefyState
+    ):
+      current.update_from_ref(value)
+    else:
+      setattr(node, key, value)
+
+  brainstate.graph.register_graph_node_type(
+    type=node_type,
+    flatten=flatten,
+    set_key=set_key,
+    pop_key=lambda node, key: vars(node).pop(key),
+    create_empty=lambda static: object.__new__(static[0]),
+    clear=lambda node: vars(node).clear(),
+  )
+  _GRAPH_NODE_TYPES.add(node_type)
 
 
 def has_tracer(tree: Any) -> bool:
