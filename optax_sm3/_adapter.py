@@ -16,6 +16,7 @@ from optax_sm3._adapter_support import (
   Box,
   ConstantLR,
   attach,
+  check_unique_states,
   has_tracer,
   is_scheduler,
   leaf_kind,
@@ -399,7 +400,10 @@ class SM3:
       if len(self.param_groups) > 1:
         raise TypeError("with parameter groups, `param_states` must be a mapping")
       group0 = param_states
-    if not uses_states:
+    if uses_states:
+      others = [g["params"] for g in self.param_groups[1:]]
+      check_unique_states([group0, *others], self._is_state)
+    else:
       group0 = jax.tree.map(jnp.asarray, group0)
     self._uses_states = uses_states
     self.step_count = self._holder(jnp.asarray(self.step_count.value, jnp.int32))
@@ -464,10 +468,8 @@ class SM3:
         + ", ".join(f"{k!r}: {i}" for k, i in taken.items())
       )
     if self._uses_states:
-      registered = {id(s) for s in jax.tree.leaves(self.param_states, self._is_state)}
-      again = [k for k, s in params.items() if id(s) in registered]
-      if again:
-        raise ValueError(f"parameters {again} are registered under other keys")
+      groups = [g["params"] for g in self.param_groups]
+      check_unique_states([*groups, dict(params)], self._is_state)
     lr = kwargs.get(
       "lr", self._schedule if self._schedule is not None else self.base_lr
     )

@@ -72,6 +72,23 @@ def leaf_kind(tree: Any, name: str) -> tuple[bool, Callable[[Any], bool]]:
   return all(states), is_state
 
 
+def check_unique_states(trees: list[Any], is_state: Callable[[Any], bool]) -> None:
+  """Raises if one State object appears twice in ``trees`` (the groups).
+
+  Raises:
+    ValueError: naming both places (group index and key path).
+  """
+  seen = {}
+  for path, state in jax.tree_util.tree_flatten_with_path(trees, is_leaf=is_state)[0]:
+    where = f"group {path[0].idx} at {jax.tree_util.keystr(path[1:]) or 'the root'}"
+    if id(state) in seen:
+      raise ValueError(
+        f"the same brainstate.State is registered twice ({seen[id(state)]} and "
+        f"{where}); pass each parameter once"
+      )
+    seen[id(state)] = where
+
+
 class Box:
   """A mutable ``.value`` holder: the plain-pytree stand-in for a State."""
 

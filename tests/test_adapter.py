@@ -497,6 +497,27 @@ def test_braintools_runs_adam_on_added_groups():
     np.testing.assert_allclose(params["b"].value, expected, rtol=1e-6, atol=1e-7)
 
 
+def test_differences_from_braintools_documented_in_the_docstring():
+  params = _state_params()
+  theirs = braintools.optim.SM3(lr=0.1, momentum=0.0)
+  theirs.register_trainable_weights(params)
+  # braintools keeps a full-size momentum buffer at momentum 0; we keep none.
+  ours = optax_sm3.SM3(lr=0.1, momentum=0.0).register_trainable_weights(params)
+  full = lambda opt: sum(
+    x.shape == (3, 2) for x in jax.tree.leaves(opt.opt_state.value)
+  )
+  assert (full(theirs), full(ours)) == (1, 0)
+  # braintools ignores a new rate written into group 0; we apply it.
+  before = {k: s.value for k, s in params.items()}
+  theirs.param_groups[0]["lr"].value = 0.0
+  theirs.step(_grads_of(params, 0))
+  assert not np.allclose(params["w"].value, before["w"])
+  # braintools accepts other group keywords (and ignores them); we refuse them.
+  theirs.add_param_group({"c": brainstate.ParamState(jnp.ones(2))}, momentum=0.5)
+  with pytest.raises(TypeError, match="momentum"):
+    ours.add_param_group({"c": brainstate.ParamState(jnp.ones(2))}, momentum=0.5)
+
+
 def test_braintools_fails_on_scalars_ours_does_not():
   params = {"s": brainstate.ParamState(jnp.asarray(0.5))}
   opt = braintools.optim.SM3(lr=0.1)
@@ -539,18 +560,18 @@ def test_param_groups_equal_separate_optimizers():
   assert [sorted(g["params"]) for g in opt.param_groups] == [["w"], ["b"], ["e"]]
   assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.2, 0.01]
   assert len(opt.param_groups_opt_states) == 2
-  for i in range(4):
+  for i in range(3):
     got = opt.step(_group_grads(i))
   assert sorted(got) == ["b", "e", "w"]
   expected = {
-    **_separate(["w"], 4, lr=0.1, weight_decay=0.01, **common),
-    **_separate(["b"], 4, lr=0.3, weight_decay=0.2, **common),
-    **_separate(["e"], 4, lr=0.1, weight_decay=0.01, **common),
+    **_separate(["w"], 3, lr=0.1, weight_decay=0.01, **common),
+    **_separate(["b"], 3, lr=0.3, weight_decay=0.2, **common),
+    **_separate(["e"], 3, lr=0.1, weight_decay=0.01, **common),
   }
   jax.tree.map(np.testing.assert_array_equal, got, expected)
   jax.tree.map(np.testing.assert_array_equal, opt.param_states, expected)
   # Each group's own hyperparameters matter: one optimizer would differ.
-  single = _separate(["w", "b", "e"], 4, lr=0.1, weight_decay=0.01, **common)
+  single = _separate(["w", "b", "e"], 3, lr=0.1, weight_decay=0.01, **common)
   assert not np.allclose(single["b"], expected["b"])
 
 
@@ -583,21 +604,25 @@ def test_group_hyperparameters_are_read_at_each_step():
 
 def test_param_group_of_states_under_brainstate_jit():
   def train(make_optimizers):
-    model = _mlp()
-    states = _params(model)
-    first, second = sorted(states, key=str)
-    opts = make_optimizers({first: states[first]}, {second: states[second]})
+    states = _state_params()
+    first, second = {"w": states["w"]}, {"b": states["b"]}
+    opts = make_optimizers(first, second)
 
     @brainstate.transform.jit
     def step():
-      loss = lambda: jnp.mean((model(_X) - _Y) ** 2)
+      loss = lambda: jnp.sum((_X[:, :3] @ states["w"].value + states["b"].value) ** 2)
       grads = brainstate.transform.grad(loss, states)()
       for opt in opts:
         opt.step(grads)
 
     for _ in range(3):
       step()
-    return _values(model)
+    # A group's new rate takes effect in the compiled step.
+    opts[-1].param_groups[-1]["lr"].value = 0.0
+    frozen = states["b"].value
+    step()
+    np.testing.assert_array_equal(states["b"].value, frozen)
+    return {k: s.value for k, s in states.items()}
 
   def grouped(a, b):
     opt = optax_sm3.SM3(lr=0.1, weight_decay=0.05).register_trainable_weights(a)
@@ -635,8 +660,10 @@ def test_add_param_group_errors():
   assert len(opt.param_groups) == 1 and sorted(opt.param_states) == ["w"]
   state = brainstate.ParamState(jnp.zeros(2))
   with_states = optax_sm3.SM3().register_trainable_weights({"a": state})
-  with pytest.raises(ValueError, match="other keys"):
+  with pytest.raises(ValueError, match=r"twice \(group 0 at \['a'\] and group 1"):
     with_states.add_param_group({"b": state})
+  with pytest.raises(ValueError, match=r"twice \(group 0 at \['a'\] and group 0 at"):
+    optax_sm3.SM3().register_trainable_weights({"a": state, "b": state})
   with pytest.raises(TypeError, match="mappings"):
     optax_sm3.SM3().register_trainable_weights([jnp.zeros(2)]).add_param_group(
       {"b": jnp.zeros(2)}
@@ -687,6 +714,9 @@ def test_state_dict_with_groups_resumes_identically():
   ]
   assert sorted(saved["param_groups"]) == ["0", "1"]
   assert list(saved["param_groups_opt_states"]) == ["0"]
+  assert all(
+    sorted(g) == ["lr", "weight_decay"] for g in saved["param_groups"].values()
+  )
   uninterrupted = [opt.step(_group_grads(i)) for i in range(2, 4)]
 
   resumed = optax_sm3.SM3(lr=0.1).register_trainable_weights({"w": saved_params["w"]})
