@@ -1,9 +1,9 @@
-"""``SM3``: the brainstate/braintools-style optimizer object over :func:`sm3`."""
+"""``SM3``: the braintools/brainstate-style optimizer object over :func:`sm3`."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -12,63 +12,50 @@ import numpy as np
 import optax
 
 from optax_sm3 import _sm3, _validation
+from optax_sm3._adapter_support import (
+  Box,
+  ConstantLR,
+  attach,
+  check_unique_states,
+  has_tracer,
+  is_scheduler,
+  leaf_kind,
+  read,
+  register_graph_node,
+  restore_like,
+  traced_plain_mode_error,
+)
 
-_INSTALL_HINT = "pip install 'optax-sm3[brainstate]'"
-
-
-class _Box:
-  """A mutable ``.value`` holder: the plain-pytree stand-in for a State."""
-
-  def __init__(self, value: Any):
-    self.value = value
-
-  def __repr__(self) -> str:
-    return f"_Box({self.value!r})"
-
-
-def _state_class() -> type | None:
-  """``brainstate.State`` if brainstate is already imported, else ``None``.
-
-  A tree can only hold ``brainstate.State`` objects if brainstate has been
-  imported, so looking in ``sys.modules`` needs no import of our own.
-  """
-  module = sys.modules.get("brainstate")
-  return None if module is None else module.State
+_GROUP_OPTIONS = ("lr", "weight_decay")
 
 
-def _require_brainstate():
-  try:
-    import brainstate
-  except ImportError as error:
-    raise ImportError(
-      "optax_sm3.SM3 was given objects that are not arrays; trees of "
-      f"brainstate.State objects need brainstate ({_INSTALL_HINT})"
-    ) from error
-  return brainstate
+def _is_schedule(lr: Any) -> bool:
+  """Whether a group's ``lr`` entry is an optax schedule (not a holder)."""
+  return callable(lr) and not hasattr(lr, "value")
 
 
-def _is_array_like(leaf: Any) -> bool:
-  return isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float))
-
-
-def _is_scheduler(lr: Any) -> bool:
-  """Whether ``lr`` looks like a braintools ``LRScheduler`` (duck-typed)."""
-  return all(
-    hasattr(lr, name) for name in ("current_lrs", "base_lrs", "get_lr", "step")
-  )
+def _nice_float(value: Any) -> Any:
+  """The shortest decimal that rounds to the float32 ``value`` (0.1, not 0.1000…)."""
+  if isinstance(value, jax.core.Tracer):
+    return value
+  return float(str(np.float32(value)))
 
 
 class SM3:
   r"""SM3 with the ``braintools.optim`` optimizer interface.
 
-  Code written for ``braintools.optim.SM3`` runs unchanged: register a tree
-  of ``brainstate.State`` objects, call :meth:`step` with gradients of the
-  same structure, and the new values are written back into the states. The
-  arithmetic is :func:`optax_sm3.sm3` with coupled weight decay (available
-  as :attr:`tx`), so scalars, the :math:`O(\sum_r d_r)` memory and the speed
+  A drop-in for ``braintools.optim.SM3`` (0.3.0): register a tree of
+  ``brainstate.State`` objects, call :meth:`step` with gradients of the same
+  structure, and the new values are written back into the states; learning
+  rate schedulers, parameter groups (:meth:`add_param_group`) and
+  :meth:`state_dict` work as there. Each parameter group runs its own
+  :func:`optax_sm3.sm3` chain with coupled weight decay (group 0's is
+  :attr:`tx`), so scalars, the :math:`O(\sum_r d_r)` memory and the speed
   come with it. For each parameter :math:`\theta` of shape
   :math:`(d_1, \dots, d_k)` with per-axis accumulators :math:`a_1, \dots,
-  a_k` (one accumulator of the parameter's shape if :math:`k \le 1`):
+  a_k` (one accumulator of the parameter's shape if :math:`k \le 1`), with
+  the learning rate :math:`\eta` and weight decay :math:`\lambda` of its
+  group:
 
   .. math::
 
@@ -80,35 +67,62 @@ class SM3:
     m &\leftarrow \mu m + (1 - \mu) u \quad\text{(if } \mu > 0) \\
     \theta &\leftarrow \theta - \eta\, m
 
-  (``braintools.optim.SM3`` documents :math:`V \leftarrow \max(V, G^2)`, a
-  rule it does not run; the rule above is the paper's SM3-II, which both
-  run.)
+  This is also what ``braintools.optim.SM3`` runs
+  (``optax.scale_by_sm3(b1=momentum, b2=1.0)``: the paper's SM3-II with
+  moving-average momentum), though its docstring shows
+  :math:`V \leftarrow \max(V, G^2)`. Where the two differ:
+
+  * groups added with :meth:`add_param_group` run SM3 here; braintools runs
+    Adam on them whatever the optimizer;
+  * ``param_groups[0]['lr'].value = x`` sets group 0's rate here; braintools
+    ignores it (both honour :attr:`current_lr` and scheduler steps);
+  * with ``momentum=0`` no momentum buffer is kept, and scalar parameters
+    work (braintools keeps a full-size buffer and fails on scalars);
+  * ``add_param_group`` takes ``lr`` and ``weight_decay`` only (braintools
+    stores other keywords and ignores them), and a parameter may be in one
+    group only;
+  * :meth:`state_dict` does not hold parameter values, and
+    :meth:`load_state_dict` checks the checkpoint before changing anything.
+
+  As in braintools, clipping by ``grad_clip_norm`` uses each group's own
+  gradient norm: every group behaves as a separate optimizer over its
+  parameters.
 
   Without brainstate, :meth:`register_trainable_weights` also takes a plain
   pytree of arrays: the adapter then keeps the parameters itself
   (:attr:`param_states`) and :meth:`step` returns the new ones. That mode
-  runs eagerly; under ``jax.jit`` use :attr:`tx` as an optax optimizer.
+  runs eagerly; calling it under ``jax.jit`` raises a ``TypeError`` that
+  says to use :attr:`tx` as an optax optimizer instead.
 
   Args:
-    lr: the learning rate :math:`\eta`: a float ``>= 0``, an optax schedule
-      (a callable from the step count to the rate), or a braintools LR
+    lr: the learning rate :math:`\eta`: a float ``>= 0``, a braintools LR
       scheduler (``braintools.optim.StepLR(...)`` and friends; advance it
-      with its own ``step()``, as in braintools).
+      with its own ``step()``, as in braintools), or an optax schedule (a
+      callable from the step count to the rate).
     momentum: :math:`\mu` in ``[0, 1)``; ``0`` keeps no momentum buffer.
     eps: :math:`\epsilon \ge 0`, under the square root.
-    weight_decay: :math:`\lambda \ge 0`, coupled (added to the gradient).
-    grad_clip_norm: if set (``> 0``), clip gradients to this global norm.
+    weight_decay: :math:`\lambda \ge 0`, coupled (added to the gradient);
+      the default for groups.
+    grad_clip_norm: if set (``> 0``), clip each group's gradients to this
+      global norm.
     grad_clip_value: if set (``> 0``), clip each gradient entry to
       ``[-grad_clip_value, grad_clip_value]``.
 
   Attributes:
     momentum, eps, weight_decay, grad_clip_norm, grad_clip_value: the
       hyperparameters as given.
-    tx: the underlying :func:`optax_sm3.sm3` transformation.
-    param_states: the registered tree (of ``brainstate.State`` objects, or
-      of the current arrays in plain mode); ``None`` before registration.
-    opt_state: a holder whose ``.value`` is the optax state; ``None`` before
-      registration.
+    param_states: the registered tree, all groups together (of
+      ``brainstate.State`` objects, or of the current arrays in plain
+      mode); ``None`` before registration.
+    param_groups: one dict per group, ``{'params': ..., 'lr': holder,
+      'weight_decay': float}``; group 0 holds what
+      :meth:`register_trainable_weights` registered. Set a group's rate with
+      ``group['lr'].value = x`` and its weight decay with
+      ``group['weight_decay'] = x`` (read at each eager step; under a jit,
+      a new weight decay needs a new trace, a new rate does not).
+    opt_state: a holder whose ``.value`` is group 0's optax state; ``None``
+      before registration.
+    param_groups_opt_states: holders of the optax states of groups 1, 2, ...
     step_count: a holder whose ``.value`` counts the steps taken.
 
   Raises:
@@ -133,10 +147,25 @@ class SM3:
     >>> int(opt.step_count.value), opt.get_last_lr()
     (3, [0.1])
 
+    A parameter group with its own rate: here ``lr=0`` freezes ``b``.
+
+    >>> params = {"w": jnp.zeros((4, 3))}
+    >>> opt = optax_sm3.SM3(lr=0.1).register_trainable_weights(params)
+    >>> opt.add_param_group({"b": jnp.zeros(3)}, lr=0.0)
+    >>> grads = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
+    >>> new = opt.step(grads)
+    >>> print(f"w {float(new['w'][0, 0]):.4f}, b {new['b']}")
+    w -0.0100, b [0. 0. 0.]
+    >>> [round(float(group["lr"].value), 6) for group in opt.param_groups]
+    [0.1, 0.0]
+
   References:
     Anil et al., `Memory-Efficient Adaptive Optimization
     <https://arxiv.org/abs/1901.11150>`_, 2019
   """
+
+  # brainstate.graph.Node's: attributes the graph engine leaves out.
+  graph_invisible_attrs: tuple[str, ...] = ()
 
   def __init__(
     self,
@@ -147,66 +176,94 @@ class SM3:
     grad_clip_norm: float | None = None,
     grad_clip_value: float | None = None,
   ):
-    self._scheduler = None
     self._schedule = None
-    if _is_scheduler(lr):
-      self._scheduler = lr
-      lr_holder = None
+    self._current_lr = None
+    if is_scheduler(lr):
+      scheduler = lr
     elif callable(lr):
-      self._schedule = lr
-      lr_holder = None
+      self._schedule = scheduler = lr
     else:
       _validation.check_range("lr", lr, low=0.0)
-      lr_holder = _Box(jnp.asarray(lr, jnp.float32))
-    self._lr = lr
-    self._lr_holder = lr_holder
+      scheduler = ConstantLR(lr)
+    self._lr_scheduler = scheduler
+    self._schedulers = []
     self.momentum = momentum
     self.eps = eps
     self.weight_decay = weight_decay
     self.grad_clip_norm = grad_clip_norm
     self.grad_clip_value = grad_clip_value
-    self.tx = _sm3.sm3(
-      self._learning_rate,
-      momentum=momentum,
-      eps=eps,
-      weight_decay=weight_decay,
-      weight_decay_mode="coupled",
-      grad_clip_norm=grad_clip_norm,
-      grad_clip_value=grad_clip_value,
-    )
     self.param_states = None
+    self.param_groups = []
     self.opt_state = None
-    self.step_count = _Box(jnp.zeros([], jnp.int32))
+    self.param_groups_opt_states = []
+    self.step_count = Box(jnp.zeros([], jnp.int32))
     self._uses_states = False
+    self._is_state = lambda _: False
+    if self._schedule is None:
+      self._base_lr = scheduler.base_lrs[0]
+      attach(scheduler, self)
+      self._current_lr = Box(jnp.asarray(scheduler.current_lrs.value[0], jnp.float32))
+    else:
+      self._base_lr = _nice_float(self._schedule(0))
+    self.default_tx()  # checks the hyperparameters
+    register_graph_node(type(self))
+
+  def check_valid_context(self, error_msg: Callable[[], str]) -> None:
+    """Raises ``error_msg()`` if a State held here belongs to an ended trace.
+
+    As ``brainstate.graph.Node.check_valid_context``; plain mode holds no
+    States, so nothing to check there.
+    """
+    brainstate = sys.modules.get("brainstate")
+    if brainstate is None:
+      return
+    register_graph_node(type(self))
+    for _, value in brainstate.graph.iter_leaf(self):
+      if isinstance(value, brainstate.State):
+        value.check_valid_trace(error_msg)
 
   # Learning rate ------------------------------------------------------------
 
-  def _learning_rate(self, count: jax.Array) -> jax.Array:
-    """The rate used by :attr:`tx` at ``count`` (read live, so setting it works)."""
-    if self._scheduler is not None:
-      return jnp.asarray(self._scheduler.current_lrs.value[0], jnp.float32)
-    if self._schedule is not None:
-      return self._schedule(count)
-    return self._lr_holder.value
-
   @property
   def lr(self) -> Any:
-    """The learning rate as given: a float, a schedule or a scheduler."""
-    return self._lr
+    """The learning-rate scheduler (as braintools: same as :attr:`lr_scheduler`)."""
+    return self._lr_scheduler
+
+  @property
+  def lr_scheduler(self) -> Any:
+    """The scheduler driving group 0's rate.
+
+    The braintools scheduler given as ``lr``; for a float ``lr``, a constant
+    scheduler with the braintools ``LRScheduler`` interface (``step``,
+    ``apply``, ``get_last_lr``, ``state_dict``, ...); for an optax schedule,
+    the schedule itself.
+    """
+    return self._lr_scheduler
+
+  @property
+  def schedulers(self) -> list[Any]:
+    """The schedulers added with :meth:`add_scheduler`."""
+    return self._schedulers
+
+  def add_scheduler(self, scheduler: Any) -> None:
+    """Adds a scheduler whose rates :meth:`get_last_lr` reports (as braintools).
+
+    As in braintools, an added scheduler does not drive the rate applied:
+    pass the scheduler as ``lr`` for that.
+    """
+    self._schedulers.append(scheduler)
 
   @property
   def base_lr(self) -> Any:
-    """The initial learning rate."""
-    if self._scheduler is not None:
-      return self._scheduler.base_lrs[0]
-    if self._schedule is not None:
-      return self._schedule(0)
-    return self._lr
+    """The initial learning rate (the default rate of new groups)."""
+    return self._base_lr
 
   @property
   def current_lr(self) -> Any:
-    """The learning rate the next :meth:`step` will use."""
-    return self._learning_rate(self.step_count.value)
+    """Group 0's learning rate, the one the next :meth:`step` uses."""
+    if self._schedule is not None:
+      return self._schedule(self.step_count.value)
+    return self._current_lr.value
 
   @current_lr.setter
   def current_lr(self, value: Any) -> None:
@@ -216,188 +273,411 @@ class SM3:
         "float or a braintools scheduler to set it by hand"
       )
     _validation.check_range("current_lr", value, low=0.0)
-    if self._scheduler is not None:
-      # As braintools does: the scheduler's first rate is the one applied.
-      rates = list(self._scheduler.current_lrs.value)
-      rates[0] = float(value)
-      self._scheduler.current_lrs.value = rates
-    else:
-      self._lr_holder.value = jnp.asarray(value, jnp.float32)
+    self._current_lr.value = jnp.asarray(value, jnp.float32)
+    # As braintools: the scheduler's first rate follows, the others stay.
+    rates = list(self._lr_scheduler.current_lrs.value) or [0.0]
+    rates[0] = float(value)
+    self._lr_scheduler.current_lrs.value = rates
 
   def get_last_lr(self) -> list[Any]:
-    """The current learning rate, in a list (the PyTorch convention)."""
-    value = self.current_lr
-    if isinstance(value, jax.core.Tracer):
-      return [value]
-    # The shortest decimal that rounds to the float32 rate: 0.1, not 0.1000000015.
-    return [float(str(np.float32(value)))]
+    """The rates of the last added scheduler, else ``[current_lr]``."""
+    if self._schedulers:
+      return self._schedulers[-1].get_last_lr()
+    return [_nice_float(self.current_lr)]
 
-  # Registration and steps ----------------------------------------------------
+  def lr_apply(self, apply_fn: Callable[[Any], Any]) -> None:
+    """Sets the rate to ``apply_fn`` of the scheduled rate (``lr.apply``).
+
+    Raises:
+      TypeError: if ``lr`` is an optax schedule.
+    """
+    if self._schedule is not None:
+      raise TypeError("`lr_apply` needs a float or braintools scheduler `lr`")
+    self._lr_scheduler.apply(apply_fn)
+
+  # Transformations -----------------------------------------------------------
+
+  def _make_tx(self, learning_rate: Any, weight_decay: Any, name: str) -> Any:
+    _validation.check_range(name, weight_decay, low=0.0)
+    return _sm3.sm3(
+      learning_rate,
+      momentum=self.momentum,
+      eps=self.eps,
+      # An array, never a static zero, so the chain (and its state) keeps
+      # one structure whatever the group's weight decay is set to later.
+      weight_decay=jnp.asarray(weight_decay, jnp.float32),
+      weight_decay_mode="coupled",
+      grad_clip_norm=self.grad_clip_norm,
+      grad_clip_value=self.grad_clip_value,
+    )
+
+  def default_tx(self) -> optax.GradientTransformation:
+    """The constructor's optimizer: :func:`optax_sm3.sm3`, coupled weight decay.
+
+    Its learning rate is read at each update from :attr:`current_lr`'s
+    holder (or the optax schedule), so setting the rate takes effect.
+    """
+    if self._schedule is not None:
+      learning_rate = self._schedule
+    else:
+      learning_rate = lambda count: jnp.asarray(self._current_lr.value, jnp.float32)
+    return self._make_tx(learning_rate, self.weight_decay, "weight_decay")
+
+  def _group_tx(self, group: dict[str, Any], index: int) -> Any:
+    lr = group["lr"]
+    if _is_schedule(lr):
+      learning_rate = lr
+    else:
+      _validation.check_range(f"param_groups[{index}]['lr']", read(lr), low=0.0)
+      learning_rate = lambda count: jnp.asarray(read(group["lr"]), jnp.float32)
+    return self._make_tx(
+      learning_rate,
+      read(group["weight_decay"]),
+      f"param_groups[{index}]['weight_decay']",
+    )
+
+  @property
+  def tx(self) -> optax.GradientTransformation:
+    """Group 0's optax transformation (:meth:`default_tx` before registration)."""
+    if not self.param_groups:
+      return self.default_tx()
+    return self._group_tx(self.param_groups[0], 0)
+
+  # Registration --------------------------------------------------------------
 
   def _holder(self, value: Any) -> Any:
     if self._uses_states:
       return sys.modules["brainstate"].LongTermState(value)
-    return _Box(value)
+    return Box(value)
+
+  def _check_leaves(self, tree: Any, name: str, method: str) -> bool:
+    """Whether ``tree`` holds States (else arrays); raises for anything else."""
+    uses_states, self._is_state = leaf_kind(tree, name)
+    if not uses_states and has_tracer(tree):
+      raise traced_plain_mode_error(method)
+    return uses_states
+
+  def _group_of(self, key: Any) -> int | None:
+    for index, group in enumerate(self.param_groups):
+      if isinstance(group["params"], Mapping) and key in group["params"]:
+        return index
+    return None
 
   def register_trainable_weights(self, param_states: Any) -> SM3:
-    """Registers the parameters to train and initialises the optimizer state.
+    """Registers the parameters to train (group 0) and initialises its state.
 
     Args:
       param_states: a pytree (e.g. ``model.states(brainstate.ParamState)``)
         whose leaves are ``brainstate.State`` objects, or, without
-        brainstate, a pytree of arrays. A mapping is merged into one
-        registered before, as braintools does.
+        brainstate, a pytree of arrays. A mapping is merged into group 0's
+        parameters registered before, as braintools does; group 0's
+        optimizer state starts afresh.
 
     Returns:
       ``self``.
 
     Raises:
       ImportError: if the leaves are not arrays and brainstate is missing.
-      TypeError: for leaves that are neither States nor arrays, or a tree
-        mixing the two.
+      TypeError: for leaves that are neither States nor arrays, a tree
+        mixing the two, or arrays under a JAX transformation.
+      ValueError: for an empty tree, or a key already in another group.
     """
-    state_class = _state_class()
-    is_state = (
-      (lambda x: isinstance(x, state_class)) if state_class else (lambda _: False)
+    uses_states = self._check_leaves(
+      param_states, "param_states", "register_trainable_weights"
     )
-    leaves = jax.tree.leaves(param_states, is_leaf=is_state)
-    if not leaves:
-      raise ValueError("`param_states` holds no parameters")
-    states = [is_state(leaf) for leaf in leaves]
-    if any(states) and not all(states):
-      raise TypeError("`param_states` mixes brainstate.State objects and arrays")
-    if not any(states) and not all(_is_array_like(leaf) for leaf in leaves):
-      odd = next(type(leaf) for leaf in leaves if not _is_array_like(leaf))
-      brainstate = _require_brainstate()
-      raise TypeError(
-        f"`param_states` leaves must be {brainstate.State.__name__} objects or "
-        f"arrays, got {odd.__name__}"
-      )
-    uses_states = all(states)
+    if uses_states:
+      register_graph_node(type(self))
+    if uses_states != self._uses_states and len(self.param_groups) > 1:
+      raise TypeError("`param_states` must be of the kind registered before")
+    same_kind = uses_states == self._uses_states and self.param_groups
+    group0 = self.param_groups[0]["params"] if same_kind else None
     if isinstance(param_states, Mapping):
-      param_states = dict(param_states)
-      if isinstance(self.param_states, Mapping) and uses_states == self._uses_states:
-        param_states = {**self.param_states, **param_states}
-    if not uses_states:
-      param_states = jax.tree.map(jnp.asarray, param_states)
+      taken = [k for k in param_states if (self._group_of(k) or 0) > 0]
+      if taken:
+        raise ValueError(f"parameters {taken} are already in other groups")
+      group0 = {**(group0 if isinstance(group0, Mapping) else {}), **param_states}
+    else:
+      if len(self.param_groups) > 1:
+        raise TypeError("with parameter groups, `param_states` must be a mapping")
+      group0 = param_states
+    if uses_states:
+      others = [g["params"] for g in self.param_groups[1:]]
+      check_unique_states([group0, *others], self._is_state)
+    else:
+      group0 = jax.tree.map(jnp.asarray, group0)
     self._uses_states = uses_states
-    self.param_states = param_states
-    self._is_state = is_state
-    self.opt_state = self._holder(self.tx.init(self._values()))
     self.step_count = self._holder(jnp.asarray(self.step_count.value, jnp.int32))
-    if self._lr_holder is not None:
-      self._lr_holder = self._holder(self._lr_holder.value)
+    if self._current_lr is not None:
+      self._current_lr = self._holder(self._current_lr.value)
+    weight_decay = self.param_groups[0]["weight_decay"] if same_kind else None
+    group = {
+      "params": group0,
+      "lr": self._schedule if self._schedule is not None else self._current_lr,
+      "weight_decay": self.weight_decay if weight_decay is None else weight_decay,
+    }
+    opt_state = self._holder(self._group_tx(group, 0).init(self._values(group0)))
+    self.param_groups[:1] = [group]
+    self.opt_state = opt_state
+    self.param_states = self._all_params()
     return self
 
-  def _values(self) -> Any:
-    if not self._uses_states:
-      return self.param_states
-    return jax.tree.map(lambda s: s.value, self.param_states, is_leaf=self._is_state)
+  def add_param_group(self, params: Mapping[Any, Any], **kwargs: Any) -> None:
+    """Adds a group of parameters with its own learning rate and weight decay.
 
-  def _select(self, grads: Any) -> Any:
-    """``grads`` restricted to the registered keys (extra keys are ignored)."""
-    if not isinstance(self.param_states, Mapping):
+    The group runs its own SM3 chain (own accumulators, momentum and step
+    count), exactly as a separate ``SM3`` over ``params`` would; its
+    parameters join :attr:`param_states` and :meth:`step` updates them.
+
+    Args:
+      params: a mapping of ``brainstate.State`` objects (or of arrays, in
+        plain mode), with keys not registered before.
+      **kwargs: ``lr`` (a float ``>= 0`` or an optax schedule; default
+        :attr:`base_lr`, or the optax schedule given as ``lr``) and
+        ``weight_decay`` (``>= 0``; default the constructor's).
+
+    Raises:
+      ValueError: if called before :meth:`register_trainable_weights`, for
+        an empty ``params``, a parameter already in a group, or a
+        hyperparameter out of range.
+      TypeError: for another keyword, parameters of another kind than those
+        registered, or a registered tree that is not a mapping.
+    """
+    if self.opt_state is None:
+      raise ValueError(
+        "register_trainable_weights must be called before add_param_group"
+      )
+    unknown = sorted(set(kwargs) - set(_GROUP_OPTIONS))
+    if unknown:
+      raise TypeError(
+        f"add_param_group got {unknown}; a group sets only {list(_GROUP_OPTIONS)} "
+        "(momentum, eps and clipping belong to the optimizer: make another "
+        "SM3 for other values)"
+      )
+    if not isinstance(params, Mapping) or not isinstance(self.param_states, Mapping):
+      raise TypeError(
+        "add_param_group needs `params` and the registered parameters to be "
+        f"mappings, got {type(params).__name__} and "
+        f"{type(self.param_states).__name__}"
+      )
+    if self._check_leaves(params, "params", "add_param_group") != self._uses_states:
+      raise TypeError("`params` must be of the kind registered (States or arrays)")
+    taken = {k: self._group_of(k) for k in params if self._group_of(k) is not None}
+    if taken:
+      raise ValueError(
+        "parameters already in a group (key: group index): "
+        + ", ".join(f"{k!r}: {i}" for k, i in taken.items())
+      )
+    if self._uses_states:
+      groups = [g["params"] for g in self.param_groups]
+      check_unique_states([*groups, dict(params)], self._is_state)
+    lr = kwargs.get(
+      "lr", self._schedule if self._schedule is not None else self.base_lr
+    )
+    if is_scheduler(lr):
+      raise TypeError(
+        "a group's `lr` must be a float or an optax schedule; a braintools "
+        "scheduler with one base_lr per group, given as the optimizer's `lr`, "
+        "drives the groups' rates"
+      )
+    if not callable(lr):
+      _validation.check_range("lr", lr, low=0.0)
+      lr = self._holder(jnp.asarray(lr, jnp.float32))
+    weight_decay = kwargs.get("weight_decay", self.weight_decay)
+    _validation.check_range("weight_decay", weight_decay, low=0.0)
+    params = dict(params)
+    if not self._uses_states:
+      params = jax.tree.map(jnp.asarray, params)
+    group = {"params": params, "lr": lr, "weight_decay": weight_decay}
+    tx = self._group_tx(group, len(self.param_groups))
+    opt_state = self._holder(tx.init(self._values(params)))
+    self.param_groups.append(group)
+    self.param_groups_opt_states.append(opt_state)
+    self.param_states = self._all_params()
+
+  def _all_params(self) -> Any:
+    first = self.param_groups[0]["params"]
+    if not isinstance(first, Mapping):
+      return first
+    return {k: v for group in self.param_groups for k, v in group["params"].items()}
+
+  def _values(self, params: Any) -> Any:
+    if not self._uses_states:
+      return params
+    return jax.tree.map(lambda s: s.value, params, is_leaf=self._is_state)
+
+  # Steps ---------------------------------------------------------------------
+
+  def _select(self, grads: Any, params: Any) -> Any:
+    """``grads`` restricted to the keys of ``params`` (extra keys are ignored)."""
+    if not isinstance(params, Mapping):
       return grads
     if not isinstance(grads, Mapping):
       raise TypeError(
         f"`grads` must be a mapping like the parameters, got {type(grads)}"
       )
-    missing = [key for key in self.param_states if key not in grads]
+    missing = [key for key in params if key not in grads]
     if missing:
       raise ValueError(f"`grads` lacks gradients for registered parameters {missing}")
-    return {key: grads[key] for key in self.param_states}
+    return {key: grads[key] for key in params}
 
-  def step(self, grads: Any) -> Any:
-    """Applies one SM3 update and writes the new values back.
+  def step(self, grads: Any, **extra_args: Any) -> Any:
+    """Applies one SM3 update to every group and writes the new values back.
 
     Args:
       grads: gradients with the registered tree's structure (a State's
-        gradient has the structure of its value).
+        gradient has the structure of its value); keys of no group are
+        ignored.
+      **extra_args: passed on to the optax ``update`` (as braintools does).
 
     Returns:
-      The new parameter values (also written into the states, or kept in
-      :attr:`param_states` in plain mode).
+      The new parameter values, all groups together (also written into the
+      states, or kept in :attr:`param_states` in plain mode).
 
     Raises:
-      ValueError: if called before :meth:`register_trainable_weights`.
+      ValueError: if called before :meth:`register_trainable_weights`, or if
+        ``grads`` lacks a registered parameter.
+      TypeError: in plain mode, under a JAX transformation (use :attr:`tx`).
     """
     if self.opt_state is None:
       raise ValueError("register_trainable_weights must be called before step")
-    values = self._values()
-    updates, new_opt_state = self.tx.update(
-      self._select(grads), self.opt_state.value, values
-    )
-    new_values = optax.apply_updates(values, updates)
-    if self._uses_states:
-      treedef = jax.tree.structure(self.param_states, is_leaf=self._is_state)
-      state_leaves = treedef.flatten_up_to(self.param_states)
-      for state, value in zip(
-        state_leaves, treedef.flatten_up_to(new_values), strict=True
-      ):
-        state.value = value
-    else:
-      self.param_states = new_values
-    self.opt_state.value = new_opt_state
+    if not self._uses_states and has_tracer(grads):
+      raise traced_plain_mode_error("step")
+    holders = [self.opt_state, *self.param_groups_opt_states]
+    results = []
+    for index, (group, holder) in enumerate(
+      zip(self.param_groups, holders, strict=True)
+    ):
+      values = self._values(group["params"])
+      updates, new_state = self._group_tx(group, index).update(
+        self._select(grads, group["params"]), holder.value, values, **extra_args
+      )
+      results.append((optax.apply_updates(values, updates), new_state))
+    if not self._uses_states and has_tracer(results):
+      raise traced_plain_mode_error("step")
+    for group, holder, (new_values, new_state) in zip(
+      self.param_groups, holders, results, strict=True
+    ):
+      if self._uses_states:
+        treedef = jax.tree.structure(group["params"], is_leaf=self._is_state)
+        for state, value in zip(
+          treedef.flatten_up_to(group["params"]),
+          treedef.flatten_up_to(new_values),
+          strict=True,
+        ):
+          state.value = value
+      else:
+        group["params"] = new_values
+      holder.value = new_state
+    self.param_states = self._all_params()
     self.step_count.value = self.step_count.value + 1
-    return new_values
+    if self._uses_states:
+      return self._values(self.param_states)
+    return self.param_states
 
-  def update(self, grads: Any) -> Any:
+  def update(self, grads: Any, **extra_args: Any) -> Any:
     """Same as :meth:`step` (the braintools ``Optimizer.update`` name)."""
-    return self.step(grads)
+    return self.step(grads, **extra_args)
 
   # Checkpoints ---------------------------------------------------------------
 
   def state_dict(self) -> dict[str, Any]:
-    """The optimizer's state: ``step_count``, ``lr``, ``base_lr``, ``opt_state``.
+    """The optimizer's state, in braintools' layout.
 
-    The parameters themselves are not included (checkpoint the model), nor a
-    braintools scheduler's own state (use its ``state_dict``), as in
-    braintools.
+    Returns:
+      ``{'step_count', 'lr', 'base_lr', 'param_groups':
+      {'0': {'lr', 'weight_decay'}, '1': ...}, 'param_groups_opt_states':
+      {'0': <group 1's optax state>, ...}, 'opt_state': <group 0's>}``.
+      The parameters themselves are not included (checkpoint the model),
+      nor a scheduler's own state (use its ``state_dict``), and a group
+      whose ``lr`` is an optax schedule has no ``'lr'`` entry.
     """
-    lr = self.current_lr
+    groups = {}
+    for index, group in enumerate(self.param_groups):
+      entry = {"weight_decay": read(group["weight_decay"])}
+      if not _is_schedule(group["lr"]):
+        entry["lr"] = read(group["lr"])
+      groups[str(index)] = entry
     return {
       "step_count": self.step_count.value,
-      "lr": lr,
+      "lr": self.current_lr,
       "base_lr": self.base_lr,
+      "param_groups": groups,
+      "param_groups_opt_states": {
+        str(i): holder.value for i, holder in enumerate(self.param_groups_opt_states)
+      },
       "opt_state": None if self.opt_state is None else self.opt_state.value,
     }
 
   def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
     """Restores what :meth:`state_dict` returned.
 
+    Everything is checked before anything changes. Register the same
+    parameters and add the same groups first, as in braintools.
+
     Args:
       state_dict: the mapping from :meth:`state_dict` (possibly after a
         serialisation round trip that turned tuples into other sequences).
 
     Raises:
-      ValueError: if the saved optimizer state does not match the registered
-        parameters.
+      ValueError: if the checkpoint's groups or optimizer states do not
+        match the registered ones (the message names the first mismatching
+        leaf by its tree path, with both shapes), or a rate or weight decay
+        is out of range.
+      TypeError: in plain mode, under a JAX transformation.
     """
-    self.step_count.value = jnp.asarray(state_dict["step_count"], jnp.int32)
-    if self._schedule is None and "lr" in state_dict:
-      self.current_lr = state_dict["lr"]
+    if not self._uses_states and has_tracer(dict(state_dict)):
+      raise traced_plain_mode_error("load_state_dict")
     saved = state_dict.get("opt_state")
-    if saved is None:
-      return
-    if self.opt_state is None:
+    if saved is not None and self.opt_state is None:
       raise ValueError(
         "register_trainable_weights must be called before load_state_dict"
       )
-    template = self.opt_state.value
-    saved_leaves = jax.tree.leaves(saved)
-    template_leaves = jax.tree.leaves(template)
-    if len(saved_leaves) != len(template_leaves) or any(
-      np.shape(a) != np.shape(b)
-      for a, b in zip(saved_leaves, template_leaves, strict=True)
+    groups = state_dict.get("param_groups")
+    group_states = state_dict.get("param_groups_opt_states")
+    for name, found, count in (
+      ("param_groups", groups, len(self.param_groups)),
+      ("param_groups_opt_states", group_states, len(self.param_groups_opt_states)),
     ):
-      raise ValueError(
-        "`state_dict['opt_state']` does not match the registered parameters: "
-        f"{len(saved_leaves)} arrays saved, {len(template_leaves)} expected"
-      )
-    self.opt_state.value = jax.tree.unflatten(
-      jax.tree.structure(template),
-      [
-        jnp.asarray(a, b.dtype)
-        for a, b in zip(saved_leaves, template_leaves, strict=True)
-      ],
-    )
+      if found is not None and self.opt_state is not None and len(found) != count:
+        raise ValueError(
+          f"`state_dict['{name}']` has {len(found)} entries, this optimizer "
+          f"{count}: add the same parameter groups (add_param_group) before "
+          "load_state_dict"
+        )
+    restored = None
+    if saved is not None:
+      restored = [restore_like("state_dict['opt_state']", saved, self.opt_state.value)]
+      for i, holder in enumerate(self.param_groups_opt_states):
+        if group_states is not None:
+          restored.append(
+            restore_like(
+              f"state_dict['param_groups_opt_states']['{i}']",
+              group_states[str(i)],
+              holder.value,
+            )
+          )
+    hyper = []
+    for i, entry in (groups or {}).items():
+      for key in ("lr", "weight_decay"):
+        if key in entry:
+          _validation.check_range(f"param_groups[{i}]['{key}']", entry[key], low=0.0)
+          hyper.append((int(i), key, entry[key]))
+    if self._schedule is None and "lr" in state_dict:
+      _validation.check_range("lr", state_dict["lr"], low=0.0)
+
+    self.step_count.value = jnp.asarray(state_dict["step_count"], jnp.int32)
+    if self._schedule is None:
+      if "base_lr" in state_dict:
+        self._base_lr = state_dict["base_lr"]
+      if "lr" in state_dict:
+        self.current_lr = state_dict["lr"]
+    for i, key, value in hyper:
+      group = self.param_groups[i]
+      if key == "weight_decay":
+        group[key] = float(value)
+      elif hasattr(group["lr"], "value"):
+        group["lr"].value = jnp.asarray(value, jnp.float32)
+    if restored is not None:
+      holders = [self.opt_state, *self.param_groups_opt_states]
+      for holder, value in zip(holders, restored, strict=False):
+        holder.value = value
