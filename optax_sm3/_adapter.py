@@ -299,12 +299,12 @@ class SM3:
 
   def _make_tx(self, learning_rate: Any, weight_decay: Any, name: str) -> Any:
     _validation.check_range(name, weight_decay, low=0.0)
-    return _sm3.sm3(
+    # The decay stage is kept even at 0, so the chain (and its state) keeps
+    # one structure whatever the group's weight decay is set to later.
+    return _sm3.sm3_with_weight_decay_stage(
       learning_rate,
       momentum=self.momentum,
       eps=self.eps,
-      # An array, never a static zero, so the chain (and its state) keeps
-      # one structure whatever the group's weight decay is set to later.
       weight_decay=jnp.asarray(weight_decay, jnp.float32),
       weight_decay_mode="coupled",
       grad_clip_norm=self.grad_clip_norm,

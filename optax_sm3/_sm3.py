@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import optax
@@ -129,6 +130,43 @@ def sm3(
     Anil et al., `Memory-Efficient Adaptive Optimization
     <https://arxiv.org/abs/1901.11150>`_, 2019
   """
+  return _build(dict(locals()), keep_weight_decay=False)
+
+
+def sm3_with_weight_decay_stage(
+  learning_rate: optax.ScalarOrSchedule, **kwargs: Any
+) -> optax.GradientTransformation:
+  """:func:`sm3` whose weight-decay stage is on even for a decay of 0 at init.
+
+  For the :class:`optax_sm3.SM3` adapter, whose parameter groups may change
+  their weight decay after the state was created.
+  """
+  settings = inspect.signature(sm3).bind(learning_rate, **kwargs)
+  settings.apply_defaults()
+  return _build(settings.arguments, keep_weight_decay=True)
+
+
+def _build(settings: dict[str, Any], *, keep_weight_decay: bool):
+  """The chain of :func:`sm3` for its (checked here) ``settings``."""
+  (
+    learning_rate,
+    momentum,
+    beta,
+    eps,
+    nesterov,
+    mu_dtype,
+    weight_decay,
+    weight_decay_mode,
+    weight_decay_mask,
+    grad_clip_norm,
+    grad_clip_value,
+    variant,
+    accumulator_dtype,
+    stacked_axes,
+    merge_axes_up_to,
+    skip_unit_axes,
+    block_size,
+  ) = (settings[name] for name in inspect.signature(sm3).parameters)
   if not callable(learning_rate):
     _validation.check_range("learning_rate", learning_rate, low=0.0)
   if momentum is not None:
@@ -146,7 +184,9 @@ def sm3(
     if bound is not None:
       _validation.check_range(name, bound, low=0.0, low_open=True)
 
-  decay = _weight_decay.add_decayed_weights(weight_decay, weight_decay_mask)
+  decay = _weight_decay.add_decayed_weights(
+    weight_decay, weight_decay_mask, always=keep_weight_decay
+  )
   return optax.chain(
     *([] if grad_clip_norm is None else [optax.clip_by_global_norm(grad_clip_norm)]),
     *([] if grad_clip_value is None else [optax.clip(grad_clip_value)]),

@@ -24,7 +24,7 @@ class WeightDecayState(NamedTuple):
 
 
 def add_decayed_weights(
-  weight_decay: Any, mask: Any = None
+  weight_decay: Any, mask: Any = None, *, always: bool = False
 ) -> optax.GradientTransformation:
   """``optax.add_decayed_weights`` that is left out when the decay is 0 at init.
 
@@ -38,6 +38,8 @@ def add_decayed_weights(
   Args:
     weight_decay: the decay rate, ``>= 0``; may be traced.
     mask: as :func:`optax.add_decayed_weights`.
+    always: keep the stage on even for a decay of 0 at ``init`` (then
+      ``update`` always needs ``params``).
 
   Returns:
     A :class:`optax.GradientTransformation`.
@@ -45,7 +47,7 @@ def add_decayed_weights(
   inner = optax.add_decayed_weights(weight_decay, mask)
 
   def init_fn(params):
-    if _validation.concrete_zero(weight_decay):
+    if not always and _validation.concrete_zero(weight_decay):
       return optax.EmptyState()
     return WeightDecayState(inner.init(params))
 

@@ -785,7 +785,6 @@ def test_plain_mode_under_jit_raises_and_changes_nothing():
   )
 
 
-@pytest.mark.xfail(strict=True, reason="core zero-size fix lands separately")
 def test_zero_size_parameters():
   shapes = [(0, 5), (5, 0), (2, 0, 3)]
   params = {f"z{i}": jnp.zeros(s) for i, s in enumerate(shapes)}
