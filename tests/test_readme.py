@@ -32,3 +32,22 @@ def test_quickstart_example_file_matches_readme():
     return "\n".join(line for line in text.splitlines() if line.strip())
 
   assert lines(code) in lines(example)
+
+
+def test_sharded_state_table_matches_readme():
+  # The script sets XLA_FLAGS for 8 devices itself, so it runs in a fresh process.
+  import subprocess
+  import sys
+
+  result = subprocess.run(
+    [sys.executable, str(ROOT / "examples" / "sharded_state_memory.py")],
+    capture_output=True,
+    text=True,
+    check=True,
+    timeout=300,
+  )
+  rows = [line for line in result.stdout.splitlines() if line.startswith("| `")]
+  assert len(rows) == 3
+  readme = (ROOT / "README.md").read_text()
+  for row in rows:
+    assert row in readme, row
