@@ -42,18 +42,6 @@ class SparseState(nnx.Variable):
   """The optimizer state of a :class:`SparseEmbed` table (not a parameter)."""
 
 
-@jax.custom_jvp
-def _value_of_first(value: jax.Array, through: jax.Array) -> jax.Array:
-  """``value``, differentiated as ``through`` (same shape)."""
-  del through
-  return value
-
-
-@_value_of_first.defjvp
-def _value_of_first_jvp(primals, tangents):
-  return primals[0], tangents[1]
-
-
 class SparseEmbed(nnx.Module):
   """``nnx.Embed`` whose table is trained one looked-up row at a time.
 
@@ -137,18 +125,14 @@ class SparseEmbed(nnx.Module):
     synced, _ = self.sparse_rows.sync(
       jax.lax.stop_gradient(state), jax.lax.stop_gradient(table)
     )
-    return _value_of_first(synced, table)
+    return _sparse_grad.value_of_first(synced, table)
 
   def _read(self, table: jax.Array, ids: jax.Array) -> jax.Array:
     if self.sparse_rows is None:
       return jnp.take(table, ids, axis=0)
-    state = jax.lax.stop_gradient(nnx.as_pure(self.sparse_state))
-    flat = ids.reshape(-1)
-    rows = self.sparse_rows.lookup(flat, state, jax.lax.stop_gradient(table))
-    # The rows' value is the optimizer's; their gradient goes to the table
-    # (when the table is differentiated densely), as through a gather.
-    rows = _value_of_first(rows, jnp.take(table, flat, axis=0))
-    return rows.reshape(ids.shape + table.shape[1:])
+    return _sparse_grad.current_rows(
+      self.sparse_rows.lookup, nnx.as_pure(self.sparse_state), table, ids
+    )
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
     """Embeds ``inputs`` (integer ids of any shape) along a new last axis.
@@ -238,7 +222,7 @@ def value_and_grad(
     >>> embed = optax_sm3.nnx.SparseEmbed(1000, 2, rngs=nnx.Rngs(0))
     >>> loss = lambda m: jnp.sum(m(jnp.array([[3, 5], [3, 9]])) ** 2)
     >>> _, grads = optax_sm3.nnx.value_and_grad(loss)(embed)
-    >>> print(grads["embedding"].value.indices)
+    >>> print(grads["embedding"].get_value().indices)
     [3 5 3 9]
   """
 

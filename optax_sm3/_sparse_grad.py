@@ -69,8 +69,9 @@ class _Call(NamedTuple):
 class _Recording:
   """Context of the abstract trace: records lookups, keeps tables constant."""
 
-  def __init__(self, resolve: Callable[[Any], Hashable | None]):
+  def __init__(self, resolve: Callable[[Any], Hashable | None], reader=None):
     self.resolve = resolve  # table handle -> key (None: not a tracked table).
+    self.reader = reader  # key -> read_rows to use instead (None: the caller's).
     self.calls: list[_Call] = []
 
   def gather(self, key, table, ids, read_rows):
@@ -90,8 +91,10 @@ class _Differentiating:
     calls: Sequence[_Call],
     dense: frozenset,
     perturbations: dict[int, jax.Array],
+    reader=None,
   ):
     self.resolve = resolve
+    self.reader = reader
     self.calls = calls
     self.dense = dense  # Keys of tables also read outside lookups.
     self.perturbations = perturbations  # call number -> zeros of its rows.
@@ -179,7 +182,34 @@ def gather(
   key = None if context is None else context.resolve(handle)
   if key is None:
     return read_rows(table, ids)
+  if context.reader is not None:
+    read_rows = context.reader(key) or read_rows
   return context.gather(key, table, ids, read_rows)
+
+
+@jax.custom_jvp
+def value_of_first(value: jax.Array, through: jax.Array) -> jax.Array:
+  """``value``, differentiated as ``through`` (same shape): a straight-through."""
+  del through
+  return value
+
+
+@value_of_first.defjvp
+def _value_of_first_jvp(primals, tangents):
+  return primals[0], tangents[1]
+
+
+def current_rows(lookup, state: Any, table: jax.Array, ids: jax.Array) -> jax.Array:
+  """``lookup(ids, state, table)`` (rows as the optimizer holds them now).
+
+  The value is the optimizer's; the gradient reaches ``table`` as through
+  ``jnp.take(table, ids, axis=0)`` (the rows are the table's, caught up), so
+  a table differentiated densely gets the gradient of its current value.
+  """
+  flat = ids.reshape(-1)
+  rows = lookup(flat, jax.lax.stop_gradient(state), jax.lax.stop_gradient(table))
+  rows = value_of_first(rows, jnp.take(table, flat, axis=0))
+  return rows.reshape(ids.shape + table.shape[1:])
 
 
 def unused_tangents(
@@ -282,12 +312,12 @@ def sparse_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> import optax_sm3
+    >>> from optax_sm3._sparse_grad import sparse_lookup, sparse_value_and_grad
     >>> params = {"table": jnp.ones((1000, 2)), "scale": jnp.asarray(2.0)}
     >>> def loss(params, ids):
-    ...   rows = optax_sm3.sparse_lookup(params["table"], ids)
+    ...   rows = sparse_lookup(params["table"], ids)
     ...   return params["scale"] * jnp.sum(rows)
-    >>> value, grads = optax_sm3.sparse_value_and_grad(loss)(params, jnp.array([4, 4, 9]))
+    >>> value, grads = sparse_value_and_grad(loss)(params, jnp.array([4, 4, 9]))
     >>> print(value, grads["scale"], grads["table"].indices)
     12.0 6.0 [4 4 9]
     >>> print(grads["table"].row_grads.shape)
@@ -332,6 +362,10 @@ def sparse_value_and_grad(
     ValueError: if one array object is passed at two leaves and looked up
       (its gradient could not be attributed).
   """
+  return _value_and_grad(fun, argnums, has_aux, None)
+
+
+def _value_and_grad(fun, argnums, has_aux, reader) -> Callable[..., Any]:
 
   @functools.wraps(fun)
   def wrapper(*args):
@@ -367,7 +401,7 @@ def sparse_value_and_grad(
       for p, leaf in enumerate(flat)
       if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
     ]
-    recording = _Recording(None)
+    recording = _Recording(None, reader)
 
     def traced(values):
       leaves = list(flat)
@@ -395,7 +429,7 @@ def sparse_value_and_grad(
       leaves = list(flat)
       for p, v in zip(diff_positions, diff_values, strict=True):
         leaves[p] = v
-      context = _Differentiating(resolver(leaves), calls, dense, perts)
+      context = _Differentiating(resolver(leaves), calls, dense, perts, reader)
       with active(context):
         out = fun(*with_leaves(leaves))
       value, aux = out if has_aux else (out, None)
