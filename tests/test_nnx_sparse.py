@@ -415,3 +415,22 @@ def test_import_needs_no_flax_and_names_the_extra():
     [sys.executable, "-c", code], capture_output=True, text=True, env=env
   )
   assert "pip install 'optax-sm3[flax]'" in out.stdout, out.stderr
+
+
+@pytest.mark.skipif(
+  os.environ.get("OPTAX_SM3_EXAMPLES") != "1",
+  reason="runs examples/nnx_sparse_embedding.py --quick (~25 s); set OPTAX_SM3_EXAMPLES=1",
+)
+def test_example_quick():
+  pytest.importorskip("benchmarks._data").package_dir("recbole")
+  out = subprocess.run(
+    [sys.executable, "-m", "examples.nnx_sparse_embedding", "--quick"],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=dict(os.environ, PYTHONPATH=ROOT),
+    check=True,
+  ).stdout
+  rel = float(re.search(r"max relative \|sparse - dense\| = (\S+)", out).group(1))
+  speed_up = float(re.search(r"step speed-up = (\S+)x", out).group(1))
+  assert rel <= 1e-5 and speed_up > 1.0, out
