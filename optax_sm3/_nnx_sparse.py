@@ -32,7 +32,7 @@ from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 from flax.nnx.training.optimizer import OptState, to_opt_state
 
-from optax_sm3 import _sm3, _sparse, _sparse_grad
+from optax_sm3 import _sparse, _sparse_grad
 from optax_sm3._sparse_grad import SparseGrad
 
 _default_embed_init = initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
@@ -406,9 +406,6 @@ class SparseOptimizer(nnx.Pytree):
     self.sparse_rows = _sparse.sparse_rows(
       learning_rate, momentum, beta, eps, weight_decay
     )
-    self.dense_tables = _sm3.sm3(
-      learning_rate, momentum, beta, eps, weight_decay=weight_decay
-    )
     tables = _sparse_paths(model)
     self.table_shapes = tuple(
       (path, tuple(module.embedding.shape)) for path, module in sorted(tables.items())
@@ -514,11 +511,11 @@ class SparseOptimizer(nnx.Pytree):
           )
         table, state = self.sparse_rows.update(indices, row_grads, state, table)
       elif hasattr(grad, "shape") and tuple(grad.shape) == tuple(table.shape):
-        # The table was read densely (attend): the dense SM3 step on the
-        # current table.
-        table, state = self.sparse_rows.sync(state, table)
-        step_updates, state = self.dense_tables.update(grad, state, table)
-        table = optax.apply_updates(table, step_updates)
+        # The table was read densely (attend): every row is in the batch, so
+        # the sparse step is the dense SM3 step (sparse_rows is exact for
+        # any indices), whatever the state keeps.
+        rows = jnp.arange(table.shape[0], dtype=jnp.int32)
+        table, state = self.sparse_rows.update(rows, grad, state, table)
       else:
         raise TypeError(
           f"the gradient for the table at {_path_str(path)} must be a SparseGrad "

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_sm3 import _sm3, _sparse, _sparse_grad
+from optax_sm3 import _sparse, _sparse_grad
 from optax_sm3._sparse_grad import SparseGrad
 
 
@@ -112,7 +112,6 @@ def sparse_tables(
     [0.9 0.9] [1. 1.] 1.6
   """
   rows = _sparse.sparse_rows(learning_rate, momentum, beta, eps, weight_decay)
-  dense = _sm3.sm3(learning_rate, momentum, beta, eps, weight_decay=weight_decay)
 
   def mask_of(params) -> list[bool]:
     mask = tables(params) if callable(tables) else tables
@@ -181,9 +180,9 @@ def sparse_tables(
           row_grads = jnp.zeros((1, *table.shape[1:]), table.dtype)
         table, table_state = rows.update(indices, row_grads, table_state, table)
       elif hasattr(g, "shape") and tuple(g.shape) == tuple(table.shape):
-        table, table_state = rows.sync(table_state, table)
-        step, table_state = dense.update(g, table_state, table)
-        table = optax.apply_updates(table, step)
+        # Read densely: every row in the batch is the dense SM3 step.
+        every = jnp.arange(table.shape[0], dtype=jnp.int32)
+        table, table_state = rows.update(every, g, table_state, table)
       else:
         raise TypeError(
           "a table's gradient must be a SparseGrad or an array of the table's "
