@@ -465,3 +465,24 @@ def test_example_quick():
   rel = float(re.search(r"max relative \|sparse - dense\| = (\S+)", out).group(1))
   speed_up = float(re.search(r"step speed-up = (\S+)x", out).group(1))
   assert rel <= 1e-5 and speed_up > 1.0, out
+
+
+def test_shared_module_and_nnx_jit():
+  class Shared(nnx.Module):
+    def __init__(self, rngs):
+      self.users = sparse_nnx.SparseEmbed(20, 3, rngs=rngs)
+      self.items = self.users  # One table, two names.
+
+    def __call__(self, u, i):
+      return jnp.sum(self.users(u) * self.items(i), axis=-1)
+
+  model = Shared(nnx.Rngs(0))
+  u, i = jnp.array([1, 2, 2]), jnp.array([2, 5, 1])
+  loss = lambda m: jnp.sum(m(u, i) ** 2)
+  ref = nnx.grad(loss)(model)
+  grads = nnx.jit(sparse_nnx.grad(loss))(model)
+  (path,) = [p for p, _ in nnx.to_flat_state(grads)]
+  g = dict(nnx.to_flat_state(grads))[path].get_value()
+  np.testing.assert_array_equal(g.indices, [1, 2, 2, 2, 5, 1])
+  dense = jnp.zeros((20, 3)).at[g.indices].add(g.row_grads)
+  np.testing.assert_allclose(dense, ref[path[0]]["embedding"][...], rtol=1e-6)
