@@ -365,7 +365,12 @@ def sparse_value_and_grad(
   return _value_and_grad(fun, argnums, has_aux, None)
 
 
-def _value_and_grad(fun, argnums, has_aux, reader) -> Callable[..., Any]:
+def _value_and_grad(
+  fun, argnums, has_aux, reader, known_tables: frozenset = frozenset()
+) -> Callable[..., Any]:
+  """:func:`sparse_value_and_grad`; ``reader`` maps a table's leaf position to
+  its ``read_rows``; ``known_tables`` are leaf positions that are tables even
+  when not looked up (they get an empty :class:`SparseGrad` then)."""
 
   @functools.wraps(fun)
   def wrapper(*args):
@@ -415,7 +420,7 @@ def _value_and_grad(fun, argnums, has_aux, reader) -> Callable[..., Any]:
 
     unused = unused_tangents(traced, [flat[p] for p in float_positions])
     calls = list(recording.calls)
-    tables = {call.key for call in calls}
+    tables = {call.key for call in calls} | set(known_tables)
     dense = frozenset(
       p
       for p, free in zip(float_positions, unused, strict=True)
@@ -443,7 +448,13 @@ def _value_and_grad(fun, argnums, has_aux, reader) -> Callable[..., Any]:
     for p, g in zip(diff_positions, diff_grads, strict=True):
       grads[p] = g
     for p in sparse:
-      grads[p] = by_table[p]
+      if p in by_table:
+        grads[p] = by_table[p]
+      else:  # A table not looked up: no rows.
+        shape, dtype = jnp.shape(flat[p]), jnp.result_type(flat[p])
+        grads[p] = SparseGrad(
+          jnp.zeros((0,), jnp.int32), jnp.zeros((0, *shape[1:]), dtype)
+        )
     grads = jax.tree.unflatten(treedef, grads)
     grads = grads[0] if isinstance(argnums, int) else tuple(grads)
     return ((value, aux) if has_aux else value), grads

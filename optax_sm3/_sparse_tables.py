@@ -224,7 +224,8 @@ def sparse_tables(
           rows.lookup, table_state, t, ids
         )
 
-      return _sparse_grad._value_and_grad(fun, 0, has_aux, reader)(params, *args)
+      known = frozenset(number)
+      return _sparse_grad._value_and_grad(fun, 0, has_aux, reader, known)(params, *args)
 
     return wrapped
 

@@ -172,6 +172,7 @@ def _check_sparse_tables(hyper, seed, steps, rtol):
     def sparse_body(carry, batch):
       params, state = carry
       _, grads = opt.value_and_grad(_loss)(state, params, *batch)
+      assert grads["unused"].indices.shape == (0,)  # Known table, no lookup.
       return opt.update(grads, state, params), None
 
     def dense_body(carry, batch):
