@@ -486,3 +486,57 @@ def test_shared_module_and_nnx_jit():
   np.testing.assert_array_equal(g.indices, [1, 2, 2, 2, 5, 1])
   dense = jnp.zeros((20, 3)).at[g.indices].add(g.row_grads)
   np.testing.assert_allclose(dense, ref[path[0]]["embedding"][...], rtol=1e-6)
+
+
+# The README's "Sparse embeddings from Flax" example, verbatim, and its output.
+README_EXAMPLE = """\
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+import optax_sm3.nnx
+
+
+class Model(nnx.Module):
+  def __init__(self, rngs):
+    self.items = optax_sm3.nnx.SparseEmbed(100_000, 32, rngs=rngs)  # as nnx.Embed
+    self.head = nnx.Linear(32, 1, rngs=rngs)
+
+  def __call__(self, ids):  # ids: (batch, bag) ints
+    return self.head(self.items(ids).mean(axis=1))[:, 0]
+
+
+model = Model(nnx.Rngs(0))
+# Exact row-sparse SM3 for the SparseEmbed table, adam for everything else.
+optimizer = optax_sm3.nnx.SparseOptimizer(model, optax.adam(1e-2), learning_rate=0.1)
+
+
+@nnx.jit
+def train_step(model, optimizer, ids, y):
+  loss_fn = lambda m: jnp.mean((m(ids) - y) ** 2)
+  loss, grads = optax_sm3.nnx.value_and_grad(loss_fn)(model)  # table: (ids, rows)
+  optimizer.update(model, grads)
+  return loss
+
+
+ids = jnp.array([[1, 5, 7], [5, 99_999, 5]])
+y = jnp.array([1.0, -1.0])
+for step in range(3):
+  print(f"step {step}: loss {train_step(model, optimizer, ids, y):.4f}")
+optimizer.sync(model)  # model.items.embedding is current (for export, checkpoints)
+"""
+README_OUTPUT = """\
+step 0: loss 1.2212
+step 1: loss 0.4884
+step 2: loss 0.2771
+"""
+
+
+def test_readme_example():
+  import contextlib
+  import io
+
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    exec(compile(README_EXAMPLE, "README.md", "exec"), {"__name__": "__readme__"})
+  assert out.getvalue().split() == README_OUTPUT.split()
