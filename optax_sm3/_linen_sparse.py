@@ -102,5 +102,8 @@ class SparseEmbed(nn.Module):
 
   def attend(self, query: jax.Array) -> jax.Array:
     """``query @ embedding.T`` (tied output embeddings), as ``nn.Embed.attend``."""
-    query, embedding = self.promote_dtype(query, self.embedding, dtype=self.dtype)
+    # Under sparse_tables(...).value_and_grad: the table as the optimizer
+    # holds it now (rows the sparse step left behind caught up).
+    table = _sparse_grad.current_table(self.embedding)
+    query, embedding = self.promote_dtype(query, table, dtype=self.dtype)
     return jnp.dot(query, embedding.T)

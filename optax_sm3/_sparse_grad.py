@@ -72,6 +72,7 @@ class _Recording:
   def __init__(self, resolve: Callable[[Any], Hashable | None], reader=None):
     self.resolve = resolve  # table handle -> key (None: not a tracked table).
     self.reader = reader  # key -> read_rows to use instead (None: the caller's).
+    self.syncer = None  # key -> (table -> current table), or None.
     self.calls: list[_Call] = []
 
   def gather(self, key, table, ids, read_rows):
@@ -95,6 +96,7 @@ class _Differentiating:
   ):
     self.resolve = resolve
     self.reader = reader
+    self.syncer = None
     self.calls = calls
     self.dense = dense  # Keys of tables also read outside lookups.
     self.perturbations = perturbations  # call number -> zeros of its rows.
@@ -185,6 +187,21 @@ def gather(
   if context.reader is not None:
     read_rows = context.reader(key) or read_rows
   return context.gather(key, table, ids, read_rows)
+
+
+def current_table(table: jax.Array) -> jax.Array:
+  """The whole ``table`` as the optimizer holds it now, for dense reads.
+
+  Inside a helper that reads through an optimizer state (and whose state
+  may leave untouched rows stale), the synced table, differentiated as
+  ``table``; elsewhere ``table`` itself.
+  """
+  context = current()
+  key = None if context is None else context.resolve(table)
+  if key is None or context.syncer is None:
+    return table
+  sync = context.syncer(key)
+  return table if sync is None else sync(table)
 
 
 @jax.custom_jvp
@@ -366,7 +383,7 @@ def sparse_value_and_grad(
 
 
 def _value_and_grad(
-  fun, argnums, has_aux, reader, known_tables: frozenset = frozenset()
+  fun, argnums, has_aux, reader, known_tables: frozenset = frozenset(), syncer=None
 ) -> Callable[..., Any]:
   """:func:`sparse_value_and_grad`; ``reader`` maps a table's leaf position to
   its ``read_rows``; ``known_tables`` are leaf positions that are tables even
@@ -407,6 +424,7 @@ def _value_and_grad(
       if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
     ]
     recording = _Recording(None, reader)
+    recording.syncer = syncer
 
     def traced(values):
       leaves = list(flat)
@@ -435,6 +453,7 @@ def _value_and_grad(
       for p, v in zip(diff_positions, diff_values, strict=True):
         leaves[p] = v
       context = _Differentiating(resolver(leaves), calls, dense, perts, reader)
+      context.syncer = syncer
       with active(context):
         out = fun(*with_leaves(leaves))
       value, aux = out if has_aux else (out, None)

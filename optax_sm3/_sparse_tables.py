@@ -50,7 +50,8 @@ class SparseTables(NamedTuple):
       ``g(state, params, *args) -> (value, grads)``: as
       :func:`optax_sm3.sparse_value_and_grad` of ``fun(params, *args)``,
       with every :func:`optax_sm3.sparse_lookup` of a table reading the rows
-      through ``state``.
+      through ``state`` (and ``current_table``, used by linen's
+      ``attend``, reading the synced table).
   """
 
   init: Callable[[Any], SparseTablesState]
@@ -224,8 +225,21 @@ def sparse_tables(
           rows.lookup, table_state, t, ids
         )
 
+      def syncer(position):
+        if position not in number:
+          return None
+        table_state = jax.lax.stop_gradient(state.tables[number[position]])
+
+        def sync(t):
+          synced, _ = rows.sync(table_state, jax.lax.stop_gradient(t))
+          return _sparse_grad.value_of_first(synced, t)
+
+        return sync
+
       known = frozenset(number)
-      return _sparse_grad._value_and_grad(fun, 0, has_aux, reader, known)(params, *args)
+      return _sparse_grad._value_and_grad(fun, 0, has_aux, reader, known, syncer)(
+        params, *args
+      )
 
     return wrapped
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _lazy_rows import lazy_sparse_rows
 
 import optax_sm3
 
@@ -154,3 +155,47 @@ def test_import_names_the_extra():
     [sys.executable, "-c", code], capture_output=True, text=True, env=env
   )
   assert "pip install 'optax-sm3[flax]'" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_attend_trains_exactly(lazy, monkeypatch):
+  if lazy:  # A stored table that lags: attend must read the synced one.
+    real = optax_sm3._sparse.sparse_rows
+    monkeypatch.setattr(optax_sm3._sparse, "sparse_rows", lazy_sparse_rows(real))
+
+  class Tied(nn.Module):
+    embed: type = sparse_linen.SparseEmbed
+
+    @nn.compact
+    def __call__(self, ids):
+      items = self.embed(30, 4, name="items")
+      return items.attend(items(ids))
+
+  sparse, dense, ids = Tied(), Tied(embed=nn.Embed), jnp.array([[1, 3, 3], [0, 29, 3]])
+  params = sparse.init(jax.random.key(0), ids[0])["params"]
+
+  def loss(model):
+    return lambda p, i: jnp.mean(
+      optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, i), i)
+    )
+
+  hyper = dict(learning_rate=0.1, momentum=0.5, beta=0.5, eps=1e-8)
+  opt = sparse_linen.sparse_tables(
+    optax.sgd(0.1), **hyper, tables=lambda p: jax.tree.map(lambda _: True, p)
+  )
+  ref = optax_sm3.sm3(**hyper)
+
+  @jax.jit
+  def run(params):
+    a, state = params, opt.init(params)
+    b, ref_state = params, ref.init(params)
+    for i in ids:
+      _, grads = opt.value_and_grad(loss(sparse))(state, a, i)
+      a, state = opt.update(grads, state, a)
+      updates, ref_state = ref.update(jax.grad(loss(dense))(b, i), ref_state, b)
+      b = optax.apply_updates(b, updates)
+    return opt.sync(a, state)[0], b
+
+  a, b = run(params)
+  x, y = a["items"]["embedding"], b["items"]["embedding"]
+  assert np.max(np.abs(x - y)) <= 1e-5 * np.max(np.abs(y))
