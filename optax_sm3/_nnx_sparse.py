@@ -154,8 +154,11 @@ class SparseEmbed(nnx.Module):
     """``query @ embedding.T`` (tied output embeddings), as ``nnx.Embed.attend``.
 
     This reads the whole table, so under :func:`value_and_grad` the table's
-    gradient is dense (its lookups included) and :class:`SparseOptimizer`
-    takes the dense SM3 step for it in that step: exact, at ``O(V * D)``.
+    gradient is dense (its lookups included), and :class:`SparseOptimizer`
+    steps every row of it in that step (``sparse_rows`` with all ids, which
+    is the dense SM3 step): exact, at ``O(V * D)`` plus a sort of ``V`` ids.
+    With an optimizer attached it reads the synced table (``sparse_rows``'s
+    ``sync``), so it is current even where stored rows are stale.
     """
     query, embedding = self.promote_dtype(
       (query, self._current(self.embedding[...])), dtype=self.dtype
