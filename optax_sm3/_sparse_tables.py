@@ -1,0 +1,246 @@
+"""One optimizer for a params tree: exact SM3 rows for tables, any tx for the rest.
+
+The plain-JAX (and Flax linen) counterpart of ``optax_sm3.nnx.SparseOptimizer``:
+``sparse_tables(tx, learning_rate, ...)`` returns ``init``/``update``/``sync``
+over a params tree whose table leaves (named by a mask) are trained by
+:func:`optax_sm3.sparse_rows` from the :class:`SparseGrad` of
+:func:`optax_sm3.sparse_value_and_grad`, and the other leaves by ``tx``; and
+a ``value_and_grad`` that reads the tables' rows through the optimizer state
+(``sparse_rows``'s ``lookup``), as the dense optimizer would hold them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_sm3 import _sparse, _sparse_grad
+from optax_sm3._sparse_grad import SparseGrad
+
+
+class SparseTablesState(NamedTuple):
+  """The state of :func:`sparse_tables`.
+
+  Attributes:
+    rest: the state of ``tx`` over the params with the tables set to ``None``.
+    tables: one ``sparse_rows`` state per table leaf, in ``jax.tree.leaves``
+      order of the params.
+  """
+
+  rest: optax.OptState  # tx's state over the non-table leaves.
+  tables: tuple[optax.OptState, ...]  # Per table: sm3(...).init(table).
+
+
+class SparseTables(NamedTuple):
+  """The functions returned by :func:`sparse_tables`.
+
+  Attributes:
+    init: ``init(params) -> state``.
+    update: ``update(grads, state, params) -> (new_params, new_state)``;
+      ``grads`` from :meth:`value_and_grad` (or
+      :func:`optax_sm3.sparse_value_and_grad`): a :class:`SparseGrad` or a
+      dense array at each table leaf, arrays elsewhere.
+    sync: ``sync(params, state) -> (params, state)``: every table current,
+      for evaluation outside ``value_and_grad`` and for checkpoints.
+    value_and_grad: ``value_and_grad(fun, has_aux=False)`` returns
+      ``g(state, params, *args) -> (value, grads)``: as
+      :func:`optax_sm3.sparse_value_and_grad` of ``fun(params, *args)``,
+      with every :func:`optax_sm3.sparse_lookup` of a table reading the rows
+      through ``state`` (and ``current_table``, used by linen's
+      ``attend``, reading the synced table).
+  """
+
+  init: Callable[[Any], SparseTablesState]
+  update: Callable[[Any, SparseTablesState, Any], tuple[Any, SparseTablesState]]
+  sync: Callable[[Any, SparseTablesState], tuple[Any, SparseTablesState]]
+  value_and_grad: Callable[..., Callable[..., Any]]
+
+
+def sparse_tables(
+  tx: optax.GradientTransformation,
+  learning_rate: optax.ScalarOrSchedule,
+  momentum: jax.typing.ArrayLike = 0.0,
+  beta: jax.typing.ArrayLike = 0.0,
+  eps: jax.typing.ArrayLike = 1e-8,
+  weight_decay: jax.typing.ArrayLike = 0.0,
+  *,
+  tables: Any,
+) -> SparseTables:
+  """Exact row-sparse SM3 for the table leaves of a params tree, ``tx`` for the rest.
+
+  The result equals, to float rounding, dense gradients with
+  ``optax_sm3.sm3(learning_rate, momentum, beta, eps,
+  weight_decay=weight_decay)`` on the tables and ``tx`` on the other leaves
+  (e.g. ``optax.multi_transform``). A table whose gradient is dense (it was
+  read other than through ``sparse_lookup``) takes the dense SM3 step.
+
+  Args:
+    tx: optax transformation of the non-table leaves.
+    learning_rate: the tables' learning rate (float or schedule).
+    momentum: as :func:`optax_sm3.sm3`.
+    beta: as :func:`optax_sm3.sm3`.
+    eps: as :func:`optax_sm3.sm3`.
+    weight_decay: the tables' decoupled weight decay.
+    tables: a pytree of bools with the params' structure (``True`` at table
+      leaves) or a function ``params -> `` such a tree, as optax masks.
+
+  Returns:
+    A :class:`SparseTables`.
+
+  Raises:
+    ValueError: at ``update``, for grads whose structure is not the params'
+      or a table whose shape changed since ``init``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from optax_sm3._sparse_grad import sparse_lookup
+    >>> from optax_sm3._sparse_tables import sparse_tables
+    >>> params = {"table": jnp.ones((1000, 2)), "w": jnp.asarray(2.0)}
+    >>> opt = sparse_tables(
+    ...   optax.sgd(0.1), learning_rate=0.1, tables={"table": True, "w": False}
+    ... )
+    >>> state = opt.init(params)
+    >>> def loss(params, ids):
+    ...   return params["w"] * jnp.sum(sparse_lookup(params["table"], ids))
+    >>> value, grads = opt.value_and_grad(loss)(state, params, jnp.array([3, 3]))
+    >>> params, state = opt.update(grads, state, params)
+    >>> print(params["table"][3], params["table"][0], params["w"])
+    [0.9 0.9] [1. 1.] 1.6
+  """
+  rows = _sparse.sparse_rows(learning_rate, momentum, beta, eps, weight_decay)
+
+  def mask_of(params) -> list[bool]:
+    mask = tables(params) if callable(tables) else tables
+    treedef = jax.tree.structure(params)
+    try:
+      flags = treedef.flatten_up_to(mask)
+    except (ValueError, TypeError) as error:
+      raise ValueError(
+        f"`tables` must have the structure of the params: {error}"
+      ) from error
+    return [bool(f) for f in flags]
+
+  def split(params):
+    leaves, treedef = jax.tree.flatten(params)
+    mask = mask_of(params)
+    rest = [None if m else leaf for leaf, m in zip(leaves, mask, strict=True)]
+    table_leaves = [leaf for leaf, m in zip(leaves, mask, strict=True) if m]
+    return leaves, treedef, mask, jax.tree.unflatten(treedef, rest), table_leaves
+
+  def init_fn(params):
+    _, _, _, rest, table_leaves = split(params)
+    return SparseTablesState(tx.init(rest), tuple(rows.init(t) for t in table_leaves))
+
+  def check_state(state, table_leaves):
+    if len(state.tables) != len(table_leaves):
+      raise ValueError(
+        f"`state` holds {len(state.tables)} tables, the params {len(table_leaves)}"
+      )
+    for number, (s, t) in enumerate(zip(state.tables, table_leaves, strict=True)):
+      expected = jax.eval_shape(rows.init, jax.ShapeDtypeStruct(t.shape, t.dtype))
+      shapes = [jnp.shape(a) for a in jax.tree.leaves(s)]
+      if shapes != [a.shape for a in jax.tree.leaves(expected)]:
+        raise ValueError(
+          f"table {number} has shape {tuple(t.shape)}, but its state was made "
+          f"for another shape (state shapes {shapes})"
+        )
+
+  def update_fn(grads, state, params):
+    _, treedef, mask, rest, table_leaves = split(params)
+    check_state(state, table_leaves)
+    try:
+      grad_leaves = treedef.flatten_up_to(grads)
+    except (ValueError, TypeError) as error:
+      raise ValueError(
+        f"`grads` does not have the structure of the params: {error}"
+      ) from error
+    rest_grads = jax.tree.unflatten(
+      treedef, [None if m else g for g, m in zip(grad_leaves, mask, strict=True)]
+    )
+    updates, rest_state = tx.update(rest_grads, state.rest, rest)
+    new_rest = jax.tree.leaves(optax.apply_updates(rest, updates))
+    new_leaves, new_tables = [], []
+    rest_iter, table_iter = (
+      iter(new_rest),
+      iter(zip(table_leaves, state.tables, strict=True)),
+    )
+    for g, m in zip(grad_leaves, mask, strict=True):
+      if not m:
+        new_leaves.append(next(rest_iter))
+        continue
+      table, table_state = next(table_iter)
+      if isinstance(g, SparseGrad):
+        indices, row_grads = g
+        if indices.shape[0] == 0:  # Not looked up: a zero gradient still decays.
+          indices = jnp.zeros((1,), jnp.int32)
+          row_grads = jnp.zeros((1, *table.shape[1:]), table.dtype)
+        table, table_state = rows.update(indices, row_grads, table_state, table)
+      elif hasattr(g, "shape") and tuple(g.shape) == tuple(table.shape):
+        # Read densely: every row in the batch is the dense SM3 step.
+        every = jnp.arange(table.shape[0], dtype=jnp.int32)
+        table, table_state = rows.update(every, g, table_state, table)
+      else:
+        raise TypeError(
+          "a table's gradient must be a SparseGrad or an array of the table's "
+          f"shape {tuple(table.shape)}, got {type(g).__name__}"
+        )
+      new_leaves.append(table)
+      new_tables.append(table_state)
+    return jax.tree.unflatten(treedef, new_leaves), SparseTablesState(
+      rest_state, tuple(new_tables)
+    )
+
+  def sync_fn(params, state):
+    leaves, treedef, mask, _, table_leaves = split(params)
+    check_state(state, table_leaves)
+    synced = [rows.sync(s, t) for s, t in zip(state.tables, table_leaves, strict=True)]
+    it = iter(synced)
+    leaves = [next(it)[0] if m else leaf for leaf, m in zip(leaves, mask, strict=True)]
+    return jax.tree.unflatten(treedef, leaves), state._replace(
+      tables=tuple(s for _, s in synced)
+    )
+
+  def value_and_grad_fn(
+    fun: Callable[..., Any], *, has_aux: bool = False
+  ) -> Callable[..., Any]:
+    def wrapped(state, params, *args):
+      leaves = jax.tree.leaves(params)
+      mask = mask_of(params)
+      check_state(state, [leaf for leaf, m in zip(leaves, mask, strict=True) if m])
+      number = {}
+      for position, m in enumerate(mask):
+        if m:
+          number[position] = len(number)
+
+      def reader(position):
+        if position not in number:
+          return None
+        table_state = state.tables[number[position]]
+        return lambda t, ids: _sparse_grad.current_rows(
+          rows.lookup, table_state, t, ids
+        )
+
+      def syncer(position):
+        if position not in number:
+          return None
+        table_state = jax.lax.stop_gradient(state.tables[number[position]])
+
+        def sync(t):
+          synced, _ = rows.sync(table_state, jax.lax.stop_gradient(t))
+          return _sparse_grad.value_of_first(synced, t)
+
+        return sync
+
+      known = frozenset(number)
+      return _sparse_grad._value_and_grad(fun, 0, has_aux, reader, known, syncer)(
+        params, *args
+      )
+
+    return wrapped
+
+  return SparseTables(init_fn, update_fn, sync_fn, value_and_grad_fn)

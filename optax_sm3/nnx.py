@@ -1,0 +1,34 @@
+"""Flax NNX integration: embeddings trained one looked-up row at a time.
+
+``SparseEmbed`` is a drop-in for ``nnx.Embed``; :func:`value_and_grad` (or
+:func:`grad`) returns each SparseEmbed table's gradient as a
+:class:`SparseGrad` ``(indices, row_grads)`` without forming a table-sized
+array; :class:`SparseOptimizer` steps the tables with exact row-sparse SM3
+(:func:`optax_sm3.sparse_rows`) and the other parameters with any optax
+transformation. Needs Flax: ``pip install 'optax-sm3[flax]'``.
+"""
+
+try:
+  import flax.nnx  # noqa: F401
+except ImportError as error:  # pragma: no cover - exercised in a subprocess test
+  raise ImportError(
+    "optax_sm3.nnx needs Flax; install it with: pip install 'optax-sm3[flax]'"
+  ) from error
+
+from optax_sm3._nnx_sparse import (
+  SparseEmbed,
+  SparseOptimizer,
+  SparseState,
+  grad,
+  value_and_grad,
+)
+from optax_sm3._sparse_grad import SparseGrad
+
+__all__ = (
+  "SparseEmbed",
+  "SparseGrad",
+  "SparseOptimizer",
+  "SparseState",
+  "grad",
+  "value_and_grad",
+)
