@@ -13,6 +13,8 @@ from optax_sm3._schedules import warmup_schedule
 from optax_sm3._sharding import state_partition_specs, state_shardings
 from optax_sm3._sm3 import sm3
 from optax_sm3._sparse import SparseRows, sparse_rows
+from optax_sm3._sparse_grad import SparseGrad, sparse_lookup, sparse_value_and_grad
+from optax_sm3._sparse_tables import SparseTables, SparseTablesState, sparse_tables
 from optax_sm3._weight_decay import WeightDecayState
 
 __version__ = "0.1.0"
@@ -22,13 +24,28 @@ __all__ = (
   "ScaleByMomentumState",
   "ScaleBySM3State",
   "WeightDecayState",
+  "SparseGrad",
   "SparseRows",
+  "SparseTables",
+  "SparseTablesState",
   "from_optax_sm3",
   "scale_by_momentum",
   "scale_by_sm3",
   "sm3",
+  "sparse_lookup",
   "sparse_rows",
+  "sparse_tables",
+  "sparse_value_and_grad",
   "state_partition_specs",
   "state_shardings",
   "warmup_schedule",
 )
+
+
+def __getattr__(name: str):
+  # `optax_sm3.nnx` and `optax_sm3.linen` need Flax: imported on first use only.
+  if name in ("nnx", "linen"):
+    import importlib
+
+    return importlib.import_module(f"optax_sm3.{name}")
+  raise AttributeError(f"module 'optax_sm3' has no attribute {name!r}")

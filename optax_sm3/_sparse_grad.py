@@ -329,12 +329,12 @@ def sparse_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> from optax_sm3._sparse_grad import sparse_lookup, sparse_value_and_grad
+    >>> import optax_sm3
     >>> params = {"table": jnp.ones((1000, 2)), "scale": jnp.asarray(2.0)}
     >>> def loss(params, ids):
-    ...   rows = sparse_lookup(params["table"], ids)
+    ...   rows = optax_sm3.sparse_lookup(params["table"], ids)
     ...   return params["scale"] * jnp.sum(rows)
-    >>> value, grads = sparse_value_and_grad(loss)(params, jnp.array([4, 4, 9]))
+    >>> value, grads = optax_sm3.sparse_value_and_grad(loss)(params, jnp.array([4, 4, 9]))
     >>> print(value, grads["scale"], grads["table"].indices)
     12.0 6.0 [4 4 9]
     >>> print(grads["table"].row_grads.shape)

@@ -98,15 +98,14 @@ def sparse_tables(
   Examples:
     >>> import jax.numpy as jnp
     >>> import optax
-    >>> from optax_sm3._sparse_grad import sparse_lookup
-    >>> from optax_sm3._sparse_tables import sparse_tables
+    >>> import optax_sm3
     >>> params = {"table": jnp.ones((1000, 2)), "w": jnp.asarray(2.0)}
-    >>> opt = sparse_tables(
+    >>> opt = optax_sm3.sparse_tables(
     ...   optax.sgd(0.1), learning_rate=0.1, tables={"table": True, "w": False}
     ... )
     >>> state = opt.init(params)
     >>> def loss(params, ids):
-    ...   return params["w"] * jnp.sum(sparse_lookup(params["table"], ids))
+    ...   return params["w"] * jnp.sum(optax_sm3.sparse_lookup(params["table"], ids))
     >>> value, grads = opt.value_and_grad(loss)(state, params, jnp.array([3, 3]))
     >>> params, state = opt.update(grads, state, params)
     >>> print(params["table"][3], params["table"][0], params["w"])
