@@ -11,7 +11,7 @@ from optax_sm3._scale_by_sm3 import ScaleBySM3State, scale_by_sm3
 from optax_sm3._schedules import warmup_schedule
 from optax_sm3._sharding import state_partition_specs, state_shardings
 from optax_sm3._sm3 import sm3
-from optax_sm3._sparse import SparseRows, sparse_rows
+from optax_sm3._sparse import SparseRows, SparseRowsState, sparse_rows
 
 __version__ = "0.1.0"
 
@@ -20,6 +20,7 @@ __all__ = (
   "ScaleByMomentumState",
   "ScaleBySM3State",
   "SparseRows",
+  "SparseRowsState",
   "scale_by_momentum",
   "scale_by_sm3",
   "sm3",
