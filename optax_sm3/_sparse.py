@@ -523,9 +523,10 @@ def sparse_rows(
       # (an in-place slice update beside the scatter makes XLA copy the
       # buffers whole).
       both = jnp.concatenate([unique, swept])
+      behind = last.at[both].get(mode="fill", fill_value=0)
       current, current_buffer = _lazy_rows.catch_up(
         coefficients,
-        last.at[both].get(mode="fill", fill_value=0),
+        behind,
         table.at[both].get(mode="fill", fill_value=0),
         None if buffer is None else buffer.at[both].get(mode="fill", fill_value=0),
       )
@@ -544,7 +545,10 @@ def sparse_rows(
       steps = jnp.concatenate(
         [jnp.full([k], new_count, jnp.int32), jnp.full([block], count, jnp.int32)]
       )
-      last = last.at[both].set(steps, mode="drop")
+      # `behind <= count` always: the maximum changes nothing, but makes the
+      # write wait for the read, so XLA updates `last` in place instead of
+      # copying it (twice) to keep the read's input alive.
+      last = last.at[both].set(jnp.maximum(steps, behind), mode="drop")
     else:
       last = jnp.full_like(last, new_count)
     mu = (
