@@ -294,11 +294,12 @@ def sparse_rows(
   **With momentum or decoupled weight decay** every row moves each step,
   but a row outside :math:`B` only by :math:`m \leftarrow \mu m,\ p
   \leftarrow p - \eta_s (m + \lambda p)`, which composes over steps
-  :math:`a+1..n` into :math:`m_n = M m_a,\ p_n = p_a + G p_a - E m_a` with
-  scalars :math:`(M, G, E)` that depend only on :math:`(a, n)` and the
-  learning rates. So rows are updated lazily: each row remembers the step
-  ``last`` it is current at, a ring of ``sweep_period + 1`` coefficient
-  triples (one per recent step, :math:`O(W)` to advance) brings any row up
+  :math:`a+1..n` into :math:`m_n = M m_a,\ p_n = D p_a - E m_a` with
+  scalars :math:`M = \mu^{n-a}`, :math:`D = \prod_s (1 - \eta_s \lambda)`
+  and :math:`E` that depend only on :math:`(a, n)` and the learning rates.
+  So rows are updated lazily: each row remembers the step ``last`` it is
+  current at, a ring of ``sweep_period + 1`` sets of these coefficients
+  (one per recent step, :math:`O(W)` to advance) brings any row up
   to date, rows in the batch are brought up to date before their step, and
   each step also brings one block of :math:`\lceil V / W \rceil` rows up to
   date, round robin (:math:`W` = ``sweep_period``), so that no row is ever
@@ -311,8 +312,8 @@ def sparse_rows(
   catch-up rounds differently from the dense path's step-by-step
   arithmetic, and the two agree to ``1e-6`` of the table's largest entry
   over 200 steps and to ``3e-6`` over 1,200 steps with gaps of over 1,000
-  steps (tested), about as close as each is to the exact values. Rows in every batch are never behind
-  and take the dense arithmetic itself. A 16-bit table rounds a caught-up
+  steps (both paths' float32 errors grow with the steps). Rows in every
+  batch are never behind and take the dense arithmetic itself. A 16-bit table rounds a caught-up
   row once where the dense path rounds every step, so the two agree only
   to 16-bit rounding.
 
@@ -331,8 +332,9 @@ def sparse_rows(
     weight_decay: decoupled weight decay :math:`\lambda \ge 0`.
     sweep_period: :math:`W \ge 1`, the most steps a row may stay behind
       (used only with momentum or weight decay). Larger means a smaller
-      sweep per step (:math:`V D / W`) and a longer ring (:math:`3 (W + 1)`
-      numbers).
+      sweep per step (:math:`\lceil V / W \rceil` rows) and a longer ring
+      (:math:`4 (W + 1)` numbers). The default, 1024, sweeps 1024 rows a
+      step at a million rows.
 
   Returns:
     A :class:`SparseRows` ``(init, update, lookup, sync)``. ``update`` is
