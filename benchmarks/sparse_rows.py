@@ -3,14 +3,17 @@
 For a ``V x 64`` float32 table and a batch of 4096 row indices per step, times
 one jitted step (donated table and state) of
 
-* sparse: ``optax_sm3.sparse_rows(lr).update(indices, row_grads, ...)``;
+* sparse: ``optax_sm3.sparse_rows(lr, ...).update(indices, row_grads, ...)``;
 * dense: the table-sized gradient ``zeros.at[indices].add(row_grads)`` (what
-  ``jax.grad`` of ``table[indices]`` builds), ``optax_sm3.sm3(lr,
-  momentum=0).update`` and ``optax.apply_updates``;
+  ``jax.grad`` of ``table[indices]`` builds), ``optax_sm3.sm3(lr, ...).update``
+  and ``optax.apply_updates``;
 
-and reads XLA's temporary-buffer size of each compiled step
+for each configuration in ``CONFIGS`` (plain SM3; EMA momentum 0.9, which the
+sparse path applies lazily; momentum and decoupled weight decay), and reads
+XLA's temporary-buffer size of each compiled step
 (``compile().memory_analysis().temp_size_in_bytes``). Both paths give the
-same table (checked on the first step). Ratios come from the same run.
+same rows (checked on the first step's batch, read through each path's
+``read``). Ratios come from the same run.
 
 Run from the repository root::
 
@@ -28,6 +31,8 @@ import pathlib
 import platform
 import statistics
 import time
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,10 +46,29 @@ DIM = 64
 BATCH = 4096
 LEARNING_RATE = 0.1
 
+# Hyperparameters shared by both paths of a configuration.
+CONFIGS = {
+  "sm3": {"momentum": 0.0},
+  "momentum 0.9": {"momentum": 0.9},
+  "momentum 0.9, weight decay 1e-4": {"momentum": 0.9, "weight_decay": 1e-4},
+}
 
-def _steps():
-  sparse = optax_sm3.sparse_rows(LEARNING_RATE)
-  dense = optax_sm3.sm3(LEARNING_RATE, momentum=0.0)
+
+class Path(NamedTuple):
+  """One way to train the table: ``init``, a jitted donating ``update``
+  ``(indices, row_grads, state, table) -> (table, state)``, and ``read``
+  ``(indices, state, table) -> rows`` (the rows the optimizer holds now)."""
+
+  init: Callable
+  update: Callable
+  read: Callable
+
+
+def functional_paths(config: dict, sweep_period: int | None = None) -> dict:
+  """The ``sparse_rows`` path and the dense ``sm3`` path for ``config``."""
+  extra = {} if sweep_period is None else {"sweep_period": sweep_period}
+  sparse = optax_sm3.sparse_rows(LEARNING_RATE, **config, **extra)
+  dense = optax_sm3.sm3(LEARNING_RATE, **config)
 
   def dense_update(indices, row_grads, state, table):
     grad = jnp.zeros_like(table).at[indices].add(row_grads)
@@ -52,8 +76,14 @@ def _steps():
     return optax.apply_updates(table, updates), state
 
   return {
-    "sparse": (sparse.init, jax.jit(sparse.update, donate_argnums=(2, 3))),
-    "dense": (dense.init, jax.jit(dense_update, donate_argnums=(2, 3))),
+    "sparse": Path(
+      sparse.init, jax.jit(sparse.update, donate_argnums=(2, 3)), sparse.lookup
+    ),
+    "dense": Path(
+      dense.init,
+      jax.jit(dense_update, donate_argnums=(2, 3)),
+      lambda indices, state, table: table[indices],
+    ),
   }
 
 
@@ -72,38 +102,47 @@ def _table(rows: int) -> jax.Array:
   return jax.random.normal(jax.random.key(0), (rows, DIM), jnp.float32)
 
 
-def run(sizes, steps, progress) -> list[dict]:
+def time_paths(paths: dict, rows: int, steps: int, progress) -> dict:
+  """Median step time and temporary bytes of each path on a ``rows`` table."""
+  batches = _batches(rows, steps + 1, seed=rows)
+  record = {"rows": rows, "dim": DIM, "batch": BATCH}
+  first = {}
+  for name, path in paths.items():
+    table = _table(rows)
+    state = path.init(table)
+    compiled = path.update.lower(*batches[0], state, table).compile()
+    record[f"{name}_temp_bytes"] = int(compiled.memory_analysis().temp_size_in_bytes)
+    times = []
+    for i, (indices, grads) in enumerate(batches):
+      start = time.perf_counter()
+      table, state = path.update(indices, grads, state, table)
+      jax.block_until_ready((table, state))
+      elapsed = time.perf_counter() - start
+      if i == 0:  # includes compilation
+        first[name] = np.asarray(path.read(batches[0][0], state, table))
+      else:
+        times.append(elapsed)
+      progress.update(1)
+    record[f"{name}_median_s"] = statistics.median(times)
+    del table, state
+  return record, first
+
+
+def run(sizes, steps, progress, configs=None, sweep_period=None) -> list[dict]:
   results = []
-  for rows in sizes:
-    batches = _batches(rows, steps + 1, seed=rows)
-    record = {"rows": rows, "dim": DIM, "batch": BATCH}
-    first = {}
-    for name, (init, update) in _steps().items():
-      table = _table(rows)
-      state = init(table)
-      compiled = update.lower(*batches[0], state, table).compile()
-      record[f"{name}_temp_bytes"] = int(compiled.memory_analysis().temp_size_in_bytes)
-      times = []
-      for i, (indices, grads) in enumerate(batches):
-        start = time.perf_counter()
-        table, state = update(indices, grads, state, table)
-        jax.block_until_ready((table, state))
-        elapsed = time.perf_counter() - start
-        if i == 0:  # includes compilation
-          first[name] = np.asarray(table[batches[0][0]])
-        else:
-          times.append(elapsed)
-        progress.update(1)
-      record[f"{name}_median_s"] = statistics.median(times)
-      del table, state
-    record["first_step_max_abs_difference"] = float(
-      np.max(np.abs(first["sparse"] - first["dense"]))
-    )
-    record["speedup"] = record["dense_median_s"] / record["sparse_median_s"]
-    record["temp_ratio"] = record["dense_temp_bytes"] / max(
-      1, record["sparse_temp_bytes"]
-    )
-    results.append(record)
+  for config_name, config in (configs or CONFIGS).items():
+    for rows in sizes:
+      paths = functional_paths(config, sweep_period)
+      record, first = time_paths(paths, rows, steps, progress)
+      record = {"config": config_name, **record}
+      record["first_step_max_abs_difference"] = float(
+        np.max(np.abs(first["sparse"] - first["dense"]))
+      )
+      record["speedup"] = record["dense_median_s"] / record["sparse_median_s"]
+      record["temp_ratio"] = record["dense_temp_bytes"] / max(
+        1, record["sparse_temp_bytes"]
+      )
+      results.append(record)
   return results
 
 
@@ -117,13 +156,13 @@ def markdown(results: list[dict], steps: int) -> str:
     f"(median of {steps} steps, jitted, donated buffers; "
     f"{jax.devices()[0].device_kind}, jax {jax.__version__})",
     "",
-    "| rows V | sparse step | dense step | speed-up | sparse temp | dense temp "
-    "| temp ratio |",
-    "|---:|---:|---:|---:|---:|---:|---:|",
+    "| optimizer | rows V | sparse step | dense step | speed-up | sparse temp "
+    "| dense temp | temp ratio |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for r in results:
     lines.append(
-      f"| {r['rows']:,} | {1e3 * r['sparse_median_s']:.2f} ms "
+      f"| {r['config']} | {r['rows']:,} | {1e3 * r['sparse_median_s']:.2f} ms "
       f"| {1e3 * r['dense_median_s']:.1f} ms | {r['speedup']:.0f}x "
       f"| {_mib(r['sparse_temp_bytes'])} | {_mib(r['dense_temp_bytes'])} "
       f"| {r['temp_ratio']:.0f}x |"
@@ -136,11 +175,19 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--quick", action="store_true", help="small tables, 3 steps")
   parser.add_argument("--steps", type=int, default=None, help="timed steps per path")
   parser.add_argument("--out", default="results", help="output folder")
+  parser.add_argument(
+    "--sweep-period", type=int, default=None, help="sparse_rows(sweep_period=...)"
+  )
+  parser.add_argument(
+    "--config", action="append", choices=list(CONFIGS), help="configurations to run"
+  )
   args = parser.parse_args(argv)
   sizes = [1 << 16, 1 << 18] if args.quick else [1 << 20, 1 << 22]
   steps = args.steps or (3 if args.quick else 10)
-  with tqdm.tqdm(total=len(sizes) * 2 * (steps + 1), desc="sparse_rows") as bar:
-    results = run(sizes, steps, bar)
+  configs = {name: CONFIGS[name] for name in args.config or CONFIGS}
+  total = len(configs) * len(sizes) * 2 * (steps + 1)
+  with tqdm.tqdm(total=total, desc="sparse_rows") as bar:
+    results = run(sizes, steps, bar, configs, args.sweep_period)
   table = markdown(results, steps)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
@@ -151,6 +198,7 @@ def main(argv=None) -> list[dict]:
     "device": jax.devices()[0].device_kind,
     "machine": platform.machine(),
     "steps": steps,
+    "sweep_period": args.sweep_period,
     "results": results,
   }
   (out / f"{stem}.json").write_text(json.dumps(meta, indent=2))
