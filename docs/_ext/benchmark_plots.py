@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 
 def _movielens(data, out):
   rows = data["movielens"]["rows"]
-  fig, ax = plt.subplots(figsize=(6.0, 3.6), dpi=120)
+  fig, ax = plt.subplots(figsize=(7.0, 3.6), dpi=120)
   for row in rows:
     ax.errorbar(
       row["state_kib"],
@@ -29,7 +29,7 @@ def _movielens(data, out):
   ax.set_xlabel("optimizer state (KiB, log scale)")
   ax.set_ylabel("test RMSE (lower is better)")
   ax.set_title("MovieLens-100k, 3 seeds: accuracy vs optimizer memory")
-  ax.legend(fontsize=8, loc="upper right")
+  ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
   ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(out / "movielens_memory.png")
