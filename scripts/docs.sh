@@ -12,7 +12,8 @@ if [ -z "${DOCS_NO_INSTALL:-}" ]; then
   python -m pip install --quiet --disable-pip-version-check -e ".[docs]"
   if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null \
     && [ -z "${CHROMIUM:-}" ] && command -v apt-get >/dev/null; then
-    apt-get install -y -qq chromium >/dev/null
+    apt-get install -y -qq chromium >/dev/null 2>&1 \
+      || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
   fi
   phase install "ok ($((SECONDS - start)) s): .[docs] and chromium"
 else
