@@ -86,7 +86,7 @@ def sparse_tables(
     eps: as :func:`optax_sm3.sm3`.
     weight_decay: the tables' decoupled weight decay.
     tables: a pytree of bools with the params' structure (``True`` at table
-      leaves) or a function ``params -> `` such a tree, as optax masks.
+      leaves) or a function from the params to such a tree, as optax masks.
 
   Returns:
     A :class:`SparseTables`.
