@@ -34,7 +34,18 @@ def test_quickstart_example_file_matches_readme():
   assert lines(code) in lines(example)
 
 
-def test_sharded_state_table_matches_readme():
+def test_flax_sparse_example_output_matches_readme():
+  readme = (ROOT / "README.md").read_text()
+  section = readme[readme.index("## Sparse embeddings from Flax") :]
+  code = _blocks(section, "python")[0]
+  expected = _blocks(section, "text")[0]
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
+  assert out.getvalue().split() == expected.split()
+
+
+def test_sharded_state_table_matches_docs():
   # The script sets XLA_FLAGS for 8 devices itself, so it runs in a fresh process.
   import subprocess
   import sys
@@ -48,6 +59,6 @@ def test_sharded_state_table_matches_readme():
   )
   rows = [line for line in result.stdout.splitlines() if line.startswith("| `")]
   assert len(rows) == 3
-  readme = (ROOT / "README.md").read_text()
+  page = (ROOT / "docs" / "guides" / "scaling_out.md").read_text()
   for row in rows:
-    assert row in readme, row
+    assert row in page, row
