@@ -12,14 +12,17 @@ def _blocks(text, language):
   return re.findall(rf"```{language}\n(.*?)```", text, flags=re.DOTALL)
 
 
-def test_quickstart_output_matches_readme():
-  readme = (ROOT / "README.md").read_text()
-  code = _blocks(readme, "python")[0]
-  expected = _blocks(readme, "text")[0]
+def _assert_first_block_prints_first_output(text):
+  code = _blocks(text, "python")[0]
+  expected = _blocks(text, "text")[0]
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
     exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
   assert out.getvalue().split() == expected.split()
+
+
+def test_quickstart_output_matches_readme():
+  _assert_first_block_prints_first_output((ROOT / "README.md").read_text())
 
 
 def test_quickstart_example_file_matches_readme():
@@ -36,13 +39,9 @@ def test_quickstart_example_file_matches_readme():
 
 def test_flax_sparse_example_output_matches_readme():
   readme = (ROOT / "README.md").read_text()
-  section = readme[readme.index("## Sparse embeddings from Flax") :]
-  code = _blocks(section, "python")[0]
-  expected = _blocks(section, "text")[0]
-  out = io.StringIO()
-  with contextlib.redirect_stdout(out):
-    exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
-  assert out.getvalue().split() == expected.split()
+  _assert_first_block_prints_first_output(
+    readme[readme.index("## Sparse embeddings from Flax") :]
+  )
 
 
 def test_sharded_state_table_matches_docs():
