@@ -203,3 +203,38 @@ def test_ratios_cancel_drift_between_rounds():
   step_time.add_ratios(rows)
   assert rows["optax_sm3.sm3 (m=0)"]["vs_adam"] == pytest.approx(0.5)
   assert rows["optax.adam"]["vs_adam"] == 1.0
+
+
+def test_step_isolated_targets_and_table():
+  from benchmarks import step_isolated
+
+  def row(ms, compile_s):
+    return {
+      "median_ms": ms,
+      "compile_s": compile_s,
+      "param_bytes": 100,
+      "state_bytes": 1,
+      "temp_bytes": 2,
+    }
+
+  rows = {
+    "optax.sgd": row(1.0, 0.1),
+    "optax.adam": row(3.0, 0.2),
+    "optax_sm3.sm3 (m=0)": row(1.5, 0.5),
+    "optax_sm3.sm3 (m=0.9)": row(2.8, 0.5),
+  }
+  for r in rows.values():
+    r["vs_adam"] = r["median_ms"] / 3.0
+    r["vs_sgd"] = r["median_ms"] / 1.0
+    r["compile_vs_adam"] = r["compile_s"] / 0.2
+  checks = step_isolated.check_targets({"tree": "transformer", "float32": rows})
+  met = {c["target"]: c["met"] for c in checks}
+  assert met == {
+    "float32: optax_sm3.sm3 (m=0): step time / optax.adam <= 0.6": True,
+    "float32: optax_sm3.sm3 (m=0): step time / optax.sgd <= 1.6": True,
+    "float32: optax_sm3.sm3 (m=0.9): step time / optax.adam <= 0.9": False,
+    "optax_sm3.sm3 (m=0): compile time / optax.adam <= 2": False,
+  }
+  assert "| optax_sm3.sm3 (m=0) | 1.5 | 0.50 | 1.50 | 0.50 | 2.50 |" in (
+    step_isolated.table(rows, "float32 parameters")
+  )
