@@ -155,6 +155,7 @@ def time_case(rows: int, momentum: float, steps: dict, progress) -> dict:
       progress.update(1)
     record[f"{kind}_median_s"] = statistics.median(times)
     record[f"{kind}_steps"] = steps[kind]
+    record[f"{kind}_step_s"] = times  # Every timed step, for the spread.
     del model, optimizer, train_step
   record["first_step_max_relative_difference"] = _max_relative_difference(
     first["sparse"], first["dense"]

@@ -214,6 +214,7 @@ def test_sparse_rows_nnx_section_tiny(tmp_path):
   (record,) = result["nnx"]["results"]
   assert (record["rows"], record["momentum"]) == (2048, 0.9)
   assert record["ids_per_step"] == 4096
+  assert len(record["sparse_step_s"]) == len(record["dense_step_s"]) == 1
   # Exact SM3 on the looked-up rows: the first step matches the dense model.
   assert record["first_step_max_relative_difference"] < 1e-5
   assert record["speedup"] == pytest.approx(
