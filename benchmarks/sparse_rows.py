@@ -15,12 +15,21 @@ XLA's temporary-buffer size of each compiled step
 same rows (checked on the first step's batch, read through each path's
 ``read``). Ratios come from the same run.
 
+A second section (``benchmarks._nnx_sparse_bench``, needs Flax) times the
+whole Flax NNX train step of a bag-of-ids model: ``SparseEmbed`` +
+``optax_sm3.nnx.value_and_grad`` + ``SparseOptimizer`` against ``nnx.Embed``
++ ``nnx.value_and_grad`` + ``nnx.Optimizer`` with the same optimizer, with
+momentum 0 and 0.9, and checks the speed-up targets in the run.
+
 Run from the repository root::
 
-  python -m benchmarks.sparse_rows            # 1M and 4M rows
-  python -m benchmarks.sparse_rows --quick    # 64k and 256k rows, fewer steps
+  python -m benchmarks.sparse_rows              # both sections, 1M and 4M rows
+  python -m benchmarks.sparse_rows --quick      # 64k and 256k rows, fewer steps
+  python -m benchmarks.sparse_rows --nnx-only   # the NNX section only
 
-Writes ``results/sparse_rows[_quick].md`` and ``.json`` and prints the table.
+Writes ``results/sparse_rows[_quick].md`` and ``.json`` (functional section),
+``results/sparse_rows_nnx[_quick].md`` and ``.json`` (NNX section) and prints
+the tables.
 """
 
 from __future__ import annotations
@@ -170,11 +179,52 @@ def markdown(results: list[dict], steps: int) -> str:
   return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> list[dict]:
+def _write(out: pathlib.Path, stem: str, table: str, meta: dict) -> None:
+  out.mkdir(parents=True, exist_ok=True)
+  (out / f"{stem}.md").write_text(table)
+  (out / f"{stem}.json").write_text(json.dumps(meta, indent=2))
+  print(table)
+
+
+def _meta(**fields) -> dict:
+  return {
+    "jax": jax.__version__,
+    "device": jax.devices()[0].device_kind,
+    "machine": platform.machine(),
+    **fields,
+  }
+
+
+def main(argv=None) -> dict:
+  """Runs the sections the flags ask for; returns their results by section."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="small tables, 3 steps")
   parser.add_argument("--steps", type=int, default=None, help="timed steps per path")
+  parser.add_argument(
+    "--dense-steps",
+    type=int,
+    default=None,
+    help="timed steps of the dense NNX path (default: --steps)",
+  )
   parser.add_argument("--out", default="results", help="output folder")
+  parser.add_argument(
+    "--section",
+    choices=("all", "functional", "nnx"),
+    default="all",
+    help="which section to run",
+  )
+  parser.add_argument(
+    "--nnx-only", action="store_true", help="the NNX section only (--section nnx)"
+  )
+  parser.add_argument(
+    "--rows", type=int, action="append", help="table sizes (default: by --quick)"
+  )
+  parser.add_argument(
+    "--momentum",
+    type=float,
+    action="append",
+    help="momenta of the NNX section (default: 0 and 0.9)",
+  )
   parser.add_argument(
     "--sweep-period", type=int, default=None, help="sparse_rows(sweep_period=...)"
   )
@@ -182,27 +232,47 @@ def main(argv=None) -> list[dict]:
     "--config", action="append", choices=list(CONFIGS), help="configurations to run"
   )
   args = parser.parse_args(argv)
-  sizes = [1 << 16, 1 << 18] if args.quick else [1 << 20, 1 << 22]
+  for flag in ("steps", "dense_steps"):
+    value = getattr(args, flag)
+    if value is not None and value < 1:
+      parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+  if args.rows and min(args.rows) < 1:
+    parser.error(f"--rows must be >= 1, got {min(args.rows)}")
+  section = "nnx" if args.nnx_only else args.section
+  sizes = args.rows or ([1 << 16, 1 << 18] if args.quick else [1 << 20, 1 << 22])
   steps = args.steps or (3 if args.quick else 10)
-  configs = {name: CONFIGS[name] for name in args.config or CONFIGS}
-  total = len(configs) * len(sizes) * 2 * (steps + 1)
-  with tqdm.tqdm(total=total, desc="sparse_rows") as bar:
-    results = run(sizes, steps, bar, configs, args.sweep_period)
-  table = markdown(results, steps)
+  suffix = "_quick" if args.quick else ""
   out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  stem = "sparse_rows_quick" if args.quick else "sparse_rows"
-  (out / f"{stem}.md").write_text(table)
-  meta = {
-    "jax": jax.__version__,
-    "device": jax.devices()[0].device_kind,
-    "machine": platform.machine(),
-    "steps": steps,
-    "sweep_period": args.sweep_period,
-    "results": results,
-  }
-  (out / f"{stem}.json").write_text(json.dumps(meta, indent=2))
-  print(table)
+  results = {}
+
+  if section in ("all", "functional"):
+    configs = {name: CONFIGS[name] for name in args.config or CONFIGS}
+    total = len(configs) * len(sizes) * 2 * (steps + 1)
+    with tqdm.tqdm(total=total, desc="sparse_rows") as bar:
+      results["functional"] = run(sizes, steps, bar, configs, args.sweep_period)
+    _write(
+      out,
+      f"sparse_rows{suffix}",
+      markdown(results["functional"], steps),
+      _meta(steps=steps, sweep_period=args.sweep_period, results=results["functional"]),
+    )
+
+  if section in ("all", "nnx"):
+    from benchmarks import _nnx_sparse_bench as nnx_bench
+
+    momenta = tuple(args.momentum or nnx_bench.MOMENTA)
+    nnx_steps = {"sparse": steps, "dense": args.dense_steps or steps}
+    total = len(momenta) * len(sizes) * (sum(nnx_steps.values()) + 2 * nnx_bench.WARMUP)
+    with tqdm.tqdm(total=total, desc="sparse_rows nnx") as bar:
+      records = nnx_bench.run(sizes, nnx_steps, bar, momenta)
+    checks = nnx_bench.check_targets(records)
+    results["nnx"] = {"results": records, "targets": checks}
+    _write(
+      out,
+      f"sparse_rows_nnx{suffix}",
+      nnx_bench.markdown(records, checks, nnx_steps),
+      _meta(steps=nnx_steps, results=records, targets=checks),
+    )
   return results
 
 

@@ -238,3 +238,61 @@ def test_step_isolated_targets_and_table():
   assert "| optax_sm3.sm3 (m=0) | 1.5 | 0.50 | 1.50 | 0.50 | 2.50 |" in (
     step_isolated.table(rows, "float32 parameters")
   )
+
+
+def test_sparse_rows_nnx_section_tiny(tmp_path):
+  from benchmarks import _nnx_sparse_bench, sparse_rows
+
+  flags = ["--nnx-only", "--rows", "2048", "--momentum", "0.9", "--steps", "1"]
+  result = sparse_rows.main([*flags, "--out", str(tmp_path)])
+  assert set(result) == {"nnx"}
+  (record,) = result["nnx"]["results"]
+  assert (record["rows"], record["momentum"]) == (2048, 0.9)
+  assert record["ids_per_step"] == 4096
+  assert len(record["sparse_step_s"]) == len(record["dense_step_s"]) == 1
+  # Exact SM3 on the looked-up rows: the first step matches the dense model.
+  assert record["first_step_max_relative_difference"] < 1e-5
+  assert record["speedup"] == pytest.approx(
+    record["dense_median_s"] / record["sparse_median_s"]
+  )
+  assert record["sparse_temp_bytes"] > 0 and record["dense_temp_bytes"] > 0
+  check, equal = result["nnx"]["targets"]
+  assert check["target"].startswith("momentum 0.9, 2,048 rows (not 1,048,576)")
+  assert check["met"] == (record["speedup"] >= 20)
+  assert equal["met"] and equal["value"] == record["first_step_max_relative_difference"]
+  saved = json.loads((tmp_path / "sparse_rows_nnx.json").read_text())
+  assert saved["results"] == result["nnx"]["results"]
+  markdown = (tmp_path / "sparse_rows_nnx.md").read_text()
+  assert "| 0.9 | 2,048 |" in markdown and "#### Targets" in markdown
+  assert not (tmp_path / "sparse_rows.md").exists()
+  assert _nnx_sparse_bench.TARGETS[0] == (0.0, 1 << 20, 50.0)
+
+
+def test_sparse_rows_nnx_targets_and_equality_check():
+  from benchmarks import _nnx_sparse_bench as bench
+
+  def record(momentum, rows, speedup, difference=0.0):
+    return {
+      "momentum": momentum,
+      "rows": rows,
+      "speedup": speedup,
+      "first_step_max_relative_difference": difference,
+    }
+
+  checks = bench.check_targets(
+    [
+      record(0.0, 1 << 20, 60.0),
+      record(0.0, 1 << 22, 55.0),
+      record(0.9, 1 << 20, 19.0, difference=1e-3),
+    ]
+  )
+  assert [c["met"] for c in checks] == [True, False, False, False]
+  assert "1,048,576 rows: speed-up >= 50x" in checks[0]["target"]
+  assert "grows with V" in checks[2]["target"] and checks[2]["value"] == 55 / 60
+  assert checks[3]["value"] == 1e-3
+  grows = bench.check_targets([record(0.9, 1 << 20, 25.0), record(0.9, 1 << 22, 30.0)])
+  assert [c["met"] for c in grows] == [True, True, True]
+  a = {("w",): np.array([1.0, -2.0])}
+  assert bench._max_relative_difference(a, {("w",): np.array([1.0, -4.0])}) == 0.5
+  with pytest.raises(ValueError, match="different parameters"):
+    bench._max_relative_difference(a, {("v",): np.array([1.0])})
