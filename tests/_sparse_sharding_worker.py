@@ -152,6 +152,52 @@ def sharded_run(mesh_name, config):
   }
 
 
+def nnx_run():
+  """SparseOptimizer on a row-sharded SparseEmbed, against one device."""
+  from flax import nnx
+
+  from optax_sm3 import nnx as sparse_nnx
+
+  def build():
+    model = sparse_nnx.SparseEmbed(ROWS, DIM, rngs=nnx.Rngs(0))
+    optimizer = sparse_nnx.SparseOptimizer(
+      model, optax_sm3.sm3(0.1), 0.1, **CONFIGS["0.9"]
+    )
+    return model, optimizer
+
+  @nnx.jit
+  def step(model, optimizer, ids):
+    loss = lambda m, ids: jnp.sum(jnp.sin(m(ids)))
+    _, grads = sparse_nnx.value_and_grad(loss)(model, ids)
+    optimizer.update(model, grads)
+
+  batches = [ids for ids, _ in table_and_batches()[1]]
+  reference = build()
+  every = jnp.arange(ROWS)
+  initial = reference[0](every)
+  for ids in batches:
+    step(*reference, ids)
+  mesh = jax.make_mesh((8,), ("model",), axis_types=(AxisType.Auto,))
+  table_sh = NamedSharding(mesh, P("model", None))
+  model, optimizer = build()
+  state_sh = optax_sm3.state_shardings(
+    optimizer.sparse_rows, model.embedding[...], table_sh
+  )
+  model.embedding.value = jax.device_put(model.embedding[...], table_sh)
+  state = jax.device_put(nnx.as_pure(model.sparse_state), state_sh)
+  nnx.update(model.sparse_state, nnx.state(state))
+  for ids in batches:
+    step(model, optimizer, ids)
+  state = nnx.as_pure(model.sparse_state)
+  return {
+    "diff": float(jnp.max(jnp.abs(model(every) - reference[0](every)))),
+    "moved": float(jnp.max(jnp.abs(model(every) - initial))),
+    "table_bytes": per_device_bytes(model.embedding[...]),
+    "momentum_bytes": per_device_bytes(state.momentum),
+    "last_bytes": per_device_bytes(state.last),
+  }
+
+
 def main():
   assert jax.device_count() == 8, jax.devices()
   results = {
@@ -159,6 +205,12 @@ def main():
     for mesh in MESHES
     for config in CONFIGS
   }
+  try:
+    import flax  # noqa: F401
+  except ImportError:  # the nnx extra is not installed
+    results["nnx"] = None
+  else:
+    results["nnx"] = nnx_run()
   # A control for the HLO parser: replicating the row-sharded table must
   # show up as an all-gather of the whole table.
   from _sharding_worker import collectives

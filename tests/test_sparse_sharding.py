@@ -183,6 +183,17 @@ def test_no_table_sized_collective(multi_device, run):
   assert found["sync"] == []  # row-local
 
 
+def test_nnx_sparse_optimizer_on_a_row_sharded_table(multi_device):
+  result = multi_device["nnx"]
+  if result is None:
+    pytest.skip("flax is not installed")
+  assert result["diff"] <= 1e-6
+  assert result["moved"] > 1e-2
+  shard = worker.ROWS * worker.DIM * 4 // 8
+  assert result["table_bytes"] == result["momentum_bytes"] == [shard]
+  assert result["last_bytes"] == [worker.ROWS * 4 // 8]
+
+
 def test_hlo_check_sees_a_full_gather(multi_device):
   assert {"op": "all-gather", "elements": worker.ROWS * worker.DIM} in multi_device[
     "control"
