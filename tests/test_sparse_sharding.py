@@ -87,21 +87,6 @@ def test_state_shardings_of_sparse_rows():
   np.testing.assert_array_equal(state.accumulators[0][3], 4.0)
 
 
-def test_nnx_sparse_state_has_the_structure_of_the_specs():
-  nnx = pytest.importorskip("flax.nnx")
-  from optax_sm3 import nnx as sm3_nnx
-
-  embed = sm3_nnx.SparseEmbed(16, 4, rngs=nnx.Rngs(0))
-  opt = sm3_nnx.SparseOptimizer(embed, optax_sm3.sm3(0.1), 0.1, momentum=0.9)
-  specs = optax_sm3.state_partition_specs(
-    opt.sparse_rows, embed.embedding[...], P("model", None)
-  )
-  pure = nnx.as_pure(embed.sparse_state)
-  is_spec = lambda x: isinstance(x, P)
-  assert jax.tree.structure(pure) == jax.tree.structure(specs, is_leaf=is_spec)
-  assert pure.momentum.shape == (1, 16, 4) and specs.momentum == P(None, "model", None)
-
-
 def test_bad_arguments():
   rows = optax_sm3.sparse_rows(0.1, momentum=0.9)
   two = {"a": jnp.zeros((4, 2)), "b": jnp.zeros((4, 2))}
@@ -181,6 +166,16 @@ def test_no_table_sized_collective(multi_device, run):
       if c["op"] == "all-gather":  # only the data-parallel ids
         assert c["elements"] <= worker.K, (program, c)
   assert found["sync"] == []  # row-local
+
+
+def test_explicit_mode_through_auto_axes(multi_device):
+  result = multi_device["explicit"]
+  assert result["after_init"] == result["after_update"] == result["after_sync"]
+  assert "float32[1024@model,16]" in result["after_init"]  # the table
+  assert "float32[1,1024@model,16]" in result["after_init"]  # its momentum
+  assert "int32[1024@model]" in result["after_init"]  # last
+  assert result["rows_diff"] <= 1e-6
+  assert result["table_diff"] <= 1e-6
 
 
 def test_nnx_sparse_optimizer_on_a_row_sharded_table(multi_device):
