@@ -14,6 +14,10 @@ abstract state, and a walk over it recognises
   :class:`~optax_sm3.ScaleByMomentumState`, ``optax.adam``'s ``mu`` and
   ``nu``, ...): a leaf of its parameter's shape is sharded like the
   parameter;
+* :class:`~optax_sm3.SparseRowsState` (:func:`optax_sm3.sparse_rows` with
+  momentum or weight decay; ``params`` is then the table): accumulators as
+  above, the momentum like the table (after its leading unit axis), ``last``
+  like the table's rows; the counter and the catch-up ring replicated;
 * everything else (counters, injected hyperparameters, leaves that match
   nothing): replicated.
 """
@@ -27,7 +31,7 @@ import jax
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from optax_sm3 import _momentum, _scale_by_sm3
+from optax_sm3 import _momentum, _scale_by_sm3, _sparse
 
 _REPLICATED = PartitionSpec()
 
@@ -115,8 +119,34 @@ def _accumulator_specs(
   return treedef.unflatten(out)
 
 
+def _sparse_rows_specs(
+  state: _sparse.SparseRowsState,
+  shapes: list[tuple[int, ...]],
+  specs: list[PartitionSpec],
+  treedef,
+) -> _sparse.SparseRowsState:
+  """Specs of a lazy ``sparse_rows`` state: row buffers follow the table."""
+  replicated = lambda tree: jax.tree.map(lambda _: _REPLICATED, tree)
+  if treedef.num_leaves != 1:
+    return replicated(state)
+  (shape,), (spec,) = shapes, specs
+  if tuple(state.last.shape) != shape[:1]:
+    return replicated(state)
+  entries = _entries(spec, len(shape))
+  return _sparse.SparseRowsState(
+    count=_REPLICATED,
+    accumulators=_accumulator_specs(state.accumulators, shapes, specs, treedef),
+    # Stored as (1, *table.shape): the unit axis is replicated.
+    momentum=None if state.momentum is None else PartitionSpec(None, *entries),
+    last=PartitionSpec(entries[0]),
+    coefficients=replicated(state.coefficients),
+  )
+
+
 def state_partition_specs(
-  tx: optax.GradientTransformation, params: Any, param_specs: Any
+  tx: optax.GradientTransformation | _sparse.SparseRows,
+  params: Any,
+  param_specs: Any,
 ) -> Any:
   """The ``PartitionSpec`` of every leaf of ``tx.init(params)``.
 
@@ -127,13 +157,25 @@ def state_partition_specs(
   Only shapes are used (``tx.init`` runs under :func:`jax.eval_shape`), so
   ``params`` may be :class:`jax.ShapeDtypeStruct` leaves.
 
+  ``tx`` may also be the :class:`~optax_sm3.SparseRows` of
+  :func:`optax_sm3.sparse_rows`, with ``params`` the table and
+  ``param_specs`` its spec: the specs of ``tx.init(table)``. In a
+  :class:`~optax_sm3.SparseRowsState` the row accumulators, the momentum
+  (after its leading unit axis) and ``last`` are split like the table's rows;
+  the counter, the column accumulators and the catch-up ring are replicated.
+  (For ``optax_sm3.nnx.SparseOptimizer``, a table's ``sparse_state`` holds
+  ``optimizer.sparse_rows.init(table)``, leaf for leaf.) With these, a
+  row-sharded table's ``update``, ``lookup`` and ``sync`` run under
+  ``jax.jit`` with no collective larger than the batch's rows; in explicit
+  sharding mode, run them under :func:`jax.sharding.auto_axes`.
+
   The cover of each parameter is read off its accumulators' shapes (fewest
   stacked axes first); a state leaf that matches nothing is replicated.
 
   Args:
     tx: an optax transformation, e.g. :func:`optax_sm3.sm3`, or an
       :func:`optax.chain` holding :func:`optax_sm3.scale_by_sm3` and other
-      optax transformations.
+      optax transformations; or a :class:`~optax_sm3.SparseRows`.
     params: the parameters (arrays or shape-dtype structs).
     param_specs: a tree of :class:`jax.sharding.PartitionSpec` (or ``None``
       for replicated) matching ``params``.
@@ -161,6 +203,14 @@ def state_partition_specs(
     (P('model',), P(None,))
     >>> momentum_state.momentum["emb"]
     P('model', None)
+
+    A sparse table's state (lazy: with momentum):
+
+    >>> rows = optax_sm3.sparse_rows(0.1, momentum=0.9)
+    >>> state = optax_sm3.state_partition_specs(
+    ...     rows, params["emb"], P("model", None))
+    >>> state.accumulators, state.momentum, state.last, state.count
+    ((P('model',), P(None,)), P(None, 'model', None), P('model',), P())
   """
   treedef = jax.tree.structure(params)
   try:
@@ -179,6 +229,11 @@ def state_partition_specs(
   shapes = [tuple(p.shape) for p in treedef.flatten_up_to(params)]
   for shape, spec in zip(shapes, specs, strict=True):
     _entries(spec, len(shape))
+  if isinstance(tx, _sparse.SparseRows) and treedef.num_leaves != 1:
+    raise ValueError(
+      "`params` must be the table (one array) when `tx` is a SparseRows, got "
+      f"{treedef.num_leaves} leaves"
+    )
   state = jax.eval_shape(tx.init, params)
 
   def is_params_like(node: Any) -> bool:
@@ -186,7 +241,12 @@ def state_partition_specs(
 
   def is_leaf(node: Any) -> bool:
     return isinstance(
-      node, (_scale_by_sm3.ScaleBySM3State, _momentum.ScaleByMomentumState)
+      node,
+      (
+        _scale_by_sm3.ScaleBySM3State,
+        _momentum.ScaleByMomentumState,
+        _sparse.SparseRowsState,
+      ),
     ) or is_params_like(node)
 
   def params_like(node: Any) -> Any:
@@ -196,6 +256,8 @@ def state_partition_specs(
     )
 
   def visit(node: Any) -> Any:
+    if isinstance(node, _sparse.SparseRowsState):
+      return _sparse_rows_specs(node, shapes, specs, treedef)
     if isinstance(node, _scale_by_sm3.ScaleBySM3State):
       return _scale_by_sm3.ScaleBySM3State(
         count=jax.tree.map(lambda _: _REPLICATED, node.count),
@@ -213,7 +275,9 @@ def state_partition_specs(
 
 
 def state_shardings(
-  tx: optax.GradientTransformation, params: Any, param_shardings: Any
+  tx: optax.GradientTransformation | _sparse.SparseRows,
+  params: Any,
+  param_shardings: Any,
 ) -> Any:
   """The :class:`~jax.sharding.NamedSharding` of every leaf of ``tx.init(params)``.
 
@@ -224,7 +288,8 @@ def state_shardings(
   in explicit sharding mode (meshes with ``jax.sharding.AxisType.Explicit``).
 
   Args:
-    tx: an optax transformation (see :func:`state_partition_specs`).
+    tx: an optax transformation or a :class:`~optax_sm3.SparseRows` (with
+      ``params`` the table; see :func:`state_partition_specs`).
     params: the parameters (arrays or shape-dtype structs).
     param_shardings: a tree of ``NamedSharding`` matching ``params``, all on
       the same mesh.
