@@ -62,9 +62,9 @@ if bad:
 print("min-versions:", ", ".join(f"{n} {v}" for n, v in got.items()))
 EOF
 
-# The test files that need an extra (Flax, orbax, brainstate, the benchmarks'
-# data) are left out; every other test file and the doctests run. Property tests
-# run the "dev" profile's 25 examples from a fixed seed: this phase looks for API
+# The test files and modules that need an extra (Flax, orbax, brainstate, the
+# benchmarks' data, the built docs) are left out; every other test file and the
+# doctests run. Property tests run the "dev" profile's 25 examples from a fixed seed: this phase looks for API
 # breaks in old releases, scripts/test.sh runs the full "ci" profile.
 echo "min-versions: running the core tests..."
 rc=0
@@ -77,6 +77,11 @@ HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-dev}" "$venv/bin/python" -m pytest -n 
   --ignore=tests/test_flax.py \
   --ignore=tests/test_linen_sparse.py \
   --ignore=tests/test_nnx_sparse.py \
+  --ignore=tests/test_docs.py \
+  --ignore=optax_sm3/nnx.py \
+  --ignore=optax_sm3/linen.py \
+  --ignore=optax_sm3/_nnx_sparse.py \
+  --ignore=optax_sm3/_linen_sparse.py \
   --deselect=tests/test_readme.py::test_flax_sparse_example_output_matches_readme \
   --deselect=tests/test_sharding.py::test_multiprocess_example_matches_single_process \
   "$@" || rc=$?
