@@ -64,8 +64,9 @@ EOF
 
 # The test files and modules that need an extra (Flax, orbax, brainstate, the
 # benchmarks' data, the built docs) are left out; every other test file and the
-# doctests run. Property tests run the "dev" profile's 25 examples from a fixed seed: this phase looks for API
-# breaks in old releases, scripts/test.sh runs the full "ci" profile.
+# doctests run. Property tests run the "dev" profile's 25 examples from a
+# fixed seed: this phase looks for API breaks in old releases, scripts/test.sh
+# runs the full "ci" profile.
 echo "min-versions: running the core tests..."
 rc=0
 HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-dev}" "$venv/bin/python" -m pytest -n 2 \
