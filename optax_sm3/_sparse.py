@@ -228,7 +228,12 @@ def _sm3_rows(
   # Rows outside the batch see a zero gradient: their accumulator is
   # c_old * max_j min(r_i, c_j) = c_old * r_i, as max_j c_j = max_i r_i >= r_i.
   new_rows = jnp.max(nu_valid, axis=cover.reduced_axes(cover.groups[0]))
-  new = [(c_old * accumulators[0]).at[unique].set(new_rows, mode="drop")]
+  # With beta == 0 (c_old == 1, exactly) the untouched rows stay as they are:
+  # no pass over all V row accumulators, only the scatter of the batch's rows.
+  kept = (
+    accumulators[0] if _validation.is_static_zero(beta) else c_old * accumulators[0]
+  )
+  new = [kept.at[unique].set(new_rows, mode="drop")]
   if len(accumulators) > 1:
     touched = jnp.zeros([rows], bool).at[unique].set(True, mode="drop")
     # The largest row accumulator outside the batch (-inf if there is none).
