@@ -502,11 +502,8 @@ class SparseOptimizer(nnx.Pytree):
       table = module.embedding[...]
       state = nnx.as_pure(module.sparse_state)
       if isinstance(grad, SparseGrad):
+        # k = 0 (no lookup this step) is sparse_rows' zero-gradient step.
         indices, row_grads = grad
-        if indices.shape[0] == 0:
-          # No lookup this step: a zero gradient, which still decays the state.
-          indices = jnp.zeros((1,), jnp.int32)
-          row_grads = jnp.zeros((1, *table.shape[1:]), table.dtype)
         if row_grads.shape != (indices.shape[0], *table.shape[1:]):
           raise ValueError(
             f"the row gradients for {_path_str(path)} have shape "
