@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_sm3 import _momentum, _scale_by_sm3
+from optax_sm3 import _momentum, _scale_by_sm3, _tree
 
 
 def _find(tree: Any, kind: type, what: str) -> Any:
@@ -94,13 +94,9 @@ def from_optax_sm3(
   target = _find(state, _scale_by_sm3.ScaleBySM3State, "`optimizer`'s state")
   treedef = jax.tree.structure(params)
   paths = [path for path, _ in jax.tree_util.tree_leaves_with_path(params)]
-  try:
-    their_mu = treedef.flatten_up_to(source.mu)
-    their_nu = treedef.flatten_up_to(source.nu)
-  except (ValueError, TypeError) as error:
-    raise ValueError(
-      f"`optax_state` does not belong to `params` (tree structure): {error}"
-    ) from None
+  message = "`optax_state` does not belong to `params` (tree structure)"
+  their_mu = _tree.flatten_like(treedef, source.mu, message)
+  their_nu = _tree.flatten_like(treedef, source.nu, message)
   ours = treedef.flatten_up_to(target.accumulators)
   converted = []
   for path, mu, acc in zip(paths, their_mu, ours, strict=True):

@@ -31,7 +31,7 @@ import jax
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from optax_sm3 import _momentum, _scale_by_sm3, _sparse
+from optax_sm3 import _momentum, _scale_by_sm3, _sparse, _tree
 
 _REPLICATED = PartitionSpec()
 
@@ -213,12 +213,9 @@ def state_partition_specs(
     ((P('model',), P(None,)), P(None, 'model', None), P('model',), P())
   """
   treedef = jax.tree.structure(params)
-  try:
-    specs = treedef.flatten_up_to(param_specs)
-  except (ValueError, TypeError) as error:
-    raise ValueError(
-      f"`param_specs` must have the structure of `params`: {error}"
-    ) from None
+  specs = _tree.flatten_like(
+    treedef, param_specs, "`param_specs` must have the structure of `params`"
+  )
   for i, spec in enumerate(specs):
     if spec is None:
       specs[i] = _REPLICATED
@@ -319,12 +316,9 @@ def state_shardings(
     True
   """
   treedef = jax.tree.structure(params)
-  try:
-    flat = treedef.flatten_up_to(param_shardings)
-  except (ValueError, TypeError) as error:
-    raise ValueError(
-      f"`param_shardings` must have the structure of `params`: {error}"
-    ) from None
+  flat = _tree.flatten_like(
+    treedef, param_shardings, "`param_shardings` must have the structure of `params`"
+  )
   for sharding in flat:
     if not isinstance(sharding, NamedSharding):
       raise TypeError(

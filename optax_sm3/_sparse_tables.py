@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_sm3 import _sparse, _sparse_grad
+from optax_sm3 import _sparse, _sparse_grad, _tree
 from optax_sm3._sparse_grad import SparseGrad
 
 
@@ -115,13 +115,9 @@ def sparse_tables(
 
   def mask_of(params) -> list[bool]:
     mask = tables(params) if callable(tables) else tables
-    treedef = jax.tree.structure(params)
-    try:
-      flags = treedef.flatten_up_to(mask)
-    except (ValueError, TypeError) as error:
-      raise ValueError(
-        f"`tables` must have the structure of the params: {error}"
-      ) from error
+    flags = _tree.flatten_like(
+      jax.tree.structure(params), mask, "`tables` must have the structure of the params"
+    )
     return [bool(f) for f in flags]
 
   def split(params):
@@ -146,12 +142,9 @@ def sparse_tables(
   def update_fn(grads, state, params):
     _, treedef, mask, rest, table_leaves = split(params)
     check_state(state, table_leaves)
-    try:
-      grad_leaves = treedef.flatten_up_to(grads)
-    except (ValueError, TypeError) as error:
-      raise ValueError(
-        f"`grads` does not have the structure of the params: {error}"
-      ) from error
+    grad_leaves = _tree.flatten_like(
+      treedef, grads, "`grads` does not have the structure of the params"
+    )
     rest_grads = jax.tree.unflatten(
       treedef, [None if m else g for g, m in zip(grad_leaves, mask, strict=True)]
     )

@@ -25,3 +25,16 @@ def unzip_pairs(like: Any, pairs: Any) -> tuple[Any, Any]:
   return treedef.unflatten([a for a, _ in flat]), treedef.unflatten(
     [b for _, b in flat]
   )
+
+
+def flatten_like(treedef: Any, tree: Any, message: str) -> list[Any]:
+  """``treedef.flatten_up_to(tree)``, or a ``ValueError`` starting ``message``.
+
+  For arguments that must have the parameters' structure (shardings, masks,
+  gradients, states): the error names the argument instead of JAX's
+  internal node types alone.
+  """
+  try:
+    return treedef.flatten_up_to(tree)
+  except (ValueError, TypeError) as error:
+    raise ValueError(f"{message}: {error}") from None

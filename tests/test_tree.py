@@ -24,3 +24,13 @@ def test_unzip_pairs_keeps_nested_structure():
   like = [{"a": jnp.zeros(1)}, (jnp.zeros(2),)]
   pairs = [{"a": (1, "x")}, ((2, "y"),)]
   assert _tree.unzip_pairs(like, pairs) == ([{"a": 1}, (2,)], [{"a": "x"}, ("y",)])
+
+
+def test_flatten_like_names_the_argument():
+  import jax
+  import pytest
+
+  treedef = jax.tree.structure({"a": 0, "b": 0})
+  assert _tree.flatten_like(treedef, {"a": 1, "b": (2, 3)}, "x") == [1, (2, 3)]
+  with pytest.raises(ValueError, match=r"^`grads` must match: "):
+    _tree.flatten_like(treedef, {"a": 1}, "`grads` must match")
