@@ -135,7 +135,9 @@ class Case:
       updates, state = tx.update(grads, state, params)
       return optax.apply_updates(params, updates), state
 
+    start = time.perf_counter()
     self.step = step.lower(self.params, self.state, self.grads).compile()
+    self.compile_s = time.perf_counter() - start
     self.temp_bytes = self.step.memory_analysis().temp_size_in_bytes
     self.times: list[float] = []
     self.run(2)  # warm-up
