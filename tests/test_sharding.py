@@ -9,12 +9,11 @@ needs several devices (8 CPU devices, two processes) runs in subprocesses:
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import pathlib
 import subprocess
 import sys
 
+import _subprocess
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -235,24 +234,9 @@ def test_bad_arguments():
 _RUNS = ["8/0.0", "8/0.9", "4x2/0.0", "4x2/0.9"]
 
 
-def _env():
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  return env
-
-
 @pytest.fixture(scope="module")
 def multi_device():
-  proc = subprocess.run(
-    [sys.executable, str(ROOT / "tests" / "_sharding_worker.py")],
-    env=_env(),
-    capture_output=True,
-    text=True,
-    timeout=300,
-    check=False,
-  )
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return _subprocess.run_json_worker("_sharding_worker.py")
 
 
 @pytest.mark.parametrize("run", _RUNS)
@@ -321,7 +305,7 @@ def test_multiprocess_example_matches_single_process():
       "--timeout",
       "150",
     ],
-    env=_env(),
+    env=_subprocess.cpu_env(),
     capture_output=True,
     text=True,
     timeout=200,

@@ -7,12 +7,10 @@ compiled step) run once in ``tests/_sparse_sharding_worker.py``.
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import subprocess
 import sys
 
+import _subprocess
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,18 +102,7 @@ _RUNS = [f"{mesh}/{config}" for mesh in worker.MESHES for config in worker.CONFI
 
 @pytest.fixture(scope="module")
 def multi_device():
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run(
-    [sys.executable, str(ROOT / "tests" / "_sparse_sharding_worker.py")],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    check=False,
-  )
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return _subprocess.run_json_worker("_sparse_sharding_worker.py")
 
 
 @pytest.mark.parametrize("run", _RUNS)
