@@ -234,16 +234,15 @@ def _sm3_rows(
     accumulators[0] if _validation.is_static_zero(beta) else c_old * accumulators[0]
   )
   new = [kept.at[unique].set(new_rows, mode="drop")]
-  if len(accumulators) > 1:
-    touched = jnp.zeros([rows], bool).at[unique].set(True, mode="drop")
-    # The largest row accumulator outside the batch (-inf if there is none).
-    rest = jnp.max(jnp.where(touched, -jnp.inf, accumulators[0]))
-    for group, column in zip(cover.groups[1:], accumulators[1:], strict=True):
-      in_batch = jnp.max(nu_valid, axis=cover.reduced_axes(group))
-      # Over the rows outside the batch, the maximum of c_old * min(r_i, c_j,
-      # other covers) is c_old * min(rest, c_j): every other cover's maximum
-      # is >= every r_i. (Rounding is monotone: c_old commutes with max.)
-      new.append(jnp.maximum(in_batch, c_old * jnp.minimum(rest, column)))
+  # The other covers need no pass over the table either. SM3 keeps
+  # max_i r_i = max nu = max_j c_j (for every cover, from the zero init on),
+  # so over *all* rows max_i c_old * min(r_i, c_j, ...) = c_old * c_j; and a
+  # row in the batch has nu_ij >= c_old * min(r_i, c_j, ...) (a non-negative
+  # term added, rounding is monotone), so taking the maximum with the batch's
+  # rows, the untouched rows contribute exactly c_old * c_j.
+  for group, column in zip(cover.groups[1:], accumulators[1:], strict=True):
+    in_batch = jnp.max(nu_valid, axis=cover.reduced_axes(group))
+    new.append(jnp.maximum(in_batch, c_old * column))
   return unique, updates, tuple(new)
 
 
@@ -282,10 +281,11 @@ def sparse_rows(
     r_i &\leftarrow \max_j \nu_{ij} \quad (i \in B), \qquad
     r_i \leftarrow c_{old}\, r_i \quad (i \notin B) \\
     c^{(a)}_j &\leftarrow \max\Big(\max_{i \in B,\, j_a = j} \nu_{ij},\;
-      c_{old} \min\big(\max_{i \notin B} r_i,\; c^{(a)}_j\big)\Big)
+      c_{old}\, c^{(a)}_j\Big)
 
   (the dense SM3-II step, rewritten with :math:`\max_i r_i = \max_j
-  c^{(a)}_j`, which every SM3-II step maintains); the rows in :math:`B`
+  c^{(a)}_j`, which every SM3-II step maintains, and :math:`\nu_{ij} \ge
+  c_{old} \min(r_i, c^{(1)}_{j_1}, \dots)`); the rows in :math:`B`
   then take the rest of :func:`optax_sm3.sm3`'s chain with
   :math:`u_{ij} = g_{ij} / \sqrt{\nu_{ij} + \epsilon}`:
 
@@ -295,9 +295,9 @@ def sparse_rows(
     p_i \leftarrow p_i - \eta_t (m_i + \lambda p_i).
 
   **Without momentum and weight decay** (the defaults) rows outside
-  :math:`B` do not move, the step costs :math:`O(k D + V)` for :math:`k`
-  indices of rows of :math:`D` entries (against :math:`O(V D)` for the
-  dense path), it matches the dense step bit for bit in practice, and
+  :math:`B` do not move, the step costs :math:`O(k D)` for :math:`k`
+  indices of rows of :math:`D` entries with ``beta = 0``, :math:`O(k D +
+  V)` with ``beta > 0`` (against :math:`O(V D)` for the dense path), it matches the dense step bit for bit in practice, and
   ``init(table)`` equals ``opt.init(table)``: states pass between the two
   paths.
 
