@@ -39,13 +39,28 @@ def _sm3_warmup(momentum: float):
   return make
 
 
+def _warmup_cooldown(learning_rate, total_steps):
+  # The recipe's schedule (quadratic warm-up over 2%, linear cool-down over the
+  # last 10%), so that Adam gets whatever the schedule is worth to SM3.
+  schedule = optax_sm3.warmup_schedule(
+    1.0, total_steps, warmup_fraction=0.02, decay_fraction=0.1
+  )
+  return lambda count: learning_rate * schedule(count)
+
+
 # The grids are centred on each optimizer's usual rates: SM3 and AdaGrad sum
 # squared gradients, so their steps shrink over time and want larger rates;
 # Adafactor's rate is relative to the parameters' scale.
 OPTIMIZERS = {
+  "sm3-recipe": Optimizer("sm3-recipe", optax_sm3.sm3_recipe, (1e-3, 3e-3, 1e-2, 3e-2)),
   "sm3-m0": Optimizer("sm3-m0", _sm3_warmup(0.0), (0.03, 0.1, 0.3, 1.0)),
   "sm3-m0.9": Optimizer("sm3-m0.9", _sm3_warmup(0.9), (0.03, 0.1, 0.3, 1.0)),
   "adam": Optimizer("adam", lambda lr, _: optax.adam(lr), (3e-4, 1e-3, 3e-3, 1e-2)),
+  "adam-wsd": Optimizer(
+    "adam-wsd",
+    lambda lr, steps: optax.adam(_warmup_cooldown(lr, steps)),
+    (3e-4, 1e-3, 3e-3, 1e-2),
+  ),
   "adagrad": Optimizer(
     "adagrad", lambda lr, _: optax.adagrad(lr), (0.01, 0.03, 0.1, 0.3)
   ),

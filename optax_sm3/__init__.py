@@ -8,6 +8,7 @@ state costs ``O(sum of dims)`` instead of ``O(prod of dims)``.
 from optax_sm3._adapter import SM3
 from optax_sm3._convert import from_optax_sm3
 from optax_sm3._momentum import ScaleByMomentumState, scale_by_momentum
+from optax_sm3._recipe import sm3_recipe
 from optax_sm3._scale_by_sm3 import ScaleBySM3State, scale_by_sm3
 from optax_sm3._schedules import warmup_schedule
 from optax_sm3._sharding import state_partition_specs, state_shardings
@@ -33,6 +34,7 @@ __all__ = (
   "scale_by_momentum",
   "scale_by_sm3",
   "sm3",
+  "sm3_recipe",
   "sparse_lookup",
   "sparse_rows",
   "sparse_tables",

@@ -80,13 +80,13 @@ _TINY = {
 @pytest.mark.parametrize("name", _workloads.WORKLOAD_NAMES)
 def test_tiny_run_writes_reports(name, tmp_path):
   workload = _workloads.build(name, **_TINY[name])
-  optimizers = [_optimizers.OPTIMIZERS[n] for n in ("sm3-m0", "adam")]
+  optimizers = [_optimizers.OPTIMIZERS[n] for n in ("sm3-recipe", "adam")]
   labels = []
   result = _runner.run_workload(
     workload, optimizers, steps=4, seeds=2, grid_size=1, progress=labels.append
   )
   assert len(labels) == 2 * (1 + 2)
-  sm3, adam = result["optimizers"]["sm3-m0"], result["optimizers"]["adam"]
+  sm3, adam = result["optimizers"]["sm3-recipe"], result["optimizers"]["adam"]
   for opt in (sm3, adam):
     assert np.isfinite(opt["metric_mean"]) and len(opt["runs"]) == 2
     assert all(len(r["losses"]) == 4 // result["chunk"] for r in opt["runs"])
@@ -97,17 +97,27 @@ def test_tiny_run_writes_reports(name, tmp_path):
   paths = _report.write(results, tmp_path)
   assert json.loads(paths["json"].read_text())["workloads"][name]["steps"] == 4
   table = paths["markdown"].read_text()
-  assert "| sm3-m0 |" in table and "| adam |" in table and "Goal" in table
+  assert "| sm3-recipe |" in table and "| adam |" in table
+  assert "Goal (within 2% with <= 3% of the memory)" in table
   assert paths[name].read_bytes()[:4] == b"\x89PNG"
 
 
 def test_goal_check_signs():
-  def result(higher, sm3, adam):
+  def result(higher, recipe, adam, valid=(1.0, 1.0)):
+    def opt(metric, state, valid_metric=1.0):
+      return {
+        "metric_mean": metric,
+        "state_bytes": state,
+        "learning_rate": 0.1,
+        "validation": {"0.1": valid_metric},
+      }
+
     return {
       "higher_is_better": higher,
       "optimizers": {
-        "sm3-m0": {"metric_mean": sm3, "state_bytes": 1},
-        "adam": {"metric_mean": adam, "state_bytes": 100},
+        "sm3-recipe": opt(recipe, 3),
+        "adam": opt(adam, 100, valid[0]),
+        "adam-wsd": opt(adam + 0.5, 100, valid[1]),
       },
     }
 
@@ -115,13 +125,23 @@ def test_goal_check_signs():
   assert not _report.goal(result(False, 1.03, 1.0))["met"]
   assert _report.goal(result(True, 0.97, 0.96))["gap"] < 0
   assert not _report.goal(result(True, 0.90, 0.96))["met"]
+  # The tuned Adam is the variant with the better *validation* metric, even
+  # where its test metric is worse (here adam-wsd, 0.5 worse on test).
+  check = _report.goal(result(False, 1.2, 1.0, valid=(1.0, 0.9)))
+  assert check["adam"] == "adam-wsd" and check["gap"] < 0 and check["met"]
+  assert _report.tuned_adam(result(True, 1, 1, valid=(1.0, 0.9))) == "adam"
+  # 4% of the memory is over budget, however good the metric.
+  over = result(False, 0.5, 1.0)
+  over["optimizers"]["sm3-recipe"]["state_bytes"] = 4
+  assert not _report.goal(over)["met"]
+  assert _report.goal({"higher_is_better": False, "optimizers": {}}) is None
 
 
 @pytest.mark.parametrize(
   ("flags", "allowed"),
   [
     (["--workloads", "movielenz"], "movielens, shakespeare-word"),
-    (["--optimizers", "adamw"], "sm3-m0, sm3-m0.9, adam"),
+    (["--optimizers", "adamw"], "sm3-recipe, sm3-m0, sm3-m0.9, adam, adam-wsd"),
     (["--seeds", "0"], "integer >= 1"),
   ],
 )

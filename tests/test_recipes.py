@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+import optax_sm3
 from benchmarks import _runner, recipes
 
 PARAMS = {
@@ -172,4 +173,20 @@ def test_optax_schedule_is_traceable_in_make():
     jax.eval_shape(lambda lr, c=config: recipes.make(c)(lr, 100).init(PARAMS), 0.1)
   assert isinstance(
     recipes.make(recipes.Config())(0.1, 10), optax.GradientTransformation
+  )
+
+
+def test_library_recipe_is_the_search_config():
+  """``optax_sm3.sm3_recipe`` and the search's ``LIBRARY_RECIPE`` agree exactly."""
+  ours = recipes.make(recipes.LIBRARY_RECIPE)(3e-3, 50)
+  library = optax_sm3.sm3_recipe(3e-3, 50)
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), PARAMS)
+  a, b = ours.init(PARAMS), library.init(PARAMS)
+  for _ in range(4):
+    ua, a = ours.update(grads, a, PARAMS)
+    ub, b = library.update(grads, b, PARAMS)
+    for x, y in zip(jax.tree.leaves(ua), jax.tree.leaves(ub), strict=True):
+      np.testing.assert_array_equal(x, y)
+  assert (
+    recipes.LIBRARY_RECIPE.label() == "sm3 cooldown w=0.02 d=0.1 beta=0.9 merge<=2048"
   )

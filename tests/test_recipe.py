@@ -1,0 +1,110 @@
+"""optax_sm3.sm3_recipe: the preset is exactly the chain its docstring spells out."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_sm3
+from benchmarks import _runner, _workloads
+
+PARAMS = {
+  "embedding": jnp.zeros((65, 16)),
+  "small": jnp.zeros((32, 16)),  # 512 entries: merged into one accumulator
+  "kernel": jnp.zeros((64, 48)),  # 3072 entries: one per axis
+  "bias": jnp.zeros((48,)),
+}
+
+
+def _grads(step):
+  keys = jax.random.split(jax.random.key(step), len(PARAMS))
+  return {
+    name: jax.random.normal(key, p.shape)
+    for key, (name, p) in zip(keys, PARAMS.items(), strict=True)
+  }
+
+
+def _train(opt, steps):
+  params, state = PARAMS, opt.init(PARAMS)
+  for step in range(steps):
+    updates, state = opt.update(_grads(step), state, params)
+    params = optax.apply_updates(params, updates)
+  return params, state
+
+
+def test_equals_the_spelled_out_chain():
+  steps = 30
+  schedule = optax_sm3.warmup_schedule(
+    3e-3, steps, warmup_fraction=0.02, decay_fraction=0.1
+  )
+  explicit = optax_sm3.sm3(schedule, momentum=0.0, beta=0.9, merge_axes_up_to=2048)
+  ours, state = _train(optax_sm3.sm3_recipe(3e-3, steps), steps)
+  theirs, _ = _train(explicit, steps)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+    np.testing.assert_array_equal(a, b)
+  # No momentum buffer: the state is SM3's accumulators (and step counts).
+  # Merged (<= 2048 entries): 65 * 16 + 32 * 16; per axis: 64 + 48; bias: 48.
+  accumulators = [x for x in jax.tree.leaves(state) if x.ndim]
+  assert sum(x.size for x in accumulators) == 1040 + 512 + 112 + 48
+  assert len(jax.tree.leaves(state)) == len(jax.tree.leaves(explicit.init(PARAMS)))
+
+
+def test_schedule_warms_up_holds_and_cools_down():
+  steps = 100
+  opt = optax_sm3.sm3_recipe(1.0, steps, merge_axes_up_to=None)
+  params = {"w": jnp.zeros((2, 2))}
+  state = opt.init(params)
+  sizes = []
+  for _ in range(steps):
+    updates, state = opt.update({"w": jnp.ones((2, 2))}, state, params)
+    sizes.append(float(jnp.abs(updates["w"]).max()))
+  # A constant gradient of 1 gives nu = 1 - 0.9**t after t steps (no bias
+  # correction), so |u| = rate(t) / sqrt(1 - 0.9**t): 2 warm-up steps
+  # (quadratic), constant, then the linear cool-down over the last 10.
+  rate = [min(1.0, (t / 2) ** 2, (steps - t) / 10) for t in range(steps)]
+  expected = [r / np.sqrt(1 - 0.9 ** (t + 1) + 1e-8) for t, r in enumerate(rate)]
+  np.testing.assert_allclose(sizes, expected, rtol=2e-5)
+  assert sizes[0] == 0.0 and sizes[95] == pytest.approx(0.5, rel=1e-4)
+
+
+def test_traced_learning_rate():
+  @jax.jit
+  def step(lr):
+    opt = optax_sm3.sm3_recipe(lr, 10)
+    state = opt.init(PARAMS)
+    for _ in range(3):
+      updates, state = opt.update(_grads(0), state, PARAMS)
+    return updates
+
+  small, large = step(1e-3), step(2e-3)
+  np.testing.assert_allclose(large["kernel"], 2 * small["kernel"], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+  ("kwargs", "match"),
+  [
+    ({"learning_rate": -1.0}, "`learning_rate`"),
+    ({"learning_rate": float("inf")}, "`learning_rate`"),
+    ({"total_steps": 0}, "`total_steps`"),
+    ({"decay_fraction": 1.5}, "`decay_fraction`"),
+    ({"warmup_fraction": 0.95}, "warmup_fraction \\+ decay_fraction"),
+    ({"beta": 1.0}, "`beta`"),
+    ({"merge_axes_up_to": 0}, "`merge_axes_up_to`"),
+  ],
+)
+def test_bad_arguments_name_themselves(kwargs, match):
+  args = {"learning_rate": 1e-3, "total_steps": 100, **kwargs}
+  with pytest.raises(ValueError, match=match):
+    optax_sm3.sm3_recipe(**args)
+
+
+def test_state_on_the_benchmark_transformer_is_two_percent_of_adams():
+  # The docstring's "about 2% of Adam's on a small transformer".
+  workload = _workloads.build("shakespeare-char")
+  params = jax.eval_shape(workload.init, jax.random.key(0))
+  recipe = _runner.tree_bytes(
+    jax.eval_shape(optax_sm3.sm3_recipe(1e-3, 400).init, params)
+  )
+  adam = _runner.tree_bytes(jax.eval_shape(optax.adam(1e-3).init, params))
+  assert 0.015 < recipe / adam < 0.025
