@@ -208,10 +208,15 @@ def _batchable(config: _Config):
 
   @jax.custom_batching.custom_vmap
   def fn(g, accumulators, c_old, c_new):
-    entries = _explicit_entries(g)
-    if entries is None:
-      return _partitioned(config)(g, accumulators, c_old, c_new)
-    return _shard_mapped(config, entries, g, accumulators, c_old, c_new)
+    types = _axis_types(g)
+    if AxisType.Explicit in types:
+      entries = _explicit_entries(g)
+      return _shard_mapped(config, entries, g, accumulators, c_old, c_new)
+    if AxisType.Manual in types and AxisType.Auto in types:
+      # Inside a shard_map over some of the mesh's axes, XLA hands the
+      # partitioner no mesh to read the other axes' shardings from.
+      return _direct(config, g, accumulators, c_old, c_new)
+    return _partitioned(config)(g, accumulators, c_old, c_new)
 
   @fn.def_vmap
   def rule(axis_size, in_batched, g, accumulators, c_old, c_new):
@@ -254,13 +259,16 @@ def _differentiable_jvp(config, primals, tangents):
   return out, tangent
 
 
-def _explicit_entries(g) -> list[tuple[str, ...]] | None:
-  """The mesh axes splitting each axis of ``g`` in explicit mode, else None."""
+def _axis_types(g) -> set[AxisType]:
+  """The types of the axes of the mesh ``g`` is traced on (none: no mesh)."""
+  mesh = jax.typeof(g).sharding.mesh
+  return set() if mesh.empty else set(mesh.axis_types)
+
+
+def _explicit_entries(g) -> list[tuple[str, ...]]:
+  """The explicit mesh axes splitting each axis of ``g``."""
   sharding = jax.typeof(g).sharding
-  mesh = sharding.mesh
-  if mesh.empty or not any(t == AxisType.Explicit for t in mesh.axis_types):
-    return None
-  return _even_entries(g.shape, sharding.spec, dict(mesh.shape))
+  return _even_entries(g.shape, sharding.spec, dict(sharding.mesh.shape))
 
 
 def _shard_mapped(config: _Config, entries, g, accumulators, c_old, c_new):
