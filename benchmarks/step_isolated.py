@@ -52,6 +52,8 @@ NAMES = (
   "optax_sm3.sm3 (m=0)",
   "optax_sm3.sm3 (m=0.9)",
 )
+# --with-direct adds SM3 without the CPU loop (the form before the loop).
+DIRECT = "optax_sm3.sm3 (m=0, block_size=0)"
 
 # (what, optimizer, metric, upper bound) on the float32 and bfloat16 trees.
 TARGETS = (
@@ -178,7 +180,7 @@ def child(
 
   if jax.device_count() != devices:
     raise RuntimeError(f"expected {devices} devices, JAX has {jax.device_count()}")
-  tx = step_time.optimizers()[name]
+  tx = step_time.optimizers(with_direct=True)[name]
   shapes = step_time.scaled_shapes(scale, tree)
   start = time.perf_counter()
   make = step_time.Case if devices == 1 else MeshCase
@@ -239,15 +241,16 @@ def run_child(name, args, dtype) -> dict:
 def measure(args, dtype: str, progress) -> dict:
   """Every optimizer once per pass, shuffled; per-pass ratios to the baselines."""
   order = random.Random(args.seed)
+  names = [*NAMES, DIRECT] if args.with_direct else list(NAMES)
   passes = []
   for _ in range(args.passes):
     one = {}
-    for name in order.sample(list(NAMES), len(NAMES)):
+    for name in order.sample(names, len(names)):
       one[name] = run_child(name, args, dtype)
       progress(f"{dtype} {name}: {one[name]['median_ms']:.1f} ms")
     passes.append(one)
   rows = {}
-  for name in NAMES:
+  for name in names:
     times = [p[name]["median_ms"] for p in passes]
     rows[name] = {
       "pass_ms": times,
@@ -344,6 +347,11 @@ def parse_args(argv):
   )
   parser.add_argument("--scale", type=float, default=None, help="scale the tree")
   parser.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 run")
+  parser.add_argument(
+    "--with-direct",
+    action="store_true",
+    help=f"also time {DIRECT!r} (SM3 without the CPU loop)",
+  )
   parser.add_argument("--seed", type=int, default=0, help="seed of the pass orders")
   parser.add_argument("--out", default="results/step_isolated", help="output folder")
   parser.add_argument(
@@ -361,8 +369,8 @@ def parse_args(argv):
     args.scale = 0.25 if args.quick else 1.0
   if min(args.passes, args.rounds, args.steps, args.devices) < 1 or not args.scale > 0:
     parser.error("--passes, --rounds, --steps, --devices must be >= 1 and --scale > 0")
-  if args.child is not None and args.child not in NAMES:
-    parser.error(f"--child must be one of {NAMES}")
+  if args.child is not None and args.child not in (*NAMES, DIRECT):
+    parser.error(f"--child must be one of {(*NAMES, DIRECT)}")
   return args
 
 
