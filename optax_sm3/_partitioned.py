@@ -24,7 +24,15 @@ Around the partitioned call:
   loop runs under ``jax.shard_map`` on the specs read from it.
 
 Unpartitioned (one device in the jit, or all mesh axes manual inside a
-``shard_map``), the call is the single-device loop.
+``shard_map``), the call is the single-device loop. Inside a ``shard_map``
+over only some of the mesh axes the direct form runs (XLA gives the
+partitioner no mesh to read the other axes' shardings from), and an axis
+that its mesh axes do not divide evenly is gathered (per-shard shapes must
+be exact).
+
+The devices of one host run their shards at once and share its caches, so
+each loops over blocks of ``block_size // devices`` entries (and at least
+two per shard): the host's temporary is one block, as on one device.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import math
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 from jax.experimental.custom_partitioning import (
   ArrayMapping,
   SdyShardingRule,
@@ -233,7 +242,7 @@ def _batchable(config: _Config):
       )
       return out, tuple(True for _ in out)
     stack = lambda x, batched: (
-      x if batched else jax.numpy.broadcast_to(x, (axis_size, *x.shape))
+      x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
     )
     g = stack(g, g_batched)
     accumulators = tuple(
