@@ -8,11 +8,13 @@ depend on the order it is taken in):
   as the parameter, and an extra write and read of it.
 * blocked: a loop over blocks of at most ``block_size`` entries (and at
   least two blocks) that forms ``nu`` one cache-sized block at a time and
-  folds each block's maxima into the accumulators. Used on a single-device
-  CPU for parameters with more than ``MIN_LOOP_SIZE`` entries; the loops
-  share one block-sized temporary. With several devices the direct form is
-  kept, because slicing a sharded axis in a loop would make XLA gather the
-  parameter.
+  folds each block's maxima into the accumulators. Used on the CPU for
+  parameters with more than ``MIN_LOOP_SIZE`` entries; the loops share one
+  block-sized temporary. With several devices the loop runs per shard
+  (``_partitioned``: slicing a sharded axis in a loop would make XLA gather
+  the parameter), the devices of one host sharing its block: each takes
+  ``block_size // devices`` entries, and the maxima are combined across the
+  devices that split the reduced axes.
 
 The update itself, ``g / sqrt(nu + eps)``, is left as one elementwise
 expression of the gradient and the *old* accumulators, which XLA fuses with
@@ -28,7 +30,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from optax_sm3 import _cover
+from optax_sm3 import _cover, _partitioned
 
 # Elements of ``nu`` formed per loop iteration on the CPU: 4 MiB of float32.
 # Measured on the step-time benchmark's tree (benchmarks/step_time.py):
@@ -251,6 +253,13 @@ def _blocked(g, accumulators, cover, c_old, c_new, variant, block_size):
     return tuple(new_carry)
 
   init = tuple(jnp.full(a.shape, -jnp.inf, dtype) for a in accumulators)
+  # Under shard_map the maxima vary along every manual axis an input does;
+  # the loop's initial carry must say so too.
+  vma = set().union(
+    *(jax.typeof(x).manual_axis_type.varying for x in (g, *accumulators, c_old, c_new))
+  )
+  if vma:
+    init = jax.lax.pcast(init, tuple(sorted(vma)), to="varying")
   maxima = jax.lax.fori_loop(0, tiling.num_blocks, body, init)
   return _combine(maxima, accumulators, c_old, c_new, variant)
 
@@ -279,13 +288,16 @@ def new_accumulators(
     The new accumulators, same shapes and dtype as the old.
   """
   size = math.prod(cover.shape)
-  if (
-    block_size <= 0
-    or len(cover.groups) < 2
-    or size <= MIN_LOOP_SIZE
-    or jax.device_count() != 1
-  ):
+  if block_size <= 0 or len(cover.groups) < 2 or size <= MIN_LOOP_SIZE:
     return _direct(g, accumulators, cover, c_old, c_new, variant)
+  if jax.device_count() != 1:
+    # The loop per shard, wherever XLA places the gradient (_partitioned).
+    return jax.lax.platform_dependent(
+      cpu=lambda: _partitioned.new_accumulators(
+        g, accumulators, cover, c_old, c_new, variant, block_size
+      ),
+      default=lambda: _direct(g, accumulators, cover, c_old, c_new, variant),
+    )
   # At least two blocks, also for parameters that would fit in one: XLA folds
   # a one-trip loop back into the direct form, and its CPU scheduler forms
   # every parameter's direct ``nu`` before the first reduction, so they would

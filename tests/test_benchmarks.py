@@ -260,6 +260,37 @@ def test_step_isolated_targets_and_table():
   )
 
 
+def test_step_isolated_device_targets_and_mesh_specs():
+  from jax.sharding import PartitionSpec as P
+
+  from benchmarks import step_isolated
+
+  rows = {
+    "optax.adam": {"vs_adam": 1.0, "temp_fraction": 0.0},
+    "optax_sm3.sm3 (m=0)": {"vs_adam": 0.8, "temp_fraction": 0.03},
+    "optax_sm3.sm3 (m=0.9)": {"vs_adam": 1.1, "temp_fraction": 0.2},
+  }
+  checks = step_isolated.check_targets(
+    {"tree": "embedding", "devices": 8, "float32": rows}
+  )
+  met = {c["target"]: c["met"] for c in checks}
+  prefix = "8 devices, float32: optax_sm3.sm3"
+  per_device = "XLA temporary / parameter bytes, per device <= 0.05"
+  assert met == {  # the one-device targets are not checked on a mesh
+    f"{prefix} (m=0): {per_device}": True,
+    f"{prefix} (m=0): step time / optax.adam <= 1": True,
+    f"{prefix} (m=0.9): {per_device}": False,
+    f"{prefix} (m=0.9): step time / optax.adam <= 1": False,
+  }
+  spec = step_isolated.mesh_spec
+  assert spec("embedding", (200000, 128), 8) == P("x", None)
+  assert spec("dense_in", (1024, 4096), 8) == P(None, "x")
+  assert spec("0/down", (2048, 512), 8) == P("x", None)
+  assert spec("conv", (3, 3, 256, 64), 8) == P(None, None, None, "x")
+  assert spec("conv", (3, 3, 256, 63), 8) == P()  # 8 does not divide 63
+  assert spec("bias", (4096,), 8) == P()
+
+
 def test_sparse_rows_nnx_section_tiny(tmp_path):
   from benchmarks import _nnx_sparse_bench, sparse_rows
 
