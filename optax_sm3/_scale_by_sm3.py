@@ -247,9 +247,10 @@ def scale_by_sm3(
     skip_unit_axes: store no accumulator for size-1 axes (one number saved
       each). Exact: such an accumulator holds the global maximum, which never
       wins the minimum.
-    block_size: on a single-device CPU, parameters with more than 2**16
-      entries have their accumulators computed in a loop over blocks of at
-      most this many entries (and at least two blocks), so the step's
+    block_size: on the CPU, parameters with more than 2**16 entries have
+      their accumulators computed in a loop over blocks of at most this many
+      entries (and at least two blocks; per shard with several devices, each
+      device of a host taking ``block_size // devices``), so the step's
       temporary is one float32 block instead of one per parameter (results
       are bit-identical). ``None`` picks 2**20 (a 4 MiB block), or 2**18 for
       16-bit gradients; ``0`` turns the loop off.
