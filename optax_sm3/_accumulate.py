@@ -22,6 +22,7 @@ whatever consumes it (momentum, ``optax.apply_updates``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -293,7 +294,26 @@ def new_accumulators(
   # --with-direct`: 2.1x Adam's step time with a temporary as large as the
   # parameters; looped, 0.8x and 1.7%).
   block = min(block_size, -(-size // 2))
+  return _looped(
+    g,
+    tuple(accumulators),
+    c_old,
+    c_new,
+    cover=cover,
+    variant=variant,
+    block_size=block,
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("cover", "variant", "block_size"))
+def _looped(g, accumulators, c_old, c_new, *, cover, variant, block_size):
+  """The blocked form on a CPU, the direct form elsewhere.
+
+  A nested ``jax.jit``: parameters of one shape and dtype are traced and
+  lowered once per step, not once each (``platform_dependent`` traces both
+  forms), which was most of the lowering time of a tree of many layers.
+  """
   return jax.lax.platform_dependent(
-    cpu=lambda: _blocked(g, accumulators, cover, c_old, c_new, variant, block),
+    cpu=lambda: _blocked(g, accumulators, cover, c_old, c_new, variant, block_size),
     default=lambda: _direct(g, accumulators, cover, c_old, c_new, variant),
   )
