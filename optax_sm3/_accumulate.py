@@ -194,6 +194,20 @@ def _tiling(shape: tuple[int, ...], block_size: int) -> _Tiling:
   return _Tiling(axis, rows, -(-shape[axis] // rows), shape[:axis])
 
 
+# The loop's indices are never negative: without the wrap-around of negative
+# indices that ``jax.lax`` adds by default, XLA compiles each loop in about
+# two thirds of the time (72 loops of the transformer tree of
+# benchmarks/step_time.py: 1.1 s instead of 1.6 s).
+def _slice(operand, starts, sizes):
+  return jax.lax.dynamic_slice(operand, starts, sizes, allow_negative_indices=False)
+
+
+def _update_slice(operand, update, starts):
+  return jax.lax.dynamic_update_slice(
+    operand, update, starts, allow_negative_indices=False
+  )
+
+
 def _blocked(g, accumulators, cover, c_old, c_new, variant, block_size):
   """``_direct`` as a loop over blocks, with no parameter-sized temporary."""
   shape = cover.shape
@@ -224,14 +238,14 @@ def _blocked(g, accumulators, cover, c_old, c_new, variant, block_size):
     # convert all of ``g`` at once.
     index, grad = jax.lax.optimization_barrier((index, g))
     starts = tiling.starts(index, shape)
-    block = finite_or_zero(jax.lax.dynamic_slice(grad, starts, block_shape))
+    block = finite_or_zero(_slice(grad, starts, block_shape))
 
     # Where each accumulator's part for this block starts, and its size.
     at = [[starts[a] for a in axes] for axes in indexed]
     sizes = [[block_shape[a] for a in axes] for axes in indexed]
     if variant == "II":
       local = [
-        jax.lax.dynamic_slice(a, s, n).reshape(shape_)
+        _slice(a, s, n).reshape(shape_)
         for a, s, n, shape_ in zip(accumulators, at, sizes, local_shapes, strict=True)
       ]
       source = estimate(block, local, local_shapes, c_old, c_new)
@@ -247,8 +261,8 @@ def _blocked(g, accumulators, cover, c_old, c_new, variant, block_size):
         new_carry.append(jnp.maximum(c, maximum))
         continue
       if merge == "part":
-        maximum = jnp.maximum(jax.lax.dynamic_slice(c, s, n), maximum)
-      new_carry.append(jax.lax.dynamic_update_slice(c, maximum, s))
+        maximum = jnp.maximum(_slice(c, s, n), maximum)
+      new_carry.append(_update_slice(c, maximum, s))
     return tuple(new_carry)
 
   init = tuple(jnp.full(a.shape, -jnp.inf, dtype) for a in accumulators)
