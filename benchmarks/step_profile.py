@@ -12,6 +12,10 @@ by default) and times, round-robin in one run, the pieces a step is made of:
   accumulators, as XLA fuses it into ``optax.apply_updates``;
 * ``sm3 accumulator pass``: the new accumulators, with the blocked CPU loop
   (the default) and without it (``block_size=0``);
+* ``row maxima alone`` / ``column maxima alone``: one of the two reductions
+  of ``nu = min(r, c) + g**2``, each a single fused pass with no temporary
+  (what the accumulator pass would cost if XLA fused both reductions into
+  one pass over ``g``; on the CPU it does not, see ``optax_sm3/_accumulate.py``);
 * whole steps of ``optax_sm3.sm3`` (momentum 0 and 0.9) and ``optax.adam``.
 
 Each time is also given in *stream-equivalents*: time / (sgd time / 3), the
@@ -85,6 +89,12 @@ def components(rows: int, cols: int, learning_rate: float = 1e-3):
 
     return fn, (p, tx.init(p), g), (0, 1)
 
+  def one_reduction(axis):
+    def fn(g, r, c):
+      return jnp.max(_accumulate.estimate(g, (r, c), shapes, one, one), axis=axis)
+
+    return fn
+
   default_block = _accumulate.default_block_size(jnp.float32)
   steps = {
     "read: g.sum()": ((lambda g: g.sum()), (g,), (), 1),
@@ -97,6 +107,8 @@ def components(rows: int, cols: int, learning_rate: float = 1e-3):
       1,
     ),
     "sm3 accumulator pass, direct": (accumulator_pass(0), (g, *accumulators), (), 1),
+    "row maxima of nu alone (fused)": (one_reduction(1), (g, *accumulators), (), 1),
+    "column maxima of nu alone (fused)": (one_reduction(0), (g, *accumulators), (), 1),
   }
   for name, tx, streams in (
     ("optax_sm3.sm3 (m=0) step", optax_sm3.sm3(learning_rate, momentum=0.0), 4),

@@ -24,6 +24,7 @@ whatever consumes it (momentum, ``optax.apply_updates``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -42,7 +43,10 @@ DEFAULT_BLOCK_SIZE_16BIT = 1 << 18
 
 
 # Parameters with at most this many entries keep the direct form. Each loop
-# costs ~25 ms of compile time, and the gain shrinks with the size (scratch
+# costs ~9 ms of XLA compile time (the 72 loops of the transformer tree of
+# benchmarks/step_time.py: 1.15 s, against 0.5 s for the direct form; ~25 ms
+# before the loop dropped jax.lax's negative-index wrap-around and was traced
+# once per shape), and the gain shrinks with the size (scratch
 # runs, not kept: 256 parameters of 128 x 128 ran at 1.18x Adam looped and
 # 1.39x direct; 1024 of 32 x 64 ran slower looped, 1.51x against 1.40x, and
 # took 4x longer to compile).
@@ -195,6 +199,20 @@ def _tiling(shape: tuple[int, ...], block_size: int) -> _Tiling:
   return _Tiling(axis, rows, -(-shape[axis] // rows), shape[:axis])
 
 
+# The loop's indices are never negative: without the wrap-around of negative
+# indices that ``jax.lax`` adds by default, XLA compiles each loop in about
+# two thirds of the time (72 loops of the transformer tree of
+# benchmarks/step_time.py: 1.1 s instead of 1.6 s).
+def _slice(operand, starts, sizes):
+  return jax.lax.dynamic_slice(operand, starts, sizes, allow_negative_indices=False)
+
+
+def _update_slice(operand, update, starts):
+  return jax.lax.dynamic_update_slice(
+    operand, update, starts, allow_negative_indices=False
+  )
+
+
 def _blocked(g, accumulators, cover, c_old, c_new, variant, block_size):
   """``_direct`` as a loop over blocks, with no parameter-sized temporary."""
   shape = cover.shape
@@ -225,14 +243,14 @@ def _blocked(g, accumulators, cover, c_old, c_new, variant, block_size):
     # convert all of ``g`` at once.
     index, grad = jax.lax.optimization_barrier((index, g))
     starts = tiling.starts(index, shape)
-    block = finite_or_zero(jax.lax.dynamic_slice(grad, starts, block_shape))
+    block = finite_or_zero(_slice(grad, starts, block_shape))
 
     # Where each accumulator's part for this block starts, and its size.
     at = [[starts[a] for a in axes] for axes in indexed]
     sizes = [[block_shape[a] for a in axes] for axes in indexed]
     if variant == "II":
       local = [
-        jax.lax.dynamic_slice(a, s, n).reshape(shape_)
+        _slice(a, s, n).reshape(shape_)
         for a, s, n, shape_ in zip(accumulators, at, sizes, local_shapes, strict=True)
       ]
       source = estimate(block, local, local_shapes, c_old, c_new)
@@ -248,8 +266,8 @@ def _blocked(g, accumulators, cover, c_old, c_new, variant, block_size):
         new_carry.append(jnp.maximum(c, maximum))
         continue
       if merge == "part":
-        maximum = jnp.maximum(jax.lax.dynamic_slice(c, s, n), maximum)
-      new_carry.append(jax.lax.dynamic_update_slice(c, maximum, s))
+        maximum = jnp.maximum(_slice(c, s, n), maximum)
+      new_carry.append(_update_slice(c, maximum, s))
     return tuple(new_carry)
 
   init = tuple(jnp.full(a.shape, -jnp.inf, dtype) for a in accumulators)
@@ -305,7 +323,26 @@ def new_accumulators(
   # --with-direct`: 2.1x Adam's step time with a temporary as large as the
   # parameters; looped, 0.8x and 1.7%).
   block = min(block_size, -(-size // 2))
+  return _looped(
+    g,
+    tuple(accumulators),
+    c_old,
+    c_new,
+    cover=cover,
+    variant=variant,
+    block_size=block,
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("cover", "variant", "block_size"))
+def _looped(g, accumulators, c_old, c_new, *, cover, variant, block_size):
+  """The blocked form on a CPU, the direct form elsewhere.
+
+  A nested ``jax.jit``: parameters of one shape and dtype are traced and
+  lowered once per step, not once each (``platform_dependent`` traces both
+  forms), which was most of the lowering time of a tree of many layers.
+  """
   return jax.lax.platform_dependent(
-    cpu=lambda: _blocked(g, accumulators, cover, c_old, c_new, variant, block),
+    cpu=lambda: _blocked(g, accumulators, cover, c_old, c_new, variant, block_size),
     default=lambda: _direct(g, accumulators, cover, c_old, c_new, variant),
   )

@@ -1,5 +1,7 @@
 """Which parameters the CPU loop takes, and what that does to the step."""
 
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,3 +95,21 @@ def test_loop_commutes_with_vmap_grad_and_scan():
     jax.tree.leaves(scanned(looped)), jax.tree.leaves(scanned(direct)), strict=True
   ):
     np.testing.assert_array_equal(a, b)
+
+
+def test_blocked_form_is_traced_once_per_shape():
+  # Lowering cost: a tree of many same-shaped layers traces the loop once.
+  # (301, 299) is this test's own shape, so no earlier trace is cached.
+  params = {f"w{i}": jax.ShapeDtypeStruct((301, 299), jnp.float32) for i in range(4)}
+  tx = optax_sm3.sm3(0.1, momentum=0.0)
+  traced = []
+  blocked = _accumulate._blocked
+
+  def counting(*args):
+    traced.append(args[2].shape)
+    return blocked(*args)
+
+  with mock.patch.object(_accumulate, "_blocked", counting):
+    hlo, _ = _compiled_step(tx, params)
+  assert traced == [(301, 299)]
+  assert hlo.count(" while(") == 4
