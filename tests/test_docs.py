@@ -153,3 +153,29 @@ def test_doctest_run_had_no_failures():
   tests = sum(int(n) for n in re.findall(r"^\s+(\d+) tests$", out, re.M))
   assert tests >= 15, out
   assert re.search(r"^\s+0 failures in tests$", out, re.M), out
+
+
+def test_transformer_guide_summary_matches_the_readme_tables():
+  """The guide's per-workload summary is the README's full tables, summarised."""
+  readme = (DOCS.parent / "README.md").read_text()
+  guide = (DOCS / "guides" / "transformers.md").read_text()
+  sections = dict(
+    re.findall(
+      r"^#### (\S+): .*?\n(.*?)(?=^#### |^\*\*The recipe)", readme, re.M | re.S
+    )
+  )
+  assert set(sections) == {"movielens", "shakespeare-word", "shakespeare-char", "mnist"}
+  for workload, table in sections.items():
+    (row,) = _table_rows(guide, workload)
+    metric = {
+      r[0]: r[2]
+      for r in (
+        _table_rows(table, n)[0] for n in ("sm3-recipe", "sm3-m0", "adam", "adam-wsd")
+      )
+    }
+    assert row[2] == metric["sm3-recipe"]
+    assert row[5] == metric["sm3-m0"]
+    value, adam = re.fullmatch(r"(.+) \((adam|adam-wsd)\)", row[3]).groups()
+    assert value == metric[adam]
+    # The goal line under the README's table names the same tuned Adam.
+    assert f"than the tuned Adam ({adam}, chosen on validation)" in table
