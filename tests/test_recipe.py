@@ -108,3 +108,20 @@ def test_state_on_the_benchmark_transformer_is_two_percent_of_adams():
   )
   adam = _runner.tree_bytes(jax.eval_shape(optax.adam(1e-3).init, params))
   assert 0.015 < recipe / adam < 0.025
+
+
+def test_inject_hyperparams_changes_the_peak_rate():
+  opt = optax.inject_hyperparams(optax_sm3.sm3_recipe, static_args=("total_steps",))(
+    learning_rate=1e-3, total_steps=10
+  )
+  plain = optax_sm3.sm3_recipe(1e-3, 10)
+  state, plain_state = opt.init(PARAMS), plain.init(PARAMS)
+  for step in range(3):
+    updates, state = opt.update(_grads(step), state, PARAMS)
+    expected, plain_state = plain.update(_grads(step), plain_state, PARAMS)
+    for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(expected), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-6)
+  state.hyperparams["learning_rate"] = jnp.asarray(2e-3)
+  doubled, _ = opt.update(_grads(3), state, PARAMS)
+  expected, _ = plain.update(_grads(3), plain_state, PARAMS)
+  np.testing.assert_allclose(doubled["kernel"], 2 * expected["kernel"], rtol=1e-5)
