@@ -186,6 +186,26 @@ def _table_shape(accumulators: Any) -> tuple[int, ...] | None:
   return tuple(np.shape(a)[0] for a in accumulators)
 
 
+def _unique(indices: jax.Array, fill: int) -> tuple[jax.Array, jax.Array]:
+  """``jnp.unique(indices, size=k, fill_value=fill, return_inverse=True)``.
+
+  The same two arrays (the distinct values in increasing order, then
+  ``fill``; each index's slot in them), from one single-key sort and a
+  binary search: XLA's CPU sort is several times slower with the
+  ``(value, position)`` pairs ``jnp.unique`` sorts to get the inverse (0.95
+  ms against 0.27 ms for 4096 indices). ``fill`` must be ``>=`` every index.
+  """
+  k = indices.shape[0]
+  if k == 0:
+    return indices, jnp.zeros((0,), jnp.int32)
+  ordered = jax.lax.sort(indices)
+  first = jnp.concatenate([jnp.ones((1,), bool), ordered[1:] != ordered[:-1]])
+  slot = jnp.cumsum(first) - 1
+  unique = jnp.full((k,), fill, indices.dtype).at[slot].set(ordered)
+  inverse = jnp.searchsorted(unique, indices, side="left")
+  return unique, inverse.astype(jnp.int32)
+
+
 def _sm3_rows(
   indices: jax.Array,
   row_grads: jax.Array,
@@ -205,8 +225,7 @@ def _sm3_rows(
   dtype = accumulators[0].dtype
   c_old, c_new = _scale_by_sm3._coefficients(beta, dtype)
   # A fixed number k of slots keeps every shape static under jit.
-  unique, inverse = jnp.unique(indices, size=k, fill_value=rows, return_inverse=True)
-  inverse = inverse.reshape(k)
+  unique, inverse = _unique(indices, rows)
   grads = jax.ops.segment_sum(row_grads, inverse, num_segments=k)
   valid = unique < rows
   row_acc = accumulators[0].at[unique].get(mode="fill", fill_value=0)

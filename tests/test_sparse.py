@@ -14,6 +14,7 @@ import optax
 import pytest
 
 import optax_sm3
+from optax_sm3 import _sparse
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCHEDULE = optax.linear_schedule(0.3, 0.01, 6)
@@ -651,3 +652,16 @@ def test_movielens_example_sparse_matches_dense_and_learns():
   sparse, dense = result["sparse"], result["dense"]
   assert sparse["test_rmse"][-1] == pytest.approx(dense["test_rmse"][-1], abs=1e-3)
   assert sparse["test_rmse"][-1] < sparse["initial_test_rmse"] - 0.05
+
+
+@hypothesis.given(ids=st.lists(st.integers(0, 12), min_size=0, max_size=40))
+def test_unique_matches_jnp_unique(ids):
+  """The sort-and-search ``_unique`` returns exactly what ``jnp.unique`` does."""
+  indices = jnp.asarray(ids, jnp.int32)
+  unique, inverse = _sparse._unique(indices, 12)  # 12: the fill, >= every id
+  want, want_inverse = jnp.unique(
+    indices, size=len(ids), fill_value=12, return_inverse=True
+  )
+  np.testing.assert_array_equal(unique, want)
+  np.testing.assert_array_equal(inverse, want_inverse.reshape(-1))
+  assert inverse.dtype == jnp.int32
