@@ -92,7 +92,9 @@ def test_tiny_run_writes_reports(name, tmp_path):
     assert all(len(r["losses"]) == 4 // result["chunk"] for r in opt["runs"])
     assert opt["step_ms"] > 0
   assert adam["state_ratio"] == pytest.approx(2.0, rel=1e-3)  # mu and nu
-  assert sm3["state_bytes"] < 0.5 * adam["state_bytes"]  # O(sum of dims)
+  # The recipe keeps no momentum; on these tiny models its merge_axes_up_to
+  # gives the (all small) parameters per-entry accumulators, so < Adam's.
+  assert sm3["state_bytes"] < adam["state_bytes"]
   results = {"workloads": {name: result}}
   paths = _report.write(results, tmp_path)
   assert json.loads(paths["json"].read_text())["workloads"][name]["steps"] == 4
