@@ -73,6 +73,7 @@ HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-dev}" "$venv/bin/python" -m pytest -n 
   -p no:cacheprovider --hypothesis-seed=0 tests optax_sm3 \
   --ignore=tests/test_adapter.py \
   --ignore=tests/test_benchmarks.py \
+  --ignore=tests/test_recipes.py \
   --ignore=tests/test_checkpoint.py \
   --ignore=tests/test_examples_flax.py \
   --ignore=tests/test_flax.py \

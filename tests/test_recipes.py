@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import optax_sm3
-from benchmarks import _runner, recipes
+from benchmarks import _runner, _workloads, recipes
 
 PARAMS = {
   "embedding": jnp.zeros((65, 16)),
@@ -190,3 +190,14 @@ def test_library_recipe_is_the_search_config():
   assert (
     recipes.LIBRARY_RECIPE.label() == "sm3 cooldown w=0.02 d=0.1 beta=0.9 merge<=2048"
   )
+
+
+def test_state_on_the_benchmark_transformer_is_two_percent_of_adams():
+  # The docstring's "about 2% of Adam's on a small transformer".
+  workload = _workloads.build("shakespeare-char")
+  params = jax.eval_shape(workload.init, jax.random.key(0))
+  recipe = _runner.tree_bytes(
+    jax.eval_shape(optax_sm3.sm3_recipe(1e-3, 400).init, params)
+  )
+  adam = _runner.tree_bytes(jax.eval_shape(optax.adam(1e-3).init, params))
+  assert 0.015 < recipe / adam < 0.025
