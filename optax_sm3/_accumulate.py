@@ -213,6 +213,15 @@ def _update_slice(operand, update, starts):
   )
 
 
+def _varying_axes(x: jax.Array) -> frozenset:
+  """The manual (``shard_map``) mesh axes ``x`` varies along."""
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
+  if manual is not None:
+    return frozenset(manual.varying)
+  return frozenset(getattr(aval, "vma", ()))  # jax 0.9
+
+
 def _blocked(g, accumulators, cover, c_old, c_new, variant, block_size):
   """``_direct`` as a loop over blocks, with no parameter-sized temporary."""
   shape = cover.shape
@@ -273,9 +282,7 @@ def _blocked(g, accumulators, cover, c_old, c_new, variant, block_size):
   init = tuple(jnp.full(a.shape, -jnp.inf, dtype) for a in accumulators)
   # Under shard_map the maxima vary along every manual axis an input does;
   # the loop's initial carry must say so too.
-  vma = set().union(
-    *(jax.typeof(x).manual_axis_type.varying for x in (g, *accumulators, c_old, c_new))
-  )
+  vma = set().union(*(_varying_axes(x) for x in (g, *accumulators, c_old, c_new)))
   if vma:
     init = jax.lax.pcast(init, tuple(sorted(vma)), to="varying")
   maxima = jax.lax.fori_loop(0, tiling.num_blocks, body, init)
