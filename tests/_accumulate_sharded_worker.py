@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -350,9 +349,7 @@ def main():
 
 
 if __name__ == "__main__":
-  # Read when JAX starts its CPU backend: set here, never on import.
-  os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-  )
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  import _subprocess  # this script's folder, tests/, is on sys.path
+
+  _subprocess.force_cpu_devices(8)
   main()

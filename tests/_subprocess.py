@@ -18,6 +18,19 @@ def cpu_env() -> dict[str, str]:
   return env
 
 
+def force_cpu_devices(count: int = 8) -> None:
+  """Makes JAX start ``count`` CPU devices: call before JAX's first use.
+
+  The flag is read when JAX starts its CPU backend (lazily), so a worker
+  script calls this in its ``__main__`` block, never on import (pytest's
+  doctest collection imports the workers).
+  """
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}"
+  )
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
 def run_json_worker(script: str, timeout: int = 300):
   """Runs ``tests/<script>`` and returns the JSON on its last line of output."""
   proc = subprocess.run(
