@@ -7,6 +7,7 @@ count, so one compiled training loop serves the whole grid and every seed.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -39,12 +40,17 @@ def _sm3_warmup(momentum: float):
   return make
 
 
+# The recipe's schedule, read from optax_sm3.sm3_recipe's defaults (quadratic
+# warm-up over 2%, linear cool-down over the last 10%), so that Adam gets
+# whatever the schedule is worth to SM3.
+_RECIPE_SCHEDULE = {
+  name: inspect.signature(optax_sm3.sm3_recipe).parameters[name].default
+  for name in ("warmup_fraction", "decay_fraction")
+}
+
+
 def _warmup_cooldown(learning_rate, total_steps):
-  # The recipe's schedule (quadratic warm-up over 2%, linear cool-down over the
-  # last 10%), so that Adam gets whatever the schedule is worth to SM3.
-  schedule = optax_sm3.warmup_schedule(
-    1.0, total_steps, warmup_fraction=0.02, decay_fraction=0.1
-  )
+  schedule = optax_sm3.warmup_schedule(1.0, total_steps, **_RECIPE_SCHEDULE)
   return lambda count: learning_rate * schedule(count)
 
 
