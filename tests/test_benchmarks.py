@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -95,6 +96,10 @@ def test_tiny_run_writes_reports(name, tmp_path):
   # The recipe keeps no momentum; on these tiny models its merge_axes_up_to
   # gives the (all small) parameters per-entry accumulators, so < Adam's.
   assert sm3["state_bytes"] < adam["state_bytes"]
+  # SM3 with one accumulator per axis (sm3-m0) is O(sum of dims), well under.
+  params = jax.eval_shape(workload.init, jax.random.key(0))
+  m0 = _optimizers.OPTIMIZERS["sm3-m0"].make(0.1, 4)
+  assert _runner.tree_bytes(jax.eval_shape(m0.init, params)) < 0.5 * adam["state_bytes"]
   results = {"workloads": {name: result}}
   paths = _report.write(results, tmp_path)
   assert json.loads(paths["json"].read_text())["workloads"][name]["steps"] == 4
