@@ -14,8 +14,9 @@ from optax_sm3._schedules import warmup_schedule
 from optax_sm3._sharding import state_partition_specs, state_shardings
 from optax_sm3._sm3 import sm3
 from optax_sm3._sparse import SparseRows, SparseRowsState, sparse_rows
-from optax_sm3._sparse_grad import SparseGrad, sparse_lookup, sparse_value_and_grad
+from optax_sm3._sparse_grad import sparse_lookup, sparse_value_and_grad
 from optax_sm3._sparse_tables import SparseTables, SparseTablesState, sparse_tables
+from optax_sm3._sparse_types import SparseGrad
 from optax_sm3._weight_decay import WeightDecayState
 
 __version__ = "0.1.0"

@@ -33,7 +33,7 @@ from flax.nnx.nn import dtypes, initializers
 from flax.nnx.training.optimizer import OptState, to_opt_state
 
 from optax_sm3 import _sparse, _sparse_grad
-from optax_sm3._sparse_grad import SparseGrad
+from optax_sm3._sparse_types import SparseGrad
 
 _default_embed_init = initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
 

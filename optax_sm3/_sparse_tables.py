@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_sm3 import _sparse, _sparse_grad, _tree
-from optax_sm3._sparse_grad import SparseGrad
+from optax_sm3._sparse_types import SparseGrad
 
 
 class SparseTablesState(NamedTuple):

@@ -15,9 +15,10 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess tes
   ) from error
 
 from optax_sm3._linen_sparse import SparseEmbed
-from optax_sm3._sparse_grad import SparseGrad, sparse_lookup
+from optax_sm3._sparse_grad import sparse_lookup
 from optax_sm3._sparse_grad import sparse_value_and_grad as value_and_grad
 from optax_sm3._sparse_tables import SparseTables, SparseTablesState, sparse_tables
+from optax_sm3._sparse_types import SparseGrad
 
 __all__ = (
   "SparseEmbed",

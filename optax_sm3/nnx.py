@@ -22,7 +22,7 @@ from optax_sm3._nnx_sparse import (
   grad,
   value_and_grad,
 )
-from optax_sm3._sparse_grad import SparseGrad
+from optax_sm3._sparse_types import SparseGrad
 
 __all__ = (
   "SparseEmbed",
