@@ -61,3 +61,93 @@ def test_sharded_state_table_matches_docs():
   page = (ROOT / "docs" / "guides" / "scaling_out.md").read_text()
   for row in rows:
     assert row in page, row
+
+
+def _front_door():
+  readme = (ROOT / "README.md").read_text()
+  start = readme.index("## Install and the two commands")
+  return readme, readme[start : readme.index("\n## ", start + 1)]
+
+
+def test_readme_says_what_the_main_job_prints():
+  """The front door's account of ``bash scripts/main.sh`` is what it prints."""
+  import pytest
+
+  from benchmarks import __main__ as main
+  from benchmarks import _data, _optimizers, _report, _runner, _workloads
+
+  readme, door = _front_door()
+  main_sh = (ROOT / "scripts" / "main.sh").read_text()
+  assert 'exec python -m benchmarks "$@"' in main_sh
+  assert 'echo "running the benchmarks: python -m benchmarks $*"' in main_sh
+  assert "`running the benchmarks: python -m benchmarks`" in door
+
+  args = main.parse_args([])  # main.sh with no flags
+  optimizers = [_optimizers.OPTIMIZERS[n] for n in args.optimizers]
+  runs = len(args.workloads) * sum(
+    args.seeds + len(_runner.subgrid(o.grid, args.grid_size)) for o in optimizers
+  )
+  assert f"a progress bar over {runs} training runs" in door
+  assert (
+    f"({len(optimizers)} optimizers, each {args.grid_size} learning rates on the "
+    f"validation split, then {args.seeds} seeds)" in " ".join(door.split())
+  )
+  try:
+    workloads = [_workloads.build(name) for name in args.workloads]
+  except _data.MissingDataError as error:
+    pytest.skip(f"data package missing: {error}")
+
+  # What the default run prints, with made-up numbers: its titles and headers.
+  fake = {
+    "learning_rate": 0.1,
+    "validation": {repr(0.1): 1.0},
+    "metric_mean": 1.0,
+    "metric_std": 0.0,
+    "state_bytes": 1,
+    "state_ratio": 1.0,
+    "step_ms": 1.0,
+    "runs": [{}] * args.seeds,
+  }
+  results = {
+    "workloads": {
+      w.name: {
+        "metric": w.metric,
+        "steps": w.steps,
+        "higher_is_better": w.higher_is_better,
+        "param_bytes": 1,
+        "optimizers": {n: fake for n in args.optimizers},
+      }
+      for w in workloads
+    }
+  }
+  printed = _report.markdown(results).splitlines()
+  titles = [line.removeprefix("### ") for line in printed if line.startswith("### ")]
+  assert len(titles) == 1  # "It prints no other table."
+  (title,) = titles
+  assert f"then one table, `{title}`" in " ".join(door.split())
+  assert "It prints no other table." in door
+  # The README's copy of that table: same title, header and optimizers.
+  section = readme[readme.index(f"#### {title}\n") :].split("\n#### ")[0]
+  header = next(line for line in printed if line.startswith("| optimizer |"))
+  table = [line for line in section.splitlines() if line.startswith("| ")]
+  assert table[0] == header
+  assert [line.split("|")[1].strip() for line in table[1:]] == args.optimizers
+  # Every other results table is credited to `--workloads all`.
+  others = re.findall(r"^#### (\S+):", readme, re.M)
+  assert others[0] == args.workloads[0]
+  (credit,) = [
+    line
+    for line in door.splitlines()
+    if line.startswith("| ") and "`bash scripts/main.sh --workloads all`" in line
+  ]
+  for name in others[1:]:
+    assert f"`{name}`" in credit, name
+  assert set(others) == set(_workloads.WORKLOAD_NAMES)
+
+
+def test_readme_says_what_the_test_script_prints():
+  _, door = _front_door()
+  test_sh = (ROOT / "scripts" / "test.sh").read_text()
+  assert 'echo "running the tests: python -m pytest -n 2 $*"' in test_sh
+  assert 'exec python -m pytest -n 2 "$@"' in test_sh
+  assert "`running the tests: python -m pytest -n 2`" in door
