@@ -47,8 +47,9 @@ __all__ = (
 
 
 def __getattr__(name: str):
-  # `optax_sm3.nnx` and `optax_sm3.linen` need Flax: imported on first use only.
-  if name in ("nnx", "linen"):
+  # `optax_sm3.nnx` and `optax_sm3.linen` need Flax, `optax_sm3.equinox`
+  # Equinox: imported on first use only.
+  if name in ("nnx", "linen", "equinox"):
     import importlib
 
     return importlib.import_module(f"optax_sm3.{name}")

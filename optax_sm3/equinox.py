@@ -1,0 +1,35 @@
+"""Equinox integration: embeddings trained one looked-up row at a time.
+
+``SparseEmbedding`` is a drop-in for ``eqx.nn.Embedding``;
+:func:`filter_value_and_grad` is ``eqx.filter_value_and_grad`` with each
+SparseEmbedding's ``weight`` gradient as a :class:`SparseGrad`
+``(indices, row_grads)`` (no table-sized array); :class:`SparseOptimizer`
+steps the tables with exact row-sparse SM3 (:func:`optax_sm3.sparse_rows`)
+and the other leaves with any optax transformation, returning the new model.
+Needs Equinox: ``pip install 'optax-sm3[equinox]'``.
+"""
+
+try:
+  import equinox  # noqa: F401
+except ImportError as error:  # pragma: no cover - exercised in a subprocess test
+  raise ImportError(
+    "optax_sm3.equinox needs Equinox; install it with: pip install 'optax-sm3[equinox]'"
+  ) from error
+
+from optax_sm3._equinox_sparse import (
+  SparseEmbedding,
+  SparseOptimizer,
+  filter_value_and_grad,
+  table_mask,
+)
+from optax_sm3._sparse_tables import SparseTablesState
+from optax_sm3._sparse_types import SparseGrad
+
+__all__ = (
+  "SparseEmbedding",
+  "SparseGrad",
+  "SparseOptimizer",
+  "SparseTablesState",
+  "filter_value_and_grad",
+  "table_mask",
+)
