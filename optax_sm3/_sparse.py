@@ -138,6 +138,18 @@ def _check_indices(indices: Any, rows: int) -> None:
     )
 
 
+def in_range(indices: jax.Array, rows: int) -> jax.Array:
+  """``indices`` as int32, each outside ``[0, rows)`` replaced by ``rows``.
+
+  ``rows`` is out of range, so gathers with ``mode="fill"`` fill it and
+  scatters with ``mode="drop"`` drop it. The test runs in the ids' own dtype,
+  before the cast: an int64 id at or above ``2**31`` cannot wrap onto a row.
+  """
+  indices = jnp.asarray(indices)
+  valid = (indices >= 0) & (indices < rows)
+  return jnp.where(valid, indices, rows).astype(jnp.int32)
+
+
 def _check_batch(indices: Any, row_grads: Any, table: jax.Array) -> None:
   if jnp.ndim(indices) != 1:
     raise ValueError(f"`indices` must have shape (k,), got {jnp.shape(indices)}")
@@ -501,11 +513,10 @@ def sparse_rows(
       )
 
   def sm3_rows(indices, row_grads, accumulators, table):
-    rows = table.shape[0]
-    indices = indices.astype(jnp.int32)
     # Out-of-range rows (possible only under jit) are dropped, like JAX's
-    # scatters do.
-    indices = jnp.where((indices >= 0) & (indices < rows), indices, rows)
+    # scatters do; the test runs before the int32 cast, so an int64 id at or
+    # above 2**31 cannot wrap onto a real row.
+    indices = in_range(indices, table.shape[0])
     return _sm3_rows(indices, row_grads.astype(table.dtype), accumulators, beta, eps)
 
   @jax.jit
@@ -610,8 +621,7 @@ def sparse_rows(
   @jax.jit
   def lookup_rows(indices, state, table):
     rows = table.shape[0]
-    flat = indices.reshape(-1).astype(jnp.int32)
-    flat = jnp.where((flat >= 0) & (flat < rows), flat, rows)
+    flat = in_range(indices.reshape(-1), rows)
     values = table.at[flat].get(mode="fill", fill_value=jnp.nan)
     if lazy:
       buffer = _load(state.momentum)
