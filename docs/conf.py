@@ -57,5 +57,7 @@ html_title = "optax-sm3"
 html_theme_options = {
   "show_toc_level": 2,
 }
-html_static_path = []
+# tables.css: the benchmark tables fit a 1280-pixel-wide page (see the file).
+html_static_path = ["_static"]
+html_css_files = ["tables.css"]
 nitpicky = False
