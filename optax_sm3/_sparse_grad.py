@@ -1,191 +1,70 @@
-"""Gradients of embedding lookups as ``(indices, row gradients)``.
+"""Row-sparse gradients of embedding lookups in plain JAX.
 
-The gradient of ``jnp.take(table, ids, axis=0)`` is a table-sized array that
-is zero outside the looked-up rows. The helpers here never form it: a lookup
-made inside them returns ``stop_gradient(rows) + perturbation``, with a zero
-*row perturbation* of the rows' shape, and the helper differentiates with
-respect to the perturbations. The gradient of a perturbation is the gradient
-of the rows it was added to, so each table's gradient comes out as the
+:func:`sparse_lookup` is ``jnp.take(table, ids, axis=0)``; inside
+:func:`sparse_value_and_grad` the table's gradient comes out as the
 looked-up ``indices`` and one row gradient per index (a :class:`SparseGrad`),
-in ``O(k * D)`` memory for ``k`` looked-up rows of ``D`` entries.
-
-Two traces of the loss make this work:
-
-1. an abstract one (``jax.make_jaxpr``, no FLOPs) that records every lookup
-   (which table, the shapes of its ids and rows), so that the perturbations
-   can be made with the right shapes, and that checks whether anything
-   *else* in the loss reads a table (``x @ table.T``, a penalty on the whole
-   table): the forward-mode tangent of such a table reaches the output. The
-   helper then differentiates that table densely, as ``jax.grad`` would,
-   rather than silently drop the other use's gradient;
-2. the differentiated one, which adds the perturbations.
+in ``O(k * D)`` memory for ``k`` looked-up rows of ``D`` entries, and no
+table-sized array is formed. The lookup may sit under ``jax.jit``,
+``jax.checkpoint`` or ``jax.vmap`` (any nesting) inside the loss; how the
+rows' gradients and ids are captured is :mod:`optax_sm3._capture`'s concern.
 
 The same table may be looked up any number of times in one loss (two
-towers, context windows): its lookups are concatenated, and repeated indices
-stay repeated (optimizers sum them). This module is framework-free: the NNX
-and linen layers key lookups by module, :func:`sparse_lookup` by the leaf of
-the differentiated argument that holds the table.
+towers, tied embeddings, context windows): its lookups are concatenated, and
+repeated indices stay repeated (optimizers sum them). A table the loss also
+reads another way (``x @ table.T``) gets its dense gradient, lookups
+included, as ``jax.grad`` would give it.
+
+Ids outside ``[0, V)`` raise a ``ValueError`` when they are concrete. Under
+``jit`` (where they cannot be checked) they read as NaN rows, their gradient
+is dropped (index ``-1`` in the :class:`SparseGrad`) and
+:func:`optax_sm3.sparse_rows` skips them: lookup, gradient and update agree,
+and a negative id never reads row ``V - 1``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import threading
-from collections.abc import Callable, Hashable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_sm3._sparse_types import SparseGrad
-
-
-class _Call(NamedTuple):
-  """One lookup seen by the abstract trace."""
-
-  key: Hashable  # Which table (the layer's choice of key).
-  ids_shape: tuple[int, ...]  # Shape of the ids as given.
-  rows: jax.ShapeDtypeStruct  # Rows returned: ids_shape + table.shape[1:].
-
-
-class _Recording:
-  """Context of the abstract trace: records lookups, keeps tables constant."""
-
-  def __init__(self, resolve: Callable[[Any], Hashable | None], reader=None):
-    self.resolve = resolve  # table handle -> key (None: not a tracked table).
-    self.reader = reader  # key -> read_rows to use instead (None: the caller's).
-    self.syncer = None  # key -> (table -> current table), or None.
-    self.calls: list[_Call] = []
-
-  def gather(self, key, table, ids, read_rows):
-    rows = read_rows(jax.lax.stop_gradient(table), ids)
-    self.calls.append(
-      _Call(key, tuple(ids.shape), jax.ShapeDtypeStruct(rows.shape, rows.dtype))
-    )
-    return rows
-
-
-class _Differentiating:
-  """Context of the differentiated trace: adds the row perturbations."""
-
-  def __init__(
-    self,
-    resolve: Callable[[Any], Hashable | None],
-    calls: Sequence[_Call],
-    dense: frozenset,
-    perturbations: dict[int, jax.Array],
-    reader=None,
-  ):
-    self.resolve = resolve
-    self.reader = reader
-    self.syncer = None
-    self.calls = calls
-    self.dense = dense  # Keys of tables also read outside lookups.
-    self.perturbations = perturbations  # call number -> zeros of its rows.
-    self.ids: dict[int, jax.Array] = {}
-    self.count = 0
-
-  def gather(self, key, table, ids, read_rows):
-    number = self.count
-    self.count += 1
-    if number >= len(self.calls) or self.calls[number][:2] != (key, tuple(ids.shape)):
-      raise RuntimeError(
-        "the loss looked up embedding tables differently in its two traces "
-        f"(lookup {number}); the loss must be a deterministic function of its "
-        "arguments' shapes"
-      )
-    if key in self.dense:
-      return read_rows(table, ids)  # Differentiated densely, as jax.grad would.
-    self.ids[number] = ids
-    # The table is held constant: its cotangent would be table-sized.
-    return read_rows(jax.lax.stop_gradient(table), ids) + self.perturbations[number]
-
-
-_LOCAL = threading.local()
-
-
-def _stack() -> list:
-  if not hasattr(_LOCAL, "stack"):
-    _LOCAL.stack = []
-  return _LOCAL.stack
-
-
-@contextlib.contextmanager
-def active(context):
-  """Makes ``context`` the one lookups consult, for the ``with`` block."""
-  _stack().append(context)
-  try:
-    yield context
-  finally:
-    _stack().pop()
-
-
-def current():
-  """The innermost active context, or ``None``."""
-  stack = _stack()
-  return stack[-1] if stack else None
+from optax_sm3 import _capture, _sparse
+from optax_sm3._sparse_types import SparseGrad  # noqa: F401 - re-exported
 
 
 def check_ids(ids: Any, num_rows: int, name: str = "ids") -> jax.Array:
-  """``ids`` as an integer array; concrete ids must lie in ``[0, num_rows)``."""
-  ids = jnp.asarray(ids)
-  if not jnp.issubdtype(ids.dtype, jnp.integer):
-    raise TypeError(f"`{name}` must be integers, got dtype {ids.dtype}")
-  if ids.size and not isinstance(ids, jax.core.Tracer):
+  """``ids`` as an integer array; concrete ids must lie in ``[0, num_rows)``.
+
+  The range is checked on the values as given, before any conversion (an
+  int64 id at or above ``2**31`` is reported, not wrapped).
+
+  Raises:
+    TypeError: for non-integer ids.
+    ValueError: for concrete ids outside ``[0, num_rows)``.
+  """
+  if not isinstance(ids, jax.core.Tracer):
     values = np.asarray(ids)
-    if values.min() < 0 or values.max() >= num_rows:
+    if not np.issubdtype(values.dtype, np.integer):
+      raise TypeError(f"`{name}` must be integers, got dtype {values.dtype}")
+    if values.size and (values.min() < 0 or values.max() >= num_rows):
       raise ValueError(
         f"`{name}` must be in [0, {num_rows}) for a table of {num_rows} rows, "
         f"got values in [{values.min()}, {values.max()}]"
       )
+  ids = jnp.asarray(ids)
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise TypeError(f"`{name}` must be integers, got dtype {ids.dtype}")
   return ids
 
 
-def gather(
-  handle: Any,
-  table: jax.Array,
-  ids: jax.Array,
-  read_rows: Callable[[jax.Array, jax.Array], jax.Array],
-):
-  """``read_rows(table, ids)``, routed through the active context.
-
-  Args:
-    handle: what identifies the table to the active context (a module, a
-      leaf of the differentiated argument).
-    table: the table (passed to ``read_rows``, under ``stop_gradient`` when
-      the lookup is made sparse).
-    ids: integer ids of any shape.
-    read_rows: ``(table, ids) -> rows`` of shape ``ids.shape +
-      table.shape[1:]``; it must read ``table`` only through its argument.
-
-  Returns:
-    The rows; inside a gradient helper, the rows plus the lookup's
-    perturbation (differentiable), the table itself held constant.
-  """
-  context = current()
-  key = None if context is None else context.resolve(handle)
-  if key is None:
-    return read_rows(table, ids)
-  if context.reader is not None:
-    read_rows = context.reader(key) or read_rows
-  return context.gather(key, table, ids, read_rows)
-
-
-def current_table(table: jax.Array) -> jax.Array:
-  """The whole ``table`` as the optimizer holds it now, for dense reads.
-
-  Inside a helper that reads through an optimizer state (and whose state
-  may leave untouched rows stale), the synced table, differentiated as
-  ``table``; elsewhere ``table`` itself.
-  """
-  context = current()
-  key = None if context is None else context.resolve(table)
-  if key is None or context.syncer is None:
-    return table
-  sync = context.syncer(key)
-  return table if sync is None else sync(table)
+def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
+  """``table[ids]``; ids outside ``[0, V)`` (negative ones too) read NaN rows."""
+  flat = _sparse.in_range(ids.reshape(-1), table.shape[0])
+  rows = jnp.take(table, flat, axis=0, mode="fill", fill_value=jnp.nan)
+  return rows.reshape(ids.shape + table.shape[1:])
 
 
 @jax.custom_jvp
@@ -209,60 +88,8 @@ def current_rows(lookup, state: Any, table: jax.Array, ids: jax.Array) -> jax.Ar
   """
   flat = ids.reshape(-1)
   rows = lookup(flat, jax.lax.stop_gradient(state), jax.lax.stop_gradient(table))
-  rows = value_of_first(rows, jnp.take(table, flat, axis=0))
+  rows = value_of_first(rows, take_rows(table, flat))
   return rows.reshape(ids.shape + table.shape[1:])
-
-
-def unused_tangents(
-  fun: Callable[[Any], Any], primals: Sequence[jax.Array]
-) -> list[bool]:
-  """Whether the output of ``fun(primals)`` is independent of each primal.
-
-  Read from the jaxpr of ``jax.jvp`` (no FLOPs): a primal whose tangent input
-  no equation uses cannot change the output to first order. A tangent that
-  enters a nested ``jit`` counts as used (conservative).
-  """
-  primals = list(primals)
-  if not primals:
-    return []
-
-  def probe(values, tangents):
-    return jax.jvp(fun, (values,), (tangents,))
-
-  jaxpr = jax.make_jaxpr(probe)(primals, primals).jaxpr
-  tangents = jaxpr.invars[len(jaxpr.invars) - len(primals) :]
-  used = set()
-  for eqn in jaxpr.eqns:
-    used.update(id(v) for v in eqn.invars)
-  used.update(id(v) for v in jaxpr.outvars)
-  return [id(v) not in used for v in tangents]
-
-
-def assemble(
-  calls: Sequence[_Call], ids: dict[int, jax.Array], grads: dict[int, jax.Array]
-) -> dict[Hashable, SparseGrad]:
-  """Concatenates each table's lookups into one :class:`SparseGrad`."""
-  by_key: dict[Hashable, tuple[list, list]] = {}
-  for number, call in enumerate(calls):
-    if number not in grads:
-      continue
-    row_shape = call.rows.shape[len(call.ids_shape) :]
-    pair = by_key.setdefault(call.key, ([], []))
-    pair[0].append(ids[number].reshape(-1).astype(jnp.int32))
-    pair[1].append(grads[number].reshape((-1, *row_shape)))
-  return {
-    key: SparseGrad(jnp.concatenate(i), jnp.concatenate(g))
-    for key, (i, g) in by_key.items()
-  }
-
-
-def perturbations(calls: Sequence[_Call], dense: frozenset) -> dict[int, jax.Array]:
-  """Zero row perturbations for every lookup of a table not read densely."""
-  return {
-    number: jnp.zeros(call.rows.shape, call.rows.dtype)
-    for number, call in enumerate(calls)
-    if call.key not in dense
-  }
 
 
 def normalize_argnums(argnums: int | Sequence[int], nargs: int) -> tuple[int, ...]:
@@ -295,10 +122,12 @@ def sparse_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
   """``jnp.take(table, ids, axis=0)`` whose gradient comes out row-sparse.
 
   Use it in a loss in place of ``table[ids]``. Called outside
-  :func:`sparse_value_and_grad` it is exactly ``jnp.take(table, ids,
-  axis=0)``; inside, where ``table`` is a leaf of a differentiated argument,
-  the table's gradient is returned as a :class:`SparseGrad` and no
-  table-sized array is formed.
+  :func:`sparse_value_and_grad` it is ``jnp.take(table, ids, axis=0)``
+  (except that ids out of range read NaN rows under ``jit``, negative ones
+  included); inside, where ``table`` is a leaf of a differentiated argument
+  (passed in directly or through ``jax.jit``, ``jax.checkpoint``,
+  ``jax.vmap`` and the like), the table's gradient is returned as a
+  :class:`SparseGrad` and no table-sized array is formed.
 
   Args:
     table: an array of rank >= 1, rows first.
@@ -330,11 +159,17 @@ def sparse_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
       f"`table` must have rank >= 1 (rows first), got shape {table.shape}"
     )
   ids = check_ids(ids, table.shape[0])
-  return gather(table, table, ids, lambda t, i: jnp.take(t, i, axis=0))
+  return _capture.read_rows(table, ids, take_rows)
 
 
-def _leaf_resolver(leaves_by_id: dict[int, Any]):
-  return lambda handle: leaves_by_id.get(id(handle))
+def current_table(table: jax.Array) -> jax.Array:
+  """The whole ``table`` as the optimizer holds it now, for dense reads.
+
+  Inside a helper that reads through an optimizer state (whose untouched
+  rows may be stale), the synced table, differentiated as ``table``;
+  elsewhere ``table`` itself. The table's gradient is dense.
+  """
+  return _capture.read_table(table, lambda t: t)
 
 
 def sparse_value_and_grad(
@@ -359,9 +194,15 @@ def sparse_value_and_grad(
     ``((value, aux), grads)``), ``grads`` shaped as ``jax.value_and_grad``'s
     with :class:`SparseGrad` nodes in place of sparse tables' leaves.
 
+  Lookups may sit under ``jax.jit``, ``jax.checkpoint`` and ``jax.vmap``
+  (any nesting, any ``in_axes``) inside ``fun``; a table batched by the
+  ``vmap`` itself (a stacked ensemble of tables) gets its dense gradient.
+
   Raises:
-    ValueError: if one array object is passed at two leaves and looked up
-      (its gradient could not be attributed).
+    ValueError: at trace time, for a lookup inside ``lax.scan``,
+      ``while_loop`` / ``fori_loop``, ``shard_map`` or ``pmap`` (each
+      iteration's rows would share one gradient slot): look the rows up
+      before the loop.
   """
   return _value_and_grad(fun, argnums, has_aux, None)
 
@@ -370,13 +211,15 @@ def _value_and_grad(
   fun, argnums, has_aux, reader, known_tables: frozenset = frozenset(), syncer=None
 ) -> Callable[..., Any]:
   """:func:`sparse_value_and_grad`; ``reader`` maps a table's leaf position to
-  its ``read_rows``; ``known_tables`` are leaf positions that are tables even
-  when not looked up (they get an empty :class:`SparseGrad` then)."""
+  its ``read_rows``, ``syncer`` to its ``table -> current table``;
+  ``known_tables`` are leaf positions that are tables even when not looked
+  up (they get an empty :class:`SparseGrad` then)."""
 
   @functools.wraps(fun)
   def wrapper(*args):
     nums = normalize_argnums(argnums, len(args))
     flat, treedef = jax.tree.flatten([args[i] for i in nums])
+    flat = [jnp.asarray(x) if isinstance(x, np.ndarray) else x for x in flat]
 
     def with_leaves(leaves):
       new = list(args)
@@ -384,80 +227,50 @@ def _value_and_grad(
         new[i] = value
       return new
 
-    def resolver(leaves):
-      seen: dict[int, Any] = {}
-      duplicated = set()
-      for position, leaf in enumerate(leaves):
-        if id(leaf) in seen:
-          duplicated.add(id(leaf))
-        seen[id(leaf)] = position
-
-      def resolve(handle):
-        if id(handle) in duplicated:
-          raise ValueError(
-            "one array object is passed at two leaves of the differentiated "
-            "arguments and looked up with sparse_lookup; pass distinct arrays"
-          )
-        return seen.get(id(handle))
-
-      return resolve
-
-    float_positions = [
+    floats = [
       p
       for p, leaf in enumerate(flat)
       if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
     ]
-    recording = _Recording(None, reader)
-    recording.syncer = syncer
 
     def traced(values):
       leaves = list(flat)
-      for p, v in zip(float_positions, values, strict=True):
+      for p, v in zip(floats, values, strict=True):
         leaves[p] = v
-      recording.resolve = resolver(leaves)
-      recording.calls.clear()
-      with active(recording):
-        out = fun(*with_leaves(leaves))
+      out = fun(*with_leaves(leaves))
       return out[0] if has_aux else out
 
-    unused = unused_tangents(traced, [flat[p] for p in float_positions])
-    calls = list(recording.calls)
-    tables = {call.key for call in calls} | set(known_tables)
-    dense = frozenset(
-      p
-      for p, free in zip(float_positions, unused, strict=True)
-      if not free and p in tables
-    )
+    plan = _capture.plan(traced, [flat[p] for p in floats])
+    tables = {floats[j] for j in plan.tables} | set(known_tables)
+    dense = {floats[j] for j in plan.dense}
     sparse = sorted(tables - dense)
-    perts = perturbations(calls, dense)
-    diff_positions = [p for p in range(len(flat)) if p not in sparse]
+    slots = _capture.slots(plan)
+    diff = [p for p in range(len(flat)) if p not in sparse]
+    by_float = lambda f: None if f is None else (lambda j: f(floats[j]))
 
-    def differentiated(diff_values, perts):
+    def differentiated(diff_values, slots):
       leaves = list(flat)
-      for p, v in zip(diff_positions, diff_values, strict=True):
+      for p, v in zip(diff, diff_values, strict=True):
         leaves[p] = v
-      context = _Differentiating(resolver(leaves), calls, dense, perts, reader)
-      context.syncer = syncer
-      with active(context):
+      with _capture.differentiating(plan, slots, by_float(reader), by_float(syncer)):
         out = fun(*with_leaves(leaves))
-      value, aux = out if has_aux else (out, None)
-      return value, (aux, context.ids)
+      return out if has_aux else (out, None)
 
-    (value, (aux, ids)), (diff_grads, pert_grads) = jax.value_and_grad(
+    (value, aux), (diff_grads, slot_grads) = jax.value_and_grad(
       differentiated, argnums=(0, 1), has_aux=True
-    )([flat[p] for p in diff_positions], perts)
-    by_table = assemble(calls, ids, pert_grads)
+    )([flat[p] for p in diff], slots)
+    by_leaf = _capture.assemble(
+      plan, slot_grads, lambda j: jnp.shape(flat[floats[j]])[0]
+    )
     grads = [None] * len(flat)
-    for p, g in zip(diff_positions, diff_grads, strict=True):
+    for p, g in zip(diff, diff_grads, strict=True):
       grads[p] = g
     for p in sparse:
-      if p in by_table:
-        grads[p] = by_table[p]
+      j = floats.index(p)
+      if j in by_leaf:
+        grads[p] = by_leaf[j]
       else:  # A table not looked up: no rows.
-        shape, dtype = jnp.shape(flat[p]), jnp.result_type(flat[p])
-        grads[p] = SparseGrad(
-          jnp.zeros((0,), jnp.int32), jnp.zeros((0, *shape[1:]), dtype)
-        )
+        grads[p] = _capture.empty_grad(jnp.shape(flat[p]), jnp.result_type(flat[p]))
     grads = jax.tree.unflatten(treedef, grads)
     grads = grads[0] if isinstance(argnums, int) else tuple(grads)
     return ((value, aux) if has_aux else value), grads
