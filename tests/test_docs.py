@@ -6,9 +6,12 @@ sources (every code block runs, every public name is documented, the
 benchmark numbers agree) and, if ``docs/_build/html`` exists, the output.
 """
 
+import inspect
 import json
 import pathlib
 import re
+import shutil
+import sys
 
 import pytest
 
@@ -120,6 +123,34 @@ def test_plot_data_matches_the_tables():
   assert f"`{sweep['command']}`" in page
 
 
+def test_loss_curve_data_is_the_readme_run():
+  """The transformer guide's plot is drawn from the README's shakespeare-char run."""
+  curves = json.loads((DOCS / "_data" / "benchmarks.json").read_text())[
+    "transformer_loss_curves"
+  ]
+  readme = (DOCS.parent / "README.md").read_text()
+  heading = re.search(
+    rf"^#### {curves['workload']}: test loss after (\d+) steps "
+    r"\(mean ± std over (\d+) seeds\)$",
+    readme,
+    re.M,
+  )
+  assert heading, curves["workload"]
+  assert (curves["steps"], curves["seeds"]) == tuple(map(int, heading.groups()))
+  table = readme[heading.end() : readme.index("\n#### ", heading.end())]
+  assert f"`{curves['command']}`" in readme
+  assert set(curves["train_loss"]) == set(curves["test_loss"])
+  for name, losses in curves["train_loss"].items():
+    (row,) = _table_rows(table, name)
+    assert row[2].split(" ± ")[0] == f"{curves['test_loss'][name]:.4f}", name
+    assert len(losses) == curves["steps"] // curves["chunk"], name
+  # The shaded band of the plot is the recipe's cool-down.
+  decay = inspect.signature(optax_sm3.sm3_recipe).parameters["decay_fraction"]
+  assert curves["cooldown_steps"] == round(decay.default * curves["steps"])
+  guide = (DOCS / "guides" / "transformers.md").read_text()
+  assert "```{image} ../_generated/transformer_loss_curves.png" in guide
+
+
 built = pytest.mark.skipif(
   not (SITE / "index.html").exists(), reason="site not built (bash scripts/docs.sh)"
 )
@@ -143,6 +174,26 @@ def test_built_site_uses_local_mathjax_and_plots():
   assert len(images) == 2
   for image in images:
     assert (SITE / "guides" / image).resolve().stat().st_size > 10_000
+  transformers = (SITE / "guides" / "transformers.html").read_text()
+  (image,) = re.findall(r'<img[^>]*src="([^"]+\.png)"', transformers)
+  assert image.endswith("transformer_loss_curves.png"), image
+  assert (SITE / "guides" / image).resolve().stat().st_size > 10_000
+
+
+@built
+@pytest.mark.skipif(
+  not any(shutil.which(b) for b in ("chromium", "chromium-browser")),
+  reason="no chromium (scripts/docs.sh checks the tables where it has one)",
+)
+def test_built_tables_fit_a_1280_pixel_page():
+  """No table is clipped at 1280 px (tables.css); measured in headless Chromium."""
+  sys.path.insert(0, str(DOCS.parent / "scripts"))
+  try:
+    import check_docs_html
+  finally:
+    sys.path.pop(0)
+  assert (SITE / "_static" / "tables.css").is_file()
+  assert check_docs_html.check_table_widths(SITE, width=1280) == []
 
 
 @pytest.mark.skipif(
