@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_sm3 import _accumulate, _cover, _tree, _validation
+from optax_sm3 import _accumulate, _boxes, _cover, _tree, _validation
 
 _VARIANTS = ("II", "I")
 _PARAMETERS = (
@@ -330,12 +330,16 @@ def scale_by_sm3(
       dtype = _accumulator_dtype(param.dtype, accumulator_dtype)
       return tuple(jnp.zeros(cover.accumulator_shape(g), dtype) for g in cover.groups)
 
-    accumulators = jax.tree.map(zeros, params, covers(params))
+    leaf_covers = covers(params)
+    accumulators = jax.tree.map(zeros, params, leaf_covers)
+    # Flax-boxed parameters: one box per accumulator, with its axes' sharding.
+    accumulators = _boxes.box_accumulators(params, accumulators, leaf_covers)
     return ScaleBySM3State(jnp.zeros([], jnp.int32), accumulators)
 
   def update_fn(updates, state, params=None):
     del params
-    updates = jax.tree.map(jnp.asarray, updates)
+    boxed_updates = updates
+    updates = jax.tree.map(jnp.asarray, _boxes.unboxed(updates))
     leaf_covers = covers(updates)
 
     def step(path, g, accumulators, cover):
@@ -367,9 +371,11 @@ def scale_by_sm3(
       )
 
     results = jax.tree_util.tree_map_with_path(
-      step, updates, state.accumulators, leaf_covers
+      step, updates, _boxes.unboxed(state.accumulators), leaf_covers
     )
     new_updates, accumulators = _tree.unzip_pairs(updates, results)
-    return new_updates, ScaleBySM3State(_safe_increment(state.count), accumulators)
+    return _boxes.reboxed(boxed_updates, new_updates), ScaleBySM3State(
+      _safe_increment(state.count), _boxes.reboxed(state.accumulators, accumulators)
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)
