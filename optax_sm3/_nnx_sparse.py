@@ -32,7 +32,7 @@ from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 from flax.nnx.training.optimizer import OptState, to_opt_state
 
-from optax_sm3 import _sparse, _sparse_grad
+from optax_sm3 import _capture, _sparse, _sparse_grad
 from optax_sm3._sparse_types import SparseGrad
 
 _default_embed_init = initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
@@ -129,7 +129,7 @@ class SparseEmbed(nnx.Module):
 
   def _read(self, table: jax.Array, ids: jax.Array) -> jax.Array:
     if self.sparse_rows is None:
-      return jnp.take(table, ids, axis=0)
+      return _sparse_grad.take_rows(table, ids)
     return _sparse_grad.current_rows(
       self.sparse_rows.lookup, nnx.as_pure(self.sparse_state), table, ids
     )
@@ -142,7 +142,7 @@ class SparseEmbed(nnx.Module):
       ValueError: for concrete ids outside ``[0, num_embeddings)``.
     """
     ids = _sparse_grad.check_ids(inputs, self.num_embeddings, "inputs")
-    rows = _sparse_grad.gather(self, self.embedding[...], ids, self._read)
+    rows = _capture.read_rows(self.embedding[...], ids, self._read)
     if self.padding_id is not None:
       rows = jnp.where(
         (ids == self.padding_id)[..., None], jnp.zeros((), rows.dtype), rows
@@ -166,27 +166,20 @@ class SparseEmbed(nnx.Module):
     return jnp.dot(query, embedding.T)
 
 
-def _sparse_paths(node: Any) -> dict[tuple, SparseEmbed]:
-  """The ``embedding`` path of every SparseEmbed in ``node`` (first path if shared)."""
-  return {
-    (*path, "embedding"): module
-    for path, module in nnx.iter_graph(node)
-    if isinstance(module, SparseEmbed)
-  }
+def _tables_of(node: Any) -> dict[tuple, list[SparseEmbed]]:
+  """Each SparseEmbed table's state path, with every module that uses it.
 
-
-def _module_keys(args: Sequence[Any], nums: Sequence[int]) -> dict[int, tuple]:
-  """``id(module) -> (argnum, table path)`` for the SparseEmbeds in ``args``."""
-  keys = {}
-  for i in nums:
-    if nnx.graph.is_graph_node(args[i]):
-      for path, module in _sparse_paths(args[i]).items():
-        keys.setdefault(id(module), (i, path))
-  return keys
-
-
-def _resolver(keys: dict[int, tuple]):
-  return lambda handle: keys.get(id(handle))
+  A table Variable shared by several SparseEmbeds (tied embeddings) is one
+  entry, at the path ``nnx.state`` gives it (its first path in the graph).
+  """
+  paths, tables = {}, {}
+  for path, value in nnx.iter_graph(node):
+    if isinstance(value, nnx.Variable):
+      paths.setdefault(id(value), tuple(path))
+  for _, value in nnx.iter_graph(node):
+    if isinstance(value, SparseEmbed):
+      tables.setdefault(paths[id(value.embedding)], []).append(value)
+  return tables
 
 
 def value_and_grad(
@@ -197,12 +190,15 @@ def value_and_grad(
   The gradient of every ``nnx.Param`` is what ``nnx.value_and_grad`` gives,
   except the ``embedding`` of a :class:`SparseEmbed` that ``f`` reads only
   by calling the module: its entry holds a :class:`SparseGrad`
-  ``(indices, row_grads)`` of every lookup in ``f`` (any number of calls;
-  repeats kept, an optimizer sums them), and no table-sized array is formed.
-  A table that ``f`` also reads another way (``attend``, a penalty on
-  ``embedding``) gets its dense gradient instead, as ``nnx.grad`` would give
-  it; :class:`SparseOptimizer` handles both. A table not looked up at all
-  gets an empty :class:`SparseGrad` (``k = 0``).
+  ``(indices, row_grads)`` of every lookup in ``f`` (any number of calls,
+  through any SparseEmbed that shares the table; repeats kept, an optimizer
+  sums them), and no table-sized array is formed. Calls may sit under
+  ``jax.jit`` / ``nnx.jit``, ``jax.checkpoint`` / ``nnx.remat`` and
+  ``jax.vmap`` / ``nnx.vmap`` (any nesting) inside ``f``. A table that ``f``
+  also reads another way (``attend``, a penalty on ``embedding``, a vmap
+  over stacked tables) gets its dense gradient instead, as ``nnx.grad``
+  would give it; :class:`SparseOptimizer` handles both. A table not looked
+  up at all gets an empty :class:`SparseGrad` (``k = 0``).
 
   ``f`` is traced twice (once abstractly, to find the lookups' shapes), so it
   must be a deterministic function of its arguments' shapes; it runs once.
@@ -217,6 +213,11 @@ def value_and_grad(
     A function of ``f``'s arguments returning ``(value, grads)`` (or
     ``((value, aux), grads)``); ``grads`` is an ``nnx.State`` per
     differentiated module (a tuple for a tuple ``argnums``).
+
+  Raises:
+    ValueError: at trace time, for a lookup inside ``nnx.scan`` /
+      ``lax.scan``, ``fori_loop`` / ``while_loop`` or ``shard_map``: embed
+      the ids of every step before the loop instead.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -233,73 +234,61 @@ def value_and_grad(
   def wrapper(*args):
     nums = _sparse_grad.normalize_argnums(argnums, len(args))
     graph_nums = [i for i in nums if nnx.graph.is_graph_node(args[i])]
-    paths = {i: frozenset(_sparse_paths(args[i])) for i in graph_nums}
+    paths = {i: frozenset(_tables_of(args[i])) for i in graph_nums}
 
     # 1. Abstract pass: the lookups, and which tables are also read densely.
     splits = {}
     for i in graph_nums:
-      table_filter = functools.partial(lambda p, path, _: path in p, paths[i])
+      table_filter = functools.partial(lambda p, path, _: tuple(path) in p, paths[i])
       splits[i] = nnx.split(args[i], table_filter, ...)
-    table_leaves = {i: jax.tree.flatten(splits[i][1]) for i in graph_nums}
-    order = [(i, n) for i in graph_nums for n in range(len(table_leaves[i][0]))]
-    recording = _sparse_grad._Recording(None)
+    keys, primals, layouts = [], [], {}
+    for i in graph_nums:
+      leaves, treedef = jax.tree.flatten(splits[i][1])
+      layouts[i] = (treedef, len(leaves))
+      keys.extend((i, tuple(path)) for path, _ in nnx.to_flat_state(splits[i][1]))
+      primals.extend(leaves)
 
     def traced(values):
-      new = list(args)
+      new, start = list(args), 0
       for i in graph_nums:
         graphdef, _, rest = splits[i]
-        leaves = [v for (j, _), v in zip(order, values, strict=True) if j == i]
-        new[i] = nnx.merge(
-          graphdef, jax.tree.unflatten(table_leaves[i][1], leaves), rest
-        )
-      recording.resolve = _resolver(_module_keys(new, graph_nums))
-      recording.calls.clear()
-      with _sparse_grad.active(recording):
-        out = f(*new)
+        treedef, n = layouts[i]
+        tables = jax.tree.unflatten(treedef, values[start : start + n])
+        start += n
+        # Fresh variables: the loss may mutate state (lifted transforms do).
+        new[i] = nnx.merge(graphdef, tables, rest, copy=True)
+      out = f(*new)
       return out[0] if has_aux else out
 
-    primals = [leaf for i in graph_nums for leaf in table_leaves[i][0]]
-    unused = _sparse_grad.unused_tangents(traced, [nnx.as_pure(v) for v in primals])
-    calls = list(recording.calls)
-    # Table leaves are Variables in the same order as `order`; map to paths.
-    leaf_paths = []
-    for i in graph_nums:
-      flat = nnx.to_flat_state(splits[i][1])
-      leaf_paths.extend((i, tuple(path)) for path, _ in flat)
-    dense = frozenset(
-      key for key, free in zip(leaf_paths, unused, strict=True) if not free
-    )
-    sparse_keys = {
-      (i, path) for i in graph_nums for path in paths[i] if (i, path) not in dense
-    }
-    perts = _sparse_grad.perturbations(calls, dense)
+    plan = _capture.plan(traced, primals)
+    dense = {keys[j] for j in plan.dense}
+    sparse_keys = {key for i in graph_nums for key in ((i, p) for p in paths[i])}
+    sparse_keys -= dense
+    slots = _capture.slots(plan)
 
     # 2. Differentiated pass, through nnx.value_and_grad.
     def inner(*inner_args):
-      *model_args, perturbations = inner_args
-      context = _sparse_grad._Differentiating(
-        _resolver(_module_keys(model_args, graph_nums)), calls, dense, perturbations
-      )
-      with _sparse_grad.active(context):
+      *model_args, slots = inner_args
+      with _capture.differentiating(plan, slots):
         out = f(*model_args)
-      value, aux = out if has_aux else (out, None)
-      return value, (aux, context.ids)
+      return out if has_aux else (out, None)
 
     diff_nums = []
     for i in nums:
       if i in paths:
         skip = frozenset(path for (j, path) in sparse_keys if j == i)
         wrt = nnx.All(
-          nnx.Param, functools.partial(lambda s, path, _: path not in s, skip)
+          nnx.Param, functools.partial(lambda s, path, _: tuple(path) not in s, skip)
         )
         diff_nums.append(nnx.DiffState(i, wrt))
       else:
         diff_nums.append(i)
-    (value, (aux, ids)), grads = nnx.value_and_grad(
+    (value, aux), grads = nnx.value_and_grad(
       inner, argnums=(*diff_nums, len(args)), has_aux=True
-    )(*args, perts)
-    *grads, pert_grads = grads
-    by_table = _sparse_grad.assemble(calls, ids, pert_grads)
+    )(*args, slots)
+    *grads, slot_grads = grads
+    by_leaf = _capture.assemble(plan, slot_grads, lambda j: primals[j].shape[0])
+    by_key = {keys[j]: g for j, g in by_leaf.items()}
     out = []
     for i, g in zip(nums, grads, strict=True):
       if i in paths:
@@ -307,9 +296,10 @@ def value_and_grad(
         for j, path in sorted(sparse_keys):
           if j != i:
             continue
-          grad = by_table.get((i, path))
+          grad = by_key.get((i, path))
           if grad is None:
-            grad = _empty_grad(args[i], path)
+            table = _tables_of(args[i])[path][0].embedding
+            grad = _capture.empty_grad(table.shape, table.dtype)
           flat.append((path, nnx.Param(grad)))
         g = nnx.from_flat_state(flat)
       out.append(g)
@@ -317,14 +307,6 @@ def value_and_grad(
     return ((value, aux) if has_aux else value), grads
 
   return wrapper
-
-
-def _empty_grad(node: Any, path: tuple) -> SparseGrad:
-  module = _sparse_paths(node)[path]
-  table = module.embedding
-  return SparseGrad(
-    jnp.zeros((0,), jnp.int32), jnp.zeros((0, *table.shape[1:]), table.dtype)
-  )
 
 
 def grad(
@@ -409,15 +391,19 @@ class SparseOptimizer(nnx.Pytree):
     self.sparse_rows = _sparse.sparse_rows(
       learning_rate, momentum, beta, eps, weight_decay
     )
-    tables = _sparse_paths(model)
+    tables = _tables_of(model)
     self.table_shapes = tuple(
-      (path, tuple(module.embedding.shape)) for path, module in sorted(tables.items())
+      (path, tuple(modules[0].embedding.shape))
+      for path, modules in sorted(tables.items())
     )
-    for module in tables.values():
-      module.sparse_rows = self.sparse_rows
-      module.sparse_state = nnx.data(
-        jax.tree.map(SparseState, self.sparse_rows.init(module.embedding[...]))
+    for modules in tables.values():
+      # One state per table, shared by every module that uses the table.
+      state = jax.tree.map(
+        SparseState, self.sparse_rows.init(modules[0].embedding[...])
       )
+      for module in modules:
+        module.sparse_rows = self.sparse_rows
+        module.sparse_state = nnx.data(state)
     self.step = OptState(jnp.array(0, dtype=jnp.uint32))
     self.tx = tx
     self.wrt = wrt
@@ -432,7 +418,8 @@ class SparseOptimizer(nnx.Pytree):
     )
 
   def _tables(self, model) -> dict[tuple, SparseEmbed]:
-    tables = _sparse_paths(model)
+    """Each table's path and the module that holds it (and its shared state)."""
+    tables = _tables_of(model)
     expected = dict(self.table_shapes)
     if set(tables) != set(expected):
       raise ValueError(
@@ -440,17 +427,21 @@ class SparseOptimizer(nnx.Pytree):
         f"for: expected {sorted(map(_path_str, expected))}, got "
         f"{sorted(map(_path_str, tables))}"
       )
-    for path, module in tables.items():
+    for path, modules in tables.items():
+      module = modules[0]
       if tuple(module.embedding.shape) != expected[path]:
         raise ValueError(
           f"the table at {_path_str(path)} has shape {tuple(module.embedding.shape)}, "
           f"but this optimizer was built for shape {expected[path]}"
         )
-      if module.sparse_rows is not self.sparse_rows:
-        raise ValueError(
-          f"the SparseEmbed at {_path_str(path[:-1])} belongs to another "
-          "SparseOptimizer (the latest one built for it owns it)"
-        )
+      for other in modules:
+        if other.sparse_rows is not self.sparse_rows:
+          raise ValueError(
+            f"a SparseEmbed using the table at {_path_str(path)} belongs to "
+            "another SparseOptimizer (the latest one built for it owns it)"
+          )
+    # The first module of each table holds the (shared) table and state.
+    tables = {path: modules[0] for path, modules in tables.items()}
     return tables
 
   def update(self, model: nnx.Module, grads: nnx.State, /, **kwargs) -> None:
