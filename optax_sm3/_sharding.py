@@ -14,6 +14,9 @@ abstract state, and a walk over it recognises
   :class:`~optax_sm3.ScaleByMomentumState`, ``optax.adam``'s ``mu`` and
   ``nu``, ...): a leaf of its parameter's shape is sharded like the
   parameter;
+* :class:`~optax_sm3.SparseTablesState` (:func:`optax_sm3.sparse_tables`):
+  each table's state as below, for its table; the ``rest`` as above, for
+  the other leaves;
 * :class:`~optax_sm3.SparseRowsState` (:func:`optax_sm3.sparse_rows` with
   momentum or weight decay; ``params`` is then the table): accumulators as
   above, the momentum like the table (after its leading unit axis), ``last``
@@ -31,7 +34,7 @@ import jax
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from optax_sm3 import _momentum, _scale_by_sm3, _sparse, _tree
+from optax_sm3 import _momentum, _scale_by_sm3, _sparse, _sparse_tables, _tree
 
 _REPLICATED = PartitionSpec()
 
@@ -143,8 +146,182 @@ def _sparse_rows_specs(
   )
 
 
+def _table_shape(table_state: Any) -> tuple[int, ...] | None:
+  """The shape of the table a ``sparse_rows`` state was made for, if readable."""
+  if isinstance(table_state, _sparse.SparseRowsState):
+    accumulators = table_state.accumulators
+  else:
+    found = [
+      x
+      for x in jax.tree.leaves(
+        table_state, is_leaf=lambda x: isinstance(x, _scale_by_sm3.ScaleBySM3State)
+      )
+      if isinstance(x, _scale_by_sm3.ScaleBySM3State)
+    ]
+    if len(found) != 1:
+      return None
+    accumulators = found[0].accumulators
+  if not isinstance(accumulators, tuple) or not accumulators:
+    return None
+  # sparse_rows keeps the default cover: one vector per axis, or (rank 1)
+  # one array of the table's shape.
+  if len(accumulators) == 1:
+    return tuple(accumulators[0].shape)
+  return tuple(d for a in accumulators for d in a.shape)
+
+
+def _tables_from_rest(rest: Any, treedef, count: int) -> list[int] | None:
+  """The table positions, where ``rest`` holds a tree of the params' structure.
+
+  ``tx``'s state over the params with the tables set to ``None`` often holds
+  such a tree (Adam's moments, SM3's accumulators): its ``None`` leaves are
+  the tables.
+  """
+
+  def fits(node: Any) -> bool:
+    try:
+      treedef.flatten_up_to(node)
+    except (ValueError, TypeError):
+      return False
+    return True
+
+  for node in jax.tree.leaves(rest, is_leaf=fits):
+    if not fits(node):
+      continue
+    flat = treedef.flatten_up_to(node)
+    positions = [i for i, x in enumerate(flat) if x is None]
+    if len(positions) == count:
+      return positions
+  return None
+
+
+def _table_positions(
+  state: _sparse_tables.SparseTablesState,
+  treedef,
+  shapes: list[tuple[int, ...]],
+  specs: list[PartitionSpec],
+) -> list[int]:
+  """The params leaves each of ``state.tables`` was made for, in order.
+
+  ``sparse_tables`` keeps one state per table leaf, in leaf order, and its
+  mask inside closures. The positions are read off ``tx``'s state where it
+  holds a tree of the params' structure (its ``None`` leaves), else off the
+  tables' shapes: where leaves of one shape leave the choice open, any
+  choice gives the same specs if those leaves share one spec; otherwise the
+  layout cannot be told, and a ``ValueError`` says so.
+  """
+  wanted = [_table_shape(t) for t in state.tables]
+  if any(w is None for w in wanted):
+    raise ValueError(
+      "a table state of the `sparse_tables` state is not a sparse_rows state"
+    )
+  from_rest = _tables_from_rest(state.rest, treedef, len(wanted))
+  if from_rest is not None and [shapes[i] for i in from_rest] == wanted:
+    return from_rest
+
+  def match(order: range, tables: list[tuple[int, ...]]) -> list[int] | None:
+    found, j = [], 0
+    for i in order:
+      if j < len(tables) and shapes[i] == tables[j]:
+        found.append(i)
+        j += 1
+    return found if j == len(tables) else None
+
+  earliest = match(range(len(shapes)), wanted)
+  latest = match(range(len(shapes) - 1, -1, -1), wanted[::-1])
+  if earliest is None or latest is None:
+    raise ValueError(
+      f"the `sparse_tables` state holds tables of shapes {wanted}, which are "
+      f"not leaves of `params` (shapes {shapes}) in order"
+    )
+  latest = latest[::-1]
+  for table, first, last in zip(wanted, earliest, latest, strict=True):
+    candidates = {specs[i] for i in range(first, last + 1) if shapes[i] == table}
+    if len(candidates) > 1:
+      raise ValueError(
+        f"`params` has several leaves of shape {table} with different specs "
+        f"({sorted(map(str, candidates))}) that could be the table of shape "
+        f"{table}: its layout cannot be told from the state. Give "
+        "each table its specs with state_partition_specs(optax_sm3.sparse_rows"
+        "(...), table, spec) instead"
+      )
+  return earliest
+
+
+def _sparse_tables_specs(
+  state: _sparse_tables.SparseTablesState,
+  shapes: list[tuple[int, ...]],
+  specs: list[PartitionSpec],
+  treedef,
+) -> _sparse_tables.SparseTablesState:
+  """Specs of a ``sparse_tables`` state: each table's like the table, the rest's."""
+  positions = _table_positions(state, treedef, shapes, specs)
+  single = jax.tree.structure(0)
+  tables = tuple(
+    _state_specs(t, single, [shapes[i]], [specs[i]])
+    for t, i in zip(state.tables, positions, strict=True)
+  )
+  # The rest's state is tx's over the params with the tables set to None.
+  tables_at = set(positions)
+  rest_treedef = jax.tree.structure(
+    treedef.unflatten([None if i in tables_at else 0 for i in range(len(shapes))])
+  )
+  rest_shapes = [s for i, s in enumerate(shapes) if i not in tables_at]
+  rest_specs = [p for i, p in enumerate(specs) if i not in tables_at]
+  return _sparse_tables.SparseTablesState(
+    rest=_state_specs(state.rest, rest_treedef, rest_shapes, rest_specs),
+    tables=tables,
+  )
+
+
+def _state_specs(
+  state: Any, treedef, shapes: list[tuple[int, ...]], specs: list[PartitionSpec]
+) -> Any:
+  """The spec of every leaf of the abstract ``state`` of params ``treedef``."""
+
+  def is_params_like(node: Any) -> bool:
+    return jax.tree.structure(node) == treedef
+
+  def is_leaf(node: Any) -> bool:
+    return isinstance(
+      node,
+      (
+        _scale_by_sm3.ScaleBySM3State,
+        _momentum.ScaleByMomentumState,
+        _sparse.SparseRowsState,
+        _sparse_tables.SparseTablesState,
+      ),
+    ) or is_params_like(node)
+
+  def params_like(node: Any) -> Any:
+    leaves = treedef.flatten_up_to(node)
+    return treedef.unflatten(
+      [_like_param(x, s, p) for x, s, p in zip(leaves, shapes, specs, strict=True)]
+    )
+
+  def visit(node: Any) -> Any:
+    if isinstance(node, _sparse_tables.SparseTablesState):
+      return _sparse_tables_specs(node, shapes, specs, treedef)
+    if isinstance(node, _sparse.SparseRowsState):
+      return _sparse_rows_specs(node, shapes, specs, treedef)
+    if isinstance(node, _scale_by_sm3.ScaleBySM3State):
+      return _scale_by_sm3.ScaleBySM3State(
+        count=jax.tree.map(lambda _: _REPLICATED, node.count),
+        accumulators=_accumulator_specs(node.accumulators, shapes, specs, treedef),
+      )
+    if isinstance(node, _momentum.ScaleByMomentumState):
+      if is_params_like(node.momentum):
+        return _momentum.ScaleByMomentumState(params_like(node.momentum))
+      return jax.tree.map(lambda _: _REPLICATED, node)
+    if is_params_like(node):
+      return params_like(node)
+    return _REPLICATED  # a leaf that is none of the above
+
+  return jax.tree.map(visit, state, is_leaf=is_leaf)
+
+
 def state_partition_specs(
-  tx: optax.GradientTransformation | _sparse.SparseRows,
+  tx: optax.GradientTransformation | _sparse.SparseRows | _sparse_tables.SparseTables,
   params: Any,
   param_specs: Any,
 ) -> Any:
@@ -168,6 +345,14 @@ def state_partition_specs(
   row-sharded table's ``update``, ``lookup`` and ``sync`` run under
   ``jax.jit`` with no collective larger than the batch's rows; in explicit
   sharding mode, run them under :func:`jax.sharding.auto_axes`.
+
+  ``tx`` may be the :class:`~optax_sm3.SparseTables` of
+  :func:`optax_sm3.sparse_tables`, with ``params`` the whole tree: each
+  table's state gets the specs above for that table, and ``tx``'s state
+  over the other leaves the specs of those leaves. (Which leaves are tables
+  is read off the state: ``tx``'s state where it holds a tree of the
+  params' structure, else the tables' shapes; a ``ValueError`` says when
+  leaves of one shape but different specs leave it open.)
 
   The cover of each parameter is read off its accumulators' shapes (fewest
   stacked axes first); a state leaf that matches nothing is replicated.
@@ -231,48 +416,11 @@ def state_partition_specs(
       "`params` must be the table (one array) when `tx` is a SparseRows, got "
       f"{treedef.num_leaves} leaves"
     )
-  state = jax.eval_shape(tx.init, params)
-
-  def is_params_like(node: Any) -> bool:
-    return jax.tree.structure(node) == treedef
-
-  def is_leaf(node: Any) -> bool:
-    return isinstance(
-      node,
-      (
-        _scale_by_sm3.ScaleBySM3State,
-        _momentum.ScaleByMomentumState,
-        _sparse.SparseRowsState,
-      ),
-    ) or is_params_like(node)
-
-  def params_like(node: Any) -> Any:
-    leaves = treedef.flatten_up_to(node)
-    return treedef.unflatten(
-      [_like_param(x, s, p) for x, s, p in zip(leaves, shapes, specs, strict=True)]
-    )
-
-  def visit(node: Any) -> Any:
-    if isinstance(node, _sparse.SparseRowsState):
-      return _sparse_rows_specs(node, shapes, specs, treedef)
-    if isinstance(node, _scale_by_sm3.ScaleBySM3State):
-      return _scale_by_sm3.ScaleBySM3State(
-        count=jax.tree.map(lambda _: _REPLICATED, node.count),
-        accumulators=_accumulator_specs(node.accumulators, shapes, specs, treedef),
-      )
-    if isinstance(node, _momentum.ScaleByMomentumState):
-      if is_params_like(node.momentum):
-        return _momentum.ScaleByMomentumState(params_like(node.momentum))
-      return jax.tree.map(lambda _: _REPLICATED, node)
-    if is_params_like(node):
-      return params_like(node)
-    return _REPLICATED  # a leaf that is none of the above
-
-  return jax.tree.map(visit, state, is_leaf=is_leaf)
+  return _state_specs(jax.eval_shape(tx.init, params), treedef, shapes, specs)
 
 
 def state_shardings(
-  tx: optax.GradientTransformation | _sparse.SparseRows,
+  tx: optax.GradientTransformation | _sparse.SparseRows | _sparse_tables.SparseTables,
   params: Any,
   param_shardings: Any,
 ) -> Any:

@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from flax import nnx
 
 # The attributes under which our optimizers keep their state: nnx.Optimizer
 # and SparseOptimizer (`opt_state`), SparseEmbed (`sparse_state`).
@@ -29,6 +28,8 @@ _LAZY_FIELDS = ("last", "coefficients")
 
 
 def _flat(tree: Any) -> dict[tuple, Any]:
+  from flax import nnx  # an extra: imported where used
+
   state = tree if isinstance(tree, nnx.State) else nnx.state(tree)
   return {tuple(path): value for path, value in nnx.to_flat_state(state)}
 
@@ -161,6 +162,8 @@ def checked_update(target: Any, *states: Any) -> None:
     ValueError: with :func:`state_mismatch`'s message, before anything is
       written, if a state's optimizer state does not fit ``target``'s.
   """
+  from flax import nnx  # an extra: imported where used
+
   for state in states:
     message = state_mismatch(target, state)
     if message is not None:

@@ -232,6 +232,158 @@ def nnx_run():
   }
 
 
+BIG_ROWS, BIG_DIM = 2**20, 4  # the sparse_tables and SparseEmbed runs
+
+
+def big_batches():
+  rng = np.random.default_rng(1)
+  table = (0.5 * rng.normal(size=(BIG_ROWS, BIG_DIM))).astype(np.float32)
+  ids = [rng.integers(0, BIG_ROWS, K).astype(np.int32) for _ in range(STEPS)]
+  return table, ids
+
+
+def tables_run(config):
+  """``sparse_tables`` over {table, w} with a 2**20-row table split over rows."""
+  import optax
+
+  table, batches = big_batches()
+  w = np.linspace(-1.0, 1.0, BIG_DIM * 8, dtype=np.float32).reshape(BIG_DIM, 8)
+  opt = optax_sm3.sparse_tables(
+    optax.adam(0.01), 0.1, **CONFIGS[config], tables={"table": True, "w": False}
+  )
+
+  def loss(params, ids):
+    rows = optax_sm3.sparse_lookup(params["table"], ids)
+    return jnp.sum(jnp.sin(rows @ params["w"]))
+
+  def step(state, params, ids):
+    if hasattr(opt, "step"):  # step(params, grads, state)
+      _, grads = opt.value_and_grad(loss)(params, state, ids)
+      return opt.step(params, grads, state)
+    # The NamedTuple API that `step` replaces (kept until both are committed).
+    _, grads = opt.value_and_grad(loss)(state, params, ids)
+    return opt.update(grads, state, params)
+
+  def train(params, state, step, sync):
+    for ids in batches:
+      params, state = step(state, params, ids)
+    return sync(params, state)
+
+  one = jax.devices()[0]
+  plain = {"table": jax.device_put(table, one), "w": jax.device_put(w, one)}
+  ref_params, _ = train(plain, opt.init(plain), jax.jit(step), jax.jit(opt.sync))
+
+  mesh = jax.make_mesh((8,), ("model",), axis_types=(AxisType.Auto,))
+  param_sh = {
+    "table": NamedSharding(mesh, P("model", None)),
+    "w": NamedSharding(mesh, P(None, "model")),
+  }
+  params = jax.device_put({"table": table, "w": w}, param_sh)
+  state_sh = optax_sm3.state_shardings(opt, params, param_sh)
+  state = jax.jit(opt.init, out_shardings=state_sh)(params)
+  table_state = state.tables[0]
+  lazy = isinstance(table_state, optax_sm3.SparseRowsState)
+  accumulators = table_state.accumulators if lazy else table_state[0].accumulators
+  row_state = {"row_accumulators": accumulators[0]}
+  if lazy:
+    row_state |= {"last": table_state.last, "momentum": table_state.momentum}
+  rest_mu = state.rest[0].mu["w"]
+  # The step as state_shardings' docs say: the state's shardings in and out.
+  sharded_step = jax.jit(step, out_shardings=(param_sh, state_sh))
+  sync = jax.jit(opt.sync, out_shardings=(param_sh, state_sh))
+  free = jax.jit(step)(state, params, batches[0])[1]  # XLA's choice, a record
+  params, state = train(params, state, sharded_step, sync)
+  drift = {
+    jax.tree_util.keystr(path): str(leaf.sharding.spec)
+    for (path, leaf), want in zip(
+      jax.tree_util.tree_leaves_with_path(free), jax.tree.leaves(state_sh), strict=True
+    )
+    if not leaf.sharding.is_equivalent_to(want, leaf.ndim)
+  }
+  return {
+    "specs": {k: str(v.sharding.spec) for k, v in row_state.items()},
+    "bytes": {k: per_device_bytes(v) for k, v in row_state.items()},
+    "whole_bytes": {k: v.nbytes for k, v in row_state.items()},
+    "rest_spec": str(rest_mu.sharding.spec),
+    "free_jit_drift": drift,
+    "diff": max(
+      float(np.max(np.abs(np.asarray(params[k]) - np.asarray(ref_params[k]))))
+      for k in ("table", "w")
+    ),
+    "moved": float(np.max(np.abs(np.asarray(ref_params["table"]) - table))),
+  }
+
+
+def nnx_tables_run():
+  """SparseEmbed annotated with ``out_sharding``: its state built row-sharded."""
+  from flax import nnx
+
+  from optax_sm3 import _nnx_state
+  from optax_sm3 import nnx as sparse_nnx
+
+  table, batches = big_batches()
+  init = lambda *_: jnp.asarray(table)
+
+  def build(metadata):
+    model = sparse_nnx.SparseEmbed(
+      BIG_ROWS,
+      BIG_DIM,
+      embedding_init=init,
+      rngs=nnx.Rngs(0),
+      embedding_metadata=metadata,
+    )
+    optimizer = sparse_nnx.SparseOptimizer(
+      model, optax_sm3.sm3(0.1), 0.1, **CONFIGS["0.9"]
+    )
+    return model, optimizer
+
+  @nnx.jit
+  def step(model, optimizer, ids):
+    loss = lambda m, ids: jnp.sum(jnp.sin(m(ids)))
+    _, grads = sparse_nnx.value_and_grad(loss)(model, ids)
+    optimizer.update(model, grads)
+
+  reference = build({})
+  for ids in batches:
+    step(*reference, ids)
+  every = jnp.arange(0, BIG_ROWS, 97)
+  mesh = jax.make_mesh((8,), ("model",), axis_types=(AxisType.Auto,))
+  with jax.set_mesh(mesh):
+    model, optimizer = build({"out_sharding": ("model", None)})
+    as_built = per_device_bytes(nnx.as_pure(model.sparse_state).accumulators[0])
+    model.sparse_state = nnx.data(
+      _nnx_state.sparse_state_variables(
+        optimizer.sparse_rows, model.embedding, sparse_nnx.SparseState
+      )
+    )
+    specs = nnx.as_pure(nnx.get_partition_spec(model.sparse_state))
+    for ids in batches:
+      step(model, optimizer, ids)
+    state = nnx.as_pure(model.sparse_state)
+    rows = np.asarray(model(every))
+  return {
+    "as_built_row_accumulator_bytes": as_built,
+    "metadata_specs": {
+      "row_accumulators": str(specs.accumulators[0]),
+      "last": str(specs.last),
+      "momentum": str(specs.momentum),
+      "count": str(specs.count),
+    },
+    "bytes": {
+      "row_accumulators": per_device_bytes(state.accumulators[0]),
+      "last": per_device_bytes(state.last),
+      "momentum": per_device_bytes(state.momentum),
+    },
+    "whole_bytes": {
+      "row_accumulators": state.accumulators[0].nbytes,
+      "last": state.last.nbytes,
+      "momentum": state.momentum.nbytes,
+    },
+    "diff": float(np.max(np.abs(rows - np.asarray(reference[0](every))))),
+    "moved": float(np.max(np.abs(rows - table[::97]))),
+  }
+
+
 def main():
   assert jax.device_count() == 8, jax.devices()
   results = {
@@ -244,8 +396,12 @@ def main():
     import flax  # noqa: F401
   except ImportError:  # the nnx extra is not installed
     results["nnx"] = None
+    results["nnx_tables"] = None
   else:
     results["nnx"] = nnx_run()
+    results["nnx_tables"] = nnx_tables_run()
+  for config in CONFIGS:
+    results[f"tables/{config}"] = tables_run(config)
   # A control for the HLO parser: replicating the row-sharded table must
   # show up as an all-gather of the whole table.
   from _sharding_worker import collectives

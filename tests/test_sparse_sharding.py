@@ -14,6 +14,7 @@ import _subprocess
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -92,6 +93,74 @@ def test_bad_arguments():
     optax_sm3.state_partition_specs(rows, two, {"a": P(), "b": P()})
   with pytest.raises(ValueError, match=r"param_specs.*rank 2"):
     optax_sm3.state_partition_specs(rows, jnp.zeros((4, 2)), P("m", None, None))
+
+
+def _tables_opt(momentum, **kwargs):
+  return optax_sm3.sparse_tables(optax.adam(0.1), 0.1, momentum=momentum, **kwargs)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sparse_tables_state_follows_each_table_and_the_rest(momentum):
+  params = {
+    "a": jax.ShapeDtypeStruct((64, 8), jnp.float32),
+    "table": jax.ShapeDtypeStruct((1024, 8), jnp.float32),
+    "w": jax.ShapeDtypeStruct((8, 4), jnp.float32),
+  }
+  specs = {"a": P(None, "x"), "table": P("m", None), "w": P(None, "m")}
+  opt = _tables_opt(momentum, tables={"a": False, "table": True, "w": False})
+  got = optax_sm3.state_partition_specs(opt, params, specs)
+  # Each table's specs are sparse_rows' own for that table.
+  rows = optax_sm3.sparse_rows(0.1, momentum=momentum)
+  assert got.tables == (
+    optax_sm3.state_partition_specs(rows, params["table"], specs["table"]),
+  )
+  table_state = got.tables[0]
+  accumulators = table_state.accumulators if momentum else table_state[0].accumulators
+  assert accumulators == (P("m"), P(None))
+  # The rest's state (tx over the params with the tables set to None).
+  adam = got.rest[0]
+  assert adam.mu == {"a": P(None, "x"), "table": None, "w": P(None, "m")}
+  assert adam.nu == adam.mu
+
+
+def test_sparse_tables_two_tables_in_leaf_order():
+  params = {
+    "a": jax.ShapeDtypeStruct((512, 8), jnp.float32),
+    "b": jax.ShapeDtypeStruct((8, 4), jnp.float32),
+    "c": jax.ShapeDtypeStruct((256, 8), jnp.float32),
+  }
+  specs = {"a": P("m"), "b": P(), "c": P(None, "m")}
+  opt = _tables_opt(0.9, tables=lambda p: {"a": True, "b": False, "c": True})
+  got = optax_sm3.state_partition_specs(opt, params, specs)
+  assert [t.last for t in got.tables] == [P("m"), P(None)]
+  assert [t.accumulators for t in got.tables] == [(P("m"), P(None)), (P(None), P("m"))]
+
+
+def test_sparse_tables_same_shapes_same_specs_are_fine():
+  shape = jax.ShapeDtypeStruct((128, 8), jnp.float32)
+  params = {"a": shape, "b": shape}
+  opt = _tables_opt(0.9, tables={"a": False, "b": True})
+  got = optax_sm3.state_partition_specs(opt, params, {"a": P("m"), "b": P("m")})
+  assert got.tables[0].last == P("m")
+  assert got.rest[0].mu == {"a": P("m"), "b": None}
+
+
+def test_sparse_tables_of_one_shape_told_apart_by_the_rest_state():
+  shape = jax.ShapeDtypeStruct((128, 8), jnp.float32)
+  params = {"a": shape, "b": shape}
+  specs = {"a": P("m"), "b": P(None, "m")}
+  # Adam's moments over the rest have None at the table: that tells them apart.
+  opt = _tables_opt(0.9, tables={"a": False, "b": True})
+  got = optax_sm3.state_partition_specs(opt, params, specs)
+  assert got.tables[0].last == P(None)
+  assert got.tables[0].accumulators == (P(None), P("m"))
+  assert got.rest[0].mu == {"a": P("m"), "b": None}
+  # sgd's state holds no such tree: the layout cannot be told, and says so.
+  opt = optax_sm3.sparse_tables(
+    optax.sgd(0.1), 0.1, momentum=0.9, tables={"a": False, "b": True}
+  )
+  with pytest.raises(ValueError, match="cannot be told"):
+    optax_sm3.state_partition_specs(opt, params, specs)
 
 
 # ---------------------------------------------------------------------------
@@ -180,3 +249,34 @@ def test_hlo_check_sees_a_full_gather(multi_device):
   assert {"op": "all-gather", "elements": worker.ROWS * worker.DIM} in multi_device[
     "control"
   ]
+
+
+@pytest.mark.parametrize("config", list(worker.CONFIGS))
+def test_sparse_tables_2_20_rows_keep_one_eighth_per_device(multi_device, config):
+  result = multi_device[f"tables/{config}"]
+  expected = {"row_accumulators": "P('model',)"}
+  if config == "0.9":
+    expected |= {"last": "P('model',)", "momentum": "P(None, 'model', None)"}
+  assert result["specs"] == expected
+  for name, whole in result["whole_bytes"].items():
+    assert result["bytes"][name] == [whole // 8], name
+  assert result["whole_bytes"]["row_accumulators"] == worker.BIG_ROWS * 4
+  assert result["rest_spec"] == "P(None, 'model')"  # adam's mu of `w`
+  assert result["diff"] <= 1e-6
+  assert result["moved"] > 1e-2
+
+
+def test_sparse_embed_state_built_row_sharded(multi_device):
+  result = multi_device["nnx_tables"]
+  if result is None:
+    pytest.skip("flax is not installed")
+  assert result["metadata_specs"] == {
+    "row_accumulators": "P('model',)",
+    "last": "P('model',)",
+    "momentum": "P(None, 'model', None)",
+    "count": "P()",
+  }
+  for name, whole in result["whole_bytes"].items():
+    assert result["bytes"][name] == [whole // 8], name
+  assert result["diff"] <= 1e-6
+  assert result["moved"] > 1e-2
