@@ -128,6 +128,10 @@ def box_accumulators(params: Any, accumulators: Any, covers: Any) -> Any:
     if not is_box(box):
       out.append(accs)
       continue
+    if not hasattr(_content(cover), "groups"):
+      # Masked out (optax.multi_transform, optax.masked): no accumulators.
+      out.append(accs)
+      continue
     accs, cover = _content(accs), _content(cover)
     stacked = tuple(range(cover.stacked))
     rank = len(cover.shape)
