@@ -34,7 +34,7 @@ import jax
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from optax_sm3 import _momentum, _scale_by_sm3, _sparse, _sparse_tables, _tree
+from optax_sm3 import _boxes, _momentum, _scale_by_sm3, _sparse, _sparse_tables, _tree
 
 _REPLICATED = PartitionSpec()
 
@@ -357,6 +357,15 @@ def state_partition_specs(
   The cover of each parameter is read off its accumulators' shapes (fewest
   stacked axes first); a state leaf that matches nothing is replicated.
 
+  Flax-boxed ``params`` and ``param_specs`` (an ``nnx.State`` of
+  Variables, e.g. ``nnx.get_partition_spec(nnx.state(model))``, or linen's
+  ``nn.Partitioned``) are read through their boxes: the result is the specs
+  of the unboxed state, a prefix of the boxed state's tree (which
+  ``jax.jit``'s ``out_shardings`` accepts). The boxed state itself carries
+  the same specs as metadata: each SM3 accumulator of a boxed parameter is
+  boxed on its own with the parameter's entries for the axes it indexes,
+  so ``nnx.get_partition_spec`` and ``nn.get_partition_spec`` read them.
+
   Args:
     tx: an optax transformation, e.g. :func:`optax_sm3.sm3`, or an
       :func:`optax.chain` holding :func:`optax_sm3.scale_by_sm3` and other
@@ -397,6 +406,9 @@ def state_partition_specs(
     >>> state.accumulators, state.momentum, state.last, state.count
     ((P('model',), P(None,)), P(None, 'model', None), P('model',), P())
   """
+  # Flax-boxed parameters and specs (nnx.State of Variables, nn.Partitioned)
+  # are read through their boxes.
+  params, param_specs = _boxes.unboxed(params), _boxes.unboxed(param_specs)
   treedef = jax.tree.structure(params)
   specs = _tree.flatten_like(
     treedef, param_specs, "`param_specs` must have the structure of `params`"
@@ -463,6 +475,7 @@ def state_shardings(
     >>> state[0].accumulators["w"][0].sharding == out[0].accumulators["w"][0]
     True
   """
+  params, param_shardings = _boxes.unboxed(params), _boxes.unboxed(param_shardings)
   treedef = jax.tree.structure(params)
   flat = _tree.flatten_like(
     treedef, param_shardings, "`param_shardings` must have the structure of `params`"

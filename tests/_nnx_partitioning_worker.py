@@ -145,6 +145,10 @@ def nnx_run(tx_name, axis_type):
       and n.is_equivalent_to(a.sharding, a.ndim)
       for n, a in zip(jax.tree.leaves(named), jax.tree.leaves(state), strict=True)
     )
+    params = nnx.state(model, nnx.Param)
+    tx = TXS[tx_name]()
+    out = optax_sm3.state_shardings(tx, params, nnx.get_named_sharding(params, mesh))
+    jitted_init = actual_specs(jax.jit(tx.init, out_shardings=out)(params), mesh)
     for _ in range(STEPS):
       step(model, optimizer)
     after_steps = actual_specs(nnx.as_pure(optimizer.opt_state), mesh)
@@ -165,6 +169,7 @@ def nnx_run(tx_name, axis_type):
     "metadata": metadata,
     "named_sharding_matches": named_ok,
     "after_steps": after_steps,
+    "jitted_init": jitted_init,
     "elements": elements,
     "diff": diff,
     "moved": moved,

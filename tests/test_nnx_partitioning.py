@@ -97,6 +97,19 @@ def test_metadata_agrees_with_state_partition_specs():
   assert [worker.normalized(s) for s in got] == [worker.normalized(s) for s in want]
 
 
+def test_state_partition_specs_reads_through_boxes():
+  params = nnx.State({"a": _param((16, 8), ("x", "y")), "b": nnx.Param(jnp.zeros(4))})
+  tx = optax_sm3.sm3(0.1, momentum=0.9)
+  got = optax_sm3.state_partition_specs(tx, params, nnx.get_partition_spec(params))
+  plain = {"a": jnp.zeros((16, 8)), "b": jnp.zeros(4)}
+  want = optax_sm3.state_partition_specs(tx, plain, {"a": P("x", "y"), "b": P()})
+  assert got == want
+  # linen boxes, specs from nn.get_partition_spec.
+  boxed = {"a": nn.Partitioned(jnp.zeros((16, 8)), names=("x", "y"))}
+  got = optax_sm3.state_partition_specs(tx, boxed, nn.get_partition_spec(boxed))
+  assert got[0].accumulators["a"] == (P("x"), P("y"))
+
+
 def test_plain_parameters_keep_their_state_tree():
   params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
   state = optax_sm3.scale_by_sm3().init(params)
@@ -240,6 +253,9 @@ def test_nnx_optimizer_state_lands_where_state_shardings_puts_it(multi_device, r
   assert result["elements"] == [[8], [2]]
   assert result["diff"] <= 1e-5
   assert result["moved"] > 1e-2
+  # jax.jit(tx.init, out_shardings=state_shardings(tx, nnx.state(model),
+  # nnx.get_named_sharding(...))) on the boxed parameters.
+  assert result["jitted_init"] == result["expected"]
 
 
 @pytest.mark.parametrize("run", _LINEN_RUNS)
