@@ -6,6 +6,8 @@ gradient from ``eqx.filter_value_and_grad`` (table-sized) and
 """
 
 import functools
+import pathlib
+import re
 import subprocess
 import sys
 
@@ -387,3 +389,11 @@ def test_lazy_import_and_missing_equinox_error():
 def test_namespace_exports():
   assert optax_sm3.equinox.SparseGrad is optax_sm3.SparseGrad
   assert set(optax_sm3.equinox.__all__) <= set(dir(optax_sm3.equinox))
+
+
+def test_api_page_documents_every_name():
+  page = pathlib.Path(__file__).resolve().parent.parent / "docs" / "api" / "equinox.rst"
+  text = page.read_text()
+  assert ".. automodule:: optax_sm3.equinox" in text
+  documented = set(re.findall(r"^\.\. auto(?:function|class):: (\w+)", text, re.M))
+  assert set(optax_sm3.equinox.__all__) <= documented
