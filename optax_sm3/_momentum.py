@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,17 +18,17 @@ class ScaleByMomentumState(NamedTuple):
     momentum: a tree like the updates: the running average of the updates,
       each leaf of the parameter's shape, dtype ``mu_dtype`` (or the
       parameter's dtype when ``mu_dtype`` is ``None``); or ``None`` when
-      ``momentum`` was 0 at ``init`` (no buffer is kept).
+      ``momentum`` is ``None`` or a Python or NumPy 0 (no buffer is kept).
   """
 
   momentum: optax.Updates
 
 
 def scale_by_momentum(
-  momentum: Any = 0.9,
+  momentum: jax.typing.ArrayLike | None = 0.9,
   *,
   nesterov: bool = False,
-  mu_dtype: Any = None,
+  mu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""Replaces updates by their exponential moving average.
 
@@ -43,15 +43,15 @@ def scale_by_momentum(
   update's and ``mu_dtype``; the buffer is stored in ``mu_dtype``.
 
   With :math:`\mu = 0` the output is the update itself, so no buffer is
-  needed. Whether to keep one is decided once, at ``init``, from the value
-  ``momentum`` has then (``None`` or 0: no buffer, the state's ``momentum``
-  is ``None``), and read back from the state at ``update``. So the state
-  has the same structure and size whether ``momentum`` is a Python number or
-  a hyperparameter injected by :func:`optax.inject_hyperparams`. A state
-  made without a buffer cannot run a non-zero momentum later: ``update``
-  raises a ``ValueError`` if the value is concrete, and a traced value that
-  became non-zero (an injected hyperparameter changed at run time) raises
-  when the step executes.
+  needed. Whether to keep one is decided when the transformation is built,
+  from the argument's type, never from an array's value: ``None`` or a
+  Python or NumPy number equal to 0 keeps none (the state's ``momentum`` is
+  ``None``); any other number, and any JAX array (a hyperparameter injected
+  by :func:`optax.inject_hyperparams`, a tracer under ``jax.jit``), keeps
+  one, so that the value may change at run time. The state's structure is
+  therefore the same eagerly and under ``jax.jit``; an injected ``0.0``
+  keeps a buffer (the updates are those of no momentum), unless ``momentum``
+  is listed in ``static_args``.
 
   Args:
     momentum: :math:`\mu` in ``[0, 1)`` or ``None`` (as 0); may be traced.
@@ -64,8 +64,9 @@ def scale_by_momentum(
     :class:`ScaleByMomentumState`.
 
   Raises:
-    ValueError: if ``momentum`` is outside ``[0, 1)``; at ``update``, if a
-      state kept no buffer but ``momentum`` is not 0.
+    ValueError: if ``momentum`` is outside ``[0, 1)``; at ``update``, if the
+      state has no buffer but this transformation keeps one (a state made
+      with another ``momentum``).
     TypeError: if ``nesterov`` is not a bool, ``mu_dtype`` is not a real
       floating dtype, or (at ``init``) a parameter is not real floating.
 
@@ -86,9 +87,12 @@ def scale_by_momentum(
     _validation.check_range("momentum", momentum, low=0.0, high=1.0, high_open=True)
   nesterov = _validation.check_bool("nesterov", nesterov)
   mu_dtype = _validation.float_dtype("mu_dtype", mu_dtype)
+  # Decided from the argument's type, so that jit and injection (which turn
+  # numbers into arrays, or tracers) cannot change the state's structure.
+  keeps_buffer = not _validation.is_static_zero(momentum)
 
   def init_fn(params):
-    if _validation.concrete_zero(momentum):
+    if not keeps_buffer:
       return ScaleByMomentumState(None)
     _validation.check_float_leaves(params, "scale_by_momentum")
     return ScaleByMomentumState(
@@ -100,15 +104,22 @@ def scale_by_momentum(
   def update_fn(updates, state, params=None):
     del params
     if state.momentum is None:
-      _validation.runtime_check_zero(
-        momentum, "momentum", "no momentum buffer was allocated"
-      )
+      if keeps_buffer:
+        raise ValueError(
+          f"the state has no momentum buffer, but momentum={momentum!r} needs "
+          "one: the state was made with momentum=0 or None (a Python number). "
+          "Create it with this transformation's init (under "
+          "optax.inject_hyperparams, a momentum of 0 keeps a buffer unless "
+          "'momentum' is in static_args)"
+        )
       return updates, state
 
     def step(u, m):
       u = jnp.asarray(u)
       dtype = jnp.promote_types(u.dtype, m.dtype)
-      mu, one_minus_mu = _validation.complement(momentum, dtype)
+      mu, one_minus_mu = _validation.complement(
+        0.0 if momentum is None else momentum, dtype
+      )
       uf = u.astype(dtype)
       m_new = mu * m.astype(dtype) + one_minus_mu * uf
       out = mu * m_new + one_minus_mu * uf if nesterov else m_new

@@ -4,24 +4,25 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import optax
 
 from optax_sm3 import _schedules, _sm3, _validation
 
 
 def sm3_recipe(
-  learning_rate: Any,
-  total_steps: int,
+  learning_rate: jax.typing.ArrayLike,
+  total_steps: int | jax.Array,
   *,
-  beta: Any = 0.9,
-  warmup_fraction: float = 0.02,
-  decay_fraction: float = 0.1,
+  beta: jax.typing.ArrayLike = 0.9,
+  warmup_fraction: jax.typing.ArrayLike = 0.02,
+  decay_fraction: jax.typing.ArrayLike = 0.1,
   merge_axes_up_to: int | None = 2048,
-  eps: Any = 1e-8,
-  weight_decay: Any = 0.0,
+  eps: jax.typing.ArrayLike = 1e-8,
+  weight_decay: jax.typing.ArrayLike | None = 0.0,
   weight_decay_mask: Any = None,
-  grad_clip_norm: Any = None,
-  accumulator_dtype: Any = None,
+  grad_clip_norm: jax.typing.ArrayLike | None = None,
+  accumulator_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
   r"""SM3 without momentum, as tuned on a transformer: the low-memory preset.
 
@@ -50,22 +51,29 @@ def sm3_recipe(
   scale (``beta > 0`` normalises like RMSProp): the benchmarks pick from
   1e-3 to 3e-2.
 
+  Under :func:`optax.inject_hyperparams` every numeric argument may be
+  injected (and traced under ``jax.jit``) except ``merge_axes_up_to``, which
+  fixes the state's shapes: list it in ``static_args`` (a traced one raises
+  a ``TypeError`` saying so). The momentum of 0 is the recipe's own Python
+  number, so an injected recipe keeps no momentum buffer either.
+
   Args:
     learning_rate: the peak rate, reached after the warm-up, finite and
       ``>= 0`` (may be a traced scalar).
     total_steps: the number of training steps, ``>= 1``; the cool-down ends
-      at 0 on the last one.
+      at 0 on the last one. An int, or an integer JAX scalar (may be
+      traced).
     beta: second-moment decay in ``[0, 1)``.
     warmup_fraction: warm-up length as a fraction of ``total_steps``.
     decay_fraction: cool-down length as a fraction of ``total_steps``.
     merge_axes_up_to: SM3's cover option (see :func:`optax_sm3.sm3`); ``None``
-      keeps one accumulator per axis everywhere.
+      keeps one accumulator per axis everywhere. Structural: never traced.
     eps: added to the estimate before the square root, ``>= 0``.
     weight_decay: decoupled weight decay (as AdamW), ``>= 0``.
     weight_decay_mask: which leaves decay (see :func:`optax_sm3.sm3`).
     grad_clip_norm: clip the gradient's global norm first, or ``None``.
-    accumulator_dtype: the accumulators' dtype, or ``None`` for the
-      parameters'.
+    accumulator_dtype: the accumulators' dtype, or ``None`` for float32 (the
+      parameters' dtype where that is wider).
 
   Returns:
     An :class:`optax.GradientTransformation`, the same chain as

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_sm3 import _accumulate, _boxes, _cover, _tree, _validation
@@ -64,8 +65,9 @@ def _per_param(option: PerParam, tree: Any, name: str) -> Any:
   """Broadcasts a per-parameter option to a tree with ``tree``'s structure."""
   if option is None:
     option = 0
-  if callable(option):
-    option = option(tree)
+  # optax's rule: a function is called, a tree of ints (an Equinox module of
+  # ints is callable too) is a tree.
+  option = _tree.resolve(option, tree)
   if jax.tree_util.treedef_is_leaf(jax.tree.structure(option)):
     value = _static_int(option, name)
     return jax.tree.map(lambda _: value, tree)
@@ -179,10 +181,10 @@ def _keyword_only(factory: Callable[..., Any]) -> Callable[..., Any]:
 @_keyword_only
 def scale_by_sm3(
   *,
-  beta: Any = 0.0,
-  eps: Any = 1e-8,
+  beta: jax.typing.ArrayLike = 0.0,
+  eps: jax.typing.ArrayLike = 1e-8,
   variant: str = "II",
-  accumulator_dtype: Any = None,
+  accumulator_dtype: jax.typing.DTypeLike | None = None,
   stacked_axes: PerParam | None = None,
   merge_axes_up_to: int | None = None,
   skip_unit_axes: bool = False,
@@ -238,7 +240,9 @@ def scale_by_sm3(
       ``(L, d_in, d_out)`` with ``1`` keep ``L * (d_in + d_out)`` numbers
       instead of ``L + d_in + d_out``). An int for every parameter, a tree of
       ints matching the parameters, or a callable from parameters to such a
-      tree.
+      tree (told apart as ``optax.masked`` does: a tree whose leaves are not
+      all callable, an Equinox module of ints say, is a tree). Structural:
+      never traced.
     merge_axes_up_to: merge runs of adjacent axes into one accumulator while
       the product of their sizes stays at or below this bound: a finer cover
       for a few more numbers (``9`` stores a ``(3, 3)`` block plus two
@@ -313,7 +317,7 @@ def scale_by_sm3(
     stacked = _per_param(stacked_axes, tree, "stacked_axes")
     return jax.tree.map(
       lambda leaf, s: _cover.make_cover(
-        leaf.shape,
+        np.shape(leaf),
         stacked_axes=s,
         merge_axes_up_to=merge_axes_up_to,
         skip_unit_axes=skip_unit_axes,
@@ -323,11 +327,12 @@ def scale_by_sm3(
     )
 
   def init_fn(params):
-    params = jax.tree.map(jnp.asarray, params)
+    # Shapes and dtypes only: `params` may be `jax.ShapeDtypeStruct`s
+    # (`jax.eval_shape`, orbax restore targets) or Python numbers.
     _reject_complex(params)
 
     def zeros(param, cover):
-      dtype = _accumulator_dtype(param.dtype, accumulator_dtype)
+      dtype = _accumulator_dtype(jnp.result_type(param), accumulator_dtype)
       return tuple(jnp.zeros(cover.accumulator_shape(g), dtype) for g in cover.groups)
 
     leaf_covers = covers(params)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from optax_sm3 import _momentum, _scale_by_sm3, _validation, _weight_decay
@@ -14,17 +16,17 @@ _WEIGHT_DECAY_MODES = ("decoupled", "coupled")
 
 def sm3(
   learning_rate: optax.ScalarOrSchedule,
-  momentum: Any = 0.9,
-  beta: Any = 0.0,
-  eps: Any = 1e-8,
+  momentum: jax.typing.ArrayLike | None = 0.9,
+  beta: jax.typing.ArrayLike = 0.0,
+  eps: jax.typing.ArrayLike = 1e-8,
   *,
   nesterov: bool = False,
-  mu_dtype: Any = None,
-  weight_decay: Any = 0.0,
+  mu_dtype: jax.typing.DTypeLike | None = None,
+  weight_decay: jax.typing.ArrayLike | None = 0.0,
   weight_decay_mode: str = "decoupled",
   weight_decay_mask: Any = None,
-  grad_clip_norm: Any = None,
-  grad_clip_value: Any = None,
+  grad_clip_norm: jax.typing.ArrayLike | None = None,
+  grad_clip_value: jax.typing.ArrayLike | None = None,
   variant: str = "II",
   accumulator_dtype: Any = None,
   stacked_axes: Any = None,
@@ -47,18 +49,23 @@ def sm3(
     m_t &= \mu m_{t-1} + (1 - \mu) u_t \quad\text{(if } \mu > 0) \\
     \theta_{t+1} &= \theta_t - \eta_t (m_t + \lambda \theta_t)
 
-  Momentum and weight decay that are 0 (or ``None``) keep no state: in
-  particular ``momentum=0`` allocates no momentum buffer, so the state is
-  the accumulators alone, :math:`O(\sum_r d_r)` per parameter (``optax.sm3``
-  and the PyTorch ports keep a full-size buffer even then). This is decided
-  once, at ``init``, from the values the hyperparameters have then, and read
-  back from the state at ``update``: ``optax.inject_hyperparams(sm3)`` with
-  the same values gives the same state (structure, shapes and dtypes) as
-  ``sm3``, and ``update`` needs ``params`` only when weight decay is on. A
-  stage that was off at ``init`` stays off: injecting a non-zero
-  ``momentum`` or ``weight_decay`` later raises a ``ValueError`` (when the
-  step executes, for a traced value). Create the state with a non-zero value
-  to change it at run time.
+  The chain's stages, and so the state's structure, are decided when the
+  optimizer is built, from the arguments' types (``None`` or not, a Python
+  number or an array), never from an array's value: ``jax.jit(opt.init)``
+  gives the state tree of ``opt.init``, and the ``inner_state`` of
+  ``optax.inject_hyperparams(sm3)(...)`` is the state tree of ``sm3(...)``,
+  eagerly or under ``jax.jit``, save for one case below. A ``momentum`` of
+  ``None`` or a Python or NumPy 0 keeps no momentum buffer, so the state is
+  the accumulators alone, :math:`O(\sum_r d_r)` per parameter
+  (``optax.sm3`` and the PyTorch ports keep a full-size buffer even then);
+  an array keeps one, so that it can change at run time: an injected
+  ``momentum=0.0`` keeps a buffer (the one case) unless ``momentum`` is in
+  ``inject_hyperparams``'s ``static_args``. The weight-decay stage keeps no
+  numbers and the same state for every value; with ``None`` or a Python 0 it
+  passes the updates through and ``update`` needs no ``params``, otherwise
+  (an injected 0 included) it needs them. A clipping stage is in the chain
+  when its bound is not ``None``. A zero momentum or decay held in an array
+  gives the updates of none (for finite parameters).
 
   For parameters of rank >= 1, ``sm3(lr, momentum)`` produces the same updates
   as ``optax.sm3(lr, momentum)``; unlike it, it accepts scalars, schedules
@@ -75,13 +82,14 @@ def sm3(
     nesterov: Nesterov momentum.
     mu_dtype: dtype of the momentum buffer (``jnp.bfloat16`` halves it);
       ``None`` keeps the parameters' dtype.
-    weight_decay: :math:`\lambda \ge 0`.
+    weight_decay: :math:`\lambda \ge 0`, or ``None`` (as 0).
     weight_decay_mode: ``"decoupled"`` (after preconditioning, AdamW style)
       or ``"coupled"`` (an L2 term added to the gradient before
       preconditioning, as braintools does).
     weight_decay_mask: a tree of booleans, or a callable from parameters to
       one, selecting the parameters that decay (``optax.add_decayed_weights``
-      semantics).
+      semantics: a tree whose leaves are not all callable, such as an
+      Equinox module of booleans, is a tree).
     grad_clip_norm: if set (``> 0``), clip gradients to this global norm.
     grad_clip_value: if set (``> 0``), clip each gradient entry to
       ``[-grad_clip_value, grad_clip_value]``.
@@ -130,23 +138,32 @@ def sm3(
     Anil et al., `Memory-Efficient Adaptive Optimization
     <https://arxiv.org/abs/1901.11150>`_, 2019
   """
-  return _build(dict(locals()), keep_weight_decay=False)
+  return _build(dict(locals()))
 
 
 def sm3_with_weight_decay_stage(
   learning_rate: optax.ScalarOrSchedule, **kwargs: Any
 ) -> optax.GradientTransformation:
-  """:func:`sm3` whose weight-decay stage is on even for a decay of 0 at init.
+  """:func:`sm3` whose weight decay is applied even when it is 0.
 
   For the :class:`optax_sm3.SM3` adapter, whose parameter groups may change
-  their weight decay after the state was created.
+  their weight decay after the state was created: the decay is held as an
+  array, so ``update`` always applies it (and needs ``params``). The state
+  is the one :func:`sm3` makes.
   """
   settings = inspect.signature(sm3).bind(learning_rate, **kwargs)
   settings.apply_defaults()
-  return _build(settings.arguments, keep_weight_decay=True)
+  weight_decay = settings.arguments["weight_decay"]
+  _validation.check_range(
+    "weight_decay", 0.0 if weight_decay is None else weight_decay, low=0.0
+  )
+  settings.arguments["weight_decay"] = jnp.asarray(
+    0.0 if weight_decay is None else weight_decay, jnp.float32
+  )
+  return _build(settings.arguments)
 
 
-def _build(settings: dict[str, Any], *, keep_weight_decay: bool):
+def _build(settings: dict[str, Any]) -> optax.GradientTransformation:
   """The chain of :func:`sm3` for its (checked here) ``settings``."""
   (
     learning_rate,
@@ -171,7 +188,8 @@ def _build(settings: dict[str, Any], *, keep_weight_decay: bool):
     _validation.check_range("learning_rate", learning_rate, low=0.0)
   if momentum is not None:
     _validation.check_range("momentum", momentum, low=0.0, high=1.0, high_open=True)
-  _validation.check_range("weight_decay", weight_decay, low=0.0)
+  if weight_decay is not None:
+    _validation.check_range("weight_decay", weight_decay, low=0.0)
   if weight_decay_mode not in _WEIGHT_DECAY_MODES:
     raise ValueError(
       f"`weight_decay_mode` must be one of {_WEIGHT_DECAY_MODES}, got "
@@ -184,9 +202,7 @@ def _build(settings: dict[str, Any], *, keep_weight_decay: bool):
     if bound is not None:
       _validation.check_range(name, bound, low=0.0, low_open=True)
 
-  decay = _weight_decay.add_decayed_weights(
-    weight_decay, weight_decay_mask, always=keep_weight_decay
-  )
+  decay = _weight_decay.add_decayed_weights(weight_decay, weight_decay_mask)
   return optax.chain(
     *([] if grad_clip_norm is None else [optax.clip_by_global_norm(grad_clip_norm)]),
     *([] if grad_clip_value is None else [optax.clip(grad_clip_value)]),

@@ -38,3 +38,29 @@ def flatten_like(treedef: Any, tree: Any, message: str) -> list[Any]:
     return treedef.flatten_up_to(tree)
   except (ValueError, TypeError) as error:
     raise ValueError(f"{message}: {error}") from None
+
+
+def is_function(option: Any) -> bool:
+  """Whether a tree-or-callable argument is a function (optax's rule).
+
+  ``optax.masked`` calls a mask only if every leaf of it is callable (a
+  function is a single callable leaf). A tree that is itself callable but
+  holds data, such as an Equinox module (whose class defines ``__call__``)
+  of booleans or ints, is a tree.
+
+  Args:
+    option: a tree, or a function from the parameters to one.
+
+  Returns:
+    ``True`` if ``option`` is to be called on the parameters.
+  """
+  flags = jax.tree.leaves(jax.tree.map(callable, option))
+  return bool(flags) and all(flags)
+
+
+def resolve(option: Any, params: Any) -> Any:
+  """``option(params)`` if ``option`` is a function, else ``option`` itself.
+
+  Functions are told from trees by :func:`is_function`.
+  """
+  return option(params) if is_function(option) else option

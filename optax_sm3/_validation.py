@@ -138,43 +138,21 @@ def check_float_leaves(tree: Any, what: str) -> None:
       )
 
 
-def concrete_zero(value: Any) -> bool:
-  """Whether ``value`` is ``None`` or a known (non-traced) number equal to 0.
+def runtime_check_zero(value: Any, message: str) -> None:
+  """Raises ``ValueError(message)`` if ``value`` is not 0.
 
-  Unlike :func:`is_static_zero`, concrete JAX arrays count: this is for
-  decisions taken once, at ``init``, where ``optax.inject_hyperparams``
-  passes its hyperparameters as concrete arrays.
+  A concrete value is checked now; a traced one by a host callback, which
+  raises (as a ``JaxRuntimeError`` carrying ``message``) when the step
+  executes.
   """
-  if value is None:
-    return True
-  if isinstance(value, jax.core.Tracer):
-    return False
-  return float(np.asarray(value)) == 0.0
-
-
-def runtime_check_zero(value: Any, name: str, stage: str) -> None:
-  """Raises when the step runs if a traced ``value`` is not 0.
-
-  A stage switched off at ``init`` (``value`` was 0 then) keeps no state, so
-  it cannot honour a value made non-zero later through
-  ``optax.inject_hyperparams``. A concrete value is checked now; a traced
-  one by a host callback, which raises (as a ``JaxRuntimeError`` carrying
-  this message) when the step executes.
-  """
-  message = (
-    f"`{name}` was 0 when the optimizer state was created, so {stage}; it "
-    "cannot be made non-zero afterwards. Create the state with a non-zero "
-    f"`{name}` (e.g. inject_hyperparams(...)({name}=...) with a non-zero "
-    "initial value) to change it at run time."
-  )
   if not isinstance(value, jax.core.Tracer):
     if value is not None and float(np.asarray(value)) != 0.0:
-      raise ValueError(message)
+      raise ValueError(f"{message} (got {float(np.asarray(value))})")
     return
 
   def check(v):
     if float(np.asarray(v)) != 0.0:
-      raise ValueError(f"{message} Got {name}={float(np.asarray(v))}.")
+      raise ValueError(f"{message} (got {float(np.asarray(v))})")
 
   jax.debug.callback(check, value)
 
@@ -196,9 +174,9 @@ def is_static_zero(value: Any) -> bool:
   """Whether ``value`` is ``None`` or a Python/NumPy number equal to zero.
 
   JAX arrays never count as static, even concrete ones: under
-  ``optax.inject_hyperparams`` the same argument is concrete at ``init`` and
-  traced at ``update``, and the state's structure must not differ between
-  the two.
+  ``optax.inject_hyperparams`` and ``jax.jit`` the same argument may be
+  concrete or traced, and the state's structure must not differ between
+  the two. Decisions about the state's structure are taken with this.
   """
   if value is None:
     return True

@@ -1,19 +1,25 @@
-"""Weight decay whose presence is decided once, at ``init``."""
+"""Weight decay whose state does not depend on the decay's value."""
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_sm3 import _validation
 
 
 class WeightDecayState(NamedTuple):
-  """State of the weight-decay stage of :func:`optax_sm3.sm3` when it is on.
+  """State of the weight-decay stage of :func:`optax_sm3.sm3`.
 
-  The stage keeps no numbers; the state's type records that decay was on at
-  ``init`` (when it was off, the state is ``optax.EmptyState()``).
+  The stage keeps no numbers, and its state is the same whatever the decay's
+  value (0 or not, a Python number, an array or a tracer), so that
+  ``jax.jit`` and :func:`optax.inject_hyperparams` give the state tree of a
+  plain call.
 
   Attributes:
     inner: the state of :func:`optax.add_decayed_weights` (empty, or an
@@ -24,44 +30,57 @@ class WeightDecayState(NamedTuple):
 
 
 def add_decayed_weights(
-  weight_decay: Any, mask: Any = None, *, always: bool = False
+  weight_decay: jax.typing.ArrayLike | None, mask: Any = None
 ) -> optax.GradientTransformation:
-  """``optax.add_decayed_weights`` that is left out when the decay is 0 at init.
+  """``optax.add_decayed_weights`` that needs no ``params`` for a static 0.
 
-  Whether the stage is on is decided at ``init`` from the value
-  ``weight_decay`` has then, and read back from the state's type at
-  ``update``: a Python ``0.0`` and an ``optax.inject_hyperparams``-injected
-  ``0.0`` give the same state, and neither needs ``params`` at ``update``.
-  A state made with the stage off cannot decay later: ``update`` raises if
-  ``weight_decay`` is non-zero (when the step executes, for a traced value).
+  ``None`` or a Python or NumPy number equal to 0 (known when the
+  transformation is built, whatever ``jax.jit`` or injection does later)
+  passes the updates through, and ``update`` may then be called without
+  ``params``. Any other value, including a JAX array or tracer equal to 0,
+  adds ``weight_decay * params`` (a zero decay adds zeros). A non-zero
+  Python number needs ``params``, as ``optax.add_decayed_weights`` does; so
+  does an array, but an array equal to 0 (an injected hyperparameter) is
+  let through without them, and a non-zero one raises a ``ValueError``
+  (when the step executes, for a traced one). The updates keep their dtype
+  (a float32 decay does not promote bfloat16 updates).
 
   Args:
-    weight_decay: the decay rate, ``>= 0``; may be traced.
-    mask: as :func:`optax.add_decayed_weights`.
-    always: keep the stage on even for a decay of 0 at ``init`` (then
-      ``update`` always needs ``params``).
+    weight_decay: the decay rate, ``>= 0``, or ``None``; may be traced.
+    mask: as :func:`optax.add_decayed_weights` (a tree of booleans or a
+      function returning one; optax decides which by its leaves).
 
   Returns:
-    A :class:`optax.GradientTransformation`.
+    A :class:`optax.GradientTransformation` whose state is a
+    :class:`WeightDecayState`.
   """
-  inner = optax.add_decayed_weights(weight_decay, mask)
+  off = _validation.is_static_zero(weight_decay)
+  inner = optax.add_decayed_weights(0.0 if off else weight_decay, mask)
 
   def init_fn(params):
-    if not always and _validation.concrete_zero(weight_decay):
-      return optax.EmptyState()
     return WeightDecayState(inner.init(params))
 
   def update_fn(updates, state, params=None):
-    if not isinstance(state, WeightDecayState):
-      _validation.runtime_check_zero(
-        weight_decay, "weight_decay", "the weight-decay stage was left out"
-      )
+    if off:
       return updates, state
     if params is None:
-      raise ValueError(
-        "weight decay needs the parameters: call update(grads, state, params)"
+      if isinstance(weight_decay, (numbers.Real, np.generic)):
+        raise ValueError(
+          "weight decay needs the parameters: call update(grads, state, params)"
+        )
+      # An array (injected) decay of 0 needs no parameters; any other value
+      # is refused (when the step executes, for a traced one).
+      _validation.runtime_check_zero(
+        weight_decay,
+        "`weight_decay` is not 0, so weight decay needs the parameters: call "
+        "update(grads, state, params)",
       )
-    updates, inner_state = inner.update(updates, state.inner, params)
-    return updates, WeightDecayState(inner_state)
+      return updates, state
+    decayed, inner_state = inner.update(updates, state.inner, params)
+    # A float32 array decay would promote bfloat16 updates: keep their dtype.
+    decayed = jax.tree.map(
+      lambda d, u: jnp.asarray(d).astype(jnp.result_type(u)), decayed, updates
+    )
+    return decayed, WeightDecayState(inner_state)
 
   return optax.GradientTransformation(init_fn, update_fn)

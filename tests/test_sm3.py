@@ -235,7 +235,9 @@ def test_inject_hyperparams_gives_identical_updates():
     )
     u_plain, s_plain = plain.update(grads, s_plain, params)
     u_inj, s_inj = jax.jit(injected.update)(grads, s_inj, params)
-    _tree_allclose(u_plain, u_inj, rtol=1e-6, atol=1e-9)
+    # Injection turns 0.9 into a float32 array, so 1 - momentum is rounded
+    # differently (optax's own inject_hyperparams test allows rtol=1e-5).
+    _tree_allclose(u_plain, u_inj, rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])

@@ -23,12 +23,17 @@ def _structure_and_shapes(tree):
 def test_injected_state_equals_plain_state(momentum, weight_decay):
   params = {"emb": jnp.ones((2000, 64)), "b": jnp.ones(64)}
   plain = optax_sm3.sm3(0.1, momentum=momentum, weight_decay=weight_decay)
-  injected = optax.inject_hyperparams(optax_sm3.sm3)(
+  # A Python 0 keeps no momentum buffer; an injected (array) 0 keeps one
+  # unless it is static (see test_injected_zero_momentum_keeps_a_buffer).
+  static = ("momentum",) if momentum == 0.0 else ()
+  injected = optax.inject_hyperparams(optax_sm3.sm3, static_args=static)(
     learning_rate=0.1, momentum=momentum, weight_decay=weight_decay
   )
   s_plain = plain.init(params)
   s_injected = injected.init(params)
   assert _structure_and_shapes(s_injected.inner_state) == _structure_and_shapes(s_plain)
+  jitted = jax.jit(injected.init)(params)
+  assert _structure_and_shapes(jitted) == _structure_and_shapes(s_injected)
   bytes_plain = sum(x.nbytes for x in jax.tree.leaves(s_plain))
   if momentum == 0.0:
     assert bytes_plain < 0.05 * sum(x.nbytes for x in jax.tree.leaves(params))
@@ -39,6 +44,26 @@ def test_injected_state_equals_plain_state(momentum, weight_decay):
   u_injected, _ = jax.jit(injected.update)(grads, restored, params)
   for a, b in zip(jax.tree.leaves(u_plain), jax.tree.leaves(u_injected), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_injected_zero_momentum_keeps_a_buffer_that_can_change():
+  params = {"w": jnp.ones((3, 4))}
+  grads = {"w": jnp.arange(12.0).reshape(3, 4)}
+  tx = optax.inject_hyperparams(optax_sm3.sm3)(learning_rate=0.1, momentum=0.0)
+  state = jax.jit(tx.init)(params)
+  assert state.inner_state[1].momentum["w"].shape == (3, 4)
+  plain = optax_sm3.sm3(0.1, momentum=0.0)
+  u_plain, _ = plain.update(grads, plain.init(params), params)
+  u_injected, state = jax.jit(tx.update)(grads, state, params)
+  np.testing.assert_allclose(u_injected["w"], u_plain["w"], rtol=1e-6)
+  # Made non-zero at run time, it runs as momentum from then on: the same
+  # step as the plain optimizer with that momentum from the same state.
+  state.hyperparams["momentum"] = jnp.asarray(0.5)
+  u_injected, _ = jax.jit(tx.update)(grads, state, params)
+  moving = optax_sm3.sm3(0.1, momentum=0.5)
+  u_moving, _ = moving.update(grads, state.inner_state, params)
+  np.testing.assert_allclose(u_injected["w"], u_moving["w"], rtol=1e-6)
+  assert not np.allclose(u_moving["w"], u_plain["w"])
 
 
 def test_injected_update_without_params_when_weight_decay_is_zero():
@@ -55,19 +80,28 @@ def test_weight_decay_needs_params_when_on():
     tx.update(params, tx.init(params))
 
 
-@pytest.mark.parametrize("name", ["momentum", "weight_decay"])
-def test_stage_off_at_init_refuses_a_nonzero_value_later(name):
+def test_injected_weight_decay_can_change_at_run_time():
   params = {"w": jnp.ones((3, 4))}
-  tx = optax.inject_hyperparams(optax_sm3.sm3)(learning_rate=0.1, **{name: 0.0})
+  grads = {"w": jnp.full((3, 4), 2.0)}
+  tx = optax.inject_hyperparams(optax_sm3.sm3)(learning_rate=0.1, weight_decay=0.0)
   state = tx.init(params)
-  state.hyperparams[name] = jnp.asarray(0.5)
-  with pytest.raises(ValueError, match=f"`{name}` was 0"):
-    tx.update(params, state, params)  # concrete: raised at once
-  with pytest.raises(Exception, match=f"`{name}` was 0"):  # traced: at run time
-    jax.block_until_ready(jax.jit(tx.update)(params, state, params))
-  # Still 0: no error, and the same updates as the plain optimizer.
-  state.hyperparams[name] = jnp.asarray(0.0)
-  jax.block_until_ready(jax.jit(tx.update)(params, state, params))
+  state.hyperparams["weight_decay"] = jnp.asarray(0.5)
+  u_injected, _ = jax.jit(tx.update)(grads, state, params)
+  plain = optax_sm3.sm3(0.1, weight_decay=0.5)
+  u_plain, _ = plain.update(grads, plain.init(params), params)
+  np.testing.assert_allclose(u_injected["w"], u_plain["w"], rtol=1e-6)
+  # Without the parameters a non-zero decay cannot be applied: refused.
+  with pytest.raises(ValueError, match="`weight_decay` is not 0"):
+    tx.update(grads, state)  # concrete: raised at once
+  with pytest.raises(Exception, match="`weight_decay` is not 0"):  # traced: at run
+    jax.block_until_ready(jax.jit(tx.update)(grads, state))
+
+
+def test_state_without_buffer_is_refused_by_a_momentum_that_needs_one():
+  params = {"w": jnp.ones((3, 4))}
+  state = optax_sm3.sm3(0.1, momentum=0.0).init(params)
+  with pytest.raises(ValueError, match="no momentum buffer"):
+    optax_sm3.sm3(0.1, momentum=0.5).update(params, state, params)
 
 
 # ---------------------------------------------------------------------------
