@@ -113,3 +113,39 @@ def test_inject_hyperparams_changes_the_peak_rate():
   doubled, _ = opt.update(_grads(3), state, PARAMS)
   expected, _ = plain.update(_grads(3), plain_state, PARAMS)
   np.testing.assert_allclose(doubled["kernel"], 2 * expected["kernel"], rtol=1e-5)
+
+
+def _layout(tree):
+  return jax.tree.structure(tree), [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.parametrize(
+  "static_args", [("merge_axes_up_to",), ("total_steps", "merge_axes_up_to")]
+)
+def test_injected_recipe_under_jit_equals_the_plain_recipe(static_args):
+  # Every numeric argument but the cover's bound may be traced, total_steps
+  # and the warm-up and cool-down fractions included.
+  opt = optax.inject_hyperparams(optax_sm3.sm3_recipe, static_args=static_args)(
+    learning_rate=1e-3, total_steps=10, warmup_fraction=0.2, decay_fraction=0.3
+  )
+  plain = optax_sm3.sm3_recipe(1e-3, 10, warmup_fraction=0.2, decay_fraction=0.3)
+  state, plain_state = jax.jit(opt.init)(PARAMS), plain.init(PARAMS)
+  assert _layout(state.inner_state) == _layout(plain_state)  # no momentum buffer
+  update = jax.jit(opt.update)
+  for step in range(10):
+    updates, state = update(_grads(step), state, PARAMS)
+    expected, plain_state = plain.update(_grads(step), plain_state, PARAMS)
+    for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(expected), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-12)
+  assert float(jnp.abs(expected["kernel"]).max()) > 0  # the schedule moved
+
+
+def test_traced_cover_bound_says_to_make_it_static():
+  opt = optax.inject_hyperparams(optax_sm3.sm3_recipe, static_args=("total_steps",))(
+    learning_rate=1e-3, total_steps=10
+  )
+  state = opt.init(PARAMS)  # eager: the bound is a concrete array, read as an int
+  updates, state = opt.update(_grads(0), state, PARAMS)
+  assert updates["kernel"].shape == (64, 48)
+  with pytest.raises(TypeError, match=r"static_args=\('merge_axes_up_to',\)"):
+    jax.jit(opt.update)(_grads(1), state, PARAMS)

@@ -54,3 +54,38 @@ def test_invalid(kwargs, error, name):
   kwargs = {"peak_value": 1.0, "total_steps": 100, **kwargs}
   with pytest.raises(error, match=name):
     optax_sm3.warmup_schedule(**kwargs)
+
+
+def test_traced_arguments_give_the_concrete_schedule():
+  steps = jnp.arange(0, 101)
+
+  @jax.jit
+  def traced(peak, total, warmup, decay):
+    schedule = optax_sm3.warmup_schedule(
+      peak, total, warmup_fraction=warmup, decay_fraction=decay
+    )
+    return jax.vmap(schedule)(steps)
+
+  for warmup, decay in ((0.05, 0.1), (0.0, 0.0), (0.25, 0.0), (0.0, 0.5)):
+    concrete = optax_sm3.warmup_schedule(
+      2.0, 100, warmup_fraction=warmup, decay_fraction=decay
+    )
+    expected = jax.vmap(concrete)(steps)
+    got = traced(2.0, jnp.asarray(100), warmup, decay)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert np.all(np.isfinite(got))
+
+
+def test_traced_values_are_not_range_checked():
+  # Out of range, but unknown at construction: no error (and no Python branch).
+  schedule = jax.jit(
+    lambda f: optax_sm3.warmup_schedule(1.0, 100, warmup_fraction=f)(3)
+  )
+  assert np.isfinite(float(schedule(1.5)))
+
+
+def test_total_steps_must_be_an_integer_even_traced():
+  with pytest.raises(TypeError, match="total_steps"):
+    jax.jit(lambda t: optax_sm3.warmup_schedule(1.0, t)(0))(10.0)
+  with pytest.raises(ValueError, match="total_steps"):
+    optax_sm3.warmup_schedule(1.0, jnp.asarray(0))

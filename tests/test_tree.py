@@ -34,3 +34,26 @@ def test_flatten_like_names_the_argument():
   assert _tree.flatten_like(treedef, {"a": 1, "b": (2, 3)}, "x") == [1, (2, 3)]
   with pytest.raises(ValueError, match=r"^`grads` must match: "):
     _tree.flatten_like(treedef, {"a": 1}, "`grads` must match")
+
+
+def test_is_function_follows_optax_masked():
+  import equinox as eqx
+  import optax
+
+  class Pair(eqx.Module):
+    a: object
+    b: object
+
+    def __call__(self, x):
+      return x
+
+  mask = Pair(True, False)
+  assert callable(mask) and not _tree.is_function(mask)
+  assert _tree.is_function(lambda p: p)
+  assert not _tree.is_function({"w": 1, "b": 0}) and not _tree.is_function(3)
+  assert not _tree.is_function(None)
+  # The same verdicts as optax.masked's own test of a callable tree.
+  assert _tree.is_function(mask) == optax.transforms._masking._mask_callable(mask)
+  params = Pair(jnp.ones(2), jnp.zeros(2))
+  assert _tree.resolve(mask, params) is mask
+  assert _tree.resolve(lambda p: p.a, params) is params.a
