@@ -38,6 +38,8 @@ TXS = {
   "sm3-m0": lambda: optax_sm3.sm3(0.1, momentum=0.0),
   "merged": lambda: optax_sm3.sm3(0.1, momentum=0.9, merge_axes_up_to=9),
   "scale_by_sm3": lambda: optax.chain(optax_sm3.scale_by_sm3(), optax.scale(-0.1)),
+  # Merged covers: the (16, 8) kernel's 128 entries in one (16, 8) accumulator.
+  "recipe": lambda: optax_sm3.sm3_recipe(0.1, 100),
 }
 X = np.linspace(-1.0, 1.0, 2 * 16, dtype=np.float32).reshape(2, 16)
 
@@ -136,7 +138,14 @@ def nnx_run(tx_name, axis_type):
     optimizer = nnx.Optimizer(model, TXS[tx_name](), wrt=nnx.Param)
     state = nnx.as_pure(optimizer.opt_state)
     after_init = actual_specs(state, mesh)
-    elements = per_device_elements(state[0].accumulators["w"])
+    (sm3_state,) = [
+      x
+      for x in jax.tree.leaves(
+        state, is_leaf=lambda x: isinstance(x, optax_sm3.ScaleBySM3State)
+      )
+      if isinstance(x, optax_sm3.ScaleBySM3State)
+    ]
+    elements = per_device_elements(sm3_state.accumulators["w"])
     metadata = spec_strings(nnx.as_pure(nnx.get_partition_spec(optimizer.opt_state)))
     named = nnx.as_pure(nnx.get_named_sharding(optimizer.opt_state, mesh))
     named_ok = all(
