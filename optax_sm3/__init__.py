@@ -14,6 +14,13 @@ from optax_sm3._schedules import warmup_schedule
 from optax_sm3._sharding import state_partition_specs, state_shardings
 from optax_sm3._sm3 import sm3
 from optax_sm3._sparse import SparseRows, SparseRowsState, sparse_rows
+from optax_sm3._sparse_accumulate import (
+  SparseMultiSteps,
+  SparseMultiStepsState,
+  sparse_grad_mean,
+  sparse_grad_sum,
+  sparse_multi_steps,
+)
 from optax_sm3._sparse_grad import sparse_lookup, sparse_value_and_grad
 from optax_sm3._sparse_tables import SparseTables, SparseTablesState, sparse_tables
 from optax_sm3._sparse_types import SparseGrad
@@ -27,6 +34,8 @@ __all__ = (
   "ScaleBySM3State",
   "WeightDecayState",
   "SparseGrad",
+  "SparseMultiSteps",
+  "SparseMultiStepsState",
   "SparseRows",
   "SparseRowsState",
   "SparseTables",
@@ -36,7 +45,10 @@ __all__ = (
   "scale_by_sm3",
   "sm3",
   "sm3_recipe",
+  "sparse_grad_mean",
+  "sparse_grad_sum",
   "sparse_lookup",
+  "sparse_multi_steps",
   "sparse_rows",
   "sparse_tables",
   "sparse_value_and_grad",

@@ -263,7 +263,7 @@ class SparseOptimizer:
         return fun(eqx.combine(params, static), *args, **kwargs)
 
       return self._tables.value_and_grad(of_params, has_aux=has_aux)(
-        state, params, *args
+        params, state, *args
       )
 
     return wrapper
@@ -283,7 +283,7 @@ class SparseOptimizer:
       ValueError: for grads or a state that do not match the model.
     """
     params, static = eqx.partition(model, eqx.is_inexact_array)
-    params, state = self._tables.update(grads, state, params)
+    params, state = self._tables.step(params, grads, state)
     return eqx.combine(params, static), state
 
   def sync(self, model: Any, state: Any) -> tuple[Any, Any]:

@@ -1,12 +1,18 @@
 """One optimizer for a params tree: exact SM3 rows for tables, any tx for the rest.
 
 The plain-JAX (and Flax linen) counterpart of ``optax_sm3.nnx.SparseOptimizer``:
-``sparse_tables(tx, learning_rate, ...)`` returns ``init``/``update``/``sync``
+``sparse_tables(tx, learning_rate, ...)`` returns ``init``/``step``/``sync``
 over a params tree whose table leaves (named by a mask) are trained by
 :func:`optax_sm3.sparse_rows` from the :class:`SparseGrad` of
 :func:`optax_sm3.sparse_value_and_grad`, and the other leaves by ``tx``; and
 a ``value_and_grad`` that reads the tables' rows through the optimizer state
 (``sparse_rows``'s ``lookup``), as the dense optimizer would hold them.
+
+``step`` returns new *parameters*, not updates, so the object has no optax
+``update``: one that raises a ``TypeError``, so that passing it where optax
+expects a ``GradientTransformation`` (``optax.chain``, Flax's
+``TrainState.create(tx=...)``, whose ``apply_gradients`` would add the new
+parameters to the old) fails at the first step instead of training wrongly.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_sm3 import _sparse, _sparse_grad, _tree
-from optax_sm3._sparse_types import SparseGrad
+from optax_sm3._sparse_types import SparseGrad, check_sparse_grad
 
 
 class SparseTablesState(NamedTuple):
@@ -35,29 +41,51 @@ class SparseTablesState(NamedTuple):
   tables: tuple[optax.OptState, ...]  # Per table: sm3(...).init(table).
 
 
-class SparseTables(NamedTuple):
+NOT_A_TRANSFORMATION = (
+  "is not an optax GradientTransformation: its `step(params, grads, state)` "
+  "returns the new parameters, not updates to add to them. Call `step` "
+  "yourself, or for a Flax TrainState use optax_sm3.linen.SparseTrainState."
+  "create(apply_fn=..., params=..., tx=<this object>), whose apply_gradients "
+  "takes the sparse step"
+)
+
+
+class SparseTables:
   """The functions returned by :func:`sparse_tables`.
 
   Attributes:
     init: ``init(params) -> state``.
-    update: ``update(grads, state, params) -> (new_params, new_state)``;
+    step: ``step(params, grads, state) -> (new_params, new_state)``;
       ``grads`` from :meth:`value_and_grad` (or
       :func:`optax_sm3.sparse_value_and_grad`): a :class:`SparseGrad` or a
-      dense array at each table leaf, arrays elsewhere.
+      dense array at each table leaf, arrays elsewhere. Not an optax
+      ``update``: it returns the parameters themselves.
     sync: ``sync(params, state) -> (params, state)``: every table current,
       for evaluation outside ``value_and_grad`` and for checkpoints.
     value_and_grad: ``value_and_grad(fun, has_aux=False)`` returns
-      ``g(state, params, *args) -> (value, grads)``: as
+      ``g(params, state, *args) -> (value, grads)``: as
       :func:`optax_sm3.sparse_value_and_grad` of ``fun(params, *args)``,
       with every :func:`optax_sm3.sparse_lookup` of a table reading the rows
       through ``state`` (and ``current_table``, used by linen's
       ``attend``, reading the synced table).
   """
 
-  init: Callable[[Any], SparseTablesState]
-  update: Callable[[Any, SparseTablesState, Any], tuple[Any, SparseTablesState]]
-  sync: Callable[[Any, SparseTablesState], tuple[Any, SparseTablesState]]
-  value_and_grad: Callable[..., Callable[..., Any]]
+  __slots__ = ("init", "step", "sync", "value_and_grad")
+
+  def __init__(self, init, step, sync, value_and_grad):
+    self.init: Callable[[Any], Any] = init
+    self.step: Callable[[Any, Any, Any], tuple[Any, Any]] = step
+    self.sync: Callable[[Any, Any], tuple[Any, Any]] = sync
+    self.value_and_grad: Callable[..., Callable[..., Any]] = value_and_grad
+
+  def update(self, *args, **kwargs):
+    """Raises ``TypeError``: this is not an optax ``GradientTransformation``.
+
+    Use :attr:`step`, which returns the new parameters (an optax ``update``
+    returns updates that the caller adds to the parameters).
+    """
+    del args, kwargs
+    raise TypeError(f"optax_sm3.sparse_tables(...) {NOT_A_TRANSFORMATION}")
 
 
 def sparse_tables(
@@ -89,11 +117,19 @@ def sparse_tables(
       leaves) or a function from the params to such a tree, as optax masks.
 
   Returns:
-    A :class:`SparseTables`.
+    A :class:`SparseTables` ``(init, step, sync, value_and_grad)``. It is
+    not an optax ``GradientTransformation`` (``step`` returns parameters):
+    its ``update`` raises a ``TypeError``. Linen users train with
+    :class:`optax_sm3.linen.SparseTrainState`; accumulate microbatches
+    with :func:`optax_sm3.sparse_multi_steps`.
 
   Raises:
-    ValueError: at ``update``, for grads whose structure is not the params'
+    ValueError: at ``step``, for grads whose structure is not the params'
       or a table whose shape changed since ``init``.
+    TypeError: at ``step``, for a table's gradient that is neither an array
+      of its shape nor a :class:`SparseGrad` of its rows (one whose marker,
+      indices or dtypes show arithmetic applied leaf by leaf included), or a
+      SparseGrad at a leaf ``tables`` does not mark.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -106,8 +142,8 @@ def sparse_tables(
     >>> state = opt.init(params)
     >>> def loss(params, ids):
     ...   return params["w"] * jnp.sum(optax_sm3.sparse_lookup(params["table"], ids))
-    >>> value, grads = opt.value_and_grad(loss)(state, params, jnp.array([3, 3]))
-    >>> params, state = opt.update(grads, state, params)
+    >>> value, grads = opt.value_and_grad(loss)(params, state, jnp.array([3, 3]))
+    >>> params, state = opt.step(params, grads, state)
     >>> print(params["table"][3], params["table"][0], params["w"])
     [0.9 0.9] [1. 1.] 1.6
   """
@@ -139,12 +175,20 @@ def sparse_tables(
         f"`state` holds {len(state.tables)} tables, the params {len(table_leaves)}"
       )
 
-  def update_fn(grads, state, params):
+  def step_fn(params, grads, state):
     _, treedef, mask, rest, table_leaves = split(params)
     check_state(state, table_leaves)
     grad_leaves = _tree.flatten_like(
       treedef, grads, "`grads` does not have the structure of the params"
     )
+    if any(
+      isinstance(g, SparseGrad) and not m
+      for g, m in zip(grad_leaves, mask, strict=True)
+    ):
+      raise TypeError(
+        "`grads` holds a SparseGrad at a leaf that `tables` does not mark as a "
+        "table; mark every looked-up table True in `tables`"
+      )
     rest_grads = jax.tree.unflatten(
       treedef, [None if m else g for g, m in zip(grad_leaves, mask, strict=True)]
     )
@@ -161,9 +205,9 @@ def sparse_tables(
         continue
       table, table_state = next(table_iter)
       if isinstance(g, SparseGrad):
+        check_sparse_grad(g, tuple(table.shape[1:]), name="a table's gradient")
         # k = 0 (not looked up) is sparse_rows' zero-gradient step.
-        indices, row_grads = g
-        table, table_state = rows.update(indices, row_grads, table_state, table)
+        table, table_state = rows.update(g.indices, g.row_grads, table_state, table)
       elif hasattr(g, "shape") and tuple(g.shape) == tuple(table.shape):
         # Read densely: every row in the batch is the dense SM3 step.
         every = jnp.arange(table.shape[0], dtype=jnp.int32)
@@ -192,7 +236,7 @@ def sparse_tables(
   def value_and_grad_fn(
     fun: Callable[..., Any], *, has_aux: bool = False
   ) -> Callable[..., Any]:
-    def wrapped(state, params, *args):
+    def wrapped(params, state, *args):
       leaves = jax.tree.leaves(params)
       mask = mask_of(params)
       check_state(state, [leaf for leaf, m in zip(leaves, mask, strict=True) if m])
@@ -227,4 +271,4 @@ def sparse_tables(
 
     return wrapped
 
-  return SparseTables(init_fn, update_fn, sync_fn, value_and_grad_fn)
+  return SparseTables(init_fn, step_fn, sync_fn, value_and_grad_fn)

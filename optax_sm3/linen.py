@@ -1,10 +1,11 @@
 """Flax linen integration: ``SparseEmbed`` and the function-level helpers.
 
 ``SparseEmbed`` is a drop-in for ``nn.Embed``. Train it with
-:func:`value_and_grad` (row-sparse gradients of a loss written against the
-usual params tree) and :func:`sparse_tables` (exact SM3 rows for the tables,
-any optax transformation for the rest, in one jittable ``update``). Needs
-Flax: ``pip install 'optax-sm3[flax]'``.
+:class:`SparseTrainState` (Flax's ``TrainState`` idiom over
+:func:`sparse_tables`), or with :func:`value_and_grad` (row-sparse gradients
+of a loss written against the usual params tree) and :func:`sparse_tables`
+(exact SM3 rows for the tables, any optax transformation for the rest, in
+one jittable ``step``). Needs Flax: ``pip install 'optax-sm3[flax]'``.
 """
 
 try:
@@ -14,7 +15,7 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess tes
     "optax_sm3.linen needs Flax; install it with: pip install 'optax-sm3[flax]'"
   ) from error
 
-from optax_sm3._linen_sparse import SparseEmbed
+from optax_sm3._linen_sparse import SparseEmbed, SparseTrainState
 from optax_sm3._sparse_grad import sparse_lookup
 from optax_sm3._sparse_grad import sparse_value_and_grad as value_and_grad
 from optax_sm3._sparse_tables import SparseTables, SparseTablesState, sparse_tables
@@ -25,6 +26,7 @@ __all__ = (
   "SparseGrad",
   "SparseTables",
   "SparseTablesState",
+  "SparseTrainState",
   "sparse_lookup",
   "sparse_tables",
   "value_and_grad",

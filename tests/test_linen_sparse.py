@@ -108,9 +108,9 @@ def test_matches_dense_sm3(padding_id):
   def run(params):
     def sparse_body(carry, batch):
       params, state = carry
-      _, grads = opt.value_and_grad(loss(sparse))(state, params, *batch)
+      _, grads = opt.value_and_grad(loss(sparse))(params, state, *batch)
       assert isinstance(grads["items"]["embedding"], sparse_linen.SparseGrad)
-      return opt.update(grads, state, params), None
+      return opt.step(params, grads, state), None
 
     def dense_body(carry, batch):
       params, state = carry
@@ -190,8 +190,8 @@ def test_attend_trains_exactly(lazy, monkeypatch):
     a, state = params, opt.init(params)
     b, ref_state = params, ref.init(params)
     for i in ids:
-      _, grads = opt.value_and_grad(loss(sparse))(state, a, i)
-      a, state = opt.update(grads, state, a)
+      _, grads = opt.value_and_grad(loss(sparse))(a, state, i)
+      a, state = opt.step(a, grads, state)
       updates, ref_state = ref.update(jax.grad(loss(dense))(b, i), ref_state, b)
       b = optax.apply_updates(b, updates)
     return opt.sync(a, state)[0], b

@@ -171,9 +171,9 @@ def _check_sparse_tables(hyper, seed, steps, rtol):
   def run(params):
     def sparse_body(carry, batch):
       params, state = carry
-      _, grads = opt.value_and_grad(_loss)(state, params, *batch)
+      _, grads = opt.value_and_grad(_loss)(params, state, *batch)
       assert grads["unused"].indices.shape == (0,)  # Known table, no lookup.
-      return opt.update(grads, state, params), None
+      return opt.step(params, grads, state), None
 
     def dense_body(carry, batch):
       params, state = carry
@@ -205,11 +205,11 @@ def test_sparse_tables_bad_input():
       params
     )
   batch = (jnp.array([[1, 2, 3]]), jnp.array([4]), jnp.array([1.0]))
-  _, grads = opt.value_and_grad(_loss)(state, params, *batch)
+  _, grads = opt.value_and_grad(_loss)(params, state, *batch)
   with pytest.raises(ValueError, match="grads"):
-    opt.update({"table": grads["table"]}, state, params)
+    opt.step(params, {"table": grads["table"]}, state)
   bigger = dict(params, table=jnp.zeros((41, 3)))
   with pytest.raises(ValueError, match=r"shape \(41, 3\)"):
-    opt.update(grads, state, bigger)
+    opt.step(bigger, grads, state)
   with pytest.raises(TypeError, match="SparseGrad"):
-    opt.update(dict(grads, table=jnp.zeros((2, 3))), state, params)
+    opt.step(params, dict(grads, table=jnp.zeros((2, 3))), state)
