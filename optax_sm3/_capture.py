@@ -423,8 +423,8 @@ def differentiating(plan_: Plan, slots_: dict, reader=None, syncer=None):
 
 
 @contextlib.contextmanager
-def recording_nothing():
-  """A context under which reads are plain (no helper is active)."""
+def plain_reads():
+  """A context under which every read is plain, even inside a helper."""
   _stack().append(None)
   try:
     yield
