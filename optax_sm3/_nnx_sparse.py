@@ -32,7 +32,7 @@ from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 from flax.nnx.training.optimizer import OptState, to_opt_state
 
-from optax_sm3 import _capture, _sparse, _sparse_grad
+from optax_sm3 import _capture, _nnx_state, _sparse, _sparse_grad
 from optax_sm3._sparse_types import SparseGrad
 
 _default_embed_init = initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
@@ -398,8 +398,8 @@ class SparseOptimizer(nnx.Pytree):
     )
     for modules in tables.values():
       # One state per table, shared by every module that uses the table.
-      state = jax.tree.map(
-        SparseState, self.sparse_rows.init(modules[0].embedding[...])
+      state = _nnx_state.sparse_state_variables(
+        self.sparse_rows, modules[0].embedding, SparseState
       )
       for module in modules:
         module.sparse_rows = self.sparse_rows
