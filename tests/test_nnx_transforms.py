@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 pytest.importorskip("flax")
-from flax import linen as nn  # noqa: E402
-from flax import nnx  # noqa: E402
+from flax import linen as nn
+from flax import nnx
 
-import optax_sm3  # noqa: E402
-import optax_sm3.linen  # noqa: E402
-import optax_sm3.nnx as sparse_nnx  # noqa: E402
-from optax_sm3 import SparseGrad  # noqa: E402
+import optax_sm3
+import optax_sm3.linen
+import optax_sm3.nnx as sparse_nnx
+from optax_sm3 import SparseGrad
 
 V, D = 29, 4
 IDS = jnp.array([[1, 2, 3], [3, 4, 28]])
@@ -120,7 +120,7 @@ def test_training_under_a_transform_equals_dense_sm3(mode):
 
 
 def test_a_lookup_in_nnx_scan_is_a_clear_error():
-  with pytest.raises(ValueError, match="(?s)scan.*before the loop"):
+  with pytest.raises(ValueError, match=r"(?s)scan.*before the loop"):
     _train("nnx.scan", steps=1)
 
 
