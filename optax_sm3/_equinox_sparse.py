@@ -183,11 +183,10 @@ class SparseOptimizer:
   whose gradient came out dense takes the dense SM3 step.
 
   The state is separate from the model, as an optax state; :meth:`step`
-  returns the new model and state. Jit the train step with donation
-  (``eqx.filter_jit(donate="all-except-first")`` with the batch first, or
-  ``donate="all"``): without it XLA must copy the whole table to make the
-  new one, since the old buffer stays alive, and the step costs ``O(V * D)``
-  again.
+  returns the new model and state. Jit the train step with the model and
+  state donated (``eqx.filter_jit(donate="all")``): without donation the old
+  table stays alive, so XLA must copy the whole table to make the new one,
+  and the step costs ``O(V * D)`` again.
 
   With momentum or weight decay, rows outside recent batches are stored
   behind (see :func:`optax_sm3.sparse_rows`): take gradients with
@@ -210,14 +209,14 @@ class SparseOptimizer:
     >>> model = optax_sm3.equinox.SparseEmbedding(1000, 2, key=jax.random.key(0))
     >>> opt = optax_sm3.equinox.SparseOptimizer(optax.sgd(0.1), learning_rate=0.1)
     >>> state = opt.init(model)
-    >>> @eqx.filter_jit(donate="all-except-first")
-    ... def train_step(ids, model, state):
+    >>> @eqx.filter_jit(donate="all")  # model and state are updated in place
+    ... def train_step(model, state, ids):
     ...   loss_fn = lambda m: jnp.sum(m(ids))
     ...   loss, grads = opt.filter_value_and_grad(loss_fn)(model, state)
     ...   model, state = opt.step(model, grads, state)
     ...   return loss, model, state
     >>> before = model.weight[:4]
-    >>> loss, model, state = train_step(jnp.array([3, 3]), model, state)
+    >>> loss, model, state = train_step(model, state, jnp.array([3, 3]))
     >>> print(jnp.any(model.weight[:4] != before, axis=1))  # row 3 moved, alone
     [False False False  True]
   """
