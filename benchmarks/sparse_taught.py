@@ -1,0 +1,406 @@
+"""The sparse train steps the README and the guides teach, against dense SM3.
+
+Each route's train step below is the code the docs show, line for line
+(``tests/test_docs_donation.py`` fails when a doc's step and this file's
+drift apart), run on a bag-of-ids model: a ``V x 64`` float32 table averaged
+over bags of 4 ids and a linear head, 1024 bags (4096 ids) per step:
+
+* NNX: ``optax_sm3.nnx.SparseEmbed`` + ``value_and_grad`` + ``SparseOptimizer``
+  in ``nnx.jit(donate_argnums=(0, 1))`` called through ``nnx.cached_partial``;
+* linen: ``optax_sm3.linen.SparseEmbed`` + ``sparse_tables`` in
+  ``jax.jit(donate_argnums=(0, 1))``;
+* Equinox: ``optax_sm3.equinox.SparseEmbedding`` + ``SparseOptimizer`` in
+  ``eqx.filter_jit(donate="all")``.
+
+The dense baseline of each route is the same step with the framework's dense
+pieces (``nnx.Embed`` + ``nnx.Optimizer``; ``jax.value_and_grad`` + optax;
+``eqx.filter_value_and_grad`` + optax), ``optax_sm3.sm3(0.1, momentum=m)``
+on the table and ``optax.adam(1e-3)`` on the head through
+``optax.multi_transform``, jitted and donated the same way. One run times
+every case's sparse and dense step, alternating on the same batches so that
+both see the same load (median of ``--steps`` / ``--dense-steps`` steps after
+2 warm-up steps); the speed-up quoted is the median over ``--runs`` runs of
+each run's dense / sparse ratio. The losses of the two paths are checked
+to agree.
+
+Run from the repository root::
+
+  python -m benchmarks.sparse_taught                 # 2**20 rows, 3 runs
+  python -m benchmarks.sparse_taught --quick         # 2**16 rows, 1 run
+
+Writes ``results/sparse_taught[_quick].md`` and ``.json`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+import equinox as eqx
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import optax_sm3
+import optax_sm3.equinox
+import optax_sm3.linen
+import optax_sm3.nnx
+
+DIM = 64
+BAGS = 1024
+BAG = 4
+LEARNING_RATE = 0.1
+HEAD_LEARNING_RATE = 1e-3
+MOMENTA = (0.0, 0.9)
+ROUTES = ("nnx", "linen", "equinox")
+WARMUP = 2
+# The issue's targets at 2**20 rows: least speed-up by momentum.
+TARGETS = {0.0: 50.0, 0.9: 25.0}
+TARGET_ROWS = 1 << 20
+LOSS_RTOL = 1e-4
+
+
+def _head_or_table(is_table):
+  return lambda params: jax.tree_util.tree_map_with_path(
+    lambda path, _: "table" if is_table(jax.tree_util.keystr(path)) else "head",
+    params,
+  )
+
+
+def _dense_tx(momentum, is_table):
+  return optax.multi_transform(
+    {
+      "table": optax_sm3.sm3(LEARNING_RATE, momentum=momentum),
+      "head": optax.adam(HEAD_LEARNING_RATE),
+    },
+    _head_or_table(is_table),
+  )
+
+
+# --- NNX --------------------------------------------------------------------
+
+
+class NNXModel(nnx.Module):
+  def __init__(self, embed, rows, rngs):
+    self.items = embed(rows, DIM, rngs=rngs)
+    self.head = nnx.Linear(DIM, 1, rngs=rngs)
+
+  def __call__(self, ids):  # ids: (batch, bag) ints
+    return self.head(self.items(ids).mean(axis=1))[:, 0]
+
+
+def nnx_route(rows, momentum, sparse):
+  """``step(ids, y) -> loss`` of the taught NNX code (or its dense twin)."""
+  if sparse:
+    model = NNXModel(optax_sm3.nnx.SparseEmbed, rows, nnx.Rngs(0))
+    optimizer = optax_sm3.nnx.SparseOptimizer(
+      model,
+      optax.adam(HEAD_LEARNING_RATE),
+      learning_rate=LEARNING_RATE,
+      momentum=momentum,
+    )
+
+    # The README's step:
+    @nnx.jit(donate_argnums=(0, 1))  # model and optimizer are updated in place
+    def train_step(model, optimizer, ids, y):
+      loss_fn = lambda m: jnp.mean((m(ids) - y) ** 2)
+      loss, grads = optax_sm3.nnx.value_and_grad(loss_fn)(model)  # table: (ids, rows)
+      optimizer.update(model, grads)
+      return loss
+
+    step = nnx.cached_partial(train_step, model, optimizer)  # walks the graphs once
+    return step
+
+  model = NNXModel(nnx.Embed, rows, nnx.Rngs(0))
+  tx = _dense_tx(momentum, lambda path: "items" in path)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit(donate_argnums=(0, 1))
+  def dense_step(model, optimizer, ids, y):
+    loss_fn = lambda m: jnp.mean((m(ids) - y) ** 2)
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+  return nnx.cached_partial(dense_step, model, optimizer)
+
+
+# --- linen ------------------------------------------------------------------
+
+
+class LinenModel(nn.Module):
+  rows: int
+  embed: type = optax_sm3.linen.SparseEmbed
+
+  @nn.compact
+  def __call__(self, ids):
+    rows = self.embed(self.rows, DIM, name="items")(ids)
+    return nn.Dense(1)(rows.mean(axis=1))[:, 0]
+
+
+def _is_linen_table(path):
+  return "items" in path
+
+
+def linen_route(rows, momentum, sparse):
+  """``step(ids, y) -> loss`` of the taught linen code (or its dense twin)."""
+  ids0 = jnp.zeros((BAGS, BAG), jnp.int32)
+  linen_model = LinenModel(rows, optax_sm3.linen.SparseEmbed if sparse else nn.Embed)
+  params = linen_model.init(jax.random.key(0), ids0)["params"]
+
+  def linen_loss(params, ids, y):
+    return jnp.mean((linen_model.apply({"params": params}, ids) - y) ** 2)
+
+  if sparse:
+    opt = optax_sm3.linen.sparse_tables(
+      optax.adam(HEAD_LEARNING_RATE),
+      learning_rate=LEARNING_RATE,
+      momentum=momentum,
+      tables=lambda p: jax.tree.map_with_path(
+        lambda path, _: "items" in jax.tree_util.keystr(path), p
+      ),
+    )
+    opt_state = opt.init(params)
+
+    # The sparse guide's step:
+    @functools.partial(jax.jit, donate_argnums=(0, 1))  # params, opt_state in place
+    def linen_step(params, opt_state, ids, y):
+      loss, grads = opt.value_and_grad(linen_loss)(params, opt_state, ids, y)
+      params, opt_state = opt.step(params, grads, opt_state)
+      return params, opt_state, loss
+
+  else:
+    tx = _dense_tx(momentum, _is_linen_table)
+    opt_state = tx.init(params)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def linen_step(params, opt_state, ids, y):
+      loss, grads = jax.value_and_grad(linen_loss)(params, ids, y)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+  carry = [params, opt_state]
+
+  def step(ids, y):
+    carry[0], carry[1], loss = linen_step(carry[0], carry[1], ids, y)
+    return loss
+
+  return step
+
+
+# --- Equinox ----------------------------------------------------------------
+
+
+class EqxModel(eqx.Module):
+  items: optax_sm3.equinox.SparseEmbedding
+  head: eqx.nn.Linear
+
+  def __init__(self, rows, key):
+    k1, k2 = jax.random.split(key)
+    self.items = optax_sm3.equinox.SparseEmbedding(rows, DIM, key=k1)
+    self.head = eqx.nn.Linear(DIM, "scalar", key=k2)
+
+  def __call__(self, ids):  # ids: (batch, bag) ints
+    return jax.vmap(self.head)(self.items(ids).mean(axis=1))
+
+
+def eqx_loss(model, ids, y):
+  return jnp.mean((model(ids) - y) ** 2)
+
+
+def equinox_route(rows, momentum, sparse):
+  """``step(ids, y) -> loss`` of the taught Equinox code (or its dense twin)."""
+  # Dense: the same model under eqx.filter_value_and_grad (a table-sized
+  # gradient, as for eqx.nn.Embedding).
+  model = EqxModel(rows, jax.random.key(0))
+  if sparse:
+    opt = optax_sm3.equinox.SparseOptimizer(
+      optax.adam(HEAD_LEARNING_RATE), learning_rate=LEARNING_RATE, momentum=momentum
+    )
+    state = opt.init(model)
+
+    # The sparse guide's step:
+    @eqx.filter_jit(donate="all")  # model and state are updated in place
+    def eqx_step(model, state, ids, y):
+      loss, grads = opt.filter_value_and_grad(eqx_loss)(model, state, ids, y)
+      model, state = opt.step(model, grads, state)
+      return loss, model, state
+
+  else:
+    tx = _dense_tx(momentum, lambda path: "items" in path)
+    state = tx.init(eqx.filter(model, eqx.is_inexact_array))
+
+    @eqx.filter_jit(donate="all")
+    def eqx_step(model, state, ids, y):
+      loss, grads = eqx.filter_value_and_grad(eqx_loss)(model, ids, y)
+      params = eqx.filter(model, eqx.is_inexact_array)
+      updates, state = tx.update(grads, state, params)
+      return loss, eqx.apply_updates(model, updates), state
+
+  carry = [model, state]
+
+  def step(ids, y):
+    loss, carry[0], carry[1] = eqx_step(carry[0], carry[1], ids, y)
+    return loss
+
+  return step
+
+
+BUILDERS = {"nnx": nnx_route, "linen": linen_route, "equinox": equinox_route}
+
+
+def batches(rows: int, count: int, seed: int) -> list:
+  rng = np.random.default_rng(seed)
+  return [
+    (
+      jnp.asarray(rng.integers(0, rows, (BAGS, BAG), dtype=np.int32)),
+      jnp.asarray(rng.standard_normal(BAGS, dtype=np.float32)),
+    )
+    for _ in range(count)
+  ]
+
+
+def time_case(route, rows, momentum, steps, dense_steps) -> dict:
+  """One route at one size and momentum: both steps, interleaved.
+
+  The sparse and the dense step alternate on the same batches (after
+  ``WARMUP`` untimed steps each), so that both see the same load on a shared
+  machine; the sparse one then runs alone for its remaining steps.
+  """
+  data = batches(rows, WARMUP + max(steps, dense_steps), seed=rows)
+  record = {"route": route, "rows": rows, "momentum": momentum}
+  kinds = {"sparse": WARMUP + steps, "dense": WARMUP + dense_steps}
+  run = {kind: BUILDERS[route](rows, momentum, kind == "sparse") for kind in kinds}
+  times = {kind: [] for kind in kinds}
+  losses = {kind: [] for kind in kinds}
+  for i, (ids, y) in enumerate(data):
+    for kind, count in kinds.items():
+      if i >= count:
+        continue
+      start = time.perf_counter()
+      loss = jax.block_until_ready(run[kind](ids, y))
+      if i >= WARMUP:
+        times[kind].append(time.perf_counter() - start)
+      losses[kind].append(float(loss))
+  del run
+  for kind in kinds:
+    record[f"{kind}_median_s"] = statistics.median(times[kind])
+  shared = min(len(losses["sparse"]), len(losses["dense"]))
+  a, b = np.array(losses["sparse"][:shared]), np.array(losses["dense"][:shared])
+  record["max_loss_rel_diff"] = float(np.max(np.abs(a - b) / np.abs(b)))
+  record["speedup"] = record["dense_median_s"] / record["sparse_median_s"]
+  return record
+
+
+def summarize(records: list[dict]) -> list[dict]:
+  """One row per (route, momentum, rows): medians over the runs."""
+  rows = []
+  keys = sorted({(r["route"], r["momentum"], r["rows"]) for r in records}, key=str)
+  for route in ROUTES:
+    for key in [k for k in keys if k[0] == route]:
+      runs = [r for r in records if (r["route"], r["momentum"], r["rows"]) == key]
+      speedups = [r["speedup"] for r in runs]
+      rows.append(
+        {
+          "route": route,
+          "momentum": key[1],
+          "rows": key[2],
+          "runs": len(runs),
+          "sparse_median_s": statistics.median(r["sparse_median_s"] for r in runs),
+          "dense_median_s": statistics.median(r["dense_median_s"] for r in runs),
+          "speedup": statistics.median(speedups),
+          "speedup_min": min(speedups),
+          "speedup_max": max(speedups),
+          "max_loss_rel_diff": max(r["max_loss_rel_diff"] for r in runs),
+        }
+      )
+  return rows
+
+
+def markdown(summary: list[dict], steps: int, dense_steps: int, command: str) -> str:
+  lines = [
+    f"The taught train steps (donated): V x {DIM} float32 table, {BAGS} bags of "
+    f"{BAG} ids per step, linear head (adam); median step of {steps} sparse / "
+    f"{dense_steps} dense steps after {WARMUP} warm-up steps, speed-up = median "
+    f"over runs of each run's dense / sparse; {jax.devices()[0].device_kind}, "
+    f"jax {jax.__version__}. `{command}`",
+    "",
+    "| route | momentum | rows V | sparse step | dense step | speed-up "
+    "| (min - max over runs) | target | max loss rel. diff. |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+  ]
+  for r in summary:
+    target = TARGETS.get(r["momentum"]) if r["rows"] == TARGET_ROWS else None
+    met = (
+      ""
+      if target is None
+      else (f">= {target:g}x {'met' if r['speedup'] >= target else 'NOT met'}")
+    )
+    lines.append(
+      f"| {r['route']} | {r['momentum']:g} | {r['rows']:,} "
+      f"| {1e3 * r['sparse_median_s']:.2f} ms | {1e3 * r['dense_median_s']:.1f} ms "
+      f"| {r['speedup']:.0f}x | {r['speedup_min']:.0f}x - {r['speedup_max']:.0f}x "
+      f"| {met} | {r['max_loss_rel_diff']:.1e} |"
+    )
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> list[dict]:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true", help="2**16 rows, 1 run")
+  parser.add_argument("--rows", type=int, default=None, help="table rows")
+  parser.add_argument("--runs", type=int, default=None, help="runs of every case")
+  parser.add_argument("--steps", type=int, default=8, help="timed sparse steps")
+  parser.add_argument("--dense-steps", type=int, default=4, help="timed dense steps")
+  parser.add_argument("--route", action="append", choices=ROUTES, help="routes")
+  parser.add_argument("--momentum", type=float, action="append", help="momenta")
+  parser.add_argument("--out", default="results", help="output folder")
+  args = parser.parse_args(argv)
+  rows = args.rows or (1 << 16 if args.quick else 1 << 20)
+  runs = args.runs or (1 if args.quick else 3)
+  routes = args.route or ROUTES
+  momenta = args.momentum or MOMENTA
+  records = []
+  for run in range(runs):
+    for route in routes:
+      for momentum in momenta:
+        record = time_case(route, rows, momentum, args.steps, args.dense_steps)
+        record["run"] = run
+        records.append(record)
+        print(
+          f"run {run} {route} momentum {momentum:g}: {record['speedup']:.1f}x",
+          file=sys.stderr,
+        )
+  summary = summarize(records)
+  given = sys.argv[1:] if argv is None else list(argv)
+  if "--out" in given:  # Where the files go is not part of the measurement.
+    del given[given.index("--out") : given.index("--out") + 2]
+  command = " ".join(["python -m benchmarks.sparse_taught", *given])
+  table = markdown(summary, args.steps, args.dense_steps, command.strip())
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  stem = "sparse_taught" + ("_quick" if args.quick else "")
+  (out / f"{stem}.md").write_text(table)
+  meta = {
+    "jax": jax.__version__,
+    "device": jax.devices()[0].device_kind,
+    "machine": platform.machine(),
+    "records": records,
+    "summary": summary,
+  }
+  (out / f"{stem}.json").write_text(json.dumps(meta, indent=2))
+  print(table)
+  return summary
+
+
+if __name__ == "__main__":
+  main()
