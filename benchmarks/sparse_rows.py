@@ -21,6 +21,9 @@ whole Flax NNX train step of a bag-of-ids model: ``SparseEmbed`` +
 + ``nnx.value_and_grad`` + ``nnx.Optimizer`` with the same optimizer, with
 momentum 0 and 0.9, and checks the speed-up targets in the run.
 
+``python -m benchmarks.sparse_taught`` times the train steps the README and
+the guides show (NNX, linen, Equinox), as written.
+
 Run from the repository root::
 
   python -m benchmarks.sparse_rows              # both sections, 1M and 4M rows
