@@ -2,6 +2,8 @@
 
 import jax.numpy as jnp
 import numpy as np
+import optax
+import pytest
 
 from optax_sm3 import _tree
 
@@ -37,8 +39,7 @@ def test_flatten_like_names_the_argument():
 
 
 def test_is_function_follows_optax_masked():
-  import equinox as eqx
-  import optax
+  eqx = pytest.importorskip("equinox")
 
   class Pair(eqx.Module):
     a: object
