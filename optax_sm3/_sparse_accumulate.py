@@ -105,7 +105,7 @@ def _scale_leaf(leaf: Any, scale: Any) -> Any:
   return (leaf * scale).astype(leaf.dtype)
 
 
-def _scale_tree(grads: Any, scale: jax.typing.ArrayLike) -> Any:
+def scale_tree(grads: Any, scale: jax.typing.ArrayLike) -> Any:
   """``grads`` times a scalar: arrays scaled, each SparseGrad's ``row_grads`` too.
 
   Args:
@@ -131,14 +131,14 @@ def sparse_grad_mean(*grads: Any) -> Any:
   Returns:
     Their mean, a tree of that structure.
   """
-  return _scale_tree(sparse_grad_sum(*grads), 1.0 / max(len(grads), 1))
+  return scale_tree(sparse_grad_sum(*grads), 1.0 / max(len(grads), 1))
 
 
 # ---------------------------------------------------------------------------
 # MultiSteps for sparse_tables.
 
 
-def _zeros_like_grad(like: Any, every_k: int) -> Any:
+def empty_buffer(like: Any, every_k: int) -> Any:
   """Empty room for ``every_k`` gradients like ``like``."""
   if isinstance(like, SparseGrad):
     k = jnp.shape(like.indices)[0]
@@ -152,7 +152,7 @@ def _zeros_like_grad(like: Any, every_k: int) -> Any:
   return jnp.zeros(jnp.shape(like), jnp.result_type(like))
 
 
-def _add_to_buffer(
+def add_to_buffer(
   buffer: Any, grad: Any, slot: jax.Array, every_k: int, name: str
 ) -> Any:
   if isinstance(buffer, SparseGrad):
@@ -314,7 +314,7 @@ def sparse_multi_steps(opt: SparseTables, every_k_schedule: int) -> SparseMultiS
 
   def empty(grads_like):
     return jax.tree.map(
-      lambda g: _zeros_like_grad(g, every_k), grads_like, is_leaf=is_sparse_grad
+      lambda g: empty_buffer(g, every_k), grads_like, is_leaf=is_sparse_grad
     )
 
   def init_fn(params, grads_like):
@@ -342,14 +342,14 @@ def sparse_multi_steps(opt: SparseTables, every_k_schedule: int) -> SparseMultiS
       ) from None
     summed = treedef.unflatten(
       [
-        _add_to_buffer(b, g, state.mini_step, every_k, f"grads{path}")
+        add_to_buffer(b, g, state.mini_step, every_k, f"grads{path}")
         for b, g, path in zip(leaves, grad_leaves, paths, strict=True)
       ]
     )
     last = state.mini_step == every_k - 1
 
     def apply(params, inner_state, summed):
-      mean = _scale_tree(summed, 1.0 / every_k)
+      mean = scale_tree(summed, 1.0 / every_k)
       params, inner_state = opt.step(params, mean, inner_state)
       return params, inner_state, jax.tree.map(jnp.zeros_like, summed)
 

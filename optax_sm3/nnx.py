@@ -15,6 +15,7 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess tes
     "optax_sm3.nnx needs Flax; install it with: pip install 'optax-sm3[flax]'"
   ) from error
 
+from optax_sm3._nnx_accumulate import MultiSteps
 from optax_sm3._nnx_sparse import (
   SparseEmbed,
   SparseOptimizer,
@@ -25,6 +26,7 @@ from optax_sm3._nnx_sparse import (
 from optax_sm3._sparse_types import SparseGrad
 
 __all__ = (
+  "MultiSteps",
   "SparseEmbed",
   "SparseGrad",
   "SparseOptimizer",

@@ -367,3 +367,58 @@ def test_nnx_accumulation_equals_optax_multisteps():
     strict=True,
   ):
     assert np.max(np.abs(x - y)) <= 2e-6 * np.max(np.abs(y))
+
+
+def test_nnx_multi_steps_equals_optax_multisteps():
+  nnx = pytest.importorskip("flax.nnx")
+  import optax_sm3.nnx as sparse_nnx
+
+  class Model(nnx.Module):
+    def __init__(self, embed, rngs):
+      self.items = embed(ROWS, FEATURES, rngs=rngs)
+      self.head = nnx.Linear(FEATURES, 1, rngs=rngs)
+
+    def __call__(self, ids):
+      return self.head(self.items(ids).mean(axis=1))[:, 0]
+
+  def loss(model, ids, y):
+    return jnp.mean((model(ids) - y) ** 2)
+
+  every_k, calls = 3, 9
+  hyper = dict(learning_rate=0.1, momentum=0.5, beta=0.5, weight_decay=1e-3)
+  sparse = Model(sparse_nnx.SparseEmbed, nnx.Rngs(0))
+  dense = Model(nnx.Embed, nnx.Rngs(0))
+  opt = sparse_nnx.SparseOptimizer(sparse, optax_sm3.sm3(**hyper), **hyper)
+  dense_opt = nnx.Optimizer(
+    dense, optax.MultiSteps(optax_sm3.sm3(**hyper), every_k), wrt=nnx.Param
+  )
+  rng = np.random.default_rng(6)
+  ids = jnp.asarray(rng.integers(0, 20, (calls, 2, 3)), jnp.int32)
+  ys = jnp.asarray(rng.normal(size=(calls, 2)), jnp.float32)
+  _, like = sparse_nnx.value_and_grad(loss)(sparse, ids[0], ys[0])
+  multi = sparse_nnx.MultiSteps(opt, every_k, like)
+  shapes = [(x.shape, x.dtype) for x in jax.tree.leaves(nnx.state(multi))]
+
+  @nnx.jit
+  def sparse_step(model, multi, ids, y):
+    multi.update(model, sparse_nnx.value_and_grad(loss)(model, ids, y)[1])
+
+  @nnx.jit
+  def dense_step(model, opt, ids, y):
+    opt.update(model, nnx.grad(loss)(model, ids, y))
+
+  for t in range(calls):
+    sparse_step(sparse, multi, ids[t], ys[t])
+    dense_step(dense, dense_opt, ids[t], ys[t])
+    # The tables move only on the cycle's last call.
+    assert int(opt.step[...]) == (t + 1) // every_k
+  assert [(x.shape, x.dtype) for x in jax.tree.leaves(nnx.state(multi))] == shapes
+  opt.sync(sparse)
+  for x, y in zip(
+    jax.tree.leaves(nnx.state(sparse, nnx.Param)),
+    jax.tree.leaves(nnx.state(dense, nnx.Param)),
+    strict=True,
+  ):
+    assert np.max(np.abs(x - y)) <= 2e-6 * np.max(np.abs(y))
+  with pytest.raises(ValueError, match="every_k_schedule"):
+    sparse_nnx.MultiSteps(opt, 0, like)
