@@ -33,7 +33,7 @@ from flax.nnx.nn import dtypes, initializers
 from flax.nnx.training.optimizer import OptState, to_opt_state
 
 from optax_sm3 import _capture, _nnx_state, _sparse, _sparse_grad
-from optax_sm3._sparse_types import SparseGrad
+from optax_sm3._sparse_types import SparseGrad, check_sparse_grad
 
 _default_embed_init = initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
 
@@ -494,12 +494,10 @@ class SparseOptimizer(nnx.Pytree):
       state = nnx.as_pure(module.sparse_state)
       if isinstance(grad, SparseGrad):
         # k = 0 (no lookup this step) is sparse_rows' zero-gradient step.
+        check_sparse_grad(
+          grad, tuple(table.shape[1:]), name=f"the gradient of {_path_str(path)}"
+        )
         indices, row_grads = grad
-        if row_grads.shape != (indices.shape[0], *table.shape[1:]):
-          raise ValueError(
-            f"the row gradients for {_path_str(path)} have shape "
-            f"{row_grads.shape}, expected {(indices.shape[0], *table.shape[1:])}"
-          )
         table, state = self.sparse_rows.update(indices, row_grads, state, table)
       elif hasattr(grad, "shape") and tuple(grad.shape) == tuple(table.shape):
         # The table was read densely (attend): every row is in the batch, so
