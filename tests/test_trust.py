@@ -388,3 +388,17 @@ def test_default_loop_bit_identical_in_the_full_optimizer(variant, beta, shape):
 
   for a, b in zip(jax.tree.leaves(run(0)), jax.tree.leaves(run(None)), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, None, np.float32(0.0)])
+def test_plain_static_zero_decay_needs_no_params(weight_decay):
+  params = {"w": jnp.ones((3, 4))}
+  tx = optax_sm3.sm3(0.1, weight_decay=weight_decay)
+  state = tx.init(params)
+  without, _ = jax.jit(tx.update)(params, state)
+  with_params, _ = tx.update(params, state, params)
+  np.testing.assert_array_equal(without["w"], with_params["w"])
+  # The decay stage is in the state all the same: one tree for every value.
+  assert _structure_and_shapes(state) == _structure_and_shapes(
+    optax_sm3.sm3(0.1, weight_decay=0.5).init(params)
+  )
