@@ -52,7 +52,7 @@ from optax_sm3._sparse_types import SparseGrad
 # jaxpr primitives that run their body more than once per evaluation, with
 # what to call them in an error.
 _LOOPS = {
-  "scan": "jax.lax.scan (or lax.map, fori_loop with static bounds, nnx.scan)",
+  "scan": "jax.lax.scan (or lax.map, fori_loop with static bounds, nnx.scan, nn.scan)",
   "while": "jax.lax.while_loop (or fori_loop)",
   "shard_map": "shard_map",
   "xla_pmap": "jax.pmap",

@@ -349,3 +349,17 @@ def test_vmapped_sparse_training_matches_dense_sm3(
   table, _ = rows_opt.sync(t_state, table)
   np.testing.assert_allclose(table, dense["t"], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(w, dense["w"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_lookup_in_shard_map_is_a_clear_error():
+  from jax.sharding import PartitionSpec as P
+
+  mesh = jax.make_mesh((1,), ("x",))
+
+  def loss(p, i):
+    body = lambda t, w, r: jnp.reshape(_row_loss(t, w, r), (1,))
+    f = jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P()), out_specs=P())
+    return jnp.sum(f(p["t"], p["w"], i))
+
+  with pytest.raises(ValueError, match=r"(?s)shard_map.*before the loop"):
+    sparse_value_and_grad(loss)(_params(), jnp.array([1, 2]))

@@ -193,3 +193,21 @@ def test_linen_lifted_transforms_give_exact_sparse_gradients(mode):
   np.testing.assert_allclose(
     grads["out"]["kernel"], want["out"]["kernel"], rtol=1e-5, atol=1e-6
   )
+
+
+class LinenScan(nn.Module):
+  @nn.compact
+  def __call__(self, ids):
+    scan = nn.scan(
+      lambda mdl, c, i: (c + jnp.sum(mdl(i)), None),
+      variable_broadcast="params",
+      split_rngs={"params": False},
+    )
+    return scan(optax_sm3.linen.SparseEmbed(V, D, name="embed"), 0.0, ids)[0]
+
+
+def test_a_lookup_in_linen_scan_is_a_clear_error():
+  params = LinenScan().init(jax.random.key(0), IDS)["params"]
+  loss = lambda p: LinenScan().apply({"params": p}, IDS)
+  with pytest.raises(ValueError, match=r"(?s)nn\.scan.*before the loop"):
+    optax_sm3.linen.value_and_grad(loss)(params)
