@@ -253,9 +253,15 @@ class _Differentiating:
       return read_rows(table, ids)  # Differentiated as jax.grad would.
     perturbation, slot = self.slots[number]
     rows = read_rows(jax.lax.stop_gradient(table), ids)
-    where = _position(ids)
-    emitted = _emit(jnp.take(slot, where, axis=0), _encode(ids))
-    return rows + jnp.take(perturbation, where, axis=0) + _as_rows(emitted, rows)
+    if found.size == math.prod(ids.shape):
+      # No vmap batches these ids: the slots have the lookup's own shape.
+      own = perturbation.reshape(rows.shape)
+      slot = slot.reshape(*ids.shape, slot.shape[-1])
+    else:
+      where = _position(ids)
+      own = jnp.take(perturbation, where, axis=0)
+      slot = jnp.take(slot, where, axis=0)
+    return rows + own + _as_rows(_emit(slot, _encode(ids)), rows)
 
   def table(self, table, current):
     _, found = self._next("table", ())
