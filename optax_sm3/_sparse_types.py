@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -20,8 +21,12 @@ _HOW_TO_SUM = (
 )
 
 
+@functools.cache
 def _marker() -> jax.Array:
-  return jax.random.key(0, impl=_MARKER_IMPL)
+  # One concrete (uncommitted) array, made once even inside a trace: an
+  # eager jax.random.key costs ~75 us, and the value never matters.
+  with jax.ensure_compile_time_eval():
+    return jax.random.key(0, impl=_MARKER_IMPL)
 
 
 class SparseGrad:
