@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_sm3 import _sparse, _sparse_grad, _tree
@@ -113,8 +114,11 @@ def sparse_tables(
     beta: as :func:`optax_sm3.sm3`.
     eps: as :func:`optax_sm3.sm3`.
     weight_decay: the tables' decoupled weight decay.
-    tables: a pytree of bools with the params' structure (``True`` at table
-      leaves) or a function from the params to such a tree, as optax masks.
+    tables: a pytree of booleans with the params' structure (``True`` at
+      table leaves) or a function from the params to such a tree, told apart
+      as ``optax.masked`` tells them (an Equinox module of booleans is a
+      tree). Labels (``optax.multi_transform``'s strings) are a
+      ``TypeError``.
 
   Returns:
     A :class:`SparseTables` ``(init, step, sync, value_and_grad)``. It is
@@ -124,6 +128,8 @@ def sparse_tables(
     with :func:`optax_sm3.sparse_multi_steps`.
 
   Raises:
+    TypeError: at ``init`` (and each call), for ``tables`` leaves that are
+      not booleans.
     ValueError: at ``step``, for grads whose structure is not the params'
       or a table whose shape changed since ``init``.
     TypeError: at ``step``, for a table's gradient that is neither an array
@@ -150,10 +156,22 @@ def sparse_tables(
   rows = _sparse.sparse_rows(learning_rate, momentum, beta, eps, weight_decay)
 
   def mask_of(params) -> list[bool]:
-    mask = tables(params) if callable(tables) else tables
     flags = _tree.flatten_like(
-      jax.tree.structure(params), mask, "`tables` must have the structure of the params"
+      jax.tree.structure(params),
+      _tree.resolve(tables, params),
+      "`tables` must have the structure of the params",
     )
+    for flag in flags:
+      # Booleans only: a label (as optax.multi_transform takes) is truthy,
+      # and would silently make every leaf a table.
+      dtype = getattr(flag, "dtype", type(flag))
+      scalar_bool = dtype in (bool, np.bool_) and np.ndim(flag) == 0
+      if not scalar_bool or isinstance(flag, jax.core.Tracer):
+        raise TypeError(
+          "`tables` must be a tree of booleans shaped like the params (True at "
+          "each table), or a function of the params returning one; got a leaf "
+          f"{flag!r} of type {type(flag).__name__}"
+        )
     return [bool(f) for f in flags]
 
   def split(params):

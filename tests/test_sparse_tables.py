@@ -70,3 +70,36 @@ def test_sparse_grad_outside_the_tables_is_rejected():
   _, grads = optax_sm3.sparse_value_and_grad(_loss)(params, jnp.array([1]))
   with pytest.raises(TypeError, match="does not mark as a table"):
     opt.step(params, grads, opt.init(params))
+
+
+@pytest.mark.parametrize(
+  "tables", [{"table": "sm3", "w": "adam"}, {"table": 1, "w": 0}]
+)
+def test_tables_must_be_booleans(tables):
+  params = {"table": jnp.ones((5, 2)), "w": jnp.ones(2)}
+  opt = optax_sm3.sparse_tables(optax.sgd(0.1), 0.1, tables=tables)
+  with pytest.raises(TypeError, match="`tables` must be a tree of booleans"):
+    opt.init(params)
+
+
+def test_tables_as_a_function_or_an_equinox_tree_of_booleans():
+  eqx = pytest.importorskip("equinox")
+
+  class Model(eqx.Module):
+    table: object
+    w: object
+
+    def __call__(self, ids):
+      return self.table[ids] @ self.w
+
+  params = Model(jnp.ones((5, 2)), jnp.ones(2))
+  flags = Model(True, False)  # Callable (an eqx.Module), but a tree of flags.
+  by_tree = optax_sm3.sparse_tables(optax.sgd(0.1), 0.1, tables=flags)
+  by_function = optax_sm3.sparse_tables(
+    optax.sgd(0.1), 0.1, tables=lambda p: Model(True, False)
+  )
+  for opt in (by_tree, by_function):
+    state = opt.init(params)
+    assert len(state.tables) == 1  # The table alone, not w.
+    shapes = {np.shape(x) for x in jax.tree.leaves(state.tables[0])}
+    assert (5,) in shapes and (2,) in shapes  # Its row and column accumulators.
