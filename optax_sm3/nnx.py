@@ -24,6 +24,7 @@ from optax_sm3._nnx_sparse import (
   value_and_grad,
 )
 from optax_sm3._sparse_types import SparseGrad
+from optax_sm3._state_check import checked_update, state_mismatch
 
 __all__ = (
   "MultiSteps",
@@ -31,6 +32,8 @@ __all__ = (
   "SparseGrad",
   "SparseOptimizer",
   "SparseState",
+  "checked_update",
   "grad",
+  "state_mismatch",
   "value_and_grad",
 )
