@@ -219,3 +219,18 @@ def test_taught_steps_are_the_benchmarked_ones(name, lines):
     f"{name} is not, line for line, a step benchmarks/sparse_taught.py times; "
     "update the benchmark (and its table in the README and the sparse guide)"
   )
+
+
+def test_benchmark_runs_and_both_paths_agree(tmp_path):
+  """A tiny run of the benchmark: every route and momentum, sparse = dense losses."""
+  from benchmarks import sparse_taught
+
+  tiny = ["--rows", "512", "--runs", "1", "--steps", "1", "--dense-steps", "1"]
+  summary = sparse_taught.main([*tiny, "--out", str(tmp_path)])
+  assert {(r["route"], r["momentum"]) for r in summary} == {
+    (route, m) for route in sparse_taught.ROUTES for m in sparse_taught.MOMENTA
+  }
+  assert all(r["max_loss_rel_diff"] <= sparse_taught.LOSS_RTOL for r in summary)
+  table = (tmp_path / "sparse_taught.md").read_text()
+  assert "`python -m benchmarks.sparse_taught --rows 512" in table
+  assert "--out" not in table
