@@ -8,6 +8,7 @@ state costs ``O(sum of dims)`` instead of ``O(prod of dims)``.
 from optax_sm3._adapter import SM3
 from optax_sm3._convert import from_optax_sm3
 from optax_sm3._momentum import ScaleByMomentumState, scale_by_momentum
+from optax_sm3._polyak import PolyakState, polyak_averaging, polyak_params
 from optax_sm3._recipe import sm3_recipe
 from optax_sm3._scale_by_sm3 import ScaleBySM3State, scale_by_sm3
 from optax_sm3._schedules import warmup_schedule
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = (
   "SM3",
+  "PolyakState",
   "ScaleByMomentumState",
   "ScaleBySM3State",
   "WeightDecayState",
@@ -41,6 +43,8 @@ __all__ = (
   "SparseTables",
   "SparseTablesState",
   "from_optax_sm3",
+  "polyak_averaging",
+  "polyak_params",
   "scale_by_momentum",
   "scale_by_sm3",
   "sm3",
