@@ -9,12 +9,15 @@ over bags of 4 ids and a linear head, 1024 bags (4096 ids) per step:
   in ``nnx.jit(donate_argnums=(0, 1))`` called through ``nnx.cached_partial``;
 * linen: ``optax_sm3.linen.SparseEmbed`` + ``sparse_tables`` in
   ``jax.jit(donate_argnums=(0, 1))``;
+* linen with Flax's ``TrainState`` idiom (``linen_state``):
+  ``optax_sm3.linen.SparseTrainState`` in ``jax.jit(donate_argnums=0)``;
 * Equinox: ``optax_sm3.equinox.SparseEmbedding`` + ``SparseOptimizer`` in
   ``eqx.filter_jit(donate="all")``.
 
 The dense baseline of each route is the same step with the framework's dense
 pieces (``nnx.Embed`` + ``nnx.Optimizer``; ``jax.value_and_grad`` + optax;
-``eqx.filter_value_and_grad`` + optax), ``optax_sm3.sm3(0.1, momentum=m)``
+``eqx.filter_value_and_grad`` + optax; Flax's ``TrainState``),
+``optax_sm3.sm3(0.1, momentum=m)``
 on the table and ``optax.adam(1e-3)`` on the head through
 ``optax.multi_transform``, jitted and donated the same way. One run times
 every case's sparse step for ``--steps`` steps, then its dense step for
@@ -62,7 +65,7 @@ BAG = 4
 LEARNING_RATE = 0.1
 HEAD_LEARNING_RATE = 1e-3
 MOMENTA = (0.0, 0.9)
-ROUTES = ("nnx", "linen", "equinox")
+ROUTES = ("nnx", "linen", "linen_state", "equinox")
 WARMUP = 2
 # The issue's targets at 2**20 rows: least speed-up by momentum.
 TARGETS = {0.0: 50.0, 0.9: 25.0}
@@ -198,6 +201,58 @@ def linen_route(rows, momentum, sparse):
   return step
 
 
+def linen_state_route(rows, momentum, sparse):
+  """``step(ids, y) -> loss`` of the taught ``SparseTrainState`` code (or its twin)."""
+  from flax.training import train_state
+
+  ids0 = jnp.zeros((BAGS, BAG), jnp.int32)
+  linen_model = LinenModel(rows, optax_sm3.linen.SparseEmbed if sparse else nn.Embed)
+  params = linen_model.init(jax.random.key(0), ids0)["params"]
+
+  def linen_loss(params, ids, y):
+    return jnp.mean((linen_model.apply({"params": params}, ids) - y) ** 2)
+
+  if sparse:
+    state = optax_sm3.linen.SparseTrainState.create(
+      apply_fn=linen_model.apply,
+      params=params,
+      tx=optax_sm3.sparse_tables(
+        optax.adam(HEAD_LEARNING_RATE),
+        learning_rate=LEARNING_RATE,
+        momentum=momentum,
+        tables=lambda p: jax.tree.map_with_path(
+          lambda path, _: "items" in jax.tree_util.keystr(path), p
+        ),
+      ),
+    )
+
+    # The sparse guide's step:
+    @functools.partial(jax.jit, donate_argnums=0)  # the tables are updated in place
+    def state_step(state, ids, y):
+      loss, grads = state.value_and_grad(linen_loss)(ids, y)  # table: (ids, rows)
+      return state.apply_gradients(grads=grads), loss
+
+  else:
+    state = train_state.TrainState.create(
+      apply_fn=linen_model.apply,
+      params=params,
+      tx=_dense_tx(momentum, _is_linen_table),
+    )
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def state_step(state, ids, y):
+      loss, grads = jax.value_and_grad(linen_loss)(state.params, ids, y)
+      return state.apply_gradients(grads=grads), loss
+
+  carry = [state]
+
+  def step(ids, y):
+    carry[0], loss = state_step(carry[0], ids, y)
+    return loss
+
+  return step
+
+
 # --- Equinox ----------------------------------------------------------------
 
 
@@ -256,7 +311,12 @@ def equinox_route(rows, momentum, sparse):
   return step
 
 
-BUILDERS = {"nnx": nnx_route, "linen": linen_route, "equinox": equinox_route}
+BUILDERS = {
+  "nnx": nnx_route,
+  "linen": linen_route,
+  "linen_state": linen_state_route,
+  "equinox": equinox_route,
+}
 
 
 def batches(rows: int, count: int, seed: int) -> list:
