@@ -4,8 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_install.sh
-install_project test,flax,brainstate,bench
+install_project test,flax,equinox,brainstate,bench
 install_data_packages
 export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
-echo "running the tests: python -m pytest -n 2 $*"
-exec python -m pytest -n 2 "$@"
+echo "running the tests: python -m pytest -n 2 --dist loadfile $*"
+exec python -m pytest -n 2 --dist loadfile "$@"

@@ -148,6 +148,6 @@ def test_readme_says_what_the_main_job_prints():
 def test_readme_says_what_the_test_script_prints():
   _, door = _front_door()
   test_sh = (ROOT / "scripts" / "test.sh").read_text()
-  assert 'echo "running the tests: python -m pytest -n 2 $*"' in test_sh
-  assert 'exec python -m pytest -n 2 "$@"' in test_sh
-  assert "`running the tests: python -m pytest -n 2`" in door
+  assert 'echo "running the tests: python -m pytest -n 2 --dist loadfile $*"' in test_sh
+  assert 'exec python -m pytest -n 2 --dist loadfile "$@"' in test_sh
+  assert "`running the tests: python -m pytest -n 2 --dist loadfile`" in door
