@@ -77,6 +77,7 @@ class Found(NamedTuple):
   size: int  # Ids in the whole batch (every vmap level).
   loops: tuple[str, ...]  # Enclosing primitives that iterate.
   batched_table: bool  # The table itself is batched by a vmap (ensembles).
+  nested: bool  # Inside some call primitive (jit, checkpoint, cond, ...).
 
 
 class Plan(NamedTuple):
@@ -99,11 +100,19 @@ def _stack() -> list:
 
 
 @contextlib.contextmanager
-def _active(context):
+def _active(context, fresh: bool = True):
+  """Makes ``context`` the one reads consult, for the ``with`` block.
+
+  With ``fresh``, the block runs under an ``xla_metadata`` value of its own,
+  so that every inner ``jit`` is traced anew (a cached trace would hold
+  another pass's markers or perturbations). The value is part of the cache
+  key of eager operations too, so a pass with no read inside a nested
+  transform uses one fixed value instead (its eager operations compile once).
+  """
   _stack().append(context)
+  value = str(next(_PASSES)) if fresh else type(context).__name__
   try:
-    # A fresh value per pass: inner jits are traced again, not reused.
-    with set_xla_metadata(optax_sm3_capture=str(next(_PASSES))):
+    with set_xla_metadata(optax_sm3_capture=value):
       yield context
   finally:
     _stack().pop()
@@ -315,7 +324,9 @@ def _subjaxprs(eqn) -> list:
   return out
 
 
-def _walk(jaxpr, env: dict, loops: tuple, rules: dict, found: dict) -> None:
+def _walk(
+  jaxpr, env: dict, loops: tuple, rules: dict, found: dict, nested: bool = False
+) -> None:
   """Finds each marker's leaf, batch and loops; ``env``: var -> leaf."""
 
   def leaf_of(var):
@@ -329,7 +340,7 @@ def _walk(jaxpr, env: dict, loops: tuple, rules: dict, found: dict) -> None:
     if rule is not None and rule in rules:
       number = rules[rule]
       table, ids = eqn.invars
-      found[number] = (leaf_of(table), math.prod(ids.aval.shape), loops)
+      found[number] = (leaf_of(table), math.prod(ids.aval.shape), loops, nested)
       continue
     if name in _FORWARDING and eqn.invars:
       env[eqn.outvars[0]] = leaf_of(eqn.invars[0])
@@ -344,7 +355,7 @@ def _walk(jaxpr, env: dict, loops: tuple, rules: dict, found: dict) -> None:
       if offset is not None:
         for var, outer in zip(sub.invars, eqn.invars[offset:], strict=True):
           sub_env[var] = leaf_of(outer)
-      _walk(sub, sub_env, inner, rules, found)
+      _walk(sub, sub_env, inner, rules, found, nested=True)
 
 
 def _dense_leaves(closed, n_primals: int, n_outputs: int) -> set[int]:
@@ -382,8 +393,8 @@ def plan(fun: Callable[[list], Any], primals: Sequence[Any]) -> Plan:
   _walk(jaxpr, env, (), recording.rules, raw)
   found = []
   for number in range(len(recording.calls)):
-    leaf, size, loops = raw.get(number, (None, 0, ()))
-    found.append(Found(leaf, size, loops, number in recording.batched_tables))
+    leaf, size, loops, nested = raw.get(number, (None, 0, (), False))
+    found.append(Found(leaf, size, loops, number in recording.batched_tables, nested))
   tables = frozenset(f.leaf for f in found if f.leaf is not None)
   dense = _dense_leaves(closed, len(primals), n_outputs) & tables
   # A table looked up whole (attend) or batched by a vmap: dense.
@@ -424,7 +435,8 @@ def _ids_dtype():
 @contextlib.contextmanager
 def differentiating(plan_: Plan, slots_: dict, reader=None, syncer=None):
   """The context of the differentiated pass."""
-  with _active(_Differentiating(plan_, slots_, reader, syncer)) as context:
+  fresh = any(found.nested for found in plan_.found)
+  with _active(_Differentiating(plan_, slots_, reader, syncer), fresh) as context:
     yield context
 
 

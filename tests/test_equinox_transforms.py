@@ -111,15 +111,17 @@ def test_tied_table_trains_as_dense_sm3_with_one_state():
   state = opt.init(sparse)
   assert len(state.tables) == 1  # One table, one state.
 
+  @eqx.filter_jit
   def grad_fn(model, state, ids):
     return opt.filter_value_and_grad(_tied_loss)(model, state, ids)[1]
 
-  sparse, state = _train(sparse, grad_fn, opt.step, state, batches)
+  sparse, state = _train(sparse, grad_fn, eqx.filter_jit(opt.step), state, batches)
   sparse, state = opt.sync(sparse, state)
   tx = optax_sm3.sm3(0.1, momentum=0.9)
   d_state = tx.init(eqx.filter(dense, eqx.is_inexact_array))
+  dense_grad = eqx.filter_jit(eqx.filter_grad(_tied_loss))
   for ids in batches:
-    g = eqx.filter_grad(_tied_loss)(dense, ids)
+    g = dense_grad(dense, ids)
     updates, d_state = tx.update(g, d_state, eqx.filter(dense, eqx.is_inexact_array))
     dense = eqx.apply_updates(dense, updates)
   np.testing.assert_allclose(
@@ -140,18 +142,21 @@ def test_accumulated_microbatches_train_as_dense_sm3_on_the_summed_gradient():
   dense_tx = optax_sm3.sm3(0.1, momentum=0.9)
   params = eqx.filter(dense, eqx.is_inexact_array)
   d_state = dense_tx.init(params)
+  sparse_grad = eqx.filter_jit(
+    lambda m, s, i: opt.filter_value_and_grad(_bag_loss)(m, s, i)[1]
+  )
+  dense_grad = eqx.filter_jit(eqx.filter_grad(_bag_loss))
+  step = eqx.filter_jit(opt.step)
   for k in range(2):
     micro = [(IDS + 7 * k + j) % ROWS for j in range(3)]
-    grads = [opt.filter_value_and_grad(_bag_loss)(sparse, state, m)[1] for m in micro]
+    grads = [sparse_grad(sparse, state, m) for m in micro]
     with pytest.raises(TypeError):  # The naive sum is loud.
       jax.tree.map(jnp.add, grads[0], grads[1])
     total = optax_sm3.sparse_grad_sum(*grads)
     assert isinstance(total.embed.weight, SparseGrad)
     assert total.embed.weight.indices.shape == (3 * IDS.size,)
-    sparse, state = opt.step(sparse, total, state)
-    g = jax.tree.map(
-      lambda *x: sum(x), *[eqx.filter_grad(_bag_loss)(dense, m) for m in micro]
-    )
+    sparse, state = step(sparse, total, state)
+    g = jax.tree.map(lambda *x: sum(x), *[dense_grad(dense, m) for m in micro])
     updates, d_state = dense_tx.update(g, d_state, params)
     dense = eqx.apply_updates(dense, updates)
     params = eqx.filter(dense, eqx.is_inexact_array)
