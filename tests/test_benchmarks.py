@@ -78,7 +78,17 @@ _TINY = {
 }
 
 
-@pytest.mark.parametrize("name", _workloads.WORKLOAD_NAMES)
+# Two workloads by default; the others (same code path, other data) with --slow.
+_QUICK_WORKLOADS = ("movielens", "shakespeare-char")
+
+
+@pytest.mark.parametrize(
+  "name",
+  [
+    n if n in _QUICK_WORKLOADS else pytest.param(n, marks=pytest.mark.slow)
+    for n in _workloads.WORKLOAD_NAMES
+  ],
+)
 def test_tiny_run_writes_reports(name, tmp_path):
   workload = _workloads.build(name, **_TINY[name])
   optimizers = [_optimizers.OPTIMIZERS[n] for n in ("sm3-recipe", "adam")]
