@@ -21,6 +21,7 @@ def multi_device():
 
 
 @pytest.mark.parametrize("case", _CASES)
+@pytest.mark.slow
 def test_bit_identical_to_the_direct_form(multi_device, case):
   result = multi_device[case]
   # Parameters and state, against block_size=0 on the same mesh.
@@ -35,6 +36,7 @@ def test_bit_identical_to_the_direct_form(multi_device, case):
 
 
 @pytest.mark.parametrize("case", _CASES)
+@pytest.mark.slow
 def test_each_shard_is_looped(multi_device, case):
   result = multi_device[case]
   assert result["loops"] == 3  # emb, conv, stack; not the bias
@@ -42,6 +44,7 @@ def test_each_shard_is_looped(multi_device, case):
 
 
 @pytest.mark.parametrize("case", _CASES)
+@pytest.mark.slow
 def test_no_parameter_is_gathered(multi_device, case):
   result = multi_device[case]
   found = result["collectives"]
@@ -54,17 +57,20 @@ def test_no_parameter_is_gathered(multi_device, case):
 
 
 @pytest.mark.parametrize("case", _SMALL_BLOCK)
+@pytest.mark.slow
 def test_temporary_is_a_small_fraction_of_the_shard(multi_device, case):
   result = multi_device[case]
   assert result["temp_bytes"] <= 0.05 * result["param_bytes_per_device"], result
 
 
+@pytest.mark.slow
 def test_direct_form_would_fail_the_temporary_check(multi_device):
   # The control: without the loop each device materialises nu for its shard.
   rows = multi_device["rows"]
   assert rows["direct_temp_bytes"] >= 0.5 * rows["param_bytes_per_device"]
 
 
+@pytest.mark.slow
 def test_default_block_is_shared_by_the_devices(multi_device):
   # 2**20 entries per block on the host: 2**17 per device, and at most half
   # the largest shard (the (4096, 256) embedding split 8 ways by columns).
@@ -74,6 +80,7 @@ def test_default_block_is_shared_by_the_devices(multi_device):
   assert columns["temp_bytes"] < columns["direct_temp_bytes"] / 2, columns
 
 
+@pytest.mark.slow
 def test_explicit_sharding_mode(multi_device):
   result = multi_device["explicit"]
   assert result["accumulators_same_as_one_device"]
@@ -85,6 +92,7 @@ def test_explicit_sharding_mode(multi_device):
 @pytest.mark.parametrize(
   "name", ["jit", "vmap", "scan", "grad", "shard_map", "shard_map/partial"]
 )
+@pytest.mark.slow
 def test_transforms(multi_device, name):
   result = multi_device["transforms"][name]
   # Under a shard_map over some of the mesh axes: the direct form.

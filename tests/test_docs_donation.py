@@ -221,6 +221,7 @@ def test_taught_steps_are_the_benchmarked_ones(name, lines):
   )
 
 
+@pytest.mark.slow
 def test_benchmark_runs_and_both_paths_agree(tmp_path):
   """A tiny run of the benchmark: every route and momentum, sparse = dense losses."""
   from benchmarks import sparse_taught

@@ -243,6 +243,7 @@ def multi_device():
 
 
 @pytest.mark.parametrize("run", _NNX_RUNS)
+@pytest.mark.slow
 def test_nnx_optimizer_state_lands_where_state_shardings_puts_it(multi_device, run):
   result = multi_device[run]
   assert result["after_init"] == result["expected"]
@@ -260,6 +261,7 @@ def test_nnx_optimizer_state_lands_where_state_shardings_puts_it(multi_device, r
 
 
 @pytest.mark.parametrize("run", _LINEN_RUNS)
+@pytest.mark.slow
 def test_linen_train_state_specs_and_shardings(multi_device, run):
   result = multi_device[run]
   assert result["metadata"] == result["expected"]  # nn.get_partition_spec

@@ -295,6 +295,7 @@ def test_explicit_sharding_mode(multi_device):
   assert result["max_diff"] < 2e-5
 
 
+@pytest.mark.slow
 def test_multiprocess_example_matches_single_process():
   proc = subprocess.run(
     [

@@ -175,6 +175,7 @@ def multi_device():
 
 
 @pytest.mark.parametrize("run", _RUNS)
+@pytest.mark.slow
 def test_sharded_steps_match_one_device(multi_device, run):
   result = multi_device[run]
   assert result["rows_diff"] <= 1e-6
@@ -187,6 +188,7 @@ def test_sharded_steps_match_one_device(multi_device, run):
 
 
 @pytest.mark.parametrize("run", _RUNS)
+@pytest.mark.slow
 def test_table_and_row_state_cost_one_nth_per_device(multi_device, run):
   result = multi_device[run]
   expected = {"table": "P('model', None)", "row_accumulators": "P('model',)"}
@@ -205,6 +207,7 @@ def test_table_and_row_state_cost_one_nth_per_device(multi_device, run):
 
 
 @pytest.mark.parametrize("run", _RUNS)
+@pytest.mark.slow
 def test_no_table_sized_collective(multi_device, run):
   result = multi_device[run]
   found = result["collectives"]
@@ -224,6 +227,7 @@ def test_no_table_sized_collective(multi_device, run):
   assert found["sync"] == []  # row-local
 
 
+@pytest.mark.slow
 def test_explicit_mode_through_auto_axes(multi_device):
   result = multi_device["explicit"]
   assert result["after_init"] == result["after_update"] == result["after_sync"]
@@ -234,6 +238,7 @@ def test_explicit_mode_through_auto_axes(multi_device):
   assert result["table_diff"] <= 1e-6
 
 
+@pytest.mark.slow
 def test_nnx_sparse_optimizer_on_a_row_sharded_table(multi_device):
   result = multi_device["nnx"]
   if result is None:
@@ -245,6 +250,7 @@ def test_nnx_sparse_optimizer_on_a_row_sharded_table(multi_device):
   assert result["last_bytes"] == [worker.ROWS * 4 // 8]
 
 
+@pytest.mark.slow
 def test_hlo_check_sees_a_full_gather(multi_device):
   assert {"op": "all-gather", "elements": worker.ROWS * worker.DIM} in multi_device[
     "control"
@@ -252,6 +258,7 @@ def test_hlo_check_sees_a_full_gather(multi_device):
 
 
 @pytest.mark.parametrize("config", list(worker.CONFIGS))
+@pytest.mark.slow
 def test_sparse_tables_2_20_rows_keep_one_eighth_per_device(multi_device, config):
   result = multi_device[f"tables/{config}"]
   expected = {"row_accumulators": "P('model',)"}
@@ -266,6 +273,7 @@ def test_sparse_tables_2_20_rows_keep_one_eighth_per_device(multi_device, config
   assert result["moved"] > 1e-2
 
 
+@pytest.mark.slow
 def test_sparse_embed_state_built_row_sharded(multi_device):
   result = multi_device["nnx_tables"]
   if result is None:
