@@ -155,14 +155,21 @@ def _is_linen_table(path):
   return "items" in path
 
 
-def linen_route(rows, momentum, sparse):
-  """``step(ids, y) -> loss`` of the taught linen code (or its dense twin)."""
+def _linen_setup(rows, sparse):
+  """The linen model, its params and the guide's ``linen_loss``."""
   ids0 = jnp.zeros((BAGS, BAG), jnp.int32)
   linen_model = LinenModel(rows, optax_sm3.linen.SparseEmbed if sparse else nn.Embed)
   params = linen_model.init(jax.random.key(0), ids0)["params"]
 
   def linen_loss(params, ids, y):
     return jnp.mean((linen_model.apply({"params": params}, ids) - y) ** 2)
+
+  return linen_model, params, linen_loss
+
+
+def linen_route(rows, momentum, sparse):
+  """``step(ids, y) -> loss`` of the taught linen code (or its dense twin)."""
+  _, params, linen_loss = _linen_setup(rows, sparse)
 
   if sparse:
     opt = optax_sm3.linen.sparse_tables(
@@ -205,12 +212,7 @@ def linen_state_route(rows, momentum, sparse):
   """``step(ids, y) -> loss`` of the taught ``SparseTrainState`` code (or its twin)."""
   from flax.training import train_state
 
-  ids0 = jnp.zeros((BAGS, BAG), jnp.int32)
-  linen_model = LinenModel(rows, optax_sm3.linen.SparseEmbed if sparse else nn.Embed)
-  params = linen_model.init(jax.random.key(0), ids0)["params"]
-
-  def linen_loss(params, ids, y):
-    return jnp.mean((linen_model.apply({"params": params}, ids) - y) ** 2)
+  linen_model, params, linen_loss = _linen_setup(rows, sparse)
 
   if sparse:
     state = optax_sm3.linen.SparseTrainState.create(
