@@ -363,3 +363,36 @@ def test_a_lookup_in_shard_map_is_a_clear_error():
 
   with pytest.raises(ValueError, match=r"(?s)shard_map.*before the loop"):
     sparse_value_and_grad(loss)(_params(), jnp.array([1, 2]))
+
+
+def test_sparse_tables_reads_through_its_state_under_vmap_and_checkpoint():
+  # With momentum, rows are read through the optimizer's state (the reader);
+  # the reads sit under vmap and checkpoint inside the loss.
+  params = _params()
+
+  def loss(p, i):
+    per = jax.checkpoint(lambda r: _row_loss(p["t"], p["w"], r))
+    return jnp.sum(jax.vmap(per)(i) ** 2)
+
+  opt = optax_sm3.sparse_tables(
+    optax_sm3.sm3(0.1, momentum=0.9), 0.1, momentum=0.9, tables={"t": True, "w": False}
+  )
+  dense_tx = optax_sm3.sm3(0.1, momentum=0.9)
+
+  @jax.jit
+  def step(p, state, i):
+    _, grads = opt.value_and_grad(loss)(p, state, i)
+    assert isinstance(grads["t"], SparseGrad)
+    return opt.step(p, grads, state)
+
+  sparse, state = params, opt.init(params)
+  dense, d_state = params, dense_tx.init(params)
+  for k in range(4):
+    ids = (jnp.arange(6).reshape(2, 3) * (k + 3)) % V
+    sparse, state = step(sparse, state, ids)
+    g = jax.grad(_as_dense_loss(loss))(dense, ids)
+    updates, d_state = dense_tx.update(g, d_state, dense)
+    dense = optax.apply_updates(dense, updates)
+  sparse, state = opt.sync(sparse, state)
+  np.testing.assert_allclose(sparse["t"], dense["t"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(sparse["w"], dense["w"], rtol=1e-5, atol=1e-6)
