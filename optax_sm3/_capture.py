@@ -38,7 +38,7 @@ import contextlib
 import itertools
 import math
 import threading
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -156,16 +156,27 @@ def _position_rule(axis_size, in_batched, ids):
   return _position(ids), True
 
 
-def _chunks(dtype) -> int:
-  return max(1, jnp.iinfo(dtype).bits // _CHUNK_BITS)
+def _ids_dtype():
+  """The dtype ids travel in (and come back as) through the id slots."""
+  return jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
+
+
+def _chunks() -> int:
+  return jnp.iinfo(_ids_dtype()).bits // _CHUNK_BITS
 
 
 def _encode(ids: jax.Array) -> jax.Array:
-  """``ids`` as float32 chunks of 16 bits (exact), on a new last axis."""
+  """``ids`` as float32 chunks of 16 bits (exact), on a new last axis.
+
+  Ids of any integer dtype are encoded in :func:`_ids_dtype`, the slots'
+  layout; one too large for it (a uint id at or above ``2**31``) comes back
+  negative, out of range, as it is.
+  """
+  ids = ids.astype(_ids_dtype())
   parts = []
-  for c in range(_chunks(ids.dtype)):
+  for c in range(_chunks()):
     part = ids >> (c * _CHUNK_BITS)
-    if c < _chunks(ids.dtype) - 1:
+    if c < _chunks() - 1:
       part = part & ((1 << _CHUNK_BITS) - 1)
     parts.append(part.astype(jnp.float32))
   return jnp.stack(parts, axis=-1)
@@ -423,13 +434,9 @@ def slots(plan_: Plan) -> dict[int, tuple[jax.Array, jax.Array]]:
     row_shape = call.rows.shape[len(call.ids_shape) :]
     out[number] = (
       jnp.zeros((found.size, *row_shape), call.rows.dtype),
-      jnp.zeros((found.size, _chunks(_ids_dtype())), jnp.float32),
+      jnp.zeros((found.size, _chunks()), jnp.float32),
     )
   return out
-
-
-def _ids_dtype():
-  return jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
 
 
 @contextlib.contextmanager
@@ -478,6 +485,3 @@ def assemble(
 def empty_grad(shape: Sequence[int], dtype) -> SparseGrad:
   """The :class:`SparseGrad` of a table not looked up (``k = 0``)."""
   return SparseGrad(jnp.zeros((0,), jnp.int32), jnp.zeros((0, *shape[1:]), dtype))
-
-
-Key = Hashable

@@ -268,6 +268,8 @@ np.testing.assert_array_equal(rows[2], table[4])
 loss = lambda t, i: jnp.sum(jnp.nan_to_num(optax_sm3.sparse_lookup(t, i)))
 _, g = jax.jit(optax_sm3.sparse_value_and_grad(loss))(table, ids)
 np.testing.assert_array_equal(g.indices, [-1, -1, 4])
+_, g = optax_sm3.sparse_value_and_grad(loss)(table, jnp.array([5, 0], jnp.int32))
+np.testing.assert_array_equal(g.indices, [5, 0])  # int32 ids under x64
 rows_opt = optax_sm3.sparse_rows(0.1)
 new, _ = jax.jit(rows_opt.update)(ids, jnp.ones((3, 2)), rows_opt.init(table), table)
 changed = np.flatnonzero(np.any(np.asarray(new != table), axis=1))
@@ -396,3 +398,15 @@ def test_sparse_tables_reads_through_its_state_under_vmap_and_checkpoint():
   sparse, state = opt.sync(sparse, state)
   np.testing.assert_allclose(sparse["t"], dense["t"], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(sparse["w"], dense["w"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "dtype", [jnp.int8, jnp.uint8, jnp.int16, jnp.uint16, jnp.uint32]
+)
+def test_ids_of_any_integer_dtype_come_back_as_the_looked_up_rows(dtype):
+  params, ids = _params(), jnp.array([[1, 2, 3], [3, 4, 22]], dtype)
+  loss = lambda p, i: _row_loss(p["t"], p["w"], i)
+  _, grads = jax.jit(sparse_value_and_grad(loss))(params, ids)
+  want = jax.grad(_as_dense_loss(loss))(params, ids)
+  np.testing.assert_array_equal(grads["t"].indices, np.ravel(ids).astype(np.int32))
+  np.testing.assert_allclose(_densify(grads["t"]), want["t"], rtol=1e-5, atol=1e-6)
