@@ -59,12 +59,17 @@ import optax_sm3.equinox
 import optax_sm3.linen
 import optax_sm3.nnx
 
-DIM = 64
-BAGS = 1024
-BAG = 4
-LEARNING_RATE = 0.1
-HEAD_LEARNING_RATE = 1e-3
-MOMENTA = (0.0, 0.9)
+# The workload of benchmarks.sparse_rows' NNX section: the same table, bags and rates.
+from benchmarks._nnx_sparse_bench import (
+  BAG,
+  BAGS,
+  DIM,
+  HEAD_LEARNING_RATE,
+  LEARNING_RATE,
+  MOMENTA,
+  batches,
+)
+
 ROUTES = ("nnx", "linen", "linen_state", "equinox")
 WARMUP = 2
 # The issue's targets at 2**20 rows: least speed-up by momentum.
@@ -319,17 +324,6 @@ BUILDERS = {
   "linen_state": linen_state_route,
   "equinox": equinox_route,
 }
-
-
-def batches(rows: int, count: int, seed: int) -> list:
-  rng = np.random.default_rng(seed)
-  return [
-    (
-      jnp.asarray(rng.integers(0, rows, (BAGS, BAG), dtype=np.int32)),
-      jnp.asarray(rng.standard_normal(BAGS, dtype=np.float32)),
-    )
-    for _ in range(count)
-  ]
 
 
 def _block(step, data) -> list[float]:

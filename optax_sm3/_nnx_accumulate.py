@@ -16,7 +16,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from optax_sm3._sparse_accumulate import add_to_buffer, empty_buffer, scale_tree
+from optax_sm3._sparse_accumulate import (
+  add_to_buffer,
+  check_every_k,
+  empty_buffer,
+  scale_tree,
+)
 
 
 class AccumulatedGrad(nnx.Variable):
@@ -79,16 +84,8 @@ class MultiSteps(nnx.Pytree):
   """
 
   def __init__(self, optimizer: Any, every_k_schedule: int, grads_like: Any):
-    if (
-      isinstance(every_k_schedule, bool)
-      or not isinstance(every_k_schedule, int)
-      or every_k_schedule < 1
-    ):
-      raise ValueError(
-        f"`every_k_schedule` must be an int >= 1, got {every_k_schedule!r}"
-      )
     self.optimizer = optimizer
-    self.every_k_schedule = every_k_schedule
+    self.every_k_schedule = check_every_k(every_k_schedule)
     flat = list(nnx.to_flat_state(grads_like))
     self.paths = tuple(tuple(path) for path, _ in flat)
     # The Variable type of each gradient leaf (nnx.Param), to rebuild them.

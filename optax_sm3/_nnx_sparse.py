@@ -234,7 +234,8 @@ def value_and_grad(
   def wrapper(*args):
     nums = _sparse_grad.normalize_argnums(argnums, len(args))
     graph_nums = [i for i in nums if nnx.graph.is_graph_node(args[i])]
-    paths = {i: frozenset(_tables_of(args[i])) for i in graph_nums}
+    tables_of = {i: _tables_of(args[i]) for i in graph_nums}
+    paths = {i: frozenset(tables_of[i]) for i in graph_nums}
 
     # 1. Abstract pass: the lookups, and which tables are also read densely.
     splits = {}
@@ -298,7 +299,7 @@ def value_and_grad(
             continue
           grad = by_key.get((i, path))
           if grad is None:
-            table = _tables_of(args[i])[path][0].embedding
+            table = tables_of[i][path][0].embedding
             grad = _capture.empty_grad(table.shape, table.dtype)
           flat.append((path, nnx.Param(grad)))
         g = nnx.from_flat_state(flat)

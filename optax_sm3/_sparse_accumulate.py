@@ -245,6 +245,23 @@ class SparseMultiSteps:
     raise TypeError(f"optax_sm3.sparse_multi_steps(...) {NOT_A_TRANSFORMATION}")
 
 
+def check_every_k(every_k_schedule: Any) -> int:
+  """``every_k_schedule`` if it is an int >= 1 (buffer shapes depend on it).
+
+  Raises:
+    ValueError: otherwise, naming the argument.
+  """
+  if (
+    isinstance(every_k_schedule, bool)
+    or not isinstance(every_k_schedule, int)
+    or every_k_schedule < 1
+  ):
+    raise ValueError(
+      f"`every_k_schedule` must be an int >= 1, got {every_k_schedule!r}"
+    )
+  return every_k_schedule
+
+
 def sparse_multi_steps(opt: SparseTables, every_k_schedule: int) -> SparseMultiSteps:
   """``optax.MultiSteps`` for :func:`optax_sm3.sparse_tables`: one step per k microbatches.
 
@@ -302,15 +319,7 @@ def sparse_multi_steps(opt: SparseTables, every_k_schedule: int) -> SparseMultiS
       "sparse_multi_steps wraps an optax_sm3.sparse_tables(...) optimizer, got "
       f"{type(opt).__name__}; for an optax transformation use optax.MultiSteps"
     )
-  if (
-    isinstance(every_k_schedule, bool)
-    or not isinstance(every_k_schedule, int)
-    or every_k_schedule < 1
-  ):
-    raise ValueError(
-      f"`every_k_schedule` must be an int >= 1, got {every_k_schedule!r}"
-    )
-  every_k = every_k_schedule
+  every_k = check_every_k(every_k_schedule)
 
   def empty(grads_like):
     return jax.tree.map(
