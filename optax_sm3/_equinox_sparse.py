@@ -119,6 +119,17 @@ def table_mask(params: Any) -> Any:
   return jax.tree.map(mark, params, is_leaf=_is_sparse_embedding)
 
 
+def _of_params(fun: Callable[..., Any], model: Any, kwargs: dict):
+  """``model``'s inexact arrays, and ``fun`` as a function of them (Equinox's
+  filtering: the rest of the model is held fixed)."""
+  params, static = eqx.partition(model, eqx.is_inexact_array)
+
+  def of_params(params, *args):
+    return fun(eqx.combine(params, static), *args, **kwargs)
+
+  return params, of_params
+
+
 def filter_value_and_grad(
   fun: Callable[..., Any], *, has_aux: bool = False
 ) -> Callable[..., Any]:
@@ -161,11 +172,7 @@ def filter_value_and_grad(
 
   @functools.wraps(fun)
   def wrapper(model, *args, **kwargs):
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-
-    def of_params(params, *args):
-      return fun(eqx.combine(params, static), *args, **kwargs)
-
+    params, of_params = _of_params(fun, model, kwargs)
     return sparse_value_and_grad(of_params, has_aux=has_aux)(params, *args)
 
   return wrapper
@@ -256,11 +263,7 @@ class SparseOptimizer:
 
     @functools.wraps(fun)
     def wrapper(model, state, *args, **kwargs):
-      params, static = eqx.partition(model, eqx.is_inexact_array)
-
-      def of_params(params, *args):
-        return fun(eqx.combine(params, static), *args, **kwargs)
-
+      params, of_params = _of_params(fun, model, kwargs)
       return self._tables.value_and_grad(of_params, has_aux=has_aux)(
         params, state, *args
       )

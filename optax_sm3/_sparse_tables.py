@@ -129,13 +129,12 @@ def sparse_tables(
 
   Raises:
     TypeError: at ``init`` (and each call), for ``tables`` leaves that are
-      not booleans.
+      not booleans; at ``step``, for a table's gradient that is neither an
+      array of its shape nor a :class:`SparseGrad` of its rows (one whose
+      marker, indices or dtypes show arithmetic applied leaf by leaf
+      included), or a SparseGrad at a leaf ``tables`` does not mark.
     ValueError: at ``step``, for grads whose structure is not the params'
       or a table whose shape changed since ``init``.
-    TypeError: at ``step``, for a table's gradient that is neither an array
-      of its shape nor a :class:`SparseGrad` of its rows (one whose marker,
-      indices or dtypes show arithmetic applied leaf by leaf included), or a
-      SparseGrad at a leaf ``tables`` does not mark.
 
   Examples:
     >>> import jax.numpy as jnp
