@@ -12,6 +12,8 @@ marker makes that raise instead. :func:`sparse_grad_sum` and
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -29,21 +31,14 @@ def _densify(grad: SparseGrad, like: Any) -> jax.Array:
 
 def _sum_leaf(parts: list[Any]) -> Any:
   sparse = [p for p in parts if isinstance(p, SparseGrad)]
-  if not sparse:
-    total = parts[0]
-    for p in parts[1:]:
-      total = total + p
-    return total
+  dense = [p for p in parts if not isinstance(p, SparseGrad)]
   for number, p in enumerate(sparse):
     check_sparse_grad(p, name=f"SparseGrad {number} of a leaf")
-  if len(sparse) == len(parts):
+  if not dense:
     return sum(sparse[1:], sparse[0])
   # Sparse in one gradient, dense in another (a table read densely in one
   # microbatch, attend): the sum is dense.
-  dense = [p for p in parts if not isinstance(p, SparseGrad)]
-  total = dense[0]
-  for p in dense[1:]:
-    total = total + p
+  total = functools.reduce(operator.add, dense)
   for p in sparse:
     total = total + _densify(p, total)
   return total
