@@ -54,7 +54,7 @@ from optax_sm3._sparse_types import SparseGrad
 _LOOPS = {
   "scan": "jax.lax.scan (or lax.map, fori_loop with static bounds, nnx.scan, nn.scan)",
   "while": "jax.lax.while_loop (or fori_loop)",
-  "shard_map": "shard_map",
+  "shard_map": "shard_map (or jax.pmap, built on it)",
   "xla_pmap": "jax.pmap",
 }
 # Primitives whose output is their (first) input.

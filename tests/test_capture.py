@@ -410,3 +410,12 @@ def test_ids_of_any_integer_dtype_come_back_as_the_looked_up_rows(dtype):
   want = jax.grad(_as_dense_loss(loss))(params, ids)
   np.testing.assert_array_equal(grads["t"].indices, np.ravel(ids).astype(np.int32))
   np.testing.assert_allclose(_densify(grads["t"]), want["t"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_lookup_in_pmap_is_a_clear_error():
+  def loss(p, i):
+    f = jax.pmap(lambda r: _row_loss(p["t"], p["w"], r))
+    return jnp.sum(f(i[None]))
+
+  with pytest.raises(ValueError, match=r"(?s)jax\.pmap.*before the loop"):
+    sparse_value_and_grad(loss)(_params(), jnp.array([1, 2]))
