@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Any
 
 import jax
@@ -105,26 +106,25 @@ class SparseGrad:
       return self
     return NotImplemented
 
-  def __mul__(self, scale: Any) -> SparseGrad:
-    """``row_grads`` times a scalar: the dense gradient times it."""
+  def _scaled(self, scale: Any, op: Any) -> SparseGrad:
+    """``op(row_grads, scale)`` in ``row_grads``' dtype, for a scalar ``scale``."""
     if isinstance(scale, SparseGrad) or jnp.ndim(scale) != 0:
       return NotImplemented
     check_sparse_grad(self)
     row_grads = jnp.asarray(self.row_grads)
     return SparseGrad(
-      self.indices, (row_grads * scale).astype(row_grads.dtype), self.marker
+      self.indices, op(row_grads, scale).astype(row_grads.dtype), self.marker
     )
+
+  def __mul__(self, scale: Any) -> SparseGrad:
+    """``row_grads`` times a scalar: the dense gradient times it."""
+    return self._scaled(scale, operator.mul)
 
   __rmul__ = __mul__
 
   def __truediv__(self, scale: Any) -> SparseGrad:
-    if isinstance(scale, SparseGrad) or jnp.ndim(scale) != 0:
-      return NotImplemented
-    check_sparse_grad(self)
-    row_grads = jnp.asarray(self.row_grads)
-    return SparseGrad(
-      self.indices, (row_grads / scale).astype(row_grads.dtype), self.marker
-    )
+    """``row_grads`` divided by a scalar: the dense gradient divided by it."""
+    return self._scaled(scale, operator.truediv)
 
 
 def _flatten_with_keys(grad: SparseGrad):

@@ -318,9 +318,8 @@ def test_multi_steps_bad_input():
 # NNX: accumulate in the step with sparse_grad_mean, one SparseOptimizer step.
 
 
-def test_nnx_accumulation_equals_optax_multisteps():
-  nnx = pytest.importorskip("flax.nnx")
-  import optax_sm3.nnx as sparse_nnx
+def _nnx_bag_model(nnx):
+  """A bag-of-ids NNX model (``embed`` table, linear head) and its loss."""
 
   class Model(nnx.Module):
     def __init__(self, embed, rngs):
@@ -332,6 +331,24 @@ def test_nnx_accumulation_equals_optax_multisteps():
 
   def loss(model, ids, y):
     return jnp.mean((model(ids) - y) ** 2)
+
+  return Model, loss
+
+
+def _assert_params_close(nnx, sparse, dense):
+  for x, y in zip(
+    jax.tree.leaves(nnx.state(sparse, nnx.Param)),
+    jax.tree.leaves(nnx.state(dense, nnx.Param)),
+    strict=True,
+  ):
+    assert np.max(np.abs(x - y)) <= 2e-6 * np.max(np.abs(y))
+
+
+def test_nnx_accumulation_equals_optax_multisteps():
+  nnx = pytest.importorskip("flax.nnx")
+  import optax_sm3.nnx as sparse_nnx
+
+  Model, loss = _nnx_bag_model(nnx)
 
   every_k, steps = 3, 4
   hyper = dict(learning_rate=0.1, momentum=0.5, beta=0.5)
@@ -361,28 +378,14 @@ def test_nnx_accumulation_equals_optax_multisteps():
     for m in range(every_k):
       dense_step(dense, dense_opt, ids[s, m], ys[s, m])
   opt.sync(sparse)
-  for x, y in zip(
-    jax.tree.leaves(nnx.state(sparse, nnx.Param)),
-    jax.tree.leaves(nnx.state(dense, nnx.Param)),
-    strict=True,
-  ):
-    assert np.max(np.abs(x - y)) <= 2e-6 * np.max(np.abs(y))
+  _assert_params_close(nnx, sparse, dense)
 
 
 def test_nnx_multi_steps_equals_optax_multisteps():
   nnx = pytest.importorskip("flax.nnx")
   import optax_sm3.nnx as sparse_nnx
 
-  class Model(nnx.Module):
-    def __init__(self, embed, rngs):
-      self.items = embed(ROWS, FEATURES, rngs=rngs)
-      self.head = nnx.Linear(FEATURES, 1, rngs=rngs)
-
-    def __call__(self, ids):
-      return self.head(self.items(ids).mean(axis=1))[:, 0]
-
-  def loss(model, ids, y):
-    return jnp.mean((model(ids) - y) ** 2)
+  Model, loss = _nnx_bag_model(nnx)
 
   every_k, calls = 3, 9
   hyper = dict(learning_rate=0.1, momentum=0.5, beta=0.5, weight_decay=1e-3)
@@ -414,11 +417,6 @@ def test_nnx_multi_steps_equals_optax_multisteps():
     assert int(opt.step[...]) == (t + 1) // every_k
   assert [(x.shape, x.dtype) for x in jax.tree.leaves(nnx.state(multi))] == shapes
   opt.sync(sparse)
-  for x, y in zip(
-    jax.tree.leaves(nnx.state(sparse, nnx.Param)),
-    jax.tree.leaves(nnx.state(dense, nnx.Param)),
-    strict=True,
-  ):
-    assert np.max(np.abs(x - y)) <= 2e-6 * np.max(np.abs(y))
+  _assert_params_close(nnx, sparse, dense)
   with pytest.raises(ValueError, match="every_k_schedule"):
     sparse_nnx.MultiSteps(opt, 0, like)
