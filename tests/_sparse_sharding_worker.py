@@ -186,6 +186,21 @@ def explicit_run():
   }
 
 
+def _nnx_step():
+  """The jitted NNX train step both SparseOptimizer runs take."""
+  from flax import nnx
+
+  from optax_sm3 import nnx as sparse_nnx
+
+  @nnx.jit
+  def step(model, optimizer, ids):
+    loss = lambda m, ids: jnp.sum(jnp.sin(m(ids)))
+    _, grads = sparse_nnx.value_and_grad(loss)(model, ids)
+    optimizer.update(model, grads)
+
+  return step
+
+
 def nnx_run():
   """SparseOptimizer on a row-sharded SparseEmbed, against one device."""
   from flax import nnx
@@ -199,11 +214,7 @@ def nnx_run():
     )
     return model, optimizer
 
-  @nnx.jit
-  def step(model, optimizer, ids):
-    loss = lambda m, ids: jnp.sum(jnp.sin(m(ids)))
-    _, grads = sparse_nnx.value_and_grad(loss)(model, ids)
-    optimizer.update(model, grads)
+  step = _nnx_step()
 
   batches = [ids for ids, _ in table_and_batches()[1]]
   reference = build()
@@ -337,11 +348,7 @@ def nnx_tables_run():
     )
     return model, optimizer
 
-  @nnx.jit
-  def step(model, optimizer, ids):
-    loss = lambda m, ids: jnp.sum(jnp.sin(m(ids)))
-    _, grads = sparse_nnx.value_and_grad(loss)(model, ids)
-    optimizer.update(model, grads)
+  step = _nnx_step()
 
   reference = build({})
   for ids in batches:
