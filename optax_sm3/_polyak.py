@@ -11,8 +11,6 @@ import optax
 
 from optax_sm3 import _validation
 
-_safe_increment = getattr(optax, "safe_increment", None) or optax.safe_int32_increment
-
 
 class PolyakState(NamedTuple):
   """State of :func:`polyak_averaging`.
@@ -151,7 +149,7 @@ def polyak_averaging(
       raise ValueError(
         "polyak_averaging averages the parameters: call update(updates, state, params)"
       )
-    count = _safe_increment(state.count)
+    count = _validation.safe_increment(state.count)
 
     def step(average, p, u):
       p = jnp.asarray(p)

@@ -24,7 +24,6 @@ _PARAMETERS = (
   "skip_unit_axes",
   "block_size",
 )
-_safe_increment = getattr(optax, "safe_increment", None) or optax.safe_int32_increment
 
 PerParam = int | Any | Callable[[Any], Any]
 
@@ -124,7 +123,7 @@ def _check_shapes(path, g, accumulators, cover: _cover.Cover) -> None:
     )
 
 
-def _coefficients(beta: Any, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+def coefficients(beta: Any, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
   """``(c_old, c_new)`` with ``nu = c_old * old + c_new * g**2``.
 
   ``beta == 0`` is the sum (``1, 1``), ``0 < beta < 1`` the moving average
@@ -363,7 +362,7 @@ def scale_by_sm3(
         g = g.astype(dtype)
       if g.size == 0:
         return g, tuple(accumulators)
-      c_old, c_new = _coefficients(beta, dtype)
+      c_old, c_new = coefficients(beta, dtype)
       return _precondition(
         g,
         accumulators,
@@ -380,7 +379,8 @@ def scale_by_sm3(
     )
     new_updates, accumulators = _tree.unzip_pairs(updates, results)
     return _boxes.reboxed(boxed_updates, new_updates), ScaleBySM3State(
-      _safe_increment(state.count), _boxes.reboxed(state.accumulators, accumulators)
+      _validation.safe_increment(state.count),
+      _boxes.reboxed(state.accumulators, accumulators),
     )
 
   return optax.GradientTransformation(init_fn, update_fn)

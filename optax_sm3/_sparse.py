@@ -45,8 +45,6 @@ from optax_sm3 import (
   _validation,
 )
 
-_safe_increment = getattr(optax, "safe_increment", None) or optax.safe_int32_increment
-
 _DEFAULT_SWEEP_PERIOD = 1024
 
 
@@ -236,7 +234,7 @@ def _sm3_rows(
   rows = accumulators[0].shape[0]
   k = indices.shape[0]
   dtype = accumulators[0].dtype
-  c_old, c_new = _scale_by_sm3._coefficients(beta, dtype)
+  c_old, c_new = _scale_by_sm3.coefficients(beta, dtype)
   # A fixed number k of slots keeps every shape static under jit.
   unique, inverse = _unique(indices, rows)
   grads = jax.ops.segment_sum(row_grads, inverse, num_segments=k)
@@ -529,7 +527,9 @@ def sparse_rows(
       old = table.at[unique].get(mode="fill", fill_value=0)
       new, _ = rows_step(updates, old, None, count)
       table = table.at[unique].set(new, mode="drop")
-    new_sm3 = _scale_by_sm3.ScaleBySM3State(_safe_increment(count), accumulators)
+    new_sm3 = _scale_by_sm3.ScaleBySM3State(
+      _validation.safe_increment(count), accumulators
+    )
 
     # The other stages (found by type, not position): the learning rate's
     # count advances, the rest hold no state.
@@ -537,7 +537,7 @@ def sparse_rows(
       if isinstance(stage, _scale_by_sm3.ScaleBySM3State):
         return new_sm3
       if isinstance(stage, optax.ScaleByScheduleState):
-        return optax.ScaleByScheduleState(_safe_increment(stage.count))
+        return optax.ScaleByScheduleState(_validation.safe_increment(stage.count))
       return stage
 
     return table, jax.tree.map(advance, state, is_leaf=_is_stage)
@@ -546,7 +546,7 @@ def sparse_rows(
   def lazy_step(indices, row_grads, state, table):
     count, accumulators, buffer, last, coefficients = state
     buffer = _load(buffer)
-    new_count = _safe_increment(count)
+    new_count = _validation.safe_increment(count)
     dtype = catch_up_dtype(table)
     rate = learning_rate(count) if callable(learning_rate) else learning_rate
     rate = jnp.asarray(rate, dtype)

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 
 def concrete_value(value: Any) -> float | None:
@@ -183,3 +184,7 @@ def is_static_zero(value: Any) -> bool:
   if isinstance(value, (numbers.Real, np.generic)) and not isinstance(value, jax.Array):
     return float(value) == 0.0
   return False
+
+
+# optax >= 0.2.6 names it safe_increment; earlier releases safe_int32_increment.
+safe_increment = getattr(optax, "safe_increment", None) or optax.safe_int32_increment
