@@ -1,4 +1,4 @@
-"""The CPU loop of ``_accumulate`` on sharded parameters, one shard per device.
+"""The blocked form of ``_blocks`` on sharded parameters, one shard per device.
 
 Inside a ``jax.jit`` with automatic sharding, the gradient's sharding is not
 known when the step is traced, so the loop cannot be written as a
@@ -51,24 +51,10 @@ from jax.experimental.custom_partitioning import (
 )
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from optax_sm3 import _accumulate, _cover
+from optax_sm3 import _blocks, _cover
 
 
-@dataclasses.dataclass(frozen=True)
-class _Config:
-  """What the partitioned call is specialised on (hashable)."""
-
-  cover: _cover.Cover
-  variant: str
-  block_size: int
-
-  def indexed(self) -> list[tuple[int, ...]]:
-    """The parameter axes each accumulator is indexed by, in order."""
-    stacked = tuple(range(self.cover.stacked))
-    return [stacked + tuple(group) for group in self.cover.groups]
-
-
-def _local(config: _Config, g, accumulators, c_old, c_new, devices: int = 1):
+def _local(config: _blocks.Config, g, accumulators, c_old, c_new, devices: int = 1):
   """The single-device loop on ``g`` (a whole parameter or one shard).
 
   ``devices`` run it at once on this host and share its caches: each gets a
@@ -76,15 +62,8 @@ def _local(config: _Config, g, accumulators, c_old, c_new, devices: int = 1):
   """
   cover = dataclasses.replace(config.cover, shape=tuple(g.shape))
   block = min(config.block_size // devices, -(-math.prod(cover.shape) // 2))
-  return _accumulate._blocked(
-    g, accumulators, cover, c_old, c_new, config.variant, max(block, 1)
-  )
-
-
-def _direct(config: _Config, g, accumulators, c_old, c_new):
-  return _accumulate._direct(
-    g, accumulators, config.cover, c_old, c_new, config.variant
-  )
+  local = dataclasses.replace(config, cover=cover, block_size=max(block, 1))
+  return _blocks.blocked(local, g, accumulators, c_old, c_new)
 
 
 def _entries(spec: PartitionSpec, rank: int) -> list[tuple[str, ...]]:
@@ -124,7 +103,9 @@ def _devices_here(mesh) -> int:
   return max(1, min(mesh.size, jax.local_device_count()))
 
 
-def _sharded_fn(config: _Config, entries: Sequence[tuple[str, ...]], devices: int):
+def _sharded_fn(
+  config: _blocks.Config, entries: Sequence[tuple[str, ...]], devices: int
+):
   """The per-shard loop followed by the cross-device maxima."""
   reduced = [config.cover.reduced_axes(group) for group in config.cover.groups]
 
@@ -144,7 +125,7 @@ def _sharded_fn(config: _Config, entries: Sequence[tuple[str, ...]], devices: in
 
 
 @functools.cache
-def _partitioned(config: _Config):
+def _partitioned(config: _blocks.Config):
   """``custom_partitioning`` of the loop, for one configuration."""
   indexed = config.indexed()
   rank = len(config.cover.shape)
@@ -199,7 +180,7 @@ def _partitioned(config: _Config):
   return fn
 
 
-def _stacked_once_more(config: _Config, axis_size: int) -> _Config:
+def _stacked_once_more(config: _blocks.Config, axis_size: int) -> _blocks.Config:
   cover = config.cover
   return dataclasses.replace(
     config,
@@ -212,7 +193,7 @@ def _stacked_once_more(config: _Config, axis_size: int) -> _Config:
 
 
 @functools.cache
-def _batchable(config: _Config):
+def _batchable(config: _blocks.Config):
   """``_partitioned`` with a batching rule: a batch axis is a stacked axis."""
 
   @jax.custom_batching.custom_vmap
@@ -224,7 +205,7 @@ def _batchable(config: _Config):
     if AxisType.Manual in types and AxisType.Auto in types:
       # Inside a shard_map over some of the mesh's axes, XLA hands the
       # partitioner no mesh to read the other axes' shardings from.
-      return _direct(config, g, accumulators, c_old, c_new)
+      return _blocks.direct(config, g, accumulators, c_old, c_new)
     return _partitioned(config)(g, accumulators, c_old, c_new)
 
   @fn.def_vmap
@@ -237,7 +218,7 @@ def _batchable(config: _Config):
         0 if c_old_batched else None,
         0 if c_new_batched else None,
       )
-      out = jax.vmap(functools.partial(_direct, config), in_axes=axes)(
+      out = jax.vmap(functools.partial(_blocks.direct, config), in_axes=axes)(
         g, tuple(accumulators), c_old, c_new
       )
       return out, tuple(True for _ in out)
@@ -257,14 +238,14 @@ def _batchable(config: _Config):
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _differentiable(config: _Config, g, accumulators, c_old, c_new):
+def _differentiable(config: _blocks.Config, g, accumulators, c_old, c_new):
   return _batchable(config)(g, accumulators, c_old, c_new)
 
 
 @_differentiable.defjvp
 def _differentiable_jvp(config, primals, tangents):
   out = _differentiable(config, *primals)
-  _, tangent = jax.jvp(functools.partial(_direct, config), primals, tangents)
+  _, tangent = jax.jvp(functools.partial(_blocks.direct, config), primals, tangents)
   return out, tangent
 
 
@@ -280,7 +261,7 @@ def _explicit_entries(g) -> list[tuple[str, ...]]:
   return _even_entries(g.shape, sharding.spec, dict(sharding.mesh.shape))
 
 
-def _shard_mapped(config: _Config, entries, g, accumulators, c_old, c_new):
+def _shard_mapped(config: _blocks.Config, entries, g, accumulators, c_old, c_new):
   """Explicit sharding mode: the loop under ``shard_map`` on ``g``'s specs."""
   specs = [_spec([entries[a] for a in axes]) for axes in config.indexed()]
   g = jax.sharding.reshard(g, _spec(entries))
@@ -303,28 +284,17 @@ def _shard_mapped(config: _Config, entries, g, accumulators, c_old, c_new):
   return per_shard(g, accumulators, c_old, c_new)
 
 
-def new_accumulators(
+def blocked(
+  config: _blocks.Config,
   g: jax.Array,
   accumulators: Sequence[jax.Array],
-  cover: _cover.Cover,
   c_old: jax.Array,
   c_new: jax.Array,
-  variant: str,
-  block_size: int,
 ) -> tuple[jax.Array, ...]:
-  """``_accumulate._blocked`` per shard, for any sharding of ``g``.
+  """:func:`optax_sm3._blocks.blocked` per shard, for any sharding of ``g``.
 
-  Args:
-    g: the gradient.
-    accumulators: the current accumulators, one per group of ``cover``.
-    cover: the parameter's cover.
-    c_old: weight of the old estimate.
-    c_new: weight of the squared gradient.
-    variant: ``"II"`` or ``"I"``.
-    block_size: elements per block of the loop (at least 1).
-
-  Returns:
-    The new accumulators, split like the parameter axes they index.
+  Takes ``blocked``'s arguments (``config.cover`` the cover of the whole
+  parameter) and returns the same accumulators, each split like the
+  parameter axes it indexes.
   """
-  config = _Config(cover, variant, block_size)
   return tuple(_differentiable(config, g, tuple(accumulators), c_old, c_new))

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import optax_sm3
-from optax_sm3 import _accumulate
+from optax_sm3 import _blocks
 
 
 def _compiled_step(tx, params):
@@ -52,9 +52,9 @@ def test_many_mid_sized_parameters_share_one_temporary():
 
 
 def test_at_least_two_blocks():
-  tiling = _accumulate._tiling((512, 512), 512 * 512 // 2)
+  tiling = _blocks._tiling((512, 512), 512 * 512 // 2)
   assert tiling.num_blocks == 2
-  assert _accumulate._tiling((3, 3, 256, 256), 3 * 3 * 256 * 256 // 2).num_blocks == 3
+  assert _blocks._tiling((3, 3, 256, 256), 3 * 3 * 256 * 256 // 2).num_blocks == 3
 
 
 def test_loop_commutes_with_vmap_grad_and_scan():
@@ -103,13 +103,13 @@ def test_blocked_form_is_traced_once_per_shape():
   params = {f"w{i}": jax.ShapeDtypeStruct((301, 299), jnp.float32) for i in range(4)}
   tx = optax_sm3.sm3(0.1, momentum=0.0)
   traced = []
-  blocked = _accumulate._blocked
+  blocked = _blocks.blocked
 
   def counting(*args):
-    traced.append(args[2].shape)
+    traced.append(args[0].cover.shape)
     return blocked(*args)
 
-  with mock.patch.object(_accumulate, "_blocked", counting):
+  with mock.patch.object(_blocks, "blocked", counting):
     hlo, _ = _compiled_step(tx, params)
   assert traced == [(301, 299)]
   assert hlo.count(" while(") == 4
