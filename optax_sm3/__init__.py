@@ -14,17 +14,17 @@ from optax_sm3._scale_by_sm3 import ScaleBySM3State, scale_by_sm3
 from optax_sm3._schedules import warmup_schedule
 from optax_sm3._sharding import state_partition_specs, state_shardings
 from optax_sm3._sm3 import sm3
-from optax_sm3._sparse import SparseRows, SparseRowsState, sparse_rows
-from optax_sm3._sparse_accumulate import (
+from optax_sm3._sparse._accumulate import (
   SparseMultiSteps,
   SparseMultiStepsState,
   sparse_grad_mean,
   sparse_grad_sum,
   sparse_multi_steps,
 )
-from optax_sm3._sparse_grad import sparse_lookup, sparse_value_and_grad
-from optax_sm3._sparse_tables import SparseTables, SparseTablesState, sparse_tables
-from optax_sm3._sparse_types import SparseGrad
+from optax_sm3._sparse._grad import sparse_lookup, sparse_value_and_grad
+from optax_sm3._sparse._rows import SparseRows, SparseRowsState, sparse_rows
+from optax_sm3._sparse._tables import SparseTables, SparseTablesState, sparse_tables
+from optax_sm3._sparse._types import SparseGrad
 from optax_sm3._weight_decay import WeightDecayState
 
 __version__ = "0.1.0"

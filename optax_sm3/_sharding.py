@@ -34,7 +34,8 @@ import jax
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from optax_sm3 import _boxes, _momentum, _scale_by_sm3, _sparse, _sparse_tables, _tree
+from optax_sm3 import _boxes, _momentum, _scale_by_sm3, _tree
+from optax_sm3._sparse import _rows, _tables
 
 _REPLICATED = PartitionSpec()
 
@@ -123,11 +124,11 @@ def _accumulator_specs(
 
 
 def _sparse_rows_specs(
-  state: _sparse.SparseRowsState,
+  state: _rows.SparseRowsState,
   shapes: list[tuple[int, ...]],
   specs: list[PartitionSpec],
   treedef,
-) -> _sparse.SparseRowsState:
+) -> _rows.SparseRowsState:
   """Specs of a lazy ``sparse_rows`` state: row buffers follow the table."""
   replicated = lambda tree: jax.tree.map(lambda _: _REPLICATED, tree)
   if treedef.num_leaves != 1:
@@ -136,7 +137,7 @@ def _sparse_rows_specs(
   if tuple(state.last.shape) != shape[:1]:
     return replicated(state)
   entries = _entries(spec, len(shape))
-  return _sparse.SparseRowsState(
+  return _rows.SparseRowsState(
     count=_REPLICATED,
     accumulators=_accumulator_specs(state.accumulators, shapes, specs, treedef),
     # Stored as (1, *table.shape): the unit axis is replicated.
@@ -148,7 +149,7 @@ def _sparse_rows_specs(
 
 def _table_shape(table_state: Any) -> tuple[int, ...] | None:
   """The shape of the table a ``sparse_rows`` state was made for, if readable."""
-  if isinstance(table_state, _sparse.SparseRowsState):
+  if isinstance(table_state, _rows.SparseRowsState):
     accumulators = table_state.accumulators
   else:
     found = [
@@ -196,7 +197,7 @@ def _tables_from_rest(rest: Any, treedef, count: int) -> list[int] | None:
 
 
 def _table_positions(
-  state: _sparse_tables.SparseTablesState,
+  state: _tables.SparseTablesState,
   treedef,
   shapes: list[tuple[int, ...]],
   specs: list[PartitionSpec],
@@ -249,11 +250,11 @@ def _table_positions(
 
 
 def _sparse_tables_specs(
-  state: _sparse_tables.SparseTablesState,
+  state: _tables.SparseTablesState,
   shapes: list[tuple[int, ...]],
   specs: list[PartitionSpec],
   treedef,
-) -> _sparse_tables.SparseTablesState:
+) -> _tables.SparseTablesState:
   """Specs of a ``sparse_tables`` state: each table's like the table, the rest's."""
   positions = _table_positions(state, treedef, shapes, specs)
   single = jax.tree.structure(0)
@@ -268,7 +269,7 @@ def _sparse_tables_specs(
   )
   rest_shapes = [s for i, s in enumerate(shapes) if i not in tables_at]
   rest_specs = [p for i, p in enumerate(specs) if i not in tables_at]
-  return _sparse_tables.SparseTablesState(
+  return _tables.SparseTablesState(
     rest=_state_specs(state.rest, rest_treedef, rest_shapes, rest_specs),
     tables=tables,
   )
@@ -288,8 +289,8 @@ def _state_specs(
       (
         _scale_by_sm3.ScaleBySM3State,
         _momentum.ScaleByMomentumState,
-        _sparse.SparseRowsState,
-        _sparse_tables.SparseTablesState,
+        _rows.SparseRowsState,
+        _tables.SparseTablesState,
       ),
     ) or is_params_like(node)
 
@@ -300,9 +301,9 @@ def _state_specs(
     )
 
   def visit(node: Any) -> Any:
-    if isinstance(node, _sparse_tables.SparseTablesState):
+    if isinstance(node, _tables.SparseTablesState):
       return _sparse_tables_specs(node, shapes, specs, treedef)
-    if isinstance(node, _sparse.SparseRowsState):
+    if isinstance(node, _rows.SparseRowsState):
       return _sparse_rows_specs(node, shapes, specs, treedef)
     if isinstance(node, _scale_by_sm3.ScaleBySM3State):
       return _scale_by_sm3.ScaleBySM3State(
@@ -321,7 +322,7 @@ def _state_specs(
 
 
 def state_partition_specs(
-  tx: optax.GradientTransformation | _sparse.SparseRows | _sparse_tables.SparseTables,
+  tx: optax.GradientTransformation | _rows.SparseRows | _tables.SparseTables,
   params: Any,
   param_specs: Any,
 ) -> Any:
@@ -423,7 +424,7 @@ def state_partition_specs(
   shapes = [tuple(p.shape) for p in treedef.flatten_up_to(params)]
   for shape, spec in zip(shapes, specs, strict=True):
     _entries(spec, len(shape))
-  if isinstance(tx, _sparse.SparseRows) and treedef.num_leaves != 1:
+  if isinstance(tx, _rows.SparseRows) and treedef.num_leaves != 1:
     raise ValueError(
       "`params` must be the table (one array) when `tx` is a SparseRows, got "
       f"{treedef.num_leaves} leaves"
@@ -432,7 +433,7 @@ def state_partition_specs(
 
 
 def state_shardings(
-  tx: optax.GradientTransformation | _sparse.SparseRows | _sparse_tables.SparseTables,
+  tx: optax.GradientTransformation | _rows.SparseRows | _tables.SparseTables,
   params: Any,
   param_shardings: Any,
 ) -> Any:

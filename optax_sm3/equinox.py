@@ -16,14 +16,14 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess tes
     "optax_sm3.equinox needs Equinox; install it with: pip install 'optax-sm3[equinox]'"
   ) from error
 
-from optax_sm3._equinox_sparse import (
+from optax_sm3._sparse._equinox import (
   SparseEmbedding,
   SparseOptimizer,
   filter_value_and_grad,
   table_mask,
 )
-from optax_sm3._sparse_tables import SparseTablesState
-from optax_sm3._sparse_types import SparseGrad
+from optax_sm3._sparse._tables import SparseTablesState
+from optax_sm3._sparse._types import SparseGrad
 
 __all__ = (
   "SparseEmbedding",

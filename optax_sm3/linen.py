@@ -15,11 +15,11 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess tes
     "optax_sm3.linen needs Flax; install it with: pip install 'optax-sm3[flax]'"
   ) from error
 
-from optax_sm3._linen_sparse import SparseEmbed, SparseTrainState
-from optax_sm3._sparse_grad import sparse_lookup
-from optax_sm3._sparse_grad import sparse_value_and_grad as value_and_grad
-from optax_sm3._sparse_tables import SparseTables, SparseTablesState, sparse_tables
-from optax_sm3._sparse_types import SparseGrad
+from optax_sm3._sparse._grad import sparse_lookup
+from optax_sm3._sparse._grad import sparse_value_and_grad as value_and_grad
+from optax_sm3._sparse._linen import SparseEmbed, SparseTrainState
+from optax_sm3._sparse._tables import SparseTables, SparseTablesState, sparse_tables
+from optax_sm3._sparse._types import SparseGrad
 
 __all__ = (
   "SparseEmbed",

@@ -15,16 +15,16 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess tes
     "optax_sm3.nnx needs Flax; install it with: pip install 'optax-sm3[flax]'"
   ) from error
 
-from optax_sm3._nnx_accumulate import MultiSteps
-from optax_sm3._nnx_sparse import (
+from optax_sm3._sparse._nnx import (
   SparseEmbed,
   SparseOptimizer,
   SparseState,
   grad,
   value_and_grad,
 )
-from optax_sm3._sparse_types import SparseGrad
-from optax_sm3._state_check import checked_update, state_mismatch
+from optax_sm3._sparse._nnx_accumulate import MultiSteps
+from optax_sm3._sparse._nnx_check import checked_update, state_mismatch
+from optax_sm3._sparse._types import SparseGrad
 
 __all__ = (
   "MultiSteps",

@@ -329,8 +329,8 @@ def nnx_tables_run():
   """SparseEmbed annotated with ``out_sharding``: its state built row-sharded."""
   from flax import nnx
 
-  from optax_sm3 import _nnx_state
   from optax_sm3 import nnx as sparse_nnx
+  from optax_sm3._sparse import _nnx_state
 
   table, batches = big_batches()
   init = lambda *_: jnp.asarray(table)

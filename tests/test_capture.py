@@ -111,7 +111,7 @@ def _as_dense_loss(loss):
   """The same loss with every sparse_lookup read as ``t[ids]``."""
 
   def dense(p, i):
-    with optax_sm3._capture.plain_reads():
+    with optax_sm3._sparse._capture.plain_reads():
       return loss(p, i)
 
   return dense

@@ -160,8 +160,8 @@ def test_import_names_the_extra():
 @pytest.mark.parametrize("lazy", [False, True])
 def test_attend_trains_exactly(lazy, monkeypatch):
   if lazy:  # A stored table that lags: attend must read the synced one.
-    real = optax_sm3._sparse.sparse_rows
-    monkeypatch.setattr(optax_sm3._sparse, "sparse_rows", lazy_sparse_rows(real))
+    real = optax_sm3._sparse._rows.sparse_rows
+    monkeypatch.setattr(optax_sm3._sparse._rows, "sparse_rows", lazy_sparse_rows(real))
 
   class Tied(nn.Module):
     embed: type = sparse_linen.SparseEmbed

@@ -28,7 +28,7 @@ import optax_sm3
 nn = pytest.importorskip("flax.linen")
 nnx = pytest.importorskip("flax.nnx")
 
-from optax_sm3 import _state_check  # noqa: E402  (needs flax)
+from optax_sm3._sparse import _nnx_check as _state_check  # noqa: E402  (needs flax)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))

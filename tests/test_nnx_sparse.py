@@ -194,7 +194,9 @@ def test_matches_dense_sm3_over_200_steps(
 @pytest.fixture
 def lazy_rows(monkeypatch):
   monkeypatch.setattr(
-    optax_sm3._sparse, "sparse_rows", lazy_sparse_rows(optax_sm3._sparse.sparse_rows)
+    optax_sm3._sparse._rows,
+    "sparse_rows",
+    lazy_sparse_rows(optax_sm3._sparse._rows.sparse_rows),
   )
 
 

@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import optax_sm3
-from optax_sm3 import _sparse
+from optax_sm3._sparse import _rows as _sparse
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCHEDULE = optax.linear_schedule(0.3, 0.01, 6)

@@ -13,8 +13,8 @@ from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 
 import optax_sm3
-from optax_sm3._sparse_grad import SparseGrad, sparse_lookup, sparse_value_and_grad
-from optax_sm3._sparse_tables import sparse_tables
+from optax_sm3._sparse._grad import SparseGrad, sparse_lookup, sparse_value_and_grad
+from optax_sm3._sparse._tables import sparse_tables
 
 
 def _params(rows=40, features=3):
@@ -146,8 +146,8 @@ def test_sparse_tables_matches_dense_sm3(beta, momentum, weight_decay, seed):
 
 
 def test_sparse_tables_reads_stale_tables_through_lookup(monkeypatch):
-  lazy = lazy_sparse_rows(optax_sm3._sparse.sparse_rows)
-  monkeypatch.setattr(optax_sm3._sparse, "sparse_rows", lazy)
+  lazy = lazy_sparse_rows(optax_sm3._sparse._rows.sparse_rows)
+  monkeypatch.setattr(optax_sm3._sparse._rows, "sparse_rows", lazy)
   _check_sparse_tables(_hyper(0.5, 0.0, 0.0), 3, 20, 1e-5)
 
 

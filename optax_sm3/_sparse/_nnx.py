@@ -32,8 +32,8 @@ from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 from flax.nnx.training.optimizer import OptState, to_opt_state
 
-from optax_sm3 import _capture, _nnx_state, _sparse, _sparse_grad
-from optax_sm3._sparse_types import SparseGrad, check_sparse_grad
+from optax_sm3._sparse import _capture, _grad, _nnx_state, _rows
+from optax_sm3._sparse._types import SparseGrad, check_sparse_grad
 
 _default_embed_init = initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
 
@@ -114,7 +114,7 @@ class SparseEmbed(nnx.Module):
     self.promote_dtype = promote_dtype
     self.padding_id = padding_id
     # Set by SparseOptimizer: the sparse_rows functions and their state.
-    self.sparse_rows: _sparse.SparseRows | None = None
+    self.sparse_rows: _rows.SparseRows | None = None
     self.sparse_state = nnx.data(None)
 
   def _current(self, table: jax.Array) -> jax.Array:
@@ -125,12 +125,12 @@ class SparseEmbed(nnx.Module):
     synced, _ = self.sparse_rows.sync(
       jax.lax.stop_gradient(state), jax.lax.stop_gradient(table)
     )
-    return _sparse_grad.value_of_first(synced, table)
+    return _grad.value_of_first(synced, table)
 
   def _read(self, table: jax.Array, ids: jax.Array) -> jax.Array:
     if self.sparse_rows is None:
-      return _sparse_grad.take_rows(table, ids)
-    return _sparse_grad.current_rows(
+      return _grad.take_rows(table, ids)
+    return _grad.current_rows(
       self.sparse_rows.lookup, nnx.as_pure(self.sparse_state), table, ids
     )
 
@@ -141,7 +141,7 @@ class SparseEmbed(nnx.Module):
       TypeError: for non-integer ``inputs``.
       ValueError: for concrete ids outside ``[0, num_embeddings)``.
     """
-    ids = _sparse_grad.check_ids(inputs, self.num_embeddings, "inputs")
+    ids = _grad.check_ids(inputs, self.num_embeddings, "inputs")
     rows = _capture.read_rows(self.embedding[...], ids, self._read)
     if self.padding_id is not None:
       rows = jnp.where(
@@ -232,7 +232,7 @@ def value_and_grad(
 
   @functools.wraps(f)
   def wrapper(*args):
-    nums = _sparse_grad.normalize_argnums(argnums, len(args))
+    nums = _grad.normalize_argnums(argnums, len(args))
     graph_nums = [i for i in nums if nnx.graph.is_graph_node(args[i])]
     tables_of = {i: _tables_of(args[i]) for i in graph_nums}
     paths = {i: frozenset(tables_of[i]) for i in graph_nums}
@@ -389,7 +389,7 @@ class SparseOptimizer(nnx.Pytree):
     *,
     wrt: Any = nnx.Param,
   ):
-    self.sparse_rows = _sparse.sparse_rows(
+    self.sparse_rows = _rows.sparse_rows(
       learning_rate, momentum, beta, eps, weight_decay
     )
     tables = _tables_of(model)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from optax_sm3._sparse_accumulate import (
+from optax_sm3._sparse._accumulate import (
   add_to_buffer,
   check_every_k,
   empty_buffer,

@@ -25,8 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_sm3 import _sparse, _sparse_grad, _tree
-from optax_sm3._sparse_types import SparseGrad, check_sparse_grad
+from optax_sm3 import _tree
+from optax_sm3._sparse import _grad, _rows
+from optax_sm3._sparse._types import SparseGrad, check_sparse_grad
 
 
 class SparseTablesState(NamedTuple):
@@ -152,7 +153,7 @@ def sparse_tables(
     >>> print(params["table"][3], params["table"][0], params["w"])
     [0.9 0.9] [1. 1.] 1.6
   """
-  rows = _sparse.sparse_rows(learning_rate, momentum, beta, eps, weight_decay)
+  rows = _rows.sparse_rows(learning_rate, momentum, beta, eps, weight_decay)
 
   def mask_of(params) -> list[bool]:
     flags = _tree.flatten_like(
@@ -266,9 +267,7 @@ def sparse_tables(
         if position not in number:
           return None
         table_state = state.tables[number[position]]
-        return lambda t, ids: _sparse_grad.current_rows(
-          rows.lookup, table_state, t, ids
-        )
+        return lambda t, ids: _grad.current_rows(rows.lookup, table_state, t, ids)
 
       def syncer(position):
         if position not in number:
@@ -277,12 +276,12 @@ def sparse_tables(
 
         def sync(t):
           synced, _ = rows.sync(table_state, jax.lax.stop_gradient(t))
-          return _sparse_grad.value_of_first(synced, t)
+          return _grad.value_of_first(synced, t)
 
         return sync
 
       known = frozenset(number)
-      return _sparse_grad._value_and_grad(fun, 0, has_aux, reader, known, syncer)(
+      return _grad._value_and_grad(fun, 0, has_aux, reader, known, syncer)(
         params, *args
       )
 

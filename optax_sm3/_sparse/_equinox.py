@@ -23,8 +23,8 @@ import equinox as eqx
 import jax
 import optax
 
-from optax_sm3._sparse_grad import sparse_lookup, sparse_value_and_grad
-from optax_sm3._sparse_tables import sparse_tables
+from optax_sm3._sparse._grad import sparse_lookup, sparse_value_and_grad
+from optax_sm3._sparse._tables import sparse_tables
 
 
 class SparseEmbedding(eqx.Module):

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
 from jax.experimental.xla_metadata import set_xla_metadata
 
-from optax_sm3._sparse_types import SparseGrad
+from optax_sm3._sparse._types import SparseGrad
 
 # jaxpr primitives that run their body more than once per evaluation, with
 # what to call them in an error.

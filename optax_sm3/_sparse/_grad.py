@@ -6,7 +6,7 @@ looked-up ``indices`` and one row gradient per index (a :class:`SparseGrad`),
 in ``O(k * D)`` memory for ``k`` looked-up rows of ``D`` entries, and no
 table-sized array is formed. The lookup may sit under ``jax.jit``,
 ``jax.checkpoint`` or ``jax.vmap`` (any nesting) inside the loss; how the
-rows' gradients and ids are captured is :mod:`optax_sm3._capture`'s concern.
+rows' gradients and ids are captured is :mod:`optax_sm3._sparse._capture`'s concern.
 
 The same table may be looked up any number of times in one loss (two
 towers, tied embeddings, context windows): its lookups are concatenated, and
@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_sm3 import _capture, _sparse
-from optax_sm3._sparse_types import SparseGrad  # noqa: F401 - re-exported
+from optax_sm3._sparse import _capture, _rows
+from optax_sm3._sparse._types import SparseGrad  # noqa: F401 - re-exported
 
 
 def check_ids(ids: Any, num_rows: int, name: str = "ids") -> jax.Array:
@@ -62,7 +62,7 @@ def check_ids(ids: Any, num_rows: int, name: str = "ids") -> jax.Array:
 
 def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
   """``table[ids]``; ids outside ``[0, V)`` (negative ones too) read NaN rows."""
-  flat = _sparse.in_range(ids.reshape(-1), table.shape[0])
+  flat = _rows.in_range(ids.reshape(-1), table.shape[0])
   rows = jnp.take(table, flat, axis=0, mode="fill", fill_value=jnp.nan)
   return rows.reshape(ids.shape + table.shape[1:])
 

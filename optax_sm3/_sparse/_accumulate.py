@@ -20,8 +20,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from optax_sm3._sparse_tables import NOT_A_TRANSFORMATION, SparseTables
-from optax_sm3._sparse_types import SparseGrad, check_sparse_grad, is_sparse_grad
+from optax_sm3._sparse._tables import NOT_A_TRANSFORMATION, SparseTables
+from optax_sm3._sparse._types import SparseGrad, check_sparse_grad, is_sparse_grad
 
 
 def _densify(grad: SparseGrad, like: Any) -> jax.Array:

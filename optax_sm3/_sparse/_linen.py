@@ -20,9 +20,9 @@ from flax import linen as nn
 from flax import struct
 from flax.linen.dtypes import promote_dtype
 
-from optax_sm3 import _sparse_grad
-from optax_sm3._sparse_accumulate import SparseMultiSteps
-from optax_sm3._sparse_tables import SparseTables
+from optax_sm3._sparse import _grad
+from optax_sm3._sparse._accumulate import SparseMultiSteps
+from optax_sm3._sparse._tables import SparseTables
 
 _default_embed_init = nn.initializers.variance_scaling(
   1.0, "fan_in", "normal", out_axis=0
@@ -100,8 +100,8 @@ class SparseEmbed(nn.Module):
       TypeError: for non-integer ``inputs``.
       ValueError: for concrete ids outside ``[0, num_embeddings)``.
     """
-    ids = _sparse_grad.check_ids(inputs, self.num_embeddings, "inputs")
-    rows = _sparse_grad.sparse_lookup(self.embedding, ids)
+    ids = _grad.check_ids(inputs, self.num_embeddings, "inputs")
+    rows = _grad.sparse_lookup(self.embedding, ids)
     if self.padding_id is not None:
       rows = jnp.where(
         (ids == self.padding_id)[..., None], jnp.zeros((), rows.dtype), rows
@@ -113,7 +113,7 @@ class SparseEmbed(nn.Module):
     """``query @ embedding.T`` (tied output embeddings), as ``nn.Embed.attend``."""
     # Under sparse_tables(...).value_and_grad: the table as the optimizer
     # holds it now (rows the sparse step left behind caught up).
-    table = _sparse_grad.current_table(self.embedding)
+    table = _grad.current_table(self.embedding)
     query, embedding = self.promote_dtype(query, table, dtype=self.dtype)
     return jnp.dot(query, embedding.T)
 

@@ -18,7 +18,8 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from optax_sm3 import _sharding, _sparse
+from optax_sm3 import _sharding
+from optax_sm3._sparse import _rows
 
 
 def _layout(embedding: Any) -> tuple[PartitionSpec, dict[str, Any]]:
@@ -47,7 +48,7 @@ def _layout(embedding: Any) -> tuple[PartitionSpec, dict[str, Any]]:
 
 
 def sparse_state_variables(
-  rows: _sparse.SparseRows,
+  rows: _rows.SparseRows,
   embedding: Any,
   variable_type: type,
 ) -> Any:
