@@ -16,6 +16,7 @@ from optax_sm3 import _accumulate, _boxes, _cover, _tree, _validation
 _VARIANTS = ("II", "I")
 _PARAMETERS = (
   "beta",
+  "bias_correction",
   "eps",
   "variant",
   "accumulator_dtype",
@@ -145,8 +146,13 @@ def _precondition(
   eps: jax.Array,
   variant: str,
   block_size: int,
+  correction: jax.Array | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-  """One SM3 step for one parameter: returns ``(update, new_accumulators)``."""
+  """One SM3 step for one parameter: returns ``(update, new_accumulators)``.
+
+  ``correction`` (bias correction) multiplies the estimate the update is
+  scaled by, never the accumulators kept.
+  """
   new = _accumulate.new_accumulators(
     g, accumulators, cover, c_old, c_new, variant, block_size
   )
@@ -157,7 +163,20 @@ def _precondition(
     nu = _accumulate.estimate(g, accumulators, shapes, c_old, c_new)
   else:
     nu = jnp.broadcast_to(_accumulate.cover_minimum(new, shapes), g.shape)
+  if correction is not None:
+    nu = nu * correction
   return _accumulate.scaled_update(g, nu, eps), new
+
+
+def bias_correction_factor(beta: jax.Array, count: jax.Array) -> jax.Array:
+  """``1 / (1 - beta**t)`` for the ``t = count + 1``-th step; 1 where ``beta == 0``.
+
+  The moving average of ``t`` squared gradients, started at zero, carries
+  the weight ``1 - beta**t`` (Adam's bias correction of its second moment).
+  """
+  t = count.astype(beta.dtype) + 1
+  weight = jnp.where(beta == 0, jnp.ones([], beta.dtype), 1 - beta**t)
+  return 1 / weight
 
 
 def _keyword_only(factory: Callable[..., Any]) -> Callable[..., Any]:
@@ -180,7 +199,8 @@ def _keyword_only(factory: Callable[..., Any]) -> Callable[..., Any]:
 @_keyword_only
 def scale_by_sm3(
   *,
-  beta: jax.typing.ArrayLike = 0.0,
+  beta: jax.typing.ArrayLike | optax.Schedule = 0.0,
+  bias_correction: bool = False,
   eps: jax.typing.ArrayLike = 1e-8,
   variant: str = "II",
   accumulator_dtype: jax.typing.DTypeLike | None = None,
@@ -229,7 +249,16 @@ def scale_by_sm3(
   Args:
     beta: second-moment decay in ``[0, 1)``; ``0`` sums squared gradients
       (AdaGrad-like, the paper's default), ``beta > 0`` keeps an exponential
-      moving average. May be a traced value.
+      moving average. May be a traced value, or a schedule: a function of
+      the step count (0 at the first update) to the decay of that step, e.g.
+      Adafactor's rising ``lambda count: 1 - (count + 1.0) ** -0.8``, whose
+      0 at the first step sums into empty accumulators, the same as an
+      average. A schedule's values are not range-checked.
+    bias_correction: divide the estimate the update is scaled by (never the
+      accumulators kept) by ``1 - beta**t`` at the ``t``-th step, as Adam
+      corrects its second moment for starting at zero; no effect where
+      ``beta == 0``. Needs a constant ``beta`` (a ``ValueError`` for a
+      schedule: a rising ``beta`` that starts at 0 has no bias to correct).
     eps: added to :math:`\nu` under the square root, ``>= 0``. May be traced.
     variant: ``"II"`` (the paper's SM3-II, default) or ``"I"``.
     accumulator_dtype: dtype of the accumulators. ``None`` means float32, or
@@ -298,7 +327,16 @@ def scale_by_sm3(
     Anil et al., `Memory-Efficient Adaptive Optimization
     <https://arxiv.org/abs/1901.11150>`_, 2019
   """
-  _validation.check_range("beta", beta, low=0.0, high=1.0, high_open=True)
+  beta_schedule = beta if callable(beta) else None
+  if beta_schedule is None:
+    _validation.check_range("beta", beta, low=0.0, high=1.0, high_open=True)
+  elif bias_correction:
+    raise ValueError(
+      "`bias_correction` needs a constant `beta`, got a schedule (a rising "
+      "beta that starts at 0 has no bias to correct)"
+    )
+  if not isinstance(bias_correction, bool):
+    raise TypeError(f"`bias_correction` must be a bool, got {bias_correction!r}")
   _validation.check_range("eps", eps, low=0.0)
   accumulator_dtype = _validation.float_dtype("accumulator_dtype", accumulator_dtype)
   if variant not in _VARIANTS:
@@ -346,7 +384,7 @@ def scale_by_sm3(
     updates = jax.tree.map(jnp.asarray, _boxes.unboxed(updates))
     leaf_covers = covers(updates)
 
-    def step(path, g, accumulators, cover):
+    def step(path, g, accumulators, cover, *, step_beta, count):
       if isinstance(accumulators, Mapping):
         # flax.nnx.Optimizer hands tuples back as mappings {0: a, 1: b}.
         accumulators = tuple(accumulators[i] for i in range(len(accumulators)))
@@ -362,7 +400,10 @@ def scale_by_sm3(
         g = g.astype(dtype)
       if g.size == 0:
         return g, tuple(accumulators)
-      c_old, c_new = coefficients(beta, dtype)
+      c_old, c_new = coefficients(step_beta, dtype)
+      correction = None
+      if bias_correction:
+        correction = bias_correction_factor(jnp.asarray(step_beta, dtype), count)
       return _precondition(
         g,
         accumulators,
@@ -372,10 +413,16 @@ def scale_by_sm3(
         jnp.asarray(eps, dtype),
         variant,
         _accumulate.default_block_size(g.dtype) if block_size is None else block_size,
+        correction,
       )
 
+    step_beta = beta if beta_schedule is None else beta_schedule(state.count)
+
     results = jax.tree_util.tree_map_with_path(
-      step, updates, _boxes.unboxed(state.accumulators), leaf_covers
+      functools.partial(step, step_beta=step_beta, count=state.count),
+      updates,
+      _boxes.unboxed(state.accumulators),
+      leaf_covers,
     )
     new_updates, accumulators = _tree.unzip_pairs(updates, results)
     return _boxes.reboxed(boxed_updates, new_updates), ScaleBySM3State(

@@ -67,6 +67,7 @@ class ReferenceSM3:
     variant="II",
     momentum=0.0,
     learning_rate=1.0,
+    bias_correction=False,
   ):
     shape = tuple(shape)
     if groups is None:
@@ -74,17 +75,23 @@ class ReferenceSM3:
     self.shape = shape
     self.sets = cover_sets(shape, groups, stacked)
     self.mu = np.zeros(len(self.sets))
-    self.beta = beta
+    self.beta = beta  # a number, or a function of the step count (from 0)
+    self.bias_correction = bias_correction
+    self.count = 0
     self.eps = eps
     self.variant = variant
     self.momentum = momentum
     self.learning_rate = learning_rate
     self.m = np.zeros(shape)
 
+  def _beta(self):
+    return float(self.beta(self.count)) if callable(self.beta) else self.beta
+
   def _mix(self, old, new):
-    if self.beta == 0:
+    beta = self._beta()
+    if beta == 0:
       return old + new
-    return self.beta * old + (1.0 - self.beta) * new
+    return beta * old + (1.0 - beta) * new
 
   def precondition(self, g: np.ndarray) -> np.ndarray:
     """One step of ``scale_by_sm3``: returns the preconditioned gradient."""
@@ -102,6 +109,10 @@ class ReferenceSM3:
         self.mu[r] = self._mix(self.mu[r], g2[mask].max())
       for r, mask in enumerate(self.sets):
         nu[mask] = np.minimum(nu[mask], self.mu[r])
+    beta = self._beta()
+    if self.bias_correction and beta:
+      nu = nu / (1.0 - beta ** (self.count + 1))
+    self.count += 1
     out = np.zeros(self.shape)
     positive = nu > 0
     out[positive] = g[positive] / np.sqrt(nu[positive] + self.eps)

@@ -94,6 +94,60 @@ def test_matches_reference(data, variant, beta, block_size):
   _check_against_reference(tx, ref, grads)
 
 
+def _rising(count):
+  """Adafactor's rising decay, ``1 - t**-0.8`` at the ``t``-th step."""
+  return 1.0 - (count + 1.0) ** -0.8
+
+
+@hypothesis.given(data=st.data())
+@pytest.mark.parametrize("variant", ["II", "I"])
+@pytest.mark.parametrize(
+  "beta, bias_correction", [(0.9, True), (0.999, True), (0.0, True), (_rising, False)]
+)
+def test_beta_levers_match_reference(data, variant, beta, bias_correction):
+  shape = data.draw(shapes())
+  grads = data.draw(gradient_sequences(shape))
+  tx = optax_sm3.scale_by_sm3(
+    beta=beta, bias_correction=bias_correction, variant=variant, block_size=0
+  )
+  ref = _reference.ReferenceSM3(
+    shape, beta=beta, bias_correction=bias_correction, variant=variant
+  )
+  _check_against_reference(tx, ref, grads)
+
+
+def test_bias_correction_first_step_is_rmsprop_exact():
+  # After one step the corrected estimate is g**2 itself: |update| = 1.
+  g = jnp.asarray([[0.5, -2.0], [3.0, 1e-3]])
+  tx = optax_sm3.scale_by_sm3(beta=0.99, bias_correction=True, eps=0.0)
+  u, _ = tx.update(g, tx.init(g))
+  np.testing.assert_allclose(np.abs(u), np.ones_like(g), rtol=1e-6)
+  plain = optax_sm3.scale_by_sm3(beta=0.99, eps=0.0)
+  u, _ = plain.update(g, plain.init(g))
+  np.testing.assert_allclose(np.abs(u), 10.0 * np.ones_like(g), rtol=1e-5)
+
+
+def test_beta_schedule_under_jit_and_inject_hyperparams():
+  params = {"w": jnp.ones((3, 4)), "b": jnp.ones((4,))}
+  grads = jax.tree.map(lambda p: 0.3 * p, params)
+  tx = optax_sm3.scale_by_sm3(beta=_rising)
+  state = tx.init(params)
+  for _ in range(3):
+    updates, state = jax.jit(tx.update)(grads, state)
+  injected = optax.inject_hyperparams(optax_sm3.scale_by_sm3)(beta=_rising)
+  istate = injected.init(params)
+  for _ in range(3):
+    iupdates, istate = jax.jit(injected.update)(grads, istate)
+  jax.tree.map(np.testing.assert_allclose, iupdates, updates)
+
+
+def test_beta_lever_errors():
+  with pytest.raises(ValueError, match="`bias_correction` needs a constant `beta`"):
+    optax_sm3.scale_by_sm3(beta=_rising, bias_correction=True)
+  with pytest.raises(TypeError, match="`bias_correction` must be a bool"):
+    optax_sm3.scale_by_sm3(beta=0.9, bias_correction=1)
+
+
 @hypothesis.given(data=st.data())
 @pytest.mark.parametrize("block_size", [0, 5])
 def test_covers_match_reference(data, block_size):
