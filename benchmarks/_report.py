@@ -1,10 +1,22 @@
-"""Reporting: the Markdown table, the goal check, the JSON file and the plots."""
+"""Reporting: the Markdown tables, the goal check, the JSON files and the plots.
+
+The helpers every benchmark shares come first: :func:`format_bytes`,
+:func:`check` and :func:`targets_table` for the targets met or not in a run,
+:func:`machine` and :func:`save` for the files next to a table.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
+import platform
+
+import jax
+import optax
+
+import optax_sm3
 
 _GOAL_GAP = 0.02  # the recipe within 2% of the tuned Adam's metric ...
 _GOAL_MEMORY = 0.03  # ... with at most 3% of Adam's optimizer memory.
@@ -12,12 +24,68 @@ RECIPE = "sm3-recipe"
 ADAMS = ("adam", "adam-wsd")  # constant rate; the recipe's warm-up + cool-down
 
 
-def _bytes(n: int) -> str:
-  for unit in ("B", "KiB", "MiB", "GiB"):
-    if n < 1024 or unit == "GiB":
-      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-    n /= 1024
-  raise AssertionError
+_UNITS = ("B", "KiB", "MiB", "GiB")
+
+
+def format_bytes(
+  n: float, unit: str | None = None, digits: int = 1, *, label: bool = True
+) -> str:
+  """``n`` bytes as ``"1.5 MiB"``: in ``unit``, or the largest that keeps it >= 1.
+
+  ``unit`` is one of B, KiB, MiB, GiB (by default GiB at the most); bytes
+  have no decimals, the others ``digits``; ``label=False`` leaves the unit
+  out, for a column whose header names it.
+  """
+  if unit is None:
+    unit = _UNITS[sum(n >= 1024**i for i in range(1, len(_UNITS)))]
+  value = n / 1024 ** _UNITS.index(unit)
+  text = f"{value:,.{0 if unit == 'B' else digits}f}"
+  return f"{text} {unit}" if label else text
+
+
+def check(target: str, value: float, met: bool) -> dict:
+  """One target of a benchmark, the value measured in the run and whether it is met."""
+  return {"target": target, "value": value, "met": bool(met)}
+
+
+def targets_table(checks: list[dict], title: str = "Targets") -> str:
+  """The :func:`check` results of a run as a Markdown table under ``title``."""
+  lines = [f"#### {title}", "", "| target | measured | met |", "|---|---:|:-:|"]
+  lines += [
+    f"| {c['target']} | {c['value']:.3g} | {'yes' if c['met'] else 'NO'} |"
+    for c in checks
+  ]
+  return "\n".join(lines)
+
+
+def machine(backend: bool = True) -> dict:
+  """The versions and the machine of a run; ``backend`` adds JAX's devices.
+
+  ``backend=False`` leaves JAX's backend unstarted (a parent process that
+  runs the measurements in children must not take the accelerator).
+  """
+  info = {
+    "jax": jax.__version__,
+    "optax": optax.__version__,
+    "optax_sm3": optax_sm3.__version__,
+    "platform": platform.platform(),
+    "machine": platform.machine(),
+    "processor": platform.processor(),
+    "cpus": os.cpu_count(),
+  }
+  if backend:
+    info["device"] = jax.devices()[0].device_kind
+    info["devices"] = jax.device_count()
+  return info
+
+
+def save(folder: pathlib.Path | str, stem: str, table: str, result) -> None:
+  """Writes ``stem.md`` (``table``) and ``stem.json`` (``result``); prints the table."""
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  (folder / f"{stem}.md").write_text(table)
+  (folder / f"{stem}.json").write_text(json.dumps(result, indent=2))
+  print(table)
 
 
 def _validation(opt: dict, higher_is_better: bool) -> float:
@@ -71,7 +139,7 @@ def markdown(results: dict) -> str:
       f"### {name}: {result['metric']} after {result['steps']} steps "
       f"(mean ± std over {seeds} seeds)",
       "",
-      f"Parameters: {_bytes(result['param_bytes'])}.",
+      f"Parameters: {format_bytes(result['param_bytes'])}.",
       "",
       f"| optimizer | learning rate | {result['metric']} | optimizer state "
       "| state / params | step time |",
@@ -81,7 +149,7 @@ def markdown(results: dict) -> str:
       lines.append(
         f"| {opt_name} | {opt['learning_rate']:g} "
         f"| {opt['metric_mean']:.4f} ± {opt['metric_std']:.4f} "
-        f"| {_bytes(opt['state_bytes'])} | {opt['state_ratio']:.3f}x "
+        f"| {format_bytes(opt['state_bytes'])} | {opt['state_ratio']:.3f}x "
         f"| {opt['step_ms']:.2f} ms |"
       )
     for name in (RECIPE, "sm3-m0"):

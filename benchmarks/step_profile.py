@@ -1,6 +1,6 @@
 """Where SM3's step time goes: each pass of the step timed on its own.
 
-The step-time benchmark (``benchmarks/step_time.py``) times whole train
+The step-time benchmark (``python -m benchmarks.step_time``) times whole train
 steps. This script takes one embedding-sized parameter (200000 x 128 float32
 by default) and times, round-robin in one run, the pieces a step is made of:
 
@@ -23,7 +23,7 @@ number of parameter-sized reads or writes at sgd's bandwidth it costs.
 
 Usage (from the repository root)::
 
-  python benchmarks/step_profile.py [--rows 200000] [--cols 128] [--rounds 11]
+  python -m benchmarks.step_profile [--rows 200000] [--cols 128] [--rounds 11]
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import optax
 
 import optax_sm3
+from benchmarks import _report
 from optax_sm3 import _accumulate, _cover
 
 
@@ -144,7 +145,7 @@ def profile(rows: int, cols: int, rounds: int, steps: int) -> dict[str, dict]:
 
 def table(result, rows: int, cols: int) -> str:
   lines = [
-    f"Parameter {rows} x {cols} float32 ({rows * cols * 4 / 2**20:,.0f} MiB); "
+    f"Parameter {rows} x {cols} float32 ({_report.format_bytes(rows * cols * 4, 'MiB', 0)}); "
     "one stream = one parameter-sized read or write at sgd's speed.",
     "",
     "| pass | median (ms) | stream-equivalents | parameter-sized streams moved "
@@ -154,7 +155,7 @@ def table(result, rows: int, cols: int) -> str:
   for name, r in result.items():
     lines.append(
       f"| {name} | {r['median_ms']:.2f} | {r['stream_equivalents']:.1f} "
-      f"| {r['streams_moved']} | {r['temp_bytes'] / 2**20:.1f} |"
+      f"| {r['streams_moved']} | {_report.format_bytes(r['temp_bytes'], 'MiB', label=False)} |"
     )
   return "\n".join(lines)
 

@@ -1,24 +1,45 @@
-"""Step time and memory of SM3 next to optax's optimizers, on one CPU run.
+"""Step time and memory of SM3 next to optax's optimizers.
 
 One jitted train step (``update`` + ``optax.apply_updates``, parameters and
 state donated) per optimizer, on a 34.6 M-parameter tree: an embedding
 (200000, 128), dense kernels (1024, 4096) and (4096, 1024), a conv kernel
-(3, 3, 256, 256) and a bias (4096,). Optimizers are timed round-robin, so
-machine noise hits all of them alike; the report gives medians and ratios
-taken within this run, the optimizer state bytes, and XLA's temporary bytes
-for the step. A size sweep (about 1 M to 100 M parameters) shows how the
-step time grows.
+(3, 3, 256, 256) and a bias (4096,). Two modes:
+
+* in one process (the default): every optimizer's step is compiled once,
+  then all are timed round-robin, ``--repeats`` rounds of ``--steps`` steps in
+  an order shuffled every round (seeded), so machine noise hits all of them
+  alike. More optimizers, and a size sweep (about 1 M to 100 M parameters)
+  shows how the step time grows.
+* ``--isolated`` (the figures the README quotes): every measurement is a
+  fresh process that builds one optimizer, compiles its step (the compile
+  time is recorded), warms up and times ``--rounds`` rounds of ``--steps``
+  steps; the parent runs each optimizer once per pass, shuffled, for
+  ``--repeats`` passes. In one process the optimizers share an allocator and
+  caches: a step that runs after another pays for what that one left behind.
+
+Ratios are medians over the rounds (passes) of each one's ratio (see
+:func:`add_ratios`); the report also gives the optimizer state bytes and XLA's
+temporary bytes for the step, and checks the targets of the performance issue
+(:data:`TARGETS`, :data:`ISOLATED_TARGETS`).
+
+With ``--devices N`` (implies ``--isolated``) every child process starts JAX
+with N CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N``) on
+a one-axis mesh ``("x",)`` and shards the tree as the sharding tests do
+(:func:`mesh_spec`); the state is placed by :func:`optax_sm3.state_shardings`.
+Bytes are then per device (device 0's shards), and the table also counts the
+all-gathers in the compiled step.
 
 Usage (from the repository root)::
 
-  python benchmarks/step_time.py            # full run, a few minutes
-  python benchmarks/step_time.py --quick    # about a minute
+  python -m benchmarks.step_time                        # one process, minutes
+  python -m benchmarks.step_time --quick                # about a minute
+  python -m benchmarks.step_time --isolated             # one optimizer per process
+  python -m benchmarks.step_time --isolated --tree transformer
+  python -m benchmarks.step_time --devices 8 --repeats 3 --with-direct
 
-Writes ``step_time.md`` and ``step_time.json`` under ``--out``
-(``results/step_time`` by default) and prints the Markdown.
-
-Ratios are medians of per-round ratios (see :func:`add_ratios`); the targets
-of the performance issue are checked at the end (:data:`TARGETS`).
+Writes ``step_time.md`` and ``.json`` (``step_isolated.md`` and ``.json`` when
+isolated) under ``--out`` (``results/step_time`` by default) and prints the
+Markdown.
 """
 
 from __future__ import annotations
@@ -28,23 +49,21 @@ import functools
 import json
 import math
 import os
-import pathlib
-import platform
 import random
 import statistics
+import subprocess
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import optax
-
-try:
-  from tqdm import tqdm
-except ImportError:  # pragma: no cover - tqdm is in the [bench] extra
-  tqdm = None
+import tqdm
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import optax_sm3
+from benchmarks import _report
 
 BASE_SHAPES = {
   "embedding": (200000, 128),
@@ -55,6 +74,16 @@ BASE_SHAPES = {
 }
 
 LEARNING_RATE = 1e-3
+# SM3 without the CPU loop, timed with --with-direct.
+DIRECT = "optax_sm3.sm3 (m=0, block_size=0)"
+# The optimizers of an isolated run and of the size sweep.
+ISOLATED_NAMES = (
+  "optax.sgd",
+  "optax.adam",
+  "optax_sm3.sm3 (m=0)",
+  "optax_sm3.sm3 (m=0.9)",
+)
+SWEEP_NAMES = (*ISOLATED_NAMES[:2], "optax.sm3 (m=0)", *ISOLATED_NAMES[2:])
 
 
 def optimizers(with_direct: bool = False) -> dict[str, optax.GradientTransformation]:
@@ -69,9 +98,7 @@ def optimizers(with_direct: bool = False) -> dict[str, optax.GradientTransformat
     "optax_sm3.sm3 (m=0.9)": optax_sm3.sm3(LEARNING_RATE, momentum=0.9),
   }
   if with_direct:
-    txs["optax_sm3.sm3 (m=0, block_size=0)"] = optax_sm3.sm3(
-      LEARNING_RATE, momentum=0.0, block_size=0
-    )
+    txs[DIRECT] = optax_sm3.sm3(LEARNING_RATE, momentum=0.0, block_size=0)
   return txs
 
 
@@ -116,30 +143,84 @@ def make_tree(shapes, dtype, seed):
   }
 
 
-def tree_bytes(tree) -> int:
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+# Row-sharded matrices of the trees (the rest split their last axis).
+ROW_SHARDED = ("embedding", "dense_out", "/o", "/down")
+
+
+def mesh_spec(name: str, shape: tuple[int, ...], devices: int) -> P:
+  """How the tree is sharded on the ``("x",)`` mesh, as the sharding tests do.
+
+  Embedding and down-projection matrices by rows, other kernels by their
+  last axis (columns, output channels); vectors and axes that ``devices``
+  does not divide stay replicated.
+  """
+  if len(shape) < 2:
+    return P()
+  axis = 0 if any(key in name for key in ROW_SHARDED) else len(shape) - 1
+  if shape[axis] % devices:
+    return P()
+  return P(*(("x" if a == axis else None) for a in range(len(shape))))
+
+
+def device_bytes(tree) -> int:
+  """Bytes of ``tree`` held on the first device (all of it, unless sharded)."""
+  first = jax.devices()[0]
+  return sum(
+    shard.data.nbytes
+    for leaf in jax.tree.leaves(tree)
+    for shard in leaf.addressable_shards
+    if shard.device == first
+  )
 
 
 class Case:
-  """One optimizer on one tree: a compiled, donated train step."""
+  """One optimizer on one tree: a compiled, donated train step.
 
-  def __init__(self, tx, shapes, dtype):
+  With ``devices > 1``, on a mesh of them, the tree sharded by
+  :func:`mesh_spec` and the state by :func:`optax_sm3.state_shardings`.
+  """
+
+  def __init__(self, tx, shapes, dtype, devices: int = 1):
     self.params = make_tree(shapes, dtype, seed=0)
     self.grads = make_tree(shapes, dtype, seed=1)
-    self.state = tx.init(self.params)
-    self.param_bytes = tree_bytes(self.params)
-    self.state_bytes = tree_bytes(self.state)
+    shardings = {}
+    if devices > 1:
+      mesh = jax.make_mesh((devices,), ("x",), axis_types=(AxisType.Auto,))
+      param_sh = {
+        k: NamedSharding(mesh, mesh_spec(k, s, devices)) for k, s in shapes.items()
+      }
+      self.params, self.grads = jax.device_put(
+        (self.params, self.grads), (param_sh, param_sh)
+      )
+      state_sh = optax_sm3.state_shardings(tx, self.params, param_sh)
+      self.state = jax.jit(tx.init, out_shardings=state_sh)(self.params)
+      shardings = {
+        "in_shardings": (param_sh, state_sh, param_sh),
+        "out_shardings": (param_sh, state_sh),
+      }
+    else:
+      self.state = tx.init(self.params)
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    @functools.partial(jax.jit, donate_argnums=(0, 1), **shardings)
     def step(params, state, grads):
       updates, state = tx.update(grads, state, params)
       return optax.apply_updates(params, updates), state
 
     start = time.perf_counter()
     self.step = step.lower(self.params, self.state, self.grads).compile()
-    self.compile_s = time.perf_counter() - start
-    self.temp_bytes = self.step.memory_analysis().temp_size_in_bytes
-    self.times: list[float] = []
+    self.info = {
+      # Lowering and compiling the donated train step.
+      "compile_s": time.perf_counter() - start,
+      "param_bytes": device_bytes(self.params),
+      "state_bytes": device_bytes(self.state),
+      # A partitioned program is per device: so is its temporary.
+      "temp_bytes": self.step.memory_analysis().temp_size_in_bytes,
+      "all_gathers": sum(
+        " all-gather(" in line or " all-gather-start(" in line
+        for line in self.step.as_text().splitlines()
+      ),
+      "num_params": sum(math.prod(s) for s in shapes.values()),
+    }
     self.run(2)  # warm-up
 
   def run(self, steps: int) -> float:
@@ -150,37 +231,99 @@ class Case:
     jax.block_until_ready(self.params)
     return (time.perf_counter() - start) / steps
 
-  def close(self):
-    del self.params, self.state, self.grads, self.step
 
+def round_robin(names, sample, repeats: int, seed: int, progress) -> dict[str, dict]:
+  """Each name's ``sample`` once per round, ``repeats`` rounds; a row per name.
 
-def measure(txs, shapes, dtype, repeats, steps_per_repeat, progress, seed=0):
-  """Round-robin timing of every optimizer; returns one row per optimizer.
-
-  The order is shuffled every round (seeded): a step that runs right after
-  another optimizer's pays for what that one left behind (its temporaries
-  freed, the caches filled with its buffers), and no optimizer should always
-  follow the same neighbour.
+  ``sample(name)`` returns ``{"ms": ..., **Case.info}``. The order is shuffled
+  every round (seeded): a step that runs right after another optimizer's pays
+  for what that one left behind (its temporaries freed, the caches filled with
+  its buffers), and no optimizer should always follow the same neighbour.
   """
-  cases = {name: Case(tx, shapes, dtype) for name, tx in txs.items()}
   order = random.Random(seed)
+  samples = {name: [] for name in names}
   for _ in range(repeats):
-    for case in order.sample(list(cases.values()), len(cases)):
-      case.times.append(case.run(steps_per_repeat))
-      progress.update(1)
+    for name in order.sample(list(names), len(names)):
+      samples[name].append(sample(name))
+      progress.set_postfix_str(f"{name}: {samples[name][-1]['ms']:.1f} ms")
+      progress.update()
   rows = {}
-  for name, case in cases.items():
+  for name, runs in samples.items():
+    times = [s["ms"] for s in runs]
     rows[name] = {
-      "round_ms": [1e3 * t for t in case.times],
-      "median_ms": 1e3 * statistics.median(case.times),
-      "min_ms": 1e3 * min(case.times),
-      "max_ms": 1e3 * max(case.times),
-      "param_bytes": case.param_bytes,
-      "state_bytes": case.state_bytes,
-      "temp_bytes": case.temp_bytes,
+      "round_ms": times,
+      "round_compile_s": [s["compile_s"] for s in runs],
+      "median_ms": statistics.median(times),
+      "min_ms": min(times),
+      "max_ms": max(times),
+      "compile_s": statistics.median(s["compile_s"] for s in runs),
+      **{k: v for k, v in runs[0].items() if k not in ("ms", "compile_s")},
     }
-    case.close()
   return rows
+
+
+def child(args) -> None:
+  """Runs in its own process: one optimizer, prints one JSON line."""
+  if jax.device_count() != args.devices:
+    raise RuntimeError(f"expected {args.devices} devices, JAX has {jax.device_count()}")
+  tx = optimizers(with_direct=True)[args.child]
+  shapes = scaled_shapes(args.scale, args.tree)
+  case = Case(tx, shapes, jnp.dtype(args.dtype), args.devices)
+  times = [case.run(args.steps) for _ in range(args.rounds)]
+  print(json.dumps({"ms": 1e3 * statistics.median(times), **case.info}))
+
+
+def run_child(args, name: str, dtype: str, scale: float) -> dict:
+  """One optimizer in a fresh process (:func:`child`); its JSON line."""
+  command = [sys.executable, "-m", "benchmarks.step_time", "--child", name]
+  for flag, value in (
+    ("--tree", args.tree),
+    ("--scale", scale),
+    ("--dtype", dtype),
+    ("--steps", args.steps),
+    ("--rounds", args.rounds),
+    ("--devices", args.devices),
+  ):
+    command += [flag, str(value)]
+  env = dict(os.environ)
+  if args.devices > 1:
+    # Read when JAX starts its CPU backend: set before the child imports JAX.
+    env["JAX_PLATFORMS"] = "cpu"
+    env["XLA_FLAGS"] = (
+      env.get("XLA_FLAGS", "")
+      + f" --xla_force_host_platform_device_count={args.devices}"
+    )
+  result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+  if result.returncode != 0:
+    raise RuntimeError(f"{name} ({dtype}) failed:\n{result.stderr[-3000:]}")
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def measure(args, names, dtype: str, scale: float, progress) -> dict[str, dict]:
+  """The rows of ``names`` on the tree at ``scale``, by the mode of ``args``."""
+  if args.isolated:
+    sample = functools.partial(run_child, args, dtype=dtype, scale=scale)
+  else:
+    txs = optimizers(args.with_direct)
+    shapes = scaled_shapes(scale, args.tree)
+    cases = {name: Case(txs[name], shapes, jnp.dtype(dtype)) for name in names}
+
+    def sample(name):
+      return {"ms": 1e3 * cases[name].run(args.steps), **cases[name].info}
+
+  rows = round_robin(names, sample, args.repeats, args.seed, progress)
+  add_ratios(rows)
+  add_fractions(rows)
+  return rows
+
+
+# (ratio, baseline, per-round figure): each a median of per-round ratios.
+RATIOS = (
+  ("vs_adam", "optax.adam", "round_ms"),
+  ("vs_sgd", "optax.sgd", "round_ms"),
+  ("vs_optax_sm3_m0", "optax.sm3 (m=0)", "round_ms"),
+  ("compile_vs_adam", "optax.adam", "round_compile_s"),
+)
 
 
 def add_ratios(rows):
@@ -191,19 +334,21 @@ def add_ratios(rows):
   speed that a ratio of two medians would keep.
   """
   for row in rows.values():
-    for base, key in (
-      ("optax.adam", "vs_adam"),
-      ("optax.sgd", "vs_sgd"),
-      ("optax.sm3 (m=0)", "vs_optax_sm3_m0"),
-    ):
-      if base in rows:
+    for key, base, figure in RATIOS:
+      if base in rows and figure in row:
         row[key] = statistics.median(
-          t / b for t, b in zip(row["round_ms"], rows[base]["round_ms"], strict=True)
+          t / b for t, b in zip(row[figure], rows[base][figure], strict=True)
         )
 
 
-# The targets of the performance issue, checked on the float32 tree:
-# (what, optimizer row, metric of the row, upper bound).
+def add_fractions(rows):
+  for row in rows.values():
+    row["temp_fraction"] = row["temp_bytes"] / row["param_bytes"]
+    row["state_fraction"] = row["state_bytes"] / row["param_bytes"]
+
+
+# The targets of the performance issue, checked in one process on the float32
+# tree: (what, optimizer row, metric of the row, upper bound).
 TARGETS = (
   ("step time / optax.adam", "optax_sm3.sm3 (m=0)", "vs_adam", 0.6),
   ("step time / optax.sm3 (m=0)", "optax_sm3.sm3 (m=0)", "vs_optax_sm3_m0", 0.3),
@@ -212,6 +357,28 @@ TARGETS = (
   ("XLA temporary / parameter bytes", "optax_sm3.sm3 (m=0.9)", "temp_fraction", 0.05),
   ("optimizer state / parameter bytes", "optax_sm3.sm3 (m=0)", "state_fraction", 0.01),
 )
+# Isolated, on the float32 and bfloat16 trees.
+ISOLATED_TARGETS = (
+  ("step time / optax.adam", "optax_sm3.sm3 (m=0)", "vs_adam", 0.6),
+  ("step time / optax.sgd", "optax_sm3.sm3 (m=0)", "vs_sgd", 1.6),
+  ("step time / optax.adam", "optax_sm3.sm3 (m=0.9)", "vs_adam", 0.9),
+)
+# Isolated, on the transformer tree (float32).
+COMPILE_TARGET = (
+  "compile time / optax.adam",
+  "optax_sm3.sm3 (m=0)",
+  "compile_vs_adam",
+  2.0,
+)
+# Isolated with --devices N > 1, instead of ISOLATED_TARGETS.
+DEVICE_TARGETS = tuple(
+  target
+  for name in ("optax_sm3.sm3 (m=0)", "optax_sm3.sm3 (m=0.9)")
+  for target in (
+    ("XLA temporary / parameter bytes, per device", name, "temp_fraction", 0.05),
+    ("step time / optax.adam", name, "vs_adam", 1.0),
+  )
+)
 # Step time ~ n ** b over the size sweep: at most linear growth means
 # b <= 1 + GROWTH_TOLERANCE (b < 1: fixed per-step costs still amortising).
 GROWTH_TOLERANCE = 0.1
@@ -219,12 +386,6 @@ GROWTH_TOLERANCE = 0.1
 # (32 MiB of float32: past the last-level cache of the machines we run on), so
 # fixed per-step costs and cache-resident small trees do not bend it.
 GROWTH_FROM_PARAMS = 8_000_000
-
-
-def add_fractions(rows):
-  for row in rows.values():
-    row["temp_fraction"] = row["temp_bytes"] / row["param_bytes"]
-    row["state_fraction"] = row["state_bytes"] / row["param_bytes"]
 
 
 def growth_exponent(sizes, times) -> float:
@@ -253,65 +414,105 @@ def growth_exponents(sweep, min_params: int = GROWTH_FROM_PARAMS) -> dict[str, f
   }
 
 
-def check_targets(result) -> list[dict]:
-  """Each target with the value measured in this run and whether it is met."""
-  rows = result["float32"]
-  checks = [
-    {
-      "target": f"{name}: {what} <= {bound:g}",
-      "value": rows[name][metric],
-      "met": rows[name][metric] <= bound,
-    }
-    for what, name, metric, bound in TARGETS
+def _checks(rows, targets, prefix: str = "") -> list[dict]:
+  return [
+    _report.check(
+      f"{prefix}{name}: {what} <= {bound:g}",
+      rows[name][metric],
+      rows[name][metric] <= bound,
+    )
+    for what, name, metric, bound in targets
     if name in rows and metric in rows[name]
   ]
+
+
+def check_targets(result) -> list[dict]:
+  """Each target of a run in one process, its value and whether it is met."""
+  checks = _checks(result["float32"], TARGETS)
   exponents = result.get("growth_exponents", {})
   for name in ("optax_sm3.sm3 (m=0)", "optax_sm3.sm3 (m=0.9)"):
     if name in exponents:
+      bound = 1 + GROWTH_TOLERANCE
+      what = f"step time ~ n^b over the sweep, b <= {bound:g} (at most linear)"
       checks.append(
-        {
-          "target": f"{name}: step time ~ n^b over the sweep, b <= "
-          f"{1 + GROWTH_TOLERANCE:g} (at most linear)",
-          "value": exponents[name],
-          "met": exponents[name] <= 1 + GROWTH_TOLERANCE,
-        }
+        _report.check(f"{name}: {what}", exponents[name], exponents[name] <= bound)
       )
   return checks
 
 
-def targets_table(checks) -> str:
-  lines = [
-    "#### Targets (float32 tree)",
-    "",
-    "| target | measured | met |",
-    "|---|---:|:-:|",
-  ]
-  for c in checks:
-    lines.append(
-      f"| {c['target']} | {c['value']:.3g} | {'yes' if c['met'] else 'NO'} |"
-    )
-  return "\n".join(lines)
+def isolated_targets(result) -> list[dict]:
+  """Each target of an isolated run, its value and whether it is met."""
+  devices = result.get("devices", 1)
+  targets = ISOLATED_TARGETS if devices == 1 else DEVICE_TARGETS
+  where = "" if devices == 1 else f"{devices} devices, "
+  checks = []
+  for dtype in ("float32", "bfloat16"):
+    if dtype in result:
+      checks += _checks(result[dtype], targets, f"{where}{dtype}: ")
+  if result["tree"] == "transformer":
+    checks += _checks(result["float32"], (COMPILE_TARGET,))
+  return checks
 
 
-def _mb(n: int) -> str:
-  return f"{n / 2**20:,.1f}"
+def _fraction(key):
+  return lambda r: f"{r[key] / r['param_bytes']:.2%}"
 
 
-def main_table(rows, title) -> str:
+def _ratio(key):
+  return lambda r: f"{r.get(key, math.nan):.2f}"
+
+
+def _mib(key):
+  return lambda r: _report.format_bytes(r[key], "MiB", label=False)
+
+
+# A table column: its header and the cell of a row.
+CELLS = {
+  "median step (ms)": lambda r: f"{r['median_ms']:.1f}",
+  "vs adam": _ratio("vs_adam"),
+  "vs optax.sm3 (m=0)": _ratio("vs_optax_sm3_m0"),
+  "vs sgd": _ratio("vs_sgd"),
+  "compile (s)": lambda r: f"{r['compile_s']:.2f}",
+  "compile vs adam": _ratio("compile_vs_adam"),
+  "state (MiB)": _mib("state_bytes"),
+  "state / params": _fraction("state_bytes"),
+  "XLA temp (MiB)": _mib("temp_bytes"),
+  "temp / params": _fraction("temp_bytes"),
+  "XLA temp / params": _fraction("temp_bytes"),
+  "state / params, per device": _fraction("state_bytes"),
+  "XLA temp / params, per device": _fraction("temp_bytes"),
+  "all-gathers": lambda r: str(r.get("all_gathers", 0)),
+}
+IN_PROCESS_COLUMNS = (
+  "median step (ms)",
+  "vs adam",
+  "vs optax.sm3 (m=0)",
+  "vs sgd",
+  "state (MiB)",
+  "state / params",
+  "XLA temp (MiB)",
+  "temp / params",
+)
+_ISOLATED = ("median step (ms)", "vs adam", "vs sgd", "compile (s)", "compile vs adam")
+ISOLATED_COLUMNS = (*_ISOLATED, "state / params", "XLA temp / params")
+DEVICE_COLUMNS = (
+  *_ISOLATED,
+  "state / params, per device",
+  "XLA temp / params, per device",
+  "all-gathers",
+)
+
+
+def table(rows, title: str, columns=ISOLATED_COLUMNS) -> str:
+  """One row per optimizer, one column per header in ``columns``."""
   lines = [
     f"#### {title}",
     "",
-    "| optimizer | median step (ms) | vs adam | vs optax.sm3 (m=0) | vs sgd "
-    "| state (MiB) | state / params | XLA temp (MiB) | temp / params |",
-    "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    "| optimizer | " + " | ".join(columns) + " |",
+    "|---|" + "---:|" * len(columns),
   ]
   for name, r in rows.items():
-    lines.append(
-      f"| {name} | {r['median_ms']:.1f} | {r.get('vs_adam', math.nan):.2f} "
-      f"| {r.get('vs_optax_sm3_m0', math.nan):.2f} | {r.get('vs_sgd', math.nan):.2f} "
-      f"| {_mb(r['state_bytes'])} | {r['state_fraction']:.2%} "
-      f"| {_mb(r['temp_bytes'])} | {r['temp_fraction']:.2%} |"
-    )
+    lines.append(f"| {name} | " + " | ".join(CELLS[c](r) for c in columns) + " |")
   return "\n".join(lines)
 
 
@@ -342,13 +543,27 @@ def sweep_table(sweep, exponents) -> str:
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument(
-    "--quick", action="store_true", help="fewer repeats, a shorter sweep"
+    "--isolated", action="store_true", help="one optimizer per process"
   )
   parser.add_argument(
-    "--repeats", type=int, default=None, help="timed rounds per optimizer"
+    "--quick",
+    action="store_true",
+    help="fewer repeats, a shorter sweep; isolated: a quarter-size tree",
+  )
+  parser.add_argument(
+    "--repeats",
+    type=int,
+    default=None,
+    help="timed rounds per optimizer (11; --quick 5); isolated: processes "
+    "per optimizer (7; --quick 3)",
+  )
+  parser.add_argument(
+    "--rounds", type=int, default=5, help="isolated: timed rounds per process"
   )
   parser.add_argument("--steps", type=int, default=3, help="steps per timed round")
-  parser.add_argument("--no-sweep", action="store_true", help="skip the size sweep")
+  parser.add_argument(
+    "--no-sweep", action="store_true", help="skip the size sweep (isolated: no sweep)"
+  )
   parser.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 run")
   parser.add_argument(
     "--tree",
@@ -360,120 +575,122 @@ def parse_args(argv):
   parser.add_argument(
     "--scale",
     type=float,
-    default=1.0,
+    default=None,
     help="scale the tree's sizes (1 = the tree as described above; the sweep "
     "scales from there)",
   )
   parser.add_argument(
-    "--with-direct",
-    action="store_true",
-    help="also time optax_sm3.sm3 with block_size=0 (no CPU loop)",
+    "--with-direct", action="store_true", help=f"also time {DIRECT!r} (no CPU loop)"
   )
+  parser.add_argument(
+    "--devices",
+    type=int,
+    default=1,
+    help="CPU devices per process; > 1 shards the tree on a mesh of them "
+    "(implies --isolated)",
+  )
+  parser.add_argument("--seed", type=int, default=0, help="seed of the round orders")
   parser.add_argument("--out", default="results/step_time", help="output folder")
+  parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  args.isolated = args.isolated or args.devices > 1
   if args.repeats is None:
-    args.repeats = 5 if args.quick else 11
-  if args.repeats < 1 or args.steps < 1:
-    parser.error("--repeats and --steps must be >= 1")
+    args.repeats = (
+      (3 if args.quick else 7) if args.isolated else 5 if args.quick else 11
+    )
+  if args.scale is None:
+    args.scale = 0.25 if args.quick and args.isolated else 1.0
+  if min(args.repeats, args.rounds, args.steps, args.devices) < 1:
+    parser.error("--repeats, --rounds, --steps and --devices must be >= 1")
   if not args.scale > 0:
     parser.error("--scale must be > 0")
+  if args.child is not None and args.child not in optimizers(with_direct=True):
+    parser.error(f"--child must be one of {tuple(optimizers(with_direct=True))}")
   return args
 
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  txs = optimizers(args.with_direct)
-  sweep_names = [
-    "optax.sgd",
-    "optax.adam",
-    "optax.sm3 (m=0)",
-    "optax_sm3.sm3 (m=0)",
-    "optax_sm3.sm3 (m=0.9)",
-  ]
-  base_shapes = scaled_shapes(args.scale, args.tree)
+  if args.child is not None:
+    child(args)
+    return {}
+  started = time.perf_counter()
+  if args.isolated:
+    names = [*ISOLATED_NAMES, DIRECT] if args.with_direct else list(ISOLATED_NAMES)
+  else:
+    names = list(optimizers(args.with_direct))
+  dtypes = ["float32"] + ([] if args.no_bf16 else ["bfloat16"])
+  shapes = scaled_shapes(args.scale, args.tree)
   scales = [1 / 32, 1 / 4, 1] if args.quick else [1 / 32, 1 / 8, 1 / 4, 1 / 2, 1, 2, 3]
   # One tree per size: small scales of the transformer tree round to the same
   # number of layers.
-  sweep_trees = {}
-  for scale in [] if args.no_sweep else scales:
-    shapes = scaled_shapes(scale * args.scale, args.tree)
-    sweep_trees.setdefault(sum(math.prod(s) for s in shapes.values()), (scale, shapes))
-  total = args.repeats * len(txs) * (1 if args.no_bf16 else 2)
-  total += args.repeats * len(sweep_names) * len(sweep_trees)
-  bar = (
-    tqdm(total=total, desc="timing", unit="round", file=sys.stderr) if tqdm else None
+  sweep_scales = {}
+  for scale in [] if args.no_sweep or args.isolated else scales:
+    tree = scaled_shapes(scale * args.scale, args.tree)
+    sweep_scales.setdefault(sum(math.prod(s) for s in tree.values()), scale)
+  total = args.repeats * (
+    len(names) * len(dtypes) + len(SWEEP_NAMES) * len(sweep_scales)
   )
-  progress = bar if bar is not None else type("P", (), {"update": lambda *_: None})()
 
   result = {
-    "machine": {
-      "platform": platform.platform(),
-      "processor": platform.processor(),
-      "jax": jax.__version__,
-      "optax": optax.__version__,
-      "optax_sm3": optax_sm3.__version__,
-      "devices": [str(d) for d in jax.devices()],
-      "cpus": os.cpu_count(),
-    },
-    "tree": args.tree,
-    "scale": args.scale,
-    "repeats": args.repeats,
-    "steps_per_repeat": args.steps,
+    # The parent of isolated runs leaves the devices to its children.
+    "machine": _report.machine(backend=not args.isolated),
+    "isolated": args.isolated,
+    **{k: getattr(args, k) for k in ("tree", "scale", "repeats", "steps", "seed")},
+    **({"rounds": args.rounds, "devices": args.devices} if args.isolated else {}),
   }
-  result["float32"] = measure(
-    txs, base_shapes, jnp.float32, args.repeats, args.steps, progress
-  )
-  if not args.no_bf16:
-    result["bfloat16"] = measure(
-      txs, base_shapes, jnp.bfloat16, args.repeats, args.steps, progress
-    )
-  if not args.no_sweep:
-    result["sweep"] = {}
-    for n, (scale, shapes) in sweep_trees.items():
-      rows = measure(
-        {k: txs[k] for k in sweep_names},
-        shapes,
-        jnp.float32,
-        args.repeats,
-        args.steps,
-        progress,
-      )
-      result["sweep"][f"{scale:g}"] = {"num_params": n, "rows": rows}
-  if bar is not None:
-    bar.close()
-  for key in ("float32", "bfloat16"):
-    if key in result:
-      add_ratios(result[key])
-      add_fractions(result[key])
+  with tqdm.tqdm(total=total, desc="timing", unit="round", file=sys.stderr) as bar:
+    for dtype in dtypes:
+      result[dtype] = measure(args, names, dtype, args.scale, bar)
+    if sweep_scales:
+      result["sweep"] = {
+        f"{scale:g}": {
+          "num_params": n,
+          "rows": measure(args, SWEEP_NAMES, "float32", scale * args.scale, bar),
+        }
+        for n, scale in sweep_scales.items()
+      }
   if "sweep" in result:
     result["growth_exponents"] = growth_exponents(result["sweep"])
-  result["targets"] = check_targets(result)
+  result["targets"] = (isolated_targets if args.isolated else check_targets)(result)
 
-  n = sum(math.prod(s) for s in base_shapes.values())
+  n = sum(math.prod(s) for s in shapes.values())
+  if args.isolated:
+    how = (
+      f"one optimizer per process, {args.repeats} passes in shuffled order, each "
+      f"process the median of {args.rounds} rounds of {args.steps} steps; ratios "
+      "are medians of per-pass ratios"
+    )
+    columns = ISOLATED_COLUMNS if args.devices == 1 else DEVICE_COLUMNS
+  else:
+    how = (
+      f"all optimizers in one process, {args.repeats} rounds of {args.steps} "
+      "steps round-robin (shuffled each round); ratios are medians of the "
+      "per-round ratios"
+    )
+    columns = IN_PROCESS_COLUMNS
+  where = (
+    f"{args.devices} CPU devices (one-axis mesh, tree sharded by `step_time.mesh_spec`)"
+    if args.devices > 1
+    else "1 device"
+  )
   machine = result["machine"]
   parts = [
-    f"Parameter tree: {args.tree}, {n / 1e6:.1f} M values in "
-    f"{len(base_shapes)} arrays; medians of {args.repeats} rounds "
-    f"of {args.steps} steps, all optimizers timed round-robin (shuffled each round) in one run; ratios "
-    "are medians of the per-round ratios "
-    f"(jax {machine['jax']}, optax {machine['optax']}, {machine['cpus']} CPUs, "
-    f"{len(machine['devices'])} device(s)).",
-    "",
-    main_table(result["float32"], "float32 parameters"),
+    f"Tree: {args.tree} x {args.scale:g} ({n / 1e6:.1f} M parameters in "
+    f"{len(shapes)} arrays) on {where}; {how}; jax {machine['jax']}, optax "
+    f"{machine['optax']}, {machine['cpus']} CPUs; wall time "
+    f"{time.perf_counter() - started:.0f} s."
   ]
-  if "bfloat16" in result:
-    parts += ["", main_table(result["bfloat16"], "bfloat16 parameters")]
+  for dtype in dtypes:
+    parts += ["", table(result[dtype], f"{dtype} parameters", columns)]
   if "sweep" in result:
     parts += ["", sweep_table(result["sweep"], result["growth_exponents"])]
-  if args.tree == "embedding":
-    parts += ["", targets_table(result["targets"])]
-  markdown = "\n".join(parts) + "\n"
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "step_time.md").write_text(markdown)
-  (out / "step_time.json").write_text(json.dumps(result, indent=2))
-  print(markdown)
-  print(f"wrote {out / 'step_time.md'} and {out / 'step_time.json'}")
+  if args.isolated or args.tree == "embedding":
+    title = "Targets" if args.isolated else "Targets (float32 tree)"
+    parts += ["", _report.targets_table(result["targets"], title)]
+  stem = "step_isolated" if args.isolated else "step_time"
+  _report.save(args.out, stem, "\n".join(parts) + "\n", result)
   return result
 
 

@@ -243,7 +243,7 @@ def test_ratios_cancel_drift_between_rounds():
 
 
 def test_step_isolated_targets_and_table():
-  from benchmarks import step_isolated
+  from benchmarks import step_time
 
   def row(ms, compile_s):
     return {
@@ -264,7 +264,7 @@ def test_step_isolated_targets_and_table():
     r["vs_adam"] = r["median_ms"] / 3.0
     r["vs_sgd"] = r["median_ms"] / 1.0
     r["compile_vs_adam"] = r["compile_s"] / 0.2
-  checks = step_isolated.check_targets({"tree": "transformer", "float32": rows})
+  checks = step_time.isolated_targets({"tree": "transformer", "float32": rows})
   met = {c["target"]: c["met"] for c in checks}
   assert met == {
     "float32: optax_sm3.sm3 (m=0): step time / optax.adam <= 0.6": True,
@@ -273,21 +273,21 @@ def test_step_isolated_targets_and_table():
     "optax_sm3.sm3 (m=0): compile time / optax.adam <= 2": False,
   }
   assert "| optax_sm3.sm3 (m=0) | 1.5 | 0.50 | 1.50 | 0.50 | 2.50 |" in (
-    step_isolated.table(rows, "float32 parameters")
+    step_time.table(rows, "float32 parameters")
   )
 
 
 def test_step_isolated_device_targets_and_mesh_specs():
   from jax.sharding import PartitionSpec as P
 
-  from benchmarks import step_isolated
+  from benchmarks import step_time
 
   rows = {
     "optax.adam": {"vs_adam": 1.0, "temp_fraction": 0.0},
     "optax_sm3.sm3 (m=0)": {"vs_adam": 0.8, "temp_fraction": 0.03},
     "optax_sm3.sm3 (m=0.9)": {"vs_adam": 1.1, "temp_fraction": 0.2},
   }
-  checks = step_isolated.check_targets(
+  checks = step_time.isolated_targets(
     {"tree": "embedding", "devices": 8, "float32": rows}
   )
   met = {c["target"]: c["met"] for c in checks}
@@ -299,7 +299,7 @@ def test_step_isolated_device_targets_and_mesh_specs():
     f"{prefix} (m=0.9): {per_device}": False,
     f"{prefix} (m=0.9): step time / optax.adam <= 1": False,
   }
-  spec = step_isolated.mesh_spec
+  spec = step_time.mesh_spec
   assert spec("embedding", (200000, 128), 8) == P("x", None)
   assert spec("dense_in", (1024, 4096), 8) == P(None, "x")
   assert spec("0/down", (2048, 512), 8) == P("x", None)
