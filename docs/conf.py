@@ -61,3 +61,14 @@ html_theme_options = {
 html_static_path = ["_static"]
 html_css_files = ["tables.css"]
 nitpicky = False
+
+
+def _alias_docstring(app, what, name, obj, options, lines):
+  # ``optax_sm3.SM3`` is ``optax_sm3.brainstate.SM3``: its docstring is shown
+  # once, at its home (docs/api/brainstate.rst).
+  if name == "optax_sm3.SM3":
+    lines[:] = ["The same class as :class:`optax_sm3.brainstate.SM3`."]
+
+
+def setup(app):
+  app.connect("autodoc-process-docstring", _alias_docstring)

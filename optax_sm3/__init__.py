@@ -5,7 +5,6 @@ one accumulator per tensor axis (the maxima of a cover of the entries), so its
 state costs ``O(sum of dims)`` instead of ``O(prod of dims)``.
 """
 
-from optax_sm3._adapter import SM3
 from optax_sm3._convert import from_optax_sm3
 from optax_sm3._momentum import ScaleByMomentumState, scale_by_momentum
 from optax_sm3._polyak import PolyakState, polyak_averaging, polyak_params
@@ -64,9 +63,12 @@ __all__ = (
 
 def __getattr__(name: str):
   # `optax_sm3.nnx` and `optax_sm3.linen` need Flax, `optax_sm3.equinox`
-  # Equinox: imported on first use only.
-  if name in ("nnx", "linen", "equinox"):
+  # Equinox, `optax_sm3.brainstate` (home of `SM3`) is for brainstate:
+  # imported on first use only.
+  if name in ("nnx", "linen", "equinox", "brainstate", "SM3"):
     import importlib
 
+    if name == "SM3":
+      return importlib.import_module("optax_sm3.brainstate").SM3
     return importlib.import_module(f"optax_sm3.{name}")
   raise AttributeError(f"module 'optax_sm3' has no attribute {name!r}")

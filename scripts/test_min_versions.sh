@@ -71,7 +71,7 @@ echo "min-versions: running the core tests..."
 rc=0
 HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-dev}" "$venv/bin/python" -m pytest -n 2 \
   -p no:cacheprovider --hypothesis-seed=0 tests optax_sm3 \
-  --ignore=tests/test_adapter.py \
+  --ignore=tests/test_brainstate.py \
   --ignore=tests/test_benchmarks.py \
   --ignore=tests/test_recipes.py \
   --ignore=tests/test_checkpoint.py \

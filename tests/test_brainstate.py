@@ -1,4 +1,4 @@
-"""Tests for optax_sm3.SM3, the brainstate/braintools-style adapter."""
+"""optax_sm3.brainstate.SM3 (also optax_sm3.SM3): the braintools-style adapter."""
 
 import subprocess
 import sys
@@ -298,6 +298,24 @@ def test_importing_optax_sm3_does_not_import_brainstate():
     [sys.executable, "-c", code], capture_output=True, text=True, check=True
   ).stdout
   assert out.strip() == "False"
+
+
+def test_sm3_is_imported_from_optax_sm3_brainstate_on_first_use():
+  code = textwrap.dedent(
+    """
+    import sys, optax_sm3
+    print("optax_sm3.brainstate" in sys.modules)
+    cls = optax_sm3.SM3
+    print("optax_sm3.brainstate" in sys.modules, "brainstate" in sys.modules)
+    print(cls is optax_sm3.brainstate.SM3)
+    """
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, check=True
+  ).stdout
+  assert out.split() == ["False", "True", "False", "True"]
+  assert optax_sm3.SM3 is optax_sm3.brainstate.SM3
+  assert "SM3" in optax_sm3.__all__ and "SM3" in optax_sm3.brainstate.__all__
 
 
 # The braintools interface ------------------------------------------------------

@@ -1,4 +1,4 @@
-"""``SM3``: the braintools/brainstate-style optimizer object over :func:`sm3`."""
+"""``SM3``: the braintools/brainstate-style optimizer object over :func:`optax_sm3.sm3`."""
 
 from __future__ import annotations
 
@@ -8,37 +8,28 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from optax_sm3 import _sm3, _validation
-from optax_sm3._adapter_support import (
-  Box,
+from optax_sm3._brainstate import _checkpoint
+from optax_sm3._brainstate._rates import (
   ConstantLR,
   attach,
+  is_schedule,
+  is_scheduler,
+  nice_float,
+)
+from optax_sm3._brainstate._states import (
+  Box,
   check_unique_states,
   has_tracer,
-  is_scheduler,
   leaf_kind,
   read,
   register_graph_node,
-  restore_like,
   traced_plain_mode_error,
 )
 
 _GROUP_OPTIONS = ("lr", "weight_decay")
-
-
-def _is_schedule(lr: Any) -> bool:
-  """Whether a group's ``lr`` entry is an optax schedule (not a holder)."""
-  return callable(lr) and not hasattr(lr, "value")
-
-
-def _nice_float(value: Any) -> Any:
-  """The shortest decimal that rounds to the float32 ``value`` (0.1, not 0.1000…)."""
-  if isinstance(value, jax.core.Tracer):
-    return value
-  return float(str(np.float32(value)))
 
 
 class SM3:
@@ -137,7 +128,7 @@ class SM3:
     >>> params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
     >>> def loss(p):
     ...   return jnp.sum((jnp.ones(4) @ p["w"] + p["b"] - 1.0) ** 2)
-    >>> opt = optax_sm3.SM3(lr=0.1).register_trainable_weights(params)
+    >>> opt = optax_sm3.brainstate.SM3(lr=0.1).register_trainable_weights(params)
     >>> for _ in range(3):
     ...   params = opt.step(jax.grad(loss)(params))
     ...   print(f"loss {loss(params):.4f}")
@@ -150,7 +141,7 @@ class SM3:
     A parameter group with its own rate: here ``lr=0`` freezes ``b``.
 
     >>> params = {"w": jnp.zeros((4, 3))}
-    >>> opt = optax_sm3.SM3(lr=0.1).register_trainable_weights(params)
+    >>> opt = optax_sm3.brainstate.SM3(lr=0.1).register_trainable_weights(params)
     >>> opt.add_param_group({"b": jnp.zeros(3)}, lr=0.0)
     >>> grads = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
     >>> new = opt.step(grads)
@@ -204,7 +195,7 @@ class SM3:
       attach(scheduler, self)
       self._current_lr = Box(jnp.asarray(scheduler.current_lrs.value[0], jnp.float32))
     else:
-      self._base_lr = _nice_float(self._schedule(0))
+      self._base_lr = nice_float(self._schedule(0))
     self.default_tx()  # checks the hyperparameters
     register_graph_node(type(self))
 
@@ -283,7 +274,7 @@ class SM3:
     """The rates of the last added scheduler, else ``[current_lr]``."""
     if self._schedulers:
       return self._schedulers[-1].get_last_lr()
-    return [_nice_float(self.current_lr)]
+    return [nice_float(self.current_lr)]
 
   def lr_apply(self, apply_fn: Callable[[Any], Any]) -> None:
     """Sets the rate to ``apply_fn`` of the scheduled rate (``lr.apply``).
@@ -325,7 +316,7 @@ class SM3:
 
   def _group_tx(self, group: dict[str, Any], index: int) -> Any:
     lr = group["lr"]
-    if _is_schedule(lr):
+    if is_schedule(lr):
       learning_rate = lr
     else:
       _validation.check_range(f"param_groups[{index}]['lr']", read(lr), low=0.0)
@@ -591,22 +582,7 @@ class SM3:
       nor a scheduler's own state (use its ``state_dict``), and a group
       whose ``lr`` is an optax schedule has no ``'lr'`` entry.
     """
-    groups = {}
-    for index, group in enumerate(self.param_groups):
-      entry = {"weight_decay": read(group["weight_decay"])}
-      if not _is_schedule(group["lr"]):
-        entry["lr"] = read(group["lr"])
-      groups[str(index)] = entry
-    return {
-      "step_count": self.step_count.value,
-      "lr": self.current_lr,
-      "base_lr": self.base_lr,
-      "param_groups": groups,
-      "param_groups_opt_states": {
-        str(i): holder.value for i, holder in enumerate(self.param_groups_opt_states)
-      },
-      "opt_state": None if self.opt_state is None else self.opt_state.value,
-    }
+    return _checkpoint.state_dict(self)
 
   def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
     """Restores what :meth:`state_dict` returned.
@@ -627,43 +603,9 @@ class SM3:
     """
     if not self._uses_states and has_tracer(dict(state_dict)):
       raise traced_plain_mode_error("load_state_dict")
-    saved = state_dict.get("opt_state")
-    if saved is not None and self.opt_state is None:
-      raise ValueError(
-        "register_trainable_weights must be called before load_state_dict"
-      )
-    groups = state_dict.get("param_groups")
-    group_states = state_dict.get("param_groups_opt_states")
-    for name, found, count in (
-      ("param_groups", groups, len(self.param_groups)),
-      ("param_groups_opt_states", group_states, len(self.param_groups_opt_states)),
-    ):
-      if found is not None and self.opt_state is not None and len(found) != count:
-        raise ValueError(
-          f"`state_dict['{name}']` has {len(found)} entries, this optimizer "
-          f"{count}: add the same parameter groups (add_param_group) before "
-          "load_state_dict"
-        )
-    restored = None
-    if saved is not None:
-      restored = [restore_like("state_dict['opt_state']", saved, self.opt_state.value)]
-      for i, holder in enumerate(self.param_groups_opt_states):
-        if group_states is not None:
-          restored.append(
-            restore_like(
-              f"state_dict['param_groups_opt_states']['{i}']",
-              group_states[str(i)],
-              holder.value,
-            )
-          )
-    hyper = []
-    for i, entry in (groups or {}).items():
-      for key in ("lr", "weight_decay"):
-        if key in entry:
-          _validation.check_range(f"param_groups[{i}]['{key}']", entry[key], low=0.0)
-          hyper.append((int(i), key, entry[key]))
-    if self._schedule is None and "lr" in state_dict:
-      _validation.check_range("lr", state_dict["lr"], low=0.0)
+    restored, hyper = _checkpoint.checked(
+      self, state_dict, restores_lr=self._schedule is None
+    )
 
     self.step_count.value = jnp.asarray(state_dict["step_count"], jnp.int32)
     if self._schedule is None:
