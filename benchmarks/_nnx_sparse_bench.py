@@ -35,6 +35,7 @@ from flax import nnx
 
 import optax_sm3
 import optax_sm3.nnx
+from benchmarks import _report
 
 DIM = 64
 BAGS = 1024
@@ -70,27 +71,36 @@ def _loss(model, ids, y):
 
 def _labels(params):
   return jax.tree_util.tree_map_with_path(
-    lambda path, _: "table" if getattr(path[0], "key", None) == "items" else "head",
+    lambda path, _: "table" if "items" in jax.tree_util.keystr(path) else "head",
     params,
+  )
+
+
+def dense_tx(momentum: float) -> optax.GradientTransformation:
+  """The sparse optimizers' dense twin: ``sm3`` on the table (``items``), adam on the rest."""
+  return optax.multi_transform(
+    {
+      "table": optax_sm3.sm3(LEARNING_RATE, momentum=momentum),
+      "head": optax.adam(HEAD_LEARNING_RATE),
+    },
+    _labels,
   )
 
 
 def build(kind: str, rows: int, momentum: float):
   """``(model, optimizer, train_step)`` of the ``"sparse"`` or ``"dense"`` path."""
-  head = optax.adam(HEAD_LEARNING_RATE)
   if kind == "sparse":
     model = Model(optax_sm3.nnx.SparseEmbed, rows, nnx.Rngs(0))
     optimizer = optax_sm3.nnx.SparseOptimizer(
-      model, head, learning_rate=LEARNING_RATE, momentum=momentum
+      model,
+      optax.adam(HEAD_LEARNING_RATE),
+      learning_rate=LEARNING_RATE,
+      momentum=momentum,
     )
     value_and_grad = optax_sm3.nnx.value_and_grad
   elif kind == "dense":
     model = Model(nnx.Embed, rows, nnx.Rngs(0))
-    tx = optax.multi_transform(
-      {"table": optax_sm3.sm3(LEARNING_RATE, momentum=momentum), "head": head},
-      _labels,
-    )
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, dense_tx(momentum), wrt=nnx.Param)
     value_and_grad = nnx.value_and_grad
   else:
     raise ValueError(f"`kind` must be 'sparse' or 'dense', got {kind!r}")
@@ -152,6 +162,17 @@ def _max_relative_difference(a: dict, b: dict) -> float:
   )
 
 
+def step_seconds(step, data, untimed: int = 1) -> list[float]:
+  """Seconds of each ``step(ids, y)`` over ``data`` but the first ``untimed``."""
+  times = []
+  for i, (ids, y) in enumerate(data):
+    start = time.perf_counter()
+    jax.block_until_ready(step(ids, y))
+    if i >= untimed:
+      times.append(time.perf_counter() - start)
+  return times
+
+
 def time_case(rows: int, momentum: float, steps: dict, progress) -> dict:
   """Both paths at one size and momentum; ``steps`` timed steps per path."""
   data = batches(rows, max(steps.values()) + WARMUP, seed=rows)
@@ -162,18 +183,17 @@ def time_case(rows: int, momentum: float, steps: dict, progress) -> dict:
     compiled = train_step.lower(model, optimizer, *data[0]).compile()
     record[f"{kind}_temp_bytes"] = int(compiled.memory_analysis().temp_size_in_bytes)
     del compiled
-    times = []
-    for i, (ids, y) in enumerate(data[: steps[kind] + WARMUP]):
-      start = time.perf_counter()
-      jax.block_until_ready(train_step(model, optimizer, ids, y))
-      elapsed = time.perf_counter() - start
-      if i == 0:  # The first step's parameters are the equality check.
-        if kind == "sparse":
-          optimizer.sync(model)
-        first[kind] = _params(model)
-      if i >= WARMUP:
-        times.append(elapsed)
-      progress.update(1)
+    # The first step's parameters are the equality check.
+    jax.block_until_ready(train_step(model, optimizer, *data[0]))
+    if kind == "sparse":
+      optimizer.sync(model)
+    first[kind] = _params(model)
+    times = step_seconds(
+      functools.partial(train_step, model, optimizer),
+      data[1 : steps[kind] + WARMUP],
+      untimed=WARMUP - 1,
+    )
+    progress.update(steps[kind] + WARMUP)
     record[f"{kind}_median_s"] = statistics.median(times)
     record[f"{kind}_steps"] = steps[kind]
     record[f"{kind}_step_s"] = times  # Every timed step, for the spread.
@@ -182,16 +202,16 @@ def time_case(rows: int, momentum: float, steps: dict, progress) -> dict:
   model, optimizer, _ = build("sparse", rows, momentum)
   step, state = functional_step(model, optimizer)
   del model, optimizer
-  times = []
-  for i, (ids, y) in enumerate(data[: steps["sparse"] + WARMUP]):
-    start = time.perf_counter()
-    _, state = step(state, ids, y)
-    jax.block_until_ready(state)
-    if i >= WARMUP:
-      times.append(time.perf_counter() - start)
+  carry = [state]
+  del state
+
+  def functional(ids, y):
+    _, carry[0] = step(carry[0], ids, y)
+    return carry[0]
+
+  times = step_seconds(functional, data[: steps["sparse"] + WARMUP], untimed=WARMUP)
   record["functional_median_s"] = statistics.median(times)
   record["functional_speedup"] = record["dense_median_s"] / statistics.median(times)
-  del state, step
   record["first_step_max_relative_difference"] = _max_relative_difference(
     first["sparse"], first["dense"]
   )
@@ -225,11 +245,11 @@ def check_targets(results: list[dict]) -> list[dict]:
     at = min(runs, key=lambda r: (abs(np.log2(r["rows"] / rows)), -r["rows"]))
     where = f"{at['rows']:,} rows" + ("" if at["rows"] == rows else f" (not {rows:,})")
     checks.append(
-      {
-        "target": f"momentum {momentum:g}, {where}: speed-up >= {bound:g}x",
-        "value": at["speedup"],
-        "met": bool(at["speedup"] >= bound),
-      }
+      _report.check(
+        f"momentum {momentum:g}, {where}: speed-up >= {bound:g}x",
+        at["speedup"],
+        at["speedup"] >= bound,
+      )
     )
   for momentum in sorted({r["momentum"] for r in results}):
     runs = sorted(
@@ -238,28 +258,24 @@ def check_targets(results: list[dict]) -> list[dict]:
     if len(runs) > 1:
       speedups = [r["speedup"] for r in runs]
       checks.append(
-        {
-          "target": f"momentum {momentum:g}: speed-up grows with V "
+        _report.check(
+          f"momentum {momentum:g}: speed-up grows with V "
           f"({', '.join(f'{r:,}' for r in (x['rows'] for x in runs))} rows)",
-          "value": speedups[-1] / speedups[0],
-          "met": bool(all(a < b for a, b in itertools.pairwise(speedups))),
-        }
+          speedups[-1] / speedups[0],
+          all(a < b for a, b in itertools.pairwise(speedups)),
+        )
       )
   if results:
     worst = max(r["first_step_max_relative_difference"] for r in results)
     checks.append(
-      {
-        "target": "first step, every case: max relative |sparse - dense| <= "
+      _report.check(
+        "first step, every case: max relative |sparse - dense| <= "
         f"{EQUALITY_TOLERANCE:g}",
-        "value": worst,
-        "met": bool(worst <= EQUALITY_TOLERANCE),
-      }
+        worst,
+        worst <= EQUALITY_TOLERANCE,
+      )
     )
   return checks
-
-
-def _mib(n: int) -> str:
-  return f"{n / 2**20:,.1f} MiB"
 
 
 def markdown(results: list[dict], checks: list[dict], steps: dict) -> str:
@@ -280,14 +296,10 @@ def markdown(results: list[dict], checks: list[dict], steps: dict) -> str:
     lines.append(
       f"| {r['momentum']:g} | {r['rows']:,} | {1e3 * r['sparse_median_s']:.2f} ms "
       f"| {1e3 * r['dense_median_s']:.1f} ms | {r['speedup']:.0f}x "
-      f"| {_mib(r['sparse_temp_bytes'])} | {_mib(r['dense_temp_bytes'])} "
+      f"| {_report.format_bytes(r['sparse_temp_bytes'], 'MiB')} "
+      f"| {_report.format_bytes(r['dense_temp_bytes'], 'MiB')} "
       f"| {r['first_step_max_relative_difference']:.1e} "
       f"| {1e3 * r['functional_median_s']:.2f} ms | {r['functional_speedup']:.0f}x |"
     )
-  lines += ["", "#### Targets (NNX train step)", "", "| target | measured | met |"]
-  lines.append("|---|---:|:---:|")
-  for c in checks:
-    lines.append(
-      f"| {c['target']} | {c['value']:.3g} | {'yes' if c['met'] else 'NO'} |"
-    )
+  lines += ["", _report.targets_table(checks, "Targets (NNX train step)")]
   return "\n".join(lines) + "\n"

@@ -38,9 +38,6 @@ the tables.
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -53,6 +50,7 @@ import optax
 import tqdm
 
 import optax_sm3
+from benchmarks import _report
 
 DIM = 64
 BATCH = 4096
@@ -158,10 +156,6 @@ def run(sizes, steps, progress, configs=None, sweep_period=None) -> list[dict]:
   return results
 
 
-def _mib(n: int) -> str:
-  return f"{n / 2**20:,.1f} MiB"
-
-
 def markdown(results: list[dict], steps: int) -> str:
   lines = [
     f"SM3 step on a V x {DIM} float32 table, {BATCH} row indices per step "
@@ -176,26 +170,11 @@ def markdown(results: list[dict], steps: int) -> str:
     lines.append(
       f"| {r['config']} | {r['rows']:,} | {1e3 * r['sparse_median_s']:.2f} ms "
       f"| {1e3 * r['dense_median_s']:.1f} ms | {r['speedup']:.0f}x "
-      f"| {_mib(r['sparse_temp_bytes'])} | {_mib(r['dense_temp_bytes'])} "
+      f"| {_report.format_bytes(r['sparse_temp_bytes'], 'MiB')} "
+      f"| {_report.format_bytes(r['dense_temp_bytes'], 'MiB')} "
       f"| {r['temp_ratio']:.0f}x |"
     )
   return "\n".join(lines) + "\n"
-
-
-def _write(out: pathlib.Path, stem: str, table: str, meta: dict) -> None:
-  out.mkdir(parents=True, exist_ok=True)
-  (out / f"{stem}.md").write_text(table)
-  (out / f"{stem}.json").write_text(json.dumps(meta, indent=2))
-  print(table)
-
-
-def _meta(**fields) -> dict:
-  return {
-    "jax": jax.__version__,
-    "device": jax.devices()[0].device_kind,
-    "machine": platform.machine(),
-    **fields,
-  }
 
 
 def main(argv=None) -> dict:
@@ -245,7 +224,6 @@ def main(argv=None) -> dict:
   sizes = args.rows or ([1 << 16, 1 << 18] if args.quick else [1 << 20, 1 << 22])
   steps = args.steps or (3 if args.quick else 10)
   suffix = "_quick" if args.quick else ""
-  out = pathlib.Path(args.out)
   results = {}
 
   if section in ("all", "functional"):
@@ -253,11 +231,16 @@ def main(argv=None) -> dict:
     total = len(configs) * len(sizes) * 2 * (steps + 1)
     with tqdm.tqdm(total=total, desc="sparse_rows") as bar:
       results["functional"] = run(sizes, steps, bar, configs, args.sweep_period)
-    _write(
-      out,
+    _report.save(
+      args.out,
       f"sparse_rows{suffix}",
       markdown(results["functional"], steps),
-      _meta(steps=steps, sweep_period=args.sweep_period, results=results["functional"]),
+      {
+        **_report.machine(),
+        "steps": steps,
+        "sweep_period": args.sweep_period,
+        "results": results["functional"],
+      },
     )
 
   if section in ("all", "nnx"):
@@ -270,11 +253,11 @@ def main(argv=None) -> dict:
       records = nnx_bench.run(sizes, nnx_steps, bar, momenta)
     checks = nnx_bench.check_targets(records)
     results["nnx"] = {"results": records, "targets": checks}
-    _write(
-      out,
+    _report.save(
+      args.out,
       f"sparse_rows_nnx{suffix}",
       nnx_bench.markdown(records, checks, nnx_steps),
-      _meta(steps=nnx_steps, results=records, targets=checks),
+      {**_report.machine(), "steps": nnx_steps, "results": records, "targets": checks},
     )
   return results
 

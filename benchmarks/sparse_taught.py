@@ -39,12 +39,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import pathlib
-import platform
 import statistics
 import sys
-import time
 
 import equinox as eqx
 import flax.linen as nn
@@ -59,7 +55,10 @@ import optax_sm3.equinox
 import optax_sm3.linen
 import optax_sm3.nnx
 
-# The workload of benchmarks.sparse_rows' NNX section: the same table, bags and rates.
+# The workload of benchmarks.sparse_rows' NNX section: the same model, table,
+# bags, rates and dense twin (dense_tx: sm3 on the table, adam on the head).
+from benchmarks import _nnx_sparse_bench as nnx_bench
+from benchmarks import _report
 from benchmarks._nnx_sparse_bench import (
   BAG,
   BAGS,
@@ -68,49 +67,46 @@ from benchmarks._nnx_sparse_bench import (
   LEARNING_RATE,
   MOMENTA,
   batches,
+  dense_tx,
 )
 
 ROUTES = ("nnx", "linen", "linen_state", "equinox")
 WARMUP = 2
-# The issue's targets at 2**20 rows: least speed-up by momentum.
-TARGETS = {0.0: 50.0, 0.9: 25.0}
-TARGET_ROWS = 1 << 20
+# The issue's targets: (momentum, rows) -> least speed-up.
+TARGETS = {(momentum, rows): bound for momentum, rows, bound in nnx_bench.TARGETS}
 LOSS_RTOL = 1e-4
 
 
-def _head_or_table(is_table):
-  return lambda params: jax.tree_util.tree_map_with_path(
-    lambda path, _: "table" if is_table(jax.tree_util.keystr(path)) else "head",
-    params,
+def _tables(params):
+  """The sparse tables of the linen model: its ``items``."""
+  return jax.tree.map_with_path(
+    lambda path, _: "items" in jax.tree_util.keystr(path), params
   )
 
 
-def _dense_tx(momentum, is_table):
-  return optax.multi_transform(
-    {
-      "table": optax_sm3.sm3(LEARNING_RATE, momentum=momentum),
-      "head": optax.adam(HEAD_LEARNING_RATE),
-    },
-    _head_or_table(is_table),
-  )
+def _carried(jitted, *carry, loss: int = -1):
+  """``step(ids, y) -> loss`` of ``jitted(*carry, ids, y)``, keeping the carry.
+
+  ``jitted`` returns the new carry with the loss at position ``loss``.
+  """
+  carry = list(carry)
+
+  def step(ids, y):
+    out = list(jitted(*carry, ids, y))
+    value = out.pop(loss)
+    carry[:] = out
+    return value
+
+  return step
 
 
 # --- NNX --------------------------------------------------------------------
 
 
-class NNXModel(nnx.Module):
-  def __init__(self, embed, rows, rngs):
-    self.items = embed(rows, DIM, rngs=rngs)
-    self.head = nnx.Linear(DIM, 1, rngs=rngs)
-
-  def __call__(self, ids):  # ids: (batch, bag) ints
-    return self.head(self.items(ids).mean(axis=1))[:, 0]
-
-
 def nnx_route(rows, momentum, sparse):
   """``step(ids, y) -> loss`` of the taught NNX code (or its dense twin)."""
   if sparse:
-    model = NNXModel(optax_sm3.nnx.SparseEmbed, rows, nnx.Rngs(0))
+    model = nnx_bench.Model(optax_sm3.nnx.SparseEmbed, rows, nnx.Rngs(0))
     optimizer = optax_sm3.nnx.SparseOptimizer(
       model,
       optax.adam(HEAD_LEARNING_RATE),
@@ -129,17 +125,7 @@ def nnx_route(rows, momentum, sparse):
     step = nnx.cached_partial(train_step, model, optimizer)  # walks the graphs once
     return step
 
-  model = NNXModel(nnx.Embed, rows, nnx.Rngs(0))
-  tx = _dense_tx(momentum, lambda path: "items" in path)
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-  @nnx.jit(donate_argnums=(0, 1))
-  def dense_step(model, optimizer, ids, y):
-    loss_fn = lambda m: jnp.mean((m(ids) - y) ** 2)
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    optimizer.update(model, grads)
-    return loss
-
+  model, optimizer, dense_step = nnx_bench.build("dense", rows, momentum)
   return nnx.cached_partial(dense_step, model, optimizer)
 
 
@@ -154,10 +140,6 @@ class LinenModel(nn.Module):
   def __call__(self, ids):
     rows = self.embed(self.rows, DIM, name="items")(ids)
     return nn.Dense(1)(rows.mean(axis=1))[:, 0]
-
-
-def _is_linen_table(path):
-  return "items" in path
 
 
 def _linen_setup(rows, sparse):
@@ -181,9 +163,7 @@ def linen_route(rows, momentum, sparse):
       optax.adam(HEAD_LEARNING_RATE),
       learning_rate=LEARNING_RATE,
       momentum=momentum,
-      tables=lambda p: jax.tree.map_with_path(
-        lambda path, _: "items" in jax.tree_util.keystr(path), p
-      ),
+      tables=_tables,
     )
     opt_state = opt.init(params)
 
@@ -195,7 +175,7 @@ def linen_route(rows, momentum, sparse):
       return params, opt_state, loss
 
   else:
-    tx = _dense_tx(momentum, _is_linen_table)
+    tx = dense_tx(momentum)
     opt_state = tx.init(params)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
@@ -204,13 +184,7 @@ def linen_route(rows, momentum, sparse):
       updates, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state, loss
 
-  carry = [params, opt_state]
-
-  def step(ids, y):
-    carry[0], carry[1], loss = linen_step(carry[0], carry[1], ids, y)
-    return loss
-
-  return step
+  return _carried(linen_step, params, opt_state)
 
 
 def linen_state_route(rows, momentum, sparse):
@@ -227,9 +201,7 @@ def linen_state_route(rows, momentum, sparse):
         optax.adam(HEAD_LEARNING_RATE),
         learning_rate=LEARNING_RATE,
         momentum=momentum,
-        tables=lambda p: jax.tree.map_with_path(
-          lambda path, _: "items" in jax.tree_util.keystr(path), p
-        ),
+        tables=_tables,
       ),
     )
 
@@ -243,7 +215,7 @@ def linen_state_route(rows, momentum, sparse):
     state = train_state.TrainState.create(
       apply_fn=linen_model.apply,
       params=params,
-      tx=_dense_tx(momentum, _is_linen_table),
+      tx=dense_tx(momentum),
     )
 
     @functools.partial(jax.jit, donate_argnums=0)
@@ -251,13 +223,7 @@ def linen_state_route(rows, momentum, sparse):
       loss, grads = jax.value_and_grad(linen_loss)(state.params, ids, y)
       return state.apply_gradients(grads=grads), loss
 
-  carry = [state]
-
-  def step(ids, y):
-    carry[0], loss = state_step(carry[0], ids, y)
-    return loss
-
-  return step
+  return _carried(state_step, state)
 
 
 # --- Equinox ----------------------------------------------------------------
@@ -299,7 +265,7 @@ def equinox_route(rows, momentum, sparse):
       return loss, model, state
 
   else:
-    tx = _dense_tx(momentum, lambda path: "items" in path)
+    tx = dense_tx(momentum)
     state = tx.init(eqx.filter(model, eqx.is_inexact_array))
 
     @eqx.filter_jit(donate="all")
@@ -309,13 +275,7 @@ def equinox_route(rows, momentum, sparse):
       updates, state = tx.update(grads, state, params)
       return loss, eqx.apply_updates(model, updates), state
 
-  carry = [model, state]
-
-  def step(ids, y):
-    loss, carry[0], carry[1] = eqx_step(carry[0], carry[1], ids, y)
-    return loss
-
-  return step
+  return _carried(eqx_step, model, state, loss=0)
 
 
 BUILDERS = {
@@ -324,17 +284,6 @@ BUILDERS = {
   "linen_state": linen_state_route,
   "equinox": equinox_route,
 }
-
-
-def _block(step, data) -> list[float]:
-  """Seconds of each step on ``data`` after the first (untimed) one."""
-  times = []
-  for i, (ids, y) in enumerate(data):
-    start = time.perf_counter()
-    jax.block_until_ready(step(ids, y))
-    if i:
-      times.append(time.perf_counter() - start)
-  return times
 
 
 def time_case(route, rows, momentum, steps, dense_steps, runs) -> list[dict]:
@@ -355,8 +304,10 @@ def time_case(route, rows, momentum, steps, dense_steps, runs) -> list[dict]:
   difference = float(np.max(np.abs(a - b) / np.abs(b)))
   records = []
   for number in range(runs):
-    sparse = _block(run["sparse"], data[WARMUP : WARMUP + steps + 1])
-    dense = _block(run["dense"], data[WARMUP : WARMUP + dense_steps + 1])
+    sparse = nnx_bench.step_seconds(run["sparse"], data[WARMUP : WARMUP + steps + 1])
+    dense = nnx_bench.step_seconds(
+      run["dense"], data[WARMUP : WARMUP + dense_steps + 1]
+    )
     record = {"route": route, "rows": rows, "momentum": momentum, "run": number}
     record["sparse_median_s"] = statistics.median(sparse)
     record["dense_median_s"] = statistics.median(dense)
@@ -409,7 +360,7 @@ def markdown(summary: list[dict], steps: int, dense_steps: int, command: str) ->
     "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for r in summary:
-    target = TARGETS.get(r["momentum"]) if r["rows"] == TARGET_ROWS else None
+    target = TARGETS.get((r["momentum"], r["rows"]))
     met = (
       ""
       if target is None
@@ -449,19 +400,9 @@ def main(argv=None) -> list[dict]:
     del given[given.index("--out") : given.index("--out") + 2]
   command = " ".join(["python -m benchmarks.sparse_taught", *given])
   table = markdown(summary, args.steps, args.dense_steps, command.strip())
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
   stem = "sparse_taught" + ("_quick" if args.quick else "")
-  (out / f"{stem}.md").write_text(table)
-  meta = {
-    "jax": jax.__version__,
-    "device": jax.devices()[0].device_kind,
-    "machine": platform.machine(),
-    "records": records,
-    "summary": summary,
-  }
-  (out / f"{stem}.json").write_text(json.dumps(meta, indent=2))
-  print(table)
+  meta = {**_report.machine(), "records": records, "summary": summary}
+  _report.save(args.out, stem, table, meta)
   return summary
 
 

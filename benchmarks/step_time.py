@@ -466,7 +466,7 @@ def _mib(key):
   return lambda r: _report.format_bytes(r[key], "MiB", label=False)
 
 
-# A table column: its header and the cell of a row.
+# A table column: its header and the cell of a row (", per device" added on a mesh).
 CELLS = {
   "median step (ms)": lambda r: f"{r['median_ms']:.1f}",
   "vs adam": _ratio("vs_adam"),
@@ -479,28 +479,17 @@ CELLS = {
   "XLA temp (MiB)": _mib("temp_bytes"),
   "temp / params": _fraction("temp_bytes"),
   "XLA temp / params": _fraction("temp_bytes"),
-  "state / params, per device": _fraction("state_bytes"),
-  "XLA temp / params, per device": _fraction("temp_bytes"),
   "all-gathers": lambda r: str(r.get("all_gathers", 0)),
 }
-IN_PROCESS_COLUMNS = (
-  "median step (ms)",
-  "vs adam",
-  "vs optax.sm3 (m=0)",
-  "vs sgd",
-  "state (MiB)",
-  "state / params",
-  "XLA temp (MiB)",
-  "temp / params",
+_TIMES, _BYTES = (
+  ["median step (ms)", "vs adam"],
+  ["state / params", "XLA temp / params"],
 )
-_ISOLATED = ("median step (ms)", "vs adam", "vs sgd", "compile (s)", "compile vs adam")
-ISOLATED_COLUMNS = (*_ISOLATED, "state / params", "XLA temp / params")
-DEVICE_COLUMNS = (
-  *_ISOLATED,
-  "state / params, per device",
-  "XLA temp / params, per device",
-  "all-gathers",
-)
+IN_PROCESS_COLUMNS = [*_TIMES, "vs optax.sm3 (m=0)", "vs sgd", "state (MiB)"]
+IN_PROCESS_COLUMNS += ["state / params", "XLA temp (MiB)", "temp / params"]
+ISOLATED_COLUMNS = [*_TIMES, "vs sgd", "compile (s)", "compile vs adam", *_BYTES]
+DEVICE_COLUMNS = [*ISOLATED_COLUMNS[:5], *(f"{c}, per device" for c in _BYTES)]
+DEVICE_COLUMNS += ["all-gathers"]
 
 
 def table(rows, title: str, columns=ISOLATED_COLUMNS) -> str:
@@ -512,7 +501,8 @@ def table(rows, title: str, columns=ISOLATED_COLUMNS) -> str:
     "|---|" + "---:|" * len(columns),
   ]
   for name, r in rows.items():
-    lines.append(f"| {name} | " + " | ".join(CELLS[c](r) for c in columns) + " |")
+    cells = [CELLS[c.removesuffix(", per device")](r) for c in columns]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
@@ -542,63 +532,29 @@ def sweep_table(sweep, exponents) -> str:
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument(
-    "--isolated", action="store_true", help="one optimizer per process"
-  )
-  parser.add_argument(
-    "--quick",
-    action="store_true",
-    help="fewer repeats, a shorter sweep; isolated: a quarter-size tree",
-  )
-  parser.add_argument(
-    "--repeats",
-    type=int,
-    default=None,
-    help="timed rounds per optimizer (11; --quick 5); isolated: processes "
-    "per optimizer (7; --quick 3)",
-  )
-  parser.add_argument(
-    "--rounds", type=int, default=5, help="isolated: timed rounds per process"
-  )
-  parser.add_argument("--steps", type=int, default=3, help="steps per timed round")
-  parser.add_argument(
-    "--no-sweep", action="store_true", help="skip the size sweep (isolated: no sweep)"
-  )
-  parser.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 run")
-  parser.add_argument(
-    "--tree",
-    choices=("embedding", "transformer"),
-    default="embedding",
-    help="embedding: the 34.6 M-parameter tree above; transformer: 12 layers "
-    f"of width {WIDTH} (37.7 M parameters in 72 matrices)",
-  )
-  parser.add_argument(
-    "--scale",
-    type=float,
-    default=None,
-    help="scale the tree's sizes (1 = the tree as described above; the sweep "
-    "scales from there)",
-  )
-  parser.add_argument(
-    "--with-direct", action="store_true", help=f"also time {DIRECT!r} (no CPU loop)"
-  )
-  parser.add_argument(
-    "--devices",
-    type=int,
-    default=1,
-    help="CPU devices per process; > 1 shards the tree on a mesh of them "
-    "(implies --isolated)",
-  )
-  parser.add_argument("--seed", type=int, default=0, help="seed of the round orders")
-  parser.add_argument("--out", default="results/step_time", help="output folder")
-  parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-  parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+  add = parser.add_argument
+  add("--isolated", action="store_true", help="one optimizer per process")
+  add("--quick", action="store_true", help="fewer repeats, a shorter sweep or tree")
+  add("--repeats", type=int, help="rounds per optimizer (isolated: processes)")
+  add("--rounds", type=int, default=5, help="isolated: timed rounds per process")
+  add("--steps", type=int, default=3, help="steps per timed round")
+  add("--no-sweep", action="store_true", help="skip the size sweep (in-process only)")
+  add("--no-bf16", action="store_true", help="skip the bfloat16 run")
+  add("--tree", choices=("embedding", "transformer"), default="embedding")
+  add("--scale", type=float, help="scale the tree's sizes (and the sweep's)")
+  add("--with-direct", action="store_true", help=f"also time {DIRECT!r}")
+  add("--devices", type=int, default=1, help="> 1: a mesh of CPU devices, isolated")
+  add("--seed", type=int, default=0, help="seed of the round orders")
+  add("--out", default="results/step_time", help="output folder")
+  add("--child", help=argparse.SUPPRESS)
+  add("--dtype", default="float32", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   args.isolated = args.isolated or args.devices > 1
+  # --quick: 5 rounds instead of 11, a 3-point sweep; isolated, 3 passes
+  # instead of 7 on a quarter-size tree.
+  quick_repeats, repeats = (3, 7) if args.isolated else (5, 11)
   if args.repeats is None:
-    args.repeats = (
-      (3 if args.quick else 7) if args.isolated else 5 if args.quick else 11
-    )
+    args.repeats = quick_repeats if args.quick else repeats
   if args.scale is None:
     args.scale = 0.25 if args.quick and args.isolated else 1.0
   if min(args.repeats, args.rounds, args.steps, args.devices) < 1:
