@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import jax
@@ -138,52 +137,6 @@ def sm3(
     Anil et al., `Memory-Efficient Adaptive Optimization
     <https://arxiv.org/abs/1901.11150>`_, 2019
   """
-  return _build(dict(locals()))
-
-
-def sm3_with_weight_decay_stage(
-  learning_rate: optax.ScalarOrSchedule, **kwargs: Any
-) -> optax.GradientTransformation:
-  """:func:`sm3` whose weight decay is applied even when it is 0.
-
-  For the :class:`optax_sm3.SM3` adapter, whose parameter groups may change
-  their weight decay after the state was created: the decay is held as an
-  array, so ``update`` always applies it (and needs ``params``). The state
-  is the one :func:`sm3` makes.
-  """
-  settings = inspect.signature(sm3).bind(learning_rate, **kwargs)
-  settings.apply_defaults()
-  weight_decay = settings.arguments["weight_decay"]
-  _validation.check_range(
-    "weight_decay", 0.0 if weight_decay is None else weight_decay, low=0.0
-  )
-  settings.arguments["weight_decay"] = jnp.asarray(
-    0.0 if weight_decay is None else weight_decay, jnp.float32
-  )
-  return _build(settings.arguments)
-
-
-def _build(settings: dict[str, Any]) -> optax.GradientTransformation:
-  """The chain of :func:`sm3` for its (checked here) ``settings``."""
-  (
-    learning_rate,
-    momentum,
-    beta,
-    eps,
-    nesterov,
-    mu_dtype,
-    weight_decay,
-    weight_decay_mode,
-    weight_decay_mask,
-    grad_clip_norm,
-    grad_clip_value,
-    variant,
-    accumulator_dtype,
-    stacked_axes,
-    merge_axes_up_to,
-    skip_unit_axes,
-    block_size,
-  ) = (settings[name] for name in inspect.signature(sm3).parameters)
   if not callable(learning_rate):
     _validation.check_range("learning_rate", learning_rate, low=0.0)
   if momentum is not None:
@@ -220,4 +173,25 @@ def _build(settings: dict[str, Any]) -> optax.GradientTransformation:
     _momentum.scale_by_momentum(momentum, nesterov=nesterov, mu_dtype=mu_dtype),
     *([decay] if weight_decay_mode == "decoupled" else []),
     optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def sm3_with_weight_decay_stage(
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  weight_decay: jax.typing.ArrayLike | None = 0.0,
+  **kwargs: Any,
+) -> optax.GradientTransformation:
+  """:func:`sm3` whose weight decay is applied even when it is 0.
+
+  For the :class:`optax_sm3.brainstate.SM3` adapter, whose parameter groups
+  may change their weight decay after the state was created: the decay is
+  held as an array, so ``update`` always applies it (and needs ``params``).
+  The state is the one :func:`sm3` makes. ``kwargs`` are :func:`sm3`'s other
+  arguments.
+  """
+  weight_decay = 0.0 if weight_decay is None else weight_decay
+  _validation.check_range("weight_decay", weight_decay, low=0.0)
+  return sm3(
+    learning_rate, weight_decay=jnp.asarray(weight_decay, jnp.float32), **kwargs
   )
