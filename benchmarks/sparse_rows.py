@@ -180,39 +180,17 @@ def markdown(results: list[dict], steps: int) -> str:
 def main(argv=None) -> dict:
   """Runs the sections the flags ask for; returns their results by section."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true", help="small tables, 3 steps")
-  parser.add_argument("--steps", type=int, default=None, help="timed steps per path")
-  parser.add_argument(
-    "--dense-steps",
-    type=int,
-    default=None,
-    help="timed steps of the dense NNX path (default: --steps)",
-  )
-  parser.add_argument("--out", default="results", help="output folder")
-  parser.add_argument(
-    "--section",
-    choices=("all", "functional", "nnx"),
-    default="all",
-    help="which section to run",
-  )
-  parser.add_argument(
-    "--nnx-only", action="store_true", help="the NNX section only (--section nnx)"
-  )
-  parser.add_argument(
-    "--rows", type=int, action="append", help="table sizes (default: by --quick)"
-  )
-  parser.add_argument(
-    "--momentum",
-    type=float,
-    action="append",
-    help="momenta of the NNX section (default: 0 and 0.9)",
-  )
-  parser.add_argument(
-    "--sweep-period", type=int, default=None, help="sparse_rows(sweep_period=...)"
-  )
-  parser.add_argument(
-    "--config", action="append", choices=list(CONFIGS), help="configurations to run"
-  )
+  add = parser.add_argument
+  add("--quick", action="store_true", help="small tables, 3 steps")
+  add("--steps", type=int, help="timed steps per path")
+  add("--dense-steps", type=int, help="timed dense NNX steps (default: --steps)")
+  add("--out", default="results", help="output folder")
+  add("--section", choices=("all", "functional", "nnx"), default="all")
+  add("--nnx-only", action="store_true", help="the NNX section only (--section nnx)")
+  add("--rows", type=int, action="append", help="table sizes (default: by --quick)")
+  add("--momentum", type=float, action="append", help="NNX momenta (0 and 0.9)")
+  add("--sweep-period", type=int, help="sparse_rows(sweep_period=...)")
+  add("--config", action="append", choices=list(CONFIGS), help="configurations")
   args = parser.parse_args(argv)
   for flag in ("steps", "dense_steps"):
     value = getattr(args, flag)

@@ -17,10 +17,9 @@ state donated) per optimizer, on a 34.6 M-parameter tree: an embedding
   ``--repeats`` passes. In one process the optimizers share an allocator and
   caches: a step that runs after another pays for what that one left behind.
 
-Ratios are medians over the rounds (passes) of each one's ratio (see
-:func:`add_ratios`); the report also gives the optimizer state bytes and XLA's
-temporary bytes for the step, and checks the targets of the performance issue
-(:data:`TARGETS`, :data:`ISOLATED_TARGETS`).
+Ratios are medians of per-round (per-pass) ratios (:func:`add_ratios`). The
+report also gives the state's and XLA's temporary bytes, and the targets of the
+performance issue, met or not (:data:`TARGETS`, :data:`ISOLATED_TARGETS`).
 
 With ``--devices N`` (implies ``--isolated``) every child process starts JAX
 with N CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N``) on
@@ -276,15 +275,8 @@ def child(args) -> None:
 def run_child(args, name: str, dtype: str, scale: float) -> dict:
   """One optimizer in a fresh process (:func:`child`); its JSON line."""
   command = [sys.executable, "-m", "benchmarks.step_time", "--child", name]
-  for flag, value in (
-    ("--tree", args.tree),
-    ("--scale", scale),
-    ("--dtype", dtype),
-    ("--steps", args.steps),
-    ("--rounds", args.rounds),
-    ("--devices", args.devices),
-  ):
-    command += [flag, str(value)]
+  command += [f"--tree={args.tree}", f"--scale={scale}", f"--dtype={dtype}"]
+  command += [f"--{k}={getattr(args, k)}" for k in ("steps", "rounds", "devices")]
   env = dict(os.environ)
   if args.devices > 1:
     # Read when JAX starts its CPU backend: set before the child imports JAX.
