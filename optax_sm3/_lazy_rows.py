@@ -28,7 +28,7 @@ when :math:`D < 1/2` the product :math:`D p_a` is the accurate form.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +56,7 @@ class Coefficients(NamedTuple):
   momentum_weight: jax.Array
 
 
-def identity(slots: int, dtype: Any) -> Coefficients:
+def identity(slots: int, dtype: jax.typing.DTypeLike) -> Coefficients:
   """Every slot the identity map (``M = D = 1``, ``G = E = 0``)."""
   # Four distinct buffers (a shared one could not be donated twice).
   return Coefficients(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -23,12 +24,12 @@ def sm3(
   mu_dtype: jax.typing.DTypeLike | None = None,
   weight_decay: jax.typing.ArrayLike | None = 0.0,
   weight_decay_mode: str = "decoupled",
-  weight_decay_mask: Any = None,
+  weight_decay_mask: Any | Callable[[Any], Any] | None = None,
   grad_clip_norm: jax.typing.ArrayLike | None = None,
   grad_clip_value: jax.typing.ArrayLike | None = None,
   variant: str = "II",
-  accumulator_dtype: Any = None,
-  stacked_axes: Any = None,
+  accumulator_dtype: jax.typing.DTypeLike | None = None,
+  stacked_axes: _scale_by_sm3.PerParam | None = None,
   merge_axes_up_to: int | None = None,
   skip_unit_axes: bool = False,
   block_size: int | None = None,

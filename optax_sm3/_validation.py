@@ -46,7 +46,7 @@ def concrete_value(value: Any) -> float | None:
 
 def check_range(
   name: str,
-  value: Any,
+  value: jax.typing.ArrayLike,
   *,
   low: float | None = None,
   high: float | None = None,
@@ -139,7 +139,7 @@ def check_float_leaves(tree: Any, what: str) -> None:
       )
 
 
-def runtime_check_zero(value: Any, message: str) -> None:
+def runtime_check_zero(value: jax.typing.ArrayLike | None, message: str) -> None:
   """Raises ``ValueError(message)`` if ``value`` is not 0.
 
   A concrete value is checked now; a traced one by a host callback, which
@@ -158,7 +158,9 @@ def runtime_check_zero(value: Any, message: str) -> None:
   jax.debug.callback(check, value)
 
 
-def complement(value: Any, dtype: Any) -> tuple[jax.Array, jax.Array]:
+def complement(
+  value: jax.typing.ArrayLike, dtype: jax.typing.DTypeLike
+) -> tuple[jax.Array, jax.Array]:
   """``(value, 1 - value)`` as scalars of ``dtype``.
 
   For a Python or NumPy number ``1 - value`` is formed in double precision
@@ -171,7 +173,7 @@ def complement(value: Any, dtype: Any) -> tuple[jax.Array, jax.Array]:
   return value, jnp.ones([], dtype) - value
 
 
-def is_static_zero(value: Any) -> bool:
+def is_static_zero(value: jax.typing.ArrayLike | None) -> bool:
   """Whether ``value`` is ``None`` or a Python/NumPy number equal to zero.
 
   JAX arrays never count as static, even concrete ones: under

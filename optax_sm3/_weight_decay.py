@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -30,7 +31,8 @@ class WeightDecayState(NamedTuple):
 
 
 def add_decayed_weights(
-  weight_decay: jax.typing.ArrayLike | None, mask: Any = None
+  weight_decay: jax.typing.ArrayLike | None,
+  mask: Any | Callable[[Any], Any] | None = None,
 ) -> optax.GradientTransformation:
   """``optax.add_decayed_weights`` that needs no ``params`` for a static 0.
 

@@ -245,19 +245,19 @@ class SM3:
     self._schedulers.append(scheduler)
 
   @property
-  def base_lr(self) -> Any:
+  def base_lr(self) -> jax.typing.ArrayLike:
     """The initial learning rate (the default rate of new groups)."""
     return self._base_lr
 
   @property
-  def current_lr(self) -> Any:
+  def current_lr(self) -> jax.typing.ArrayLike:
     """Group 0's learning rate, the one the next :meth:`step` uses."""
     if self._schedule is not None:
       return self._schedule(self.step_count.value)
     return self._current_lr.value
 
   @current_lr.setter
-  def current_lr(self, value: Any) -> None:
+  def current_lr(self, value: jax.typing.ArrayLike) -> None:
     if self._schedule is not None:
       raise TypeError(
         "`current_lr` cannot be set when `lr` is an optax schedule; pass a "
@@ -288,7 +288,12 @@ class SM3:
 
   # Transformations -----------------------------------------------------------
 
-  def _make_tx(self, learning_rate: Any, weight_decay: Any, name: str) -> Any:
+  def _make_tx(
+    self,
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: jax.typing.ArrayLike,
+    name: str,
+  ) -> optax.GradientTransformation:
     _validation.check_range(name, weight_decay, low=0.0)
     # The decay stage is kept even at 0, so the chain (and its state) keeps
     # one structure whatever the group's weight decay is set to later.
@@ -314,7 +319,9 @@ class SM3:
       learning_rate = lambda count: jnp.asarray(self._current_lr.value, jnp.float32)
     return self._make_tx(learning_rate, self.weight_decay, "weight_decay")
 
-  def _group_tx(self, group: dict[str, Any], index: int) -> Any:
+  def _group_tx(
+    self, group: dict[str, Any], index: int
+  ) -> optax.GradientTransformation:
     lr = group["lr"]
     if is_schedule(lr):
       learning_rate = lr

@@ -23,7 +23,7 @@ def is_schedule(lr: Any) -> bool:
   return callable(lr) and not hasattr(lr, "value")
 
 
-def nice_float(value: Any) -> Any:
+def nice_float(value: jax.typing.ArrayLike) -> float | jax.Array:
   """The shortest decimal that rounds to the float32 ``value`` (0.1, not 0.1000…)."""
   if isinstance(value, jax.core.Tracer):
     return value
@@ -68,7 +68,7 @@ class ConstantLR:
     base_lr: the rate.
   """
 
-  def __init__(self, base_lr: Any):
+  def __init__(self, base_lr: jax.typing.ArrayLike):
     self.optimizer = None
     self.base_lrs = [base_lr]
     self.last_epoch = Box(0)
@@ -104,7 +104,7 @@ class ConstantLR:
     """The current rates."""
     return list(self.current_lrs.value)
 
-  def __call__(self, count: Any) -> Any:
+  def __call__(self, count: jax.typing.ArrayLike) -> jax.Array:
     """Minus the current rate, for ``optax.scale_by_schedule`` (as braintools)."""
     del count
     return -jnp.asarray(self.current_lrs.value[0])
