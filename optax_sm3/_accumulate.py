@@ -54,11 +54,11 @@ DEFAULT_BLOCK_SIZE_16BIT = 1 << 18
 # Parameters with at most this many entries keep the direct form. Each loop
 # costs ~9 ms of XLA compile time (the 72 loops of the transformer tree of
 # benchmarks/step_time.py: 1.15 s, against 0.5 s for the direct form; ~25 ms
-# before the loop dropped jax.lax's negative-index wrap-around and was traced
-# once per shape), and the gain shrinks with the size (scratch
-# runs, not kept: 256 parameters of 128 x 128 ran at 1.18x Adam looped and
-# 1.39x direct; 1024 of 32 x 64 ran slower looped, 1.51x against 1.40x, and
-# took 4x longer to compile).
+# a loop with jax.lax's negative-index wrap-around and one trace per
+# parameter instead of per shape), and the gain shrinks with the size
+# (scratch runs, not kept: 256 parameters of 128 x 128 ran at 1.18x Adam
+# looped and 1.39x direct; 1024 of 32 x 64 ran slower looped, 1.51x against
+# 1.40x, and took 4x longer to compile).
 MIN_LOOP_SIZE = 1 << 16
 
 
@@ -133,7 +133,8 @@ def _looped(config, g, accumulators, c_old, c_new):
 
   A nested ``jax.jit``: parameters of one shape and dtype are traced and
   lowered once per step, not once each (``platform_dependent`` traces both
-  forms), which was most of the lowering time of a tree of many layers.
+  forms; traced once each, they would take most of the lowering time of a
+  tree of many layers).
   """
   return jax.lax.platform_dependent(
     cpu=lambda: _blocks.blocked(config, g, accumulators, c_old, c_new),

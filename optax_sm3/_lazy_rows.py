@@ -85,7 +85,7 @@ def advance(
 
   Returns:
     The ring mapping to step ``new_count``; the slot of ``new_count - W - 1``
-    (no longer needed) becomes ``new_count``'s identity.
+    (outside the window) becomes ``new_count``'s identity.
   """
   scale, decay, minus_one, weight = coefficients
   shrink = eta * lam
