@@ -162,6 +162,22 @@ def _max_relative_difference(a: dict, b: dict) -> float:
   )
 
 
+def carried(jitted, *carry, loss: int = -1):
+  """``step(ids, y) -> loss`` of ``jitted(*carry, ids, y)``, keeping the carry.
+
+  ``jitted`` returns the new carry with the loss at position ``loss``.
+  """
+  carry = list(carry)
+
+  def step(ids, y):
+    out = list(jitted(*carry, ids, y))
+    value = out.pop(loss)
+    carry[:] = out
+    return value
+
+  return step
+
+
 def step_seconds(step, data, untimed: int = 1) -> list[float]:
   """Seconds of each ``step(ids, y)`` over ``data`` but the first ``untimed``."""
   times = []
@@ -202,13 +218,8 @@ def time_case(rows: int, momentum: float, steps: dict, progress) -> dict:
   model, optimizer, _ = build("sparse", rows, momentum)
   step, state = functional_step(model, optimizer)
   del model, optimizer
-  carry = [state]
+  functional = carried(step, state, loss=0)
   del state
-
-  def functional(ids, y):
-    _, carry[0] = step(carry[0], ids, y)
-    return carry[0]
-
   times = step_seconds(functional, data[: steps["sparse"] + WARMUP], untimed=WARMUP)
   record["functional_median_s"] = statistics.median(times)
   record["functional_speedup"] = record["dense_median_s"] / statistics.median(times)

@@ -67,6 +67,7 @@ from benchmarks._nnx_sparse_bench import (
   LEARNING_RATE,
   MOMENTA,
   batches,
+  carried,
   dense_tx,
 )
 
@@ -82,22 +83,6 @@ def _tables(params):
   return jax.tree.map_with_path(
     lambda path, _: "items" in jax.tree_util.keystr(path), params
   )
-
-
-def _carried(jitted, *carry, loss: int = -1):
-  """``step(ids, y) -> loss`` of ``jitted(*carry, ids, y)``, keeping the carry.
-
-  ``jitted`` returns the new carry with the loss at position ``loss``.
-  """
-  carry = list(carry)
-
-  def step(ids, y):
-    out = list(jitted(*carry, ids, y))
-    value = out.pop(loss)
-    carry[:] = out
-    return value
-
-  return step
 
 
 # --- NNX --------------------------------------------------------------------
@@ -184,7 +169,7 @@ def linen_route(rows, momentum, sparse):
       updates, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state, loss
 
-  return _carried(linen_step, params, opt_state)
+  return carried(linen_step, params, opt_state)
 
 
 def linen_state_route(rows, momentum, sparse):
@@ -223,7 +208,7 @@ def linen_state_route(rows, momentum, sparse):
       loss, grads = jax.value_and_grad(linen_loss)(state.params, ids, y)
       return state.apply_gradients(grads=grads), loss
 
-  return _carried(state_step, state)
+  return carried(state_step, state)
 
 
 # --- Equinox ----------------------------------------------------------------
@@ -275,7 +260,7 @@ def equinox_route(rows, momentum, sparse):
       updates, state = tx.update(grads, state, params)
       return loss, eqx.apply_updates(model, updates), state
 
-  return _carried(eqx_step, model, state, loss=0)
+  return carried(eqx_step, model, state, loss=0)
 
 
 BUILDERS = {
