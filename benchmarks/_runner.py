@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import optax_sm3
 from benchmarks import _optimizers, _workloads
 
 _CHUNKS = (100, 50, 40, 25, 20, 10, 5, 4, 2, 1)
@@ -48,12 +49,23 @@ def tree_bytes(tree) -> int:
 
 
 class Trainer:
-  """One compiled training loop for a workload and an optimizer."""
+  """One compiled training loop for a workload and an optimizer.
+
+  With ``polyak`` (an :func:`optax_sm3.polyak_averaging`), the optimizer is
+  chained with it and every run is also scored with the averaged
+  parameters; ``state_bytes`` counts the optimizer alone and
+  ``polyak_bytes`` the average.
+  """
 
   def __init__(
-    self, workload: _workloads.Workload, optimizer: _optimizers.Optimizer, steps: int
+    self,
+    workload: _workloads.Workload,
+    optimizer: _optimizers.Optimizer,
+    steps: int,
+    polyak: optax.GradientTransformation | None = None,
   ):
     self.workload = workload
+    self.polyak = polyak
     self.optimizer = optimizer
     self.steps = steps
     self.chunk = chunk_size(steps)
@@ -61,12 +73,16 @@ class Trainer:
     size = len(next(iter(workload.train.values())))
     self.sizes = {"tune": size - workload.num_valid, "final": size}
 
+    def make(lr):
+      opt = optimizer.make(lr, steps)
+      return opt if polyak is None else optax.chain(opt, polyak)
+
     def init(key, lr):
       params = workload.init(key)
-      return params, optimizer.make(lr, steps).init(params)
+      return params, make(lr).init(params)
 
     def run_chunk(params, state, key, lr, train):
-      opt = optimizer.make(lr, steps)
+      opt = make(lr)
 
       def step(carry, _):
         params, state, key = carry
@@ -88,6 +104,10 @@ class Trainer:
     shapes = jax.eval_shape(init, jax.random.key(0), 1.0)
     self.param_bytes = tree_bytes(shapes[0])
     self.state_bytes = tree_bytes(shapes[1])
+    self.polyak_bytes = 0
+    if polyak is not None:
+      self.polyak_bytes = tree_bytes(shapes[1][1])
+      self.state_bytes -= self.polyak_bytes
 
   def run(self, lr: float, seed: int, split: str) -> dict:
     """Trains once; ``split`` is ``"tune"`` (validation) or ``"final"`` (test).
@@ -95,7 +115,8 @@ class Trainer:
     Returns:
       A dict with the ``metric`` on the split, ``losses`` (the mean training
       loss of each chunk) and ``step_ms`` (median step time of the chunks,
-      compilation excluded).
+      compilation excluded); with ``polyak``, also ``polyak_metric``, the
+      metric of the averaged parameters.
     """
     key = jax.random.key(seed)
     init_key, key = jax.random.split(key)
@@ -112,12 +133,16 @@ class Trainer:
       times.append(time.perf_counter() - start)
       losses.append(float(chunk_losses.mean()))
     data = self.workload.valid if split == "tune" else self.workload.test
-    metric = float(self._evaluate(params, data))
-    return {
-      "metric": metric,
+    out = {
+      "metric": float(self._evaluate(params, data)),
       "losses": losses,
       "step_ms": 1e3 * statistics.median(times) / self.chunk,
     }
+    if self.polyak is not None:
+      average = optax_sm3.polyak_params(state)
+      average = jax.tree.map(lambda a, p: a.astype(p.dtype), average, params)
+      out["polyak_metric"] = float(self._evaluate(average, data))
+    return out
 
 
 def _better(workload, a: float, b: float) -> bool:

@@ -19,7 +19,10 @@ import numpy as np
 
 from benchmarks import _data
 
+# The main benchmark's workloads (``python -m benchmarks``).
 WORKLOAD_NAMES = ("movielens", "shakespeare-word", "shakespeare-char", "mnist")
+# Further workloads of the recipe's transfer study (``benchmarks.transfer``).
+TRANSFER_NAMES = ("code-char", "wiki-word", "cmudict-syllables")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +30,7 @@ class Workload:
   """A training problem.
 
   Attributes:
-    name: one of :data:`WORKLOAD_NAMES`.
+    name: its name in :data:`WORKLOAD_NAMES` or :data:`TRANSFER_NAMES`.
     metric: the metric's name, e.g. ``"test RMSE"``.
     higher_is_better: whether a larger metric is better.
     init: ``init(key)`` returns the parameters.
@@ -212,7 +215,7 @@ def shakespeare_word(
   )  # fmt: skip
 
 
-# Shakespeare, character level: a small pre-norm transformer.
+# Transformers: small pre-norm stacks, causal for the language models.
 
 
 def _layer_norm(x, scale):
@@ -220,57 +223,79 @@ def _layer_norm(x, scale):
   return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-5) * scale
 
 
-def shakespeare_char(
-  dim: int = 64,
-  layers: int = 2,
-  heads: int = 4,
-  batch_size: int = 32,
-  length: int = 32,
+def _transformer_init(key, vocab, dim, layers, length, outputs):
+  """Embedding, positions and blocks; an ``unembedding`` unless ``outputs`` is 0."""
+  k = iter(jax.random.split(key, 3 + 4 * layers))
+  params = {
+    "embedding": _normal(next(k), (vocab, dim), 0.1),
+    "position": _normal(next(k), (length, dim), 0.1),
+    "final_norm": jnp.ones((dim,), jnp.float32),
+  }
+  if outputs:
+    params["unembedding"] = _dense_init(next(k), dim, outputs)
+  for i in range(layers):
+    params[f"block{i}"] = {
+      "norm1": jnp.ones((dim,), jnp.float32),
+      "qkv": _dense_init(next(k), dim, 3 * dim),
+      "out": _dense_init(next(k), dim, dim) / math.sqrt(2 * layers),
+      "norm2": jnp.ones((dim,), jnp.float32),
+      "up": _dense_init(next(k), dim, 4 * dim),
+      "down": _dense_init(next(k), 4 * dim, dim) / math.sqrt(2 * layers),
+    }
+  return params
+
+
+def _transformer(params, tokens, mask, layers, heads):
+  """The final normalised features, ``(batch, length, dim)``.
+
+  ``mask`` is ``(batch or 1, length, length)``: which keys each query sees.
+  """
+  b, length = tokens.shape
+  dim = params["embedding"].shape[1]
+  x = params["embedding"][tokens] + params["position"][None, :length, :]
+  for i in range(layers):
+    p = params[f"block{i}"]
+    h = _layer_norm(x, p["norm1"][None, None, :]) @ p["qkv"]
+    q, k, v = jnp.split(h.reshape(b, length, 3 * heads, dim // heads), 3, axis=2)
+    att = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(dim // heads)
+    att = jax.nn.softmax(jnp.where(mask[:, None], att, -1e9), axis=-1)
+    x = x + jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, length, dim) @ p["out"]
+    h = _layer_norm(x, p["norm2"][None, None, :])
+    x = x + jax.nn.gelu(h @ p["up"]) @ p["down"]
+  return _layer_norm(x, params["final_norm"][None, None, :])
+
+
+def _language_model(
+  name: str,
+  data: dict,
+  *,
+  dim: int,
+  layers: int,
+  heads: int,
+  batch_size: int,
+  length: int,
+  tied: bool,
+  steps: int,
 ) -> Workload:
-  """A small character-level transformer; metric held-out cross-entropy."""
-  data = _data.load_shakespeare("char")
-  # Rows are cut to `length + 1` characters to keep attention cheap on a CPU.
+  """A causal transformer LM on ``data``'s windows; metric held-out cross-entropy.
+
+  ``tied``: the logits are the features times the input embedding's
+  transpose (no separate unembedding).
+  """
+  # Rows are cut to `length + 1` tokens to keep attention cheap on a CPU.
   data = data | {k: data[k][:, : length + 1] for k in ("train", "test")}
   vocab = data["vocab_size"]
   train, valid, num_valid = _carve({"tokens": data["train"]}, 0.1)
   valid = _lm_eval_rows(valid, 256)
   test = _lm_eval_rows({"tokens": data["test"]}, 512)
+  mask = np.tril(np.ones((1, length, length), bool))
 
   def init(key):
-    k = iter(jax.random.split(key, 3 + 4 * layers))
-    params = {
-      "embedding": _normal(next(k), (vocab, dim), 0.1),
-      "position": _normal(next(k), (length, dim), 0.1),
-      "final_norm": jnp.ones((dim,), jnp.float32),
-      "unembedding": _dense_init(next(k), dim, vocab),
-    }
-    for i in range(layers):
-      params[f"block{i}"] = {
-        "norm1": jnp.ones((dim,), jnp.float32),
-        "qkv": _dense_init(next(k), dim, 3 * dim),
-        "out": _dense_init(next(k), dim, dim) / math.sqrt(2 * layers),
-        "norm2": jnp.ones((dim,), jnp.float32),
-        "up": _dense_init(next(k), dim, 4 * dim),
-        "down": _dense_init(next(k), 4 * dim, dim) / math.sqrt(2 * layers),
-      }
-    return params
-
-  mask = np.tril(np.ones((length, length), bool))
+    return _transformer_init(key, vocab, dim, layers, length, 0 if tied else vocab)
 
   def logits(params, tokens):
-    b = tokens.shape[0]
-    x = params["embedding"][tokens] + params["position"][None, :, :]
-    for i in range(layers):
-      p = params[f"block{i}"]
-      h = _layer_norm(x, p["norm1"][None, None, :]) @ p["qkv"]
-      q, k, v = jnp.split(h.reshape(b, length, 3 * heads, dim // heads), 3, axis=2)
-      att = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(dim // heads)
-      att = jax.nn.softmax(jnp.where(mask[None, None], att, -1e9), axis=-1)
-      x = x + jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, length, dim) @ p["out"]
-      h = _layer_norm(x, p["norm2"][None, None, :])
-      x = x + jax.nn.gelu(h @ p["up"]) @ p["down"]
-    x = _layer_norm(x, params["final_norm"][None, None, :])
-    return x @ params["unembedding"]
+    x = _transformer(params, tokens, mask, layers, heads)
+    return x @ (params["embedding"].T if tied else params["unembedding"])
 
   def loss(params, batch):
     return _cross_entropy(logits(params, batch[:, :-1]), batch[:, 1:])
@@ -282,8 +307,110 @@ def shakespeare_char(
     return _chunked_mean(lambda r: loss(params, r), split["tokens"])
 
   return Workload(
-    "shakespeare-char", "test loss", False, init, loss, sample, evaluate,
-    train, valid, test, num_valid, steps=400,
+    name, "test loss", False, init, loss, sample, evaluate,
+    train, valid, test, num_valid, steps=steps,
+  )  # fmt: skip
+
+
+def shakespeare_char(
+  dim: int = 64,
+  layers: int = 2,
+  heads: int = 4,
+  batch_size: int = 32,
+  length: int = 32,
+  steps: int = 400,
+) -> Workload:
+  """A small character-level transformer; metric held-out cross-entropy."""
+  return _language_model(
+    "shakespeare-char", _data.load_shakespeare("char"), dim=dim, layers=layers,
+    heads=heads, batch_size=batch_size, length=length, tied=False, steps=steps,
+  )  # fmt: skip
+
+
+def code_char(
+  dim: int = 64,
+  layers: int = 2,
+  heads: int = 4,
+  batch_size: int = 32,
+  length: int = 32,
+  steps: int = 400,
+) -> Workload:
+  """A character-level transformer on SymPy's source; held-out cross-entropy."""
+  return _language_model(
+    "code-char", _data.load_code(), dim=dim, layers=layers, heads=heads,
+    batch_size=batch_size, length=length, tied=False, steps=steps,
+  )  # fmt: skip
+
+
+def wiki_word(
+  dim: int = 64,
+  layers: int = 2,
+  heads: int = 4,
+  batch_size: int = 16,
+  length: int = 32,
+  vocab_size: int = 2048,
+  steps: int = 400,
+) -> Workload:
+  """A word-level transformer on Wikipedia with tied input/output embeddings."""
+  return _language_model(
+    "wiki-word", _data.load_wikipedia(vocab_size=vocab_size), dim=dim,
+    layers=layers, heads=heads, batch_size=batch_size, length=length,
+    tied=True, steps=steps,
+  )  # fmt: skip
+
+
+# CMU dictionary: a bidirectional encoder counts a word's syllables.
+
+_SYLLABLE_CLASSES = 10  # 0 to 9 syllables; the dictionary's words have at most 8
+
+
+def cmudict_syllables(
+  dim: int = 64,
+  layers: int = 2,
+  heads: int = 4,
+  batch_size: int = 32,
+  steps: int = 400,
+) -> Workload:
+  """A non-causal transformer classifies words by syllable count; test accuracy."""
+  data = _data.load_cmudict()
+  train, valid, num_valid = _carve(
+    {"words": data["train_words"], "labels": data["train_labels"]}, 0.05
+  )
+  test = {k: data[f"test_{k}"][:4096] for k in ("words", "labels")}
+  length = data["train_words"].shape[1]
+
+  def init(key):
+    params = _transformer_init(
+      key, data["alphabet_size"], dim, layers, length, _SYLLABLE_CLASSES
+    )
+    return params
+
+  def logits(params, words):
+    present = words > 0
+    mask = present[:, None, :] | ~present[:, :, None]  # padding sees all
+    x = _transformer(params, words, mask, layers, heads)
+    pooled = jnp.sum(x * present[..., None], axis=1) / jnp.sum(
+      present, axis=1, keepdims=True
+    )
+    return pooled @ params["unembedding"]
+
+  def loss(params, batch):
+    return _cross_entropy(logits(params, batch["words"]), batch["labels"])
+
+  def sample(key, train):
+    rows = _rows(key, train, batch_size)
+    return {"words": train["words"][rows], "labels": train["labels"][rows]}
+
+  def evaluate(params, split):
+    def accuracy(chunk):
+      return jnp.mean(jnp.argmax(logits(params, chunk[:, :-1]), -1) == chunk[:, -1])
+
+    rows = jnp.concatenate([split["words"], split["labels"][:, None]], axis=1)
+    return _chunked_mean(accuracy, rows, size=512)
+
+  return Workload(
+    "cmudict-syllables", "test accuracy", True, init, loss, sample, evaluate,
+    train, valid, test, num_valid, steps=steps,
   )  # fmt: skip
 
 
@@ -335,11 +462,14 @@ _BUILDERS = {
   "shakespeare-word": shakespeare_word,
   "shakespeare-char": shakespeare_char,
   "mnist": mnist,
+  "code-char": code_char,
+  "wiki-word": wiki_word,
+  "cmudict-syllables": cmudict_syllables,
 }
 
 
 def build(name: str, **sizes) -> Workload:
-  """The workload called ``name`` (one of :data:`WORKLOAD_NAMES`).
+  """The workload called ``name`` (in :data:`WORKLOAD_NAMES` or :data:`TRANSFER_NAMES`).
 
   Args:
     name: the workload.
@@ -350,5 +480,6 @@ def build(name: str, **sizes) -> Workload:
     benchmarks._data.MissingDataError: if its data package is missing.
   """
   if name not in _BUILDERS:
-    raise ValueError(f"unknown workload {name!r}; allowed: {', '.join(WORKLOAD_NAMES)}")
+    allowed = ", ".join(_BUILDERS)
+    raise ValueError(f"unknown workload {name!r}; allowed: {allowed}")
   return _BUILDERS[name](**sizes)

@@ -1,0 +1,509 @@
+"""Does a recipe transfer? SM3's settings chosen by leaving workloads out.
+
+Every candidate (SM3 with one lever changed at a time, and Adam with three
+schedules) trains on every workload of :data:`WORKLOADS` with each rate of a
+small grid (seed 0, validation split; a best rate on the grid's edge is
+followed one rate outwards). Then, for each workload in turn, the settings are
+chosen on the *other* workloads only: the candidate, within a memory budget,
+whose worst validation gap to the tuned Adam over those workloads is
+smallest. On the held-out workload that candidate's rate is tuned on its
+validation split, as every optimizer's is, and it trains with 3 seeds on the
+whole training split, scored on the test split against the tuned Adam (the
+best of Adam's three schedules on that workload's validation split), also
+with 3 seeds. This runs for two budgets: optimizer state at most 3% of
+Adam's (no momentum) and at most 30% (bfloat16 momentum).
+
+Gaps are relative: the loss ratio minus 1 for the language models, the
+error-rate ratio minus 1 (error = 1 - accuracy) for the classifier, so a
+positive gap is worse than Adam.
+
+Every SM3 run also keeps a Polyak average of the parameters
+(:func:`optax_sm3.polyak_averaging`, decay 0.99, bfloat16) and is scored with
+it too: ``+polyak`` candidates reuse the runs, and their state counts the
+average.
+
+Usage (from the repository root)::
+
+  python -m benchmarks.transfer              # the study, ~1 h on 2 cores
+  python -m benchmarks.transfer --long 5     # + the recipe vs Adam at 5x steps
+  python -m benchmarks.transfer --quick      # a smoke run: 40 steps, 2 rates
+
+Results go to ``--out`` (default ``results/transfer``): ``transfer.json``
+(every run; an interrupted study resumes from it) and ``transfer.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import jax.numpy as jnp
+import optax
+
+import optax_sm3
+from benchmarks import _optimizers, _runner, _workloads, recipes
+
+WORKLOADS = ("shakespeare-char", "code-char", "wiki-word", "cmudict-syllables")
+BUDGETS = (0.03, 0.30)  # optimizer state / Adam's
+POLYAK_DECAY = 0.99
+SEEDS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+  """One optimizer setting of the study.
+
+  Attributes:
+    name: the label in tables.
+    family: ``"sm3"`` or ``"adam"``.
+    beta: SM3's second-moment decay, or ``"rising"`` for Adafactor's
+      ``1 - t**-0.8``.
+    bias_correction: SM3's ``bias_correction``.
+    schedule: ``"constant"``, ``"cooldown"`` or ``"cosine"`` (see
+      :func:`benchmarks.recipes.schedule`).
+    warmup: warm-up length as a fraction of the steps.
+    decay: the cool-down's length as a fraction of the steps.
+    momentum: SM3's momentum (0: no buffer).
+    mu_dtype: the momentum's dtype name.
+    merge_axes_up_to: SM3's cover option.
+    clip_rms: clip each parameter's update to this RMS (Adafactor's update
+      clipping, :func:`optax.clip_by_block_rms`), or ``None``.
+    param_scale: scale each update by its parameter's RMS (Adafactor's
+      relative step, :func:`optax.scale_by_param_block_rms`).
+  """
+
+  name: str
+  family: str = "sm3"
+  beta: float | str = 0.9
+  bias_correction: bool = False
+  schedule: str = "cooldown"
+  warmup: float = 0.02
+  decay: float = 0.1
+  momentum: float = 0.0
+  mu_dtype: str | None = None
+  merge_axes_up_to: int | None = 2048
+  clip_rms: float | None = None
+  param_scale: bool = False
+
+  def make(self, learning_rate, total_steps) -> optax.GradientTransformation:
+    config = recipes.Config(
+      schedule=self.schedule, warmup=self.warmup, decay=self.decay
+    )
+    lr = recipes.schedule(config, learning_rate, total_steps)
+    if self.family == "adam":
+      return optax.adam(lr)
+    beta = _rising if self.beta == "rising" else self.beta
+    parts = [
+      optax_sm3.scale_by_sm3(
+        beta=beta,
+        bias_correction=self.bias_correction,
+        merge_axes_up_to=self.merge_axes_up_to,
+      )
+    ]
+    if self.clip_rms is not None:
+      parts.append(optax.clip_by_block_rms(self.clip_rms))
+    if self.param_scale:
+      parts.append(optax.scale_by_param_block_rms())
+    if self.momentum:
+      parts.append(
+        optax_sm3.scale_by_momentum(
+          self.momentum, mu_dtype=self.mu_dtype and jnp.dtype(self.mu_dtype)
+        )
+      )
+    parts.append(optax.scale_by_learning_rate(lr))
+    return optax.chain(*parts)
+
+  def grid(self, size: int) -> tuple[float, ...]:
+    """``size`` rates, factor 2 apart, around where this setting's optimum lies."""
+    if self.family == "sm3" and self.beta == 0:
+      centre = 0.2  # sums shrink the steps over time
+    elif self.param_scale:
+      centre = 0.03  # a step relative to the parameters' RMS
+    else:
+      centre = 4e-3
+    return tuple(centre * 2.0 ** (i - (size - 1) / 2) for i in range(size))
+
+
+def _rising(count):
+  return 1.0 - (count + 1.0) ** -0.8
+
+
+RECIPE = Candidate("recipe (beta 0.9, cool-down 10%)")
+CANDIDATES = (
+  Candidate("adam constant", "adam", schedule="constant", warmup=0.0),
+  Candidate("adam warm-up + cosine", "adam", schedule="cosine", warmup=0.05),
+  Candidate("adam warm-up/stable/cool-down", "adam"),
+  Candidate("paper (beta 0, constant)", beta=0.0, schedule="constant",
+            merge_axes_up_to=None),
+  RECIPE,
+  Candidate("beta 0.99 + bias correction", beta=0.99, bias_correction=True),
+  Candidate("rising beta", beta="rising"),
+  Candidate("RMS update clipping 1.0", clip_rms=1.0),
+  Candidate("per-shape rate (parameter RMS)", param_scale=True),
+  Candidate("cool-down 30%", decay=0.3),
+  Candidate("no cool-down (constant)", schedule="constant"),
+  Candidate("bf16 momentum 0.9", momentum=0.9, mu_dtype="bfloat16"),
+)  # fmt: skip
+POLYAK = " +polyak"
+
+
+def _gap(workload: _workloads.Workload, metric: float, adam: float) -> float:
+  """The relative gap to Adam; positive is worse (NaN for a diverged run)."""
+  if workload.higher_is_better:
+    metric, adam = 1.0 - metric, 1.0 - adam
+  return metric / adam - 1.0
+
+
+def _nan_max(values) -> float:
+  values = list(values)
+  return math.inf if any(v != v for v in values) else max(values)
+
+
+@dataclasses.dataclass
+class Study:
+  """Runs and remembers every training run; ``record`` is saved after each."""
+
+  steps_scale: float
+  grid_size: int
+  extend: int
+  record: dict
+  save: Callable[[], None]
+  progress: Callable[[str], None]
+  _trainers: dict = dataclasses.field(default_factory=dict)
+  _workloads: dict = dataclasses.field(default_factory=dict)
+
+  def workload(self, name: str) -> _workloads.Workload:
+    if name not in self._workloads:
+      self._workloads[name] = _workloads.build(name)
+    return self._workloads[name]
+
+  def steps(self, name: str, factor: float = 1.0) -> int:
+    return max(2, round(self.workload(name).steps * self.steps_scale * factor))
+
+  def trainer(self, name: str, candidate: Candidate, steps: int) -> _runner.Trainer:
+    key = (name, candidate.name, steps)
+    if key not in self._trainers:
+      self._trainers.clear()  # one compiled loop at a time
+      polyak = None
+      if candidate.family == "sm3":
+        polyak = optax_sm3.polyak_averaging(POLYAK_DECAY, average_dtype=jnp.bfloat16)
+      optimizer = _optimizers.Optimizer(candidate.name, candidate.make, ())
+      self._trainers[key] = _runner.Trainer(
+        self.workload(name), optimizer, steps, polyak=polyak
+      )
+    return self._trainers[key]
+
+  def run(self, name, candidate, lr, seed, split, factor=1.0) -> dict:
+    steps = self.steps(name, factor)
+    key = f"{name}|{candidate.name}|{steps}|{lr!r}|{seed}|{split}"
+    if key not in self.record["runs"]:
+      trainer = self.trainer(name, candidate, steps)
+      out = trainer.run(lr, seed, split)
+      out.update(
+        state_bytes=trainer.state_bytes,
+        polyak_bytes=trainer.polyak_bytes,
+        param_bytes=trainer.param_bytes,
+      )
+      self.record["runs"][key] = out
+      self.save()
+      self.progress(f"{key}: {out['metric']:.4f}")
+    return self.record["runs"][key]
+
+  def tune(self, name: str, candidate: Candidate, factor: float = 1.0) -> dict:
+    """Validation metric by rate (seed 0), the grid followed past a best edge."""
+    workload = self.workload(name)
+    sign = -1.0 if workload.higher_is_better else 1.0
+    rates = list(candidate.grid(self.grid_size))
+    metrics = {}
+    for _ in range(self.extend + 1):
+      for lr in rates:
+        if lr not in metrics:
+          metrics[lr] = self.run(name, candidate, lr, 0, "tune", factor)
+      scored = {
+        lr: sign * m["metric"]
+        for lr, m in metrics.items()
+        if m["metric"] == m["metric"]
+      }
+      if not scored:
+        break
+      best = min(scored, key=scored.get)
+      if min(metrics) < best < max(metrics):
+        break
+      rates = [best * 2 if best == max(metrics) else best / 2]
+    return metrics
+
+
+def _score(runs: dict, polyak: bool, higher: bool) -> tuple[float, float]:
+  """The best rate's validation metric (plain or averaged) and the rate."""
+  field = "polyak_metric" if polyak else "metric"
+  finite = {lr: r[field] for lr, r in runs.items() if r[field] == r[field]}
+  if not finite:
+    return math.nan, min(runs)
+  best = (max if higher else min)(finite, key=finite.get)
+  return finite[best], best
+
+
+def tuned_table(study: Study, names: Sequence[str], factor: float = 1.0) -> dict:
+  """Per workload and candidate: validation metric, rate and state share.
+
+  ``+polyak`` variants of the SM3 candidates are scored from the same runs.
+  """
+  table = {}
+  for name in names:
+    workload = study.workload(name)
+    rows = {}
+    for candidate in CANDIDATES:
+      runs = study.tune(name, candidate, factor)
+      first = next(iter(runs.values()))
+      for polyak in (False, True) if candidate.family == "sm3" else (False,):
+        metric, lr = _score(runs, polyak, workload.higher_is_better)
+        rows[candidate.name + (POLYAK if polyak else "")] = {
+          "candidate": candidate.name,
+          "polyak": polyak,
+          "valid": metric,
+          "learning_rate": lr,
+          "state_bytes": first["state_bytes"]
+          + (first["polyak_bytes"] if polyak else 0),
+        }
+    adam = {k: r for k, r in rows.items() if k.startswith("adam")}
+    best_adam = _score(
+      {k: {"metric": r["valid"]} for k, r in adam.items()},
+      False,
+      workload.higher_is_better,
+    )[1]
+    adam_bytes = rows[best_adam]["state_bytes"]
+    for row in rows.values():
+      row["gap"] = _gap(workload, row["valid"], rows[best_adam]["valid"])
+      row["memory"] = row["state_bytes"] / adam_bytes
+    table[name] = {"tuned_adam": best_adam, "rows": rows}
+  return table
+
+
+def choose(table: dict, held_out: str, budget: float) -> str:
+  """The SM3 setting with the smallest worst gap on the other workloads."""
+  others = [n for n in table if n != held_out]
+  pool = [
+    k
+    for k, r in table[held_out]["rows"].items()
+    if not k.startswith("adam")
+    and all(table[n]["rows"][k]["memory"] <= budget for n in table)
+  ]
+  return min(pool, key=lambda k: _nan_max(table[n]["rows"][k]["gap"] for n in others))
+
+
+def _test(study: Study, name: str, row: dict, factor: float = 1.0) -> dict:
+  candidate = next(c for c in CANDIDATES if c.name == row["candidate"])
+  field = "polyak_metric" if row["polyak"] else "metric"
+  runs = [
+    study.run(name, candidate, row["learning_rate"], seed, "final", factor)
+    for seed in range(SEEDS)
+  ]
+  metrics = [r[field] for r in runs]
+  return {
+    "mean": statistics.fmean(metrics),
+    "std": statistics.stdev(metrics) if len(metrics) > 1 else 0.0,
+    "metrics": metrics,
+    "losses": runs[0]["losses"],
+  }
+
+
+def leave_one_out(study: Study, table: dict) -> list[dict]:
+  """For each budget and held-out workload: the choice and its test figures."""
+  out = []
+  for budget in BUDGETS:
+    for name in table:
+      chosen = choose(table, name, budget)
+      rows = table[name]["rows"]
+      adam_name = table[name]["tuned_adam"]
+      sm3 = _test(study, name, rows[chosen])
+      adam = _test(study, name, rows[adam_name])
+      workload = study.workload(name)
+      out.append({
+        "budget": budget,
+        "workload": name,
+        "metric": workload.metric,
+        "chosen": chosen,
+        "chosen_lr": rows[chosen]["learning_rate"],
+        "adam": adam_name,
+        "adam_lr": rows[adam_name]["learning_rate"],
+        "sm3": sm3,
+        "adam_test": adam,
+        "gap": _gap(workload, sm3["mean"], adam["mean"]),
+        "memory": rows[chosen]["memory"],
+      })  # fmt: skip
+  return out
+
+
+def long_runs(study: Study, table: dict, factor: float) -> list[dict]:
+  """The recipe and the tuned Adam on the first workload at ``factor`` x steps.
+
+  Both keep their settings from the 1x study and re-tune the rate.
+  """
+  name = next(iter(table))
+  out = []
+  for length in (1.0, factor):
+    long_table = tuned_table_for(study, name, length)
+    for key in (RECIPE.name, table[name]["tuned_adam"]):
+      row = long_table[key]
+      out.append(
+        {
+          "workload": name,
+          "steps": study.steps(name, length),
+          "candidate": key,
+          "learning_rate": row["learning_rate"],
+          "test": _test(study, name, row, length),
+        }
+      )
+  return out
+
+
+def tuned_table_for(study: Study, name: str, factor: float) -> dict:
+  """:func:`tuned_table`'s rows of one workload at ``factor`` x its steps,
+  for the recipe and Adam's candidates only."""
+  workload = study.workload(name)
+  rows = {}
+  for candidate in CANDIDATES:
+    if candidate.family != "adam" and candidate is not RECIPE:
+      continue
+    metric, lr = _score(
+      study.tune(name, candidate, factor), False, workload.higher_is_better
+    )
+    rows[candidate.name] = {
+      "candidate": candidate.name,
+      "polyak": False,
+      "valid": metric,
+      "learning_rate": lr,
+    }
+  return rows
+
+
+def _fmt(workload_metric: str, value: float) -> str:
+  return f"{value:.2%}" if "accuracy" in workload_metric else f"{value:.4f}"
+
+
+def markdown(report: dict) -> str:
+  """The leave-one-out tables, the levers' worth and the long runs."""
+  lines = [
+    f"Leave-one-workload-out on {', '.join(report['workloads'])} "
+    f"({report['wall_s'] / 60:.0f} min wall, `{report['command']}`). "
+    "Test metric, mean ± std over 3 seeds; gap: relative loss (LMs) or "
+    "relative error rate (classifier) against the tuned Adam; positive is worse.",
+  ]
+  for budget in BUDGETS:
+    lines += [
+      "",
+      f"Budget: state at most {budget:.0%} of Adam's.",
+      "",
+      "| held-out workload | chosen on the others | SM3 test | tuned Adam | Adam test | gap | state / Adam's |",
+      "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["leave_one_out"]:
+      if r["budget"] != budget:
+        continue
+      lines.append(
+        f"| {r['workload']} | {r['chosen']} | "
+        f"{_fmt(r['metric'], r['sm3']['mean'])} ± {_fmt(r['metric'], r['sm3']['std'])} | "
+        f"{r['adam']} | {_fmt(r['metric'], r['adam_test']['mean'])} ± "
+        f"{_fmt(r['metric'], r['adam_test']['std'])} | {r['gap']:+.2%} | {r['memory']:.1%} |"
+      )
+  names = report["workloads"]
+  lines += [
+    "",
+    "Each setting's validation gap to the tuned Adam (seed 0, best rate of its grid):",
+    "",
+    "| setting | " + " | ".join(names) + " | worst | state / Adam's |",
+    "|---|" + "---:|" * (len(names) + 2),
+  ]
+  table = report["table"]
+  for key in table[names[0]]["rows"]:
+    gaps = [table[n]["rows"][key]["gap"] for n in names]
+    memory = max(table[n]["rows"][key]["memory"] for n in names)
+    lines.append(
+      f"| {key} | "
+      + " | ".join(f"{g:+.2%}" for g in gaps)
+      + f" | {_nan_max(gaps):+.2%} | {memory:.1%} |"
+    )
+  if report.get("long"):
+    lines += [
+      "",
+      "Training length (test metric, 3 seeds, rates re-tuned at each length):",
+      "",
+      "| workload | steps | setting | rate | test |",
+      "|---|---:|---|---:|---:|",
+    ]
+    for r in report["long"]:
+      lines.append(
+        f"| {r['workload']} | {r['steps']} | {r['candidate']} | "
+        f"{r['learning_rate']:.3g} | {r['test']['mean']:.4f} ± {r['test']['std']:.4f} |"
+      )
+  return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+    prog="python -m benchmarks.transfer", description=__doc__.split("\n")[0]
+  )
+  parser.add_argument("--quick", action="store_true", help="a smoke run")
+  parser.add_argument(
+    "--long",
+    type=float,
+    default=0.0,
+    metavar="FACTOR",
+    help="also run the recipe and Adam at FACTOR x the steps",
+  )
+  parser.add_argument("--workloads", default=",".join(WORKLOADS))
+  parser.add_argument(
+    "--out", type=pathlib.Path, default=pathlib.Path("results/transfer")
+  )
+  parser.add_argument("--no-progress", action="store_true")
+  return parser.parse_args(argv)  # fmt: skip
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  names = tuple(args.workloads.split(","))
+  args.out.mkdir(parents=True, exist_ok=True)
+  path = args.out / "transfer.json"
+  record = json.loads(path.read_text()) if path.exists() else {"runs": {}}
+  record.setdefault("wall_s", 0.0)
+
+  def save():
+    path.write_text(json.dumps(record))
+
+  def progress(text):
+    if not args.no_progress:
+      print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+  start = time.perf_counter()
+  scale, grid_size, extend = (0.1, 2, 0) if args.quick else (1.0, 3, 1)
+  study = Study(scale, grid_size, extend, record, save, progress)
+  table = tuned_table(study, names)
+  report = {
+    "workloads": names,
+    "table": table,
+    "leave_one_out": leave_one_out(study, table),
+  }
+  if args.long:
+    report["long"] = long_runs(study, table, args.long)
+  record["wall_s"] += time.perf_counter() - start
+  report["wall_s"] = record["wall_s"]
+  report["command"] = "python -m benchmarks.transfer" + (
+    f" --long {args.long:g}" if args.long else ""
+  )
+  record["report"] = report
+  save()
+  text = markdown(report)
+  (args.out / "transfer.md").write_text(text + "\n")
+  print(text)
+  return report
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,191 @@
+"""The transfer study's logic (benchmarks/transfer.py), without training."""
+
+import dataclasses
+import math
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_sm3
+from benchmarks import _runner, transfer
+
+# Above merge_axes_up_to=2048 entries, so the recipe keeps factored state.
+PARAMS = {
+  "embedding": jnp.linspace(-1.0, 1.0, 400 * 8).reshape(400, 8),
+  "w": jnp.linspace(0.5, -0.5, 8 * 300).reshape(8, 300),
+  "b": jnp.zeros((300,)),
+}
+
+
+def _loss(params, x):
+  h = params["embedding"][x] @ params["w"] + params["b"][None, :]
+  return jnp.mean(jnp.tanh(h) ** 2)
+
+
+def _train(tx, steps=20):
+  params, state = PARAMS, tx.init(PARAMS)
+  for step in range(steps):
+    x = jnp.arange(step, step + 6) % 400
+    grads = jax.grad(_loss)(params, x)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  return params
+
+
+def test_recipe_candidate_is_the_library_recipe_bit_for_bit():
+  ours = _train(transfer.RECIPE.make(3e-2, 20))
+  library = _train(optax_sm3.sm3_recipe(3e-2, 20))
+  jax.tree.map(np.testing.assert_array_equal, ours, library)
+
+
+def _candidate(name):
+  return next(c for c in transfer.CANDIDATES if c.name == name)
+
+
+def test_every_candidate_trains_and_states_cost_what_they_say():
+  param_bytes = _runner.tree_bytes(PARAMS)
+  sizes = {}
+  for candidate in transfer.CANDIDATES:
+    tx = candidate.make(1e-2, 20)
+    params = _train(tx, 3)
+    assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params))
+    sizes[candidate.name] = _runner.tree_bytes(jax.eval_shape(tx.init, PARAMS))
+  recipe = sizes[transfer.RECIPE.name]
+  # mu and nu, and two int32 counts (Adam's and the schedule's).
+  assert sizes["adam constant"] == 2 * param_bytes + 8
+  assert recipe < 0.1 * sizes["adam constant"]
+  # bfloat16 momentum: one 2-byte number per parameter entry.
+  assert sizes["bf16 momentum 0.9"] - recipe == param_bytes // 2
+  for name in ("RMS update clipping 1.0", "per-shape rate (parameter RMS)"):
+    assert sizes[name] == recipe  # the levers keep no state
+  assert sizes["rising beta"] == recipe
+
+
+def test_rms_clipping_bounds_each_update():
+  candidate = dataclasses.replace(_candidate("RMS update clipping 1.0"), clip_rms=0.5)
+  tx = candidate.make(1.0, 4)  # warm-up over 2% of 4 steps: rate 1 at once
+  grads = jax.tree.map(lambda p: p + 1.0, PARAMS)
+  updates, _ = tx.update(grads, tx.init(PARAMS), PARAMS)
+  for u in jax.tree.leaves(updates):
+    assert float(jnp.sqrt(jnp.mean(u * u))) <= 0.5 + 1e-6
+
+
+class _Workload:
+  def __init__(self, higher):
+    self.higher_is_better = higher
+
+
+def test_gap_is_relative_loss_or_relative_error():
+  assert transfer._gap(_Workload(False), 1.02, 1.0) == pytest.approx(0.02)
+  # accuracy 0.90 against 0.95: error 0.10 against 0.05, twice as many errors.
+  assert transfer._gap(_Workload(True), 0.90, 0.95) == pytest.approx(1.0)
+  assert math.isnan(transfer._gap(_Workload(False), math.nan, 1.0))
+
+
+def _table(gaps, memory):
+  """A tuned table: ``gaps[workload][setting]``, ``memory[setting]``."""
+  return {
+    name: {
+      "tuned_adam": "adam constant",
+      "rows": {key: {"gap": gap, "memory": memory[key]} for key, gap in by_key.items()},
+    }
+    for name, by_key in gaps.items()
+  }
+
+
+def test_choose_minimises_the_worst_gap_on_the_other_workloads_only():
+  memory = {"adam constant": 1.0, "a": 0.02, "b": 0.02, "heavy": 0.25}
+  gaps = {
+    "w1": {"adam constant": 0.0, "a": 0.01, "b": 0.03, "heavy": -0.05},
+    "w2": {"adam constant": 0.0, "a": 0.04, "b": 0.02, "heavy": -0.05},
+    "w3": {"adam constant": 0.0, "a": 0.50, "b": 0.00, "heavy": -0.05},
+  }
+  table = _table(gaps, memory)
+  # Held out w3: on w1, w2 the worst gaps are a 4%, b 3%.
+  assert transfer.choose(table, "w3", 0.03) == "b"
+  # The held-out workload's own gaps never count.
+  gaps["w3"]["b"] = 9.0
+  assert transfer.choose(_table(gaps, memory), "w3", 0.03) == "b"
+  # Held out w1: on w2, w3 a's worst is 50%, b's 2%.
+  assert transfer.choose(table, "w1", 0.03) == "b"
+  # A larger budget admits the momentum setting; a diverged run never wins.
+  assert transfer.choose(table, "w1", 0.30) == "heavy"
+  gaps["w3"]["b"] = 0.0
+  gaps["w2"]["heavy"] = math.nan
+  assert transfer.choose(_table(gaps, memory), "w1", 0.30) == "b"
+
+
+def test_tune_follows_a_best_edge_outwards():
+  calls = []
+
+  class _Study(transfer.Study):
+    def workload(self, name):
+      return _Workload(False)
+
+    def run(self, name, candidate, lr, seed, split, factor=1.0):
+      calls.append(lr)
+      return {"metric": abs(math.log2(lr / 0.001))}  # best at 1e-3
+
+  study = _Study(1.0, 3, 1, {"runs": {}}, lambda: None, lambda _: None)
+  metrics = study.tune("w", transfer.RECIPE)
+  grid = transfer.RECIPE.grid(3)
+  assert calls[:3] == list(grid)
+  assert calls[3:] == [grid[0] / 2]  # one rate past the low edge
+  assert set(metrics) == {*grid, grid[0] / 2}
+
+
+class _FakeStudy(transfer.Study):
+  """Metrics from a formula: each setting has a fixed quality per workload."""
+
+  def workload(self, name):
+    workload = _Workload(name == "classifier")
+    workload.metric = "test accuracy" if workload.higher_is_better else "test loss"
+    workload.steps = 100
+    return workload
+
+  def run(self, name, candidate, lr, seed, split, factor=1.0):
+    quality = zlib.crc32(f"{name} {candidate.name}".encode()) % 100 / 1000
+    off = abs(math.log2(lr / candidate.grid(3)[1])) / 100
+    value = 1.0 + quality + off + seed / 1000
+    if self.workload(name).higher_is_better:
+      value = 1.0 - value / 10
+    adam = candidate.family == "adam"
+    return {
+      "metric": value,
+      "polyak_metric": value - 0.001,
+      "losses": [2.0, 1.5, value],
+      "state_bytes": 1000 if adam else (250 if candidate.momentum else 20),
+      "polyak_bytes": 0 if adam else 250,
+    }
+
+
+def test_study_end_to_end_on_fake_runs():
+  names = ("lm", "code", "classifier")
+  study = _FakeStudy(1.0, 3, 1, {"runs": {}}, lambda: None, lambda _: None)
+  table = transfer.tuned_table(study, names)
+  for name in names:
+    rows = table[name]["rows"]
+    assert rows[table[name]["tuned_adam"]]["gap"] == 0.0
+    assert rows[transfer.RECIPE.name + transfer.POLYAK]["memory"] == 0.27
+  results = transfer.leave_one_out(study, table)
+  assert len(results) == len(transfer.BUDGETS) * len(names)
+  for r in results:
+    assert r["chosen"] == transfer.choose(table, r["workload"], r["budget"])
+    assert r["memory"] <= r["budget"]
+    assert len(r["sm3"]["metrics"]) == transfer.SEEDS
+  report = {
+    "workloads": names,
+    "table": table,
+    "leave_one_out": results,
+    "long": transfer.long_runs(study, table, 5.0),
+    "wall_s": 60.0,
+    "command": "python -m benchmarks.transfer",
+  }
+  text = transfer.markdown(report)
+  for r in results:
+    assert f"| {r['workload']} | {r['chosen']} |" in text
+  assert text.count("| lm | 100 |") == 2 and text.count("| lm | 500 |") == 2
