@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import optax_sm3
-from optax_sm3 import _blocks
+from optax_sm3 import _accumulate, _blocks
 
 
 def _compiled_step(tx, params):
@@ -49,12 +49,6 @@ def test_many_mid_sized_parameters_share_one_temporary():
   _, looped = _compiled_step(optax_sm3.sm3(0.1, momentum=0.0), params)
   assert direct >= param_bytes / 2  # what the loop avoids
   assert looped <= param_bytes / 10, (looped, param_bytes)
-
-
-def test_at_least_two_blocks():
-  tiling = _blocks._tiling((512, 512), 512 * 512 // 2)
-  assert tiling.num_blocks == 2
-  assert _blocks._tiling((3, 3, 256, 256), 3 * 3 * 256 * 256 // 2).num_blocks == 3
 
 
 def test_loop_commutes_with_vmap_grad_and_scan():
@@ -113,3 +107,32 @@ def test_blocked_form_is_traced_once_per_shape():
     hlo, _ = _compiled_step(tx, params)
   assert traced == [(301, 299)]
   assert hlo.count(" while(") == 4
+
+
+@pytest.mark.parametrize("variant", ["II", "I"])
+@pytest.mark.parametrize("beta", [0.0, 0.9])
+@pytest.mark.parametrize("shape", [(300, 400), (40, 50, 60)])
+def test_default_loop_bit_identical_in_the_full_optimizer(variant, beta, shape):
+  assert np.prod(shape) > _accumulate.MIN_LOOP_SIZE
+
+  def run(block_size):
+    tx = optax.inject_hyperparams(
+      optax_sm3.sm3, static_args=("variant", "block_size", "nesterov")
+    )(
+      learning_rate=0.1, momentum=0.9, beta=beta, variant=variant, block_size=block_size
+    )
+    params = jnp.ones(shape)
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state, g):
+      updates, state = tx.update(g, state, params)
+      return optax.apply_updates(params, updates), state
+
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+      params, state = step(params, state, jnp.asarray(rng.standard_normal(shape)))
+    return params, state
+
+  for a, b in zip(jax.tree.leaves(run(0)), jax.tree.leaves(run(None)), strict=True):
+    np.testing.assert_array_equal(a, b)

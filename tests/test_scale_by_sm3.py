@@ -406,6 +406,42 @@ def test_beta_and_eps_under_jit_as_arguments():
 
 
 # ---------------------------------------------------------------------------
+# Calls written for optax.scale_by_sm3.
+
+
+@pytest.mark.parametrize(
+  "call",
+  [
+    lambda: optax_sm3.scale_by_sm3(0.9, 1.0),
+    lambda: optax_sm3.scale_by_sm3(0.9),
+    lambda: optax_sm3.scale_by_sm3(b1=0.9, b2=1.0),
+    lambda: optax_sm3.scale_by_sm3(b2=0.99),
+  ],
+)
+def test_optax_style_calls_explain_the_difference(call):
+  with pytest.raises(TypeError, match=r"optax.scale_by_sm3\(b1, b2, eps\)"):
+    call()
+
+
+def test_optax_translation_in_the_message_is_right():
+  # optax.scale_by_sm3(b1, b2, eps) == scale_by_sm3(beta=...) + momentum(b1).
+  params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
+  rng = np.random.default_rng(0)
+  for b2, beta in ((1.0, 0.0), (0.99, 0.99)):
+    theirs = optax.scale_by_sm3(0.9, b2, 1e-8)
+    ours = optax.chain(
+      optax_sm3.scale_by_sm3(beta=beta, eps=1e-8), optax_sm3.scale_by_momentum(0.9)
+    )
+    s_t, s_o = theirs.init(params), ours.init(params)
+    for _ in range(3):
+      g = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape)), params)
+      u_t, s_t = theirs.update(g, s_t)
+      u_o, s_o = ours.update(g, s_o)
+      for a, b in zip(jax.tree.leaves(u_t), jax.tree.leaves(u_o), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------
 # Invalid input.
 
 
@@ -452,3 +488,17 @@ def test_stacked_axes_out_of_range():
 def test_stacked_axes_tree_mismatch():
   with pytest.raises(ValueError, match="stacked_axes"):
     optax_sm3.scale_by_sm3(stacked_axes={"x": 1}).init({"a": jnp.zeros((2, 2))})
+
+
+def test_boolean_gradients_rejected():
+  tx = optax_sm3.scale_by_sm3()
+  with pytest.raises(TypeError, match="boolean"):
+    tx.update(jnp.ones(3, bool), tx.init(jnp.zeros(3)))
+
+
+def test_wrong_gradient_shape_names_the_parameter():
+  tx = optax_sm3.sm3(0.1)
+  params = {"layer": {"w": jnp.zeros((3, 1))}}
+  state = tx.init(params)
+  with pytest.raises(ValueError, match=r"\['layer'\]\['w'\].*\(4,\).*\(3,\)"):
+    tx.update({"layer": {"w": jnp.zeros(4)}}, state, params)

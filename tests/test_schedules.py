@@ -89,3 +89,8 @@ def test_total_steps_must_be_an_integer_even_traced():
     jax.jit(lambda t: optax_sm3.warmup_schedule(1.0, t)(0))(10.0)
   with pytest.raises(ValueError, match="total_steps"):
     optax_sm3.warmup_schedule(1.0, jnp.asarray(0))
+
+
+def test_warmup_schedule_accepts_numpy_integers():
+  schedule = optax_sm3.warmup_schedule(1.0, np.int64(100))
+  assert float(schedule(100)) == 1.0

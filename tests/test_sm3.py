@@ -17,6 +17,10 @@ def _tree_allclose(a, b, **kwargs):
     np.testing.assert_allclose(x, y, **kwargs)
 
 
+def _structure_and_shapes(tree):
+  return jax.tree.structure(tree), [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
+
+
 # ---------------------------------------------------------------------------
 # Against the reference.
 
@@ -331,6 +335,169 @@ def test_init_on_shape_dtype_structs():
 
 
 # ---------------------------------------------------------------------------
+# optax.inject_hyperparams gives the same state as the plain optimizer.
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-3])
+def test_injected_state_equals_plain_state(momentum, weight_decay):
+  params = {"emb": jnp.ones((2000, 64)), "b": jnp.ones(64)}
+  plain = optax_sm3.sm3(0.1, momentum=momentum, weight_decay=weight_decay)
+  # A Python 0 keeps no momentum buffer; an injected (array) 0 keeps one
+  # unless it is static (see test_injected_zero_momentum_keeps_a_buffer).
+  static = ("momentum",) if momentum == 0.0 else ()
+  injected = optax.inject_hyperparams(optax_sm3.sm3, static_args=static)(
+    learning_rate=0.1, momentum=momentum, weight_decay=weight_decay
+  )
+  s_plain = plain.init(params)
+  s_injected = injected.init(params)
+  assert _structure_and_shapes(s_injected.inner_state) == _structure_and_shapes(s_plain)
+  jitted = jax.jit(injected.init)(params)
+  assert _structure_and_shapes(jitted) == _structure_and_shapes(s_injected)
+  bytes_plain = sum(x.nbytes for x in jax.tree.leaves(s_plain))
+  if momentum == 0.0:
+    assert bytes_plain < 0.05 * sum(x.nbytes for x in jax.tree.leaves(params))
+  # A checkpoint of the plain optimizer restores into the injected one.
+  grads = jax.tree.map(lambda p: 0.5 * p, params)
+  restored = s_injected._replace(inner_state=s_plain)
+  u_plain, _ = plain.update(grads, s_plain, params)
+  u_injected, _ = jax.jit(injected.update)(grads, restored, params)
+  for a, b in zip(jax.tree.leaves(u_plain), jax.tree.leaves(u_injected), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_injected_zero_momentum_keeps_a_buffer_that_can_change():
+  params = {"w": jnp.ones((3, 4))}
+  grads = {"w": jnp.arange(12.0).reshape(3, 4)}
+  tx = optax.inject_hyperparams(optax_sm3.sm3)(learning_rate=0.1, momentum=0.0)
+  state = jax.jit(tx.init)(params)
+  assert state.inner_state[1].momentum["w"].shape == (3, 4)
+  plain = optax_sm3.sm3(0.1, momentum=0.0)
+  u_plain, _ = plain.update(grads, plain.init(params), params)
+  u_injected, state = jax.jit(tx.update)(grads, state, params)
+  np.testing.assert_allclose(u_injected["w"], u_plain["w"], rtol=1e-6)
+  # Made non-zero at run time, it runs as momentum from then on: the same
+  # step as the plain optimizer with that momentum from the same state.
+  state.hyperparams["momentum"] = jnp.asarray(0.5)
+  u_injected, _ = jax.jit(tx.update)(grads, state, params)
+  moving = optax_sm3.sm3(0.1, momentum=0.5)
+  u_moving, _ = moving.update(grads, state.inner_state, params)
+  np.testing.assert_allclose(u_injected["w"], u_moving["w"], rtol=1e-6)
+  assert not np.allclose(u_moving["w"], u_plain["w"])
+
+
+def test_injected_update_without_params_when_weight_decay_is_zero():
+  params = {"w": jnp.ones((3, 4))}
+  tx = optax.inject_hyperparams(optax_sm3.sm3)(learning_rate=0.1, momentum=0.0)
+  updates, _ = jax.jit(tx.update)(params, tx.init(params))
+  assert updates["w"].shape == (3, 4)
+
+
+def test_weight_decay_needs_params_when_on():
+  tx = optax_sm3.sm3(0.1, weight_decay=0.1)
+  params = {"w": jnp.ones(3)}
+  with pytest.raises(ValueError, match="needs the parameters"):
+    tx.update(params, tx.init(params))
+
+
+def test_injected_weight_decay_can_change_at_run_time():
+  params = {"w": jnp.ones((3, 4))}
+  grads = {"w": jnp.full((3, 4), 2.0)}
+  tx = optax.inject_hyperparams(optax_sm3.sm3)(learning_rate=0.1, weight_decay=0.0)
+  state = tx.init(params)
+  state.hyperparams["weight_decay"] = jnp.asarray(0.5)
+  u_injected, _ = jax.jit(tx.update)(grads, state, params)
+  plain = optax_sm3.sm3(0.1, weight_decay=0.5)
+  u_plain, _ = plain.update(grads, plain.init(params), params)
+  np.testing.assert_allclose(u_injected["w"], u_plain["w"], rtol=1e-6)
+  # Without the parameters a non-zero decay cannot be applied: refused.
+  with pytest.raises(ValueError, match="`weight_decay` is not 0"):
+    tx.update(grads, state)  # concrete: raised at once
+  with pytest.raises(Exception, match="`weight_decay` is not 0"):  # traced: at run
+    jax.block_until_ready(jax.jit(tx.update)(grads, state))
+
+
+def test_state_without_buffer_is_refused_by_a_momentum_that_needs_one():
+  params = {"w": jnp.ones((3, 4))}
+  state = optax_sm3.sm3(0.1, momentum=0.0).init(params)
+  with pytest.raises(ValueError, match="no momentum buffer"):
+    optax_sm3.sm3(0.1, momentum=0.5).update(params, state, params)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, None, np.float32(0.0)])
+def test_plain_static_zero_decay_needs_no_params(weight_decay):
+  params = {"w": jnp.ones((3, 4))}
+  tx = optax_sm3.sm3(0.1, weight_decay=weight_decay)
+  state = tx.init(params)
+  without, _ = jax.jit(tx.update)(params, state)
+  with_params, _ = tx.update(params, state, params)
+  np.testing.assert_array_equal(without["w"], with_params["w"])
+  # The decay stage is in the state all the same: one tree for every value.
+  assert _structure_and_shapes(state) == _structure_and_shapes(
+    optax_sm3.sm3(0.1, weight_decay=0.5).init(params)
+  )
+
+
+# ---------------------------------------------------------------------------
+# Odd input: empty, integer and Python-number leaves, eps = 0.
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (5, 0), (2, 0, 3), (0,)])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_zero_size_parameters(shape, momentum):
+  params = {"empty": jnp.zeros(shape), "w": jnp.ones((2, 3))}
+  for tx in (
+    optax_sm3.sm3(0.1, momentum=momentum, weight_decay=0.1),
+    optax_sm3.scale_by_sm3(),
+  ):
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    for update in (tx.update, jax.jit(tx.update)):
+      updates, new_state = update(grads, state, params)
+      assert updates["empty"].shape == shape
+      assert np.all(np.isfinite(updates["w"])) and np.any(updates["w"] != 0)
+      assert _structure_and_shapes(new_state) == _structure_and_shapes(state)
+
+
+def test_eps_zero_is_differentiable():
+  # Meta-learning through an update: d(update)/d(lr or g) must be finite even
+  # where the gradient, and so nu, is 0.
+  tx = optax_sm3.sm3(0.1, momentum=0.0, eps=0.0)
+  params = jnp.ones((3, 4))
+  state = tx.init(params)
+
+  def f(g):
+    updates, _ = tx.update(g, state, params)
+    return jnp.sum(updates)
+
+  g = jnp.zeros((3, 4)).at[0, 0].set(2.0)
+  grad = jax.grad(f)(g)
+  assert np.all(np.isfinite(grad)), grad
+
+
+def test_integer_gradients_give_float_updates():
+  tx = optax_sm3.sm3(0.1, momentum=0.9)
+  params = jnp.zeros((2, 3))
+  state = tx.init(params)
+  float_state = state
+  for _ in range(3):
+    updates, state = tx.update(jnp.ones((2, 3), jnp.int32), state, params)
+    expected, float_state = tx.update(jnp.ones((2, 3)), float_state, params)
+  assert updates.dtype == jnp.float32
+  np.testing.assert_allclose(updates, expected)
+  assert np.all(updates < 0)
+
+
+def test_python_number_leaves():
+  params = {"a": 1.0, "b": jnp.ones(2)}
+  tx = optax_sm3.sm3(0.1, momentum=0.9, weight_decay=0.01)
+  state = tx.init(params)
+  updates, state = tx.update({"a": 0.5, "b": jnp.ones(2)}, state, params)
+  new = optax.apply_updates(params, updates)
+  assert float(new["a"]) < 1.0
+
+
+# ---------------------------------------------------------------------------
 # Invalid input.
 
 
@@ -375,3 +542,38 @@ def test_block_size_reaches_the_preconditioner():
 def test_learning_rate_wrong_type():
   with pytest.raises(TypeError, match="learning_rate"):
     optax_sm3.sm3("0.1")
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
+def test_non_float_parameters_rejected(dtype):
+  with pytest.raises(TypeError, match=r"\['w'\]"):
+    optax_sm3.sm3(0.1).init({"w": jnp.zeros((2, 2), dtype)})
+
+
+@pytest.mark.parametrize(
+  "kwargs, name",
+  [
+    ({"mu_dtype": jnp.int32}, "mu_dtype"),
+    ({"accumulator_dtype": jnp.int32}, "accumulator_dtype"),
+    ({"accumulator_dtype": jnp.complex64}, "accumulator_dtype"),
+    ({"nesterov": "no"}, "nesterov"),
+  ],
+)
+def test_bad_dtypes_and_flags(kwargs, name):
+  with pytest.raises(TypeError, match=name):
+    optax_sm3.sm3(0.1, **kwargs)
+
+
+@pytest.mark.parametrize(
+  "call, name",
+  [
+    (lambda: optax_sm3.sm3(0.1, eps=np.inf), "eps"),
+    (lambda: optax_sm3.sm3(np.inf), "learning_rate"),
+    (lambda: optax_sm3.sm3(0.1, weight_decay=np.inf), "weight_decay"),
+    (lambda: optax_sm3.warmup_schedule(np.inf, 100), "peak_value"),
+    (lambda: optax_sm3.scale_by_sm3(eps=-np.inf), "eps"),
+  ],
+)
+def test_infinite_hyperparameters_rejected(call, name):
+  with pytest.raises(ValueError, match=f"`{name}` must be in"):
+    call()
