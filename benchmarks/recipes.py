@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import optax
 
 import optax_sm3
-from benchmarks import _optimizers, _runner, _workloads
+from benchmarks import _optimizers, _report, _runner, _workloads
 
 MEMORY_BUDGET = 0.03  # optimizer state / tuned Adam's state
 WORKLOAD = "shakespeare-char"
@@ -336,10 +336,6 @@ def run(search: Search, quick: bool = False) -> dict:
   }
 
 
-def _mib(n: int) -> str:
-  return f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.2f} MiB"
-
-
 def markdown(report: dict) -> str:
   """The results as Markdown: one table per stage, then the choice."""
   adam = next(r for r in report["results"] if r["label"] == report["tuned_adam"])
@@ -359,7 +355,7 @@ def markdown(report: dict) -> str:
     lines.append(
       f"| {r['stage']} | {r['label']} | {r['learning_rate']:.3g} | "
       f"{r['valid_mean']:.4f} ± {r['valid_std']:.4f} | {gap:+.2%} | "
-      f"{_mib(r['state_bytes'])} | {memory:.2%} |"
+      f"{_report.format_bytes(r['state_bytes'])} | {memory:.2%} |"
     )
   lines += [
     "",

@@ -29,7 +29,9 @@ Usage (from the repository root)::
   python -m benchmarks.transfer --quick      # a smoke run: 40 steps, 2 rates
 
 Results go to ``--out`` (default ``results/transfer``): ``transfer.json``
-(every run; an interrupted study resumes from it) and ``transfer.md``.
+(every run; an interrupted study resumes from it), ``transfer.md`` and
+``summary.json`` (the tables and the test runs' loss curves, which the docs
+keep as ``docs/_data/transfer.json``).
 """
 
 from __future__ import annotations
@@ -446,6 +448,22 @@ def markdown(report: dict) -> str:
   return "\n".join(lines)
 
 
+def summary(report: dict) -> dict:
+  """The figures the docs quote and plot (``docs/_data/transfer.json``).
+
+  Everything of ``report`` but the per-run records: the tables, and the
+  training-loss curve (seed 0, mean loss per chunk) of each test run.
+  """
+  loo = [
+    {k: v for k, v in r.items() if k not in ("sm3", "adam_test")}
+    | {side: r[side] for side in ("sm3", "adam_test")}
+    for r in report["leave_one_out"]
+  ]
+  return {k: v for k, v in report.items() if k != "leave_one_out"} | {
+    "leave_one_out": loo
+  }
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
     prog="python -m benchmarks.transfer", description=__doc__.split("\n")[0]
@@ -501,6 +519,7 @@ def main(argv=None) -> dict:
   save()
   text = markdown(report)
   (args.out / "transfer.md").write_text(text + "\n")
+  (args.out / "summary.json").write_text(json.dumps(summary(report), indent=1) + "\n")
   print(text)
   return report
 
