@@ -154,6 +154,7 @@ class _FakeStudy(transfer.Study):
     if self.workload(name).higher_is_better:
       value = 1.0 - value / 10
     adam = candidate.family == "adam"
+    self.record["runs"][(name, candidate.name, factor, lr, seed, split)] = value
     return {
       "metric": value,
       "polyak_metric": value - 0.001,
@@ -189,3 +190,6 @@ def test_study_end_to_end_on_fake_runs():
   for r in results:
     assert f"| {r['workload']} | {r['chosen']} |" in text
   assert text.count("| lm | 100 |") == 2 and text.count("| lm | 500 |") == 2
+  # At 5x: two rates on validation, then 3 seeds on test, for each of the two.
+  long_runs = [k for k in study.record["runs"] if k[2] == 5.0]
+  assert len(long_runs) == 2 * (2 + transfer.SEEDS)
