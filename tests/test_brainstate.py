@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,10 +79,6 @@ def _reference(model, tx, steps, lrs=None):
   return values
 
 
-def _assert_trees_close(a, b, rtol=1e-6, atol=1e-7):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol, atol), a, b)
-
-
 @pytest.mark.parametrize("make_model", [_linear, _mlp], ids=["linear", "mlp"])
 def test_training_reduces_loss_and_writes_back(make_model):
   model = make_model()
@@ -116,7 +113,7 @@ def test_updates_equal_sm3_chain(kwargs):
   step = _train_step(model, opt)
   for _ in range(6):
     step()
-  _assert_trees_close(_values(model), expected)
+  chex.assert_trees_all_close(_values(model), expected, rtol=1e-6, atol=1e-7)
 
 
 def test_matches_braintools_sm3():
@@ -130,7 +127,7 @@ def test_matches_braintools_sm3():
     for _ in range(10):
       step()
     results.append(_values(model))
-  _assert_trees_close(*results, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(*results, rtol=1e-5, atol=1e-6)
 
 
 def test_momentum_zero_keeps_no_buffer():
@@ -155,7 +152,7 @@ def test_optax_schedule_lr():
   step = _train_step(model, opt)
   for _ in range(3):
     step()
-  _assert_trees_close(_values(model), expected)
+  chex.assert_trees_all_close(_values(model), expected, rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(opt.get_last_lr(), [0.025], rtol=1e-6)
   with pytest.raises(TypeError, match="current_lr"):
     opt.current_lr = 0.5
@@ -176,7 +173,7 @@ def test_braintools_scheduler_lr_takes_effect_inside_jit():
     np.testing.assert_allclose(opt.get_last_lr(), [lr])
     step()
     scheduler.step()
-  _assert_trees_close(_values(model), expected)
+  chex.assert_trees_all_close(_values(model), expected, rtol=1e-6, atol=1e-7)
   opt.current_lr = 0.3
   assert scheduler.get_last_lr()[0] == 0.3
 
@@ -441,7 +438,7 @@ def _set_lr(opt):
 def test_matches_braintools_eagerly(kwargs, actions):
   theirs, _ = _run(braintools.optim.SM3, actions, **kwargs)
   ours, _ = _run(optax_sm3.SM3, actions, **kwargs)
-  _assert_trees_close(ours, theirs, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(ours, theirs, rtol=1e-6, atol=1e-7)
 
 
 def test_matches_braintools_with_a_scheduler():
@@ -456,7 +453,7 @@ def test_matches_braintools_with_a_scheduler():
     assert opt.lr is scheduler and opt.lr_scheduler is scheduler
     np.testing.assert_allclose(opt.get_last_lr(), [0.025])
     results.append(values)
-  _assert_trees_close(*results, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(*results, rtol=1e-6, atol=1e-7)
 
 
 def test_float_lr_scheduler_interface_as_braintools():
@@ -653,7 +650,7 @@ def test_param_group_of_states_under_brainstate_jit():
       optax_sm3.SM3(lr=0.02, weight_decay=0.05).register_trainable_weights(b),
     ]
 
-  _assert_trees_close(train(grouped), train(separate))
+  chex.assert_trees_all_close(train(grouped), train(separate), rtol=1e-6, atol=1e-7)
 
 
 def test_add_param_group_errors():

@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,21 +89,6 @@ def _grads(params, seed=0):
   )
 
 
-def _layout(tree):
-  return jax.tree.structure(tree), [
-    (tuple(np.shape(x)), jnp.result_type(x)) for x in jax.tree.leaves(tree)
-  ]
-
-
-def _assert_trees_close(a, b, rtol=1e-6, atol=0.0):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    assert jnp.result_type(x) == jnp.result_type(y)
-    np.testing.assert_allclose(
-      np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol
-    )
-
-
 # ---------------------------------------------------------------------------
 # Init: eager, jit, abstract, sharded.
 
@@ -114,8 +100,10 @@ def test_init_with_abstract_input(name):
   assert opt.init(jax.ShapeDtypeStruct((2, 4, 8), jnp.float32)) is not None
   params = _params(jnp.bfloat16)
   abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
-  assert _layout(opt.init(abstract)) == _layout(opt.init(params))
-  assert _layout(jax.eval_shape(opt.init, abstract)) == _layout(opt.init(params))
+  chex.assert_trees_all_equal_shapes_and_dtypes(opt.init(abstract), opt.init(params))
+  chex.assert_trees_all_equal_shapes_and_dtypes(
+    jax.eval_shape(opt.init, abstract), opt.init(params)
+  )
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -123,7 +111,9 @@ def test_jit_and_sharded_init_equal_eager_init(name):
   opt = CASES[name].optimizer()
   params = _params()
   eager = opt.init(params)
-  _assert_trees_close(jax.jit(opt.init)(params), eager, rtol=0)
+  jitted = jax.jit(opt.init)(params)
+  chex.assert_trees_all_equal_dtypes(jitted, eager)
+  chex.assert_trees_all_equal(jitted, eager)
   mesh = jax.make_mesh((1,), ("x",))
   param_shardings = jax.tree.map(
     lambda p: (
@@ -135,7 +125,8 @@ def test_jit_and_sharded_init_equal_eager_init(name):
   )
   shardings = optax_sm3.state_shardings(opt, params, param_shardings)
   sharded = jax.jit(opt.init, out_shardings=shardings)(params)
-  _assert_trees_close(sharded, eager, rtol=0)
+  chex.assert_trees_all_equal_dtypes(sharded, eager)
+  chex.assert_trees_all_equal(sharded, eager)
   for leaf, sharding in zip(
     jax.tree.leaves(sharded), jax.tree.leaves(shardings), strict=True
   ):
@@ -162,15 +153,18 @@ def test_inject_hyperparams_gives_the_plain_state_and_updates(name, jit):
   state_inject = maybe_jit(injected.init)(params)
   # The structure never depends on a hyperparameter's value: jitted and eager
   # inits agree, and the inner state is the plain optimizer's.
-  assert _layout(jax.jit(injected.init)(params)) == _layout(injected.init(params))
-  assert _layout(state_inject.inner_state) == _layout(state)
+  chex.assert_trees_all_equal_shapes_and_dtypes(
+    jax.jit(injected.init)(params), injected.init(params)
+  )
+  chex.assert_trees_all_equal_shapes_and_dtypes(state_inject.inner_state, state)
   for step in range(2):
     updates, state = maybe_jit(plain.update)(grads, state, params)
     updates_inject, state_inject = maybe_jit(injected.update)(
       grads, state_inject, params
     )
-    _assert_trees_close(updates_inject, updates, rtol=1e-5, atol=1e-7)
-    _assert_trees_close(state_inject.inner_state, state, rtol=1e-5, atol=1e-7)
+    for got, want in ((updates_inject, updates), (state_inject.inner_state, state)):
+      chex.assert_trees_all_equal_dtypes(got, want)
+      chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
     assert int(state_inject.count) == step + 1
 
 
@@ -182,7 +176,9 @@ def test_injected_hyperparameter_changes_the_next_step():
   u1, _ = jax.jit(tx.update)(_grads(params), state, params)
   state.hyperparams["learning_rate"] = jnp.asarray(0.5)
   u2, _ = jax.jit(tx.update)(_grads(params), state, params)
-  _assert_trees_close(jax.tree.map(lambda u: 0.5 * u, u1), u2)
+  halved = jax.tree.map(lambda u: 0.5 * u, u1)
+  chex.assert_trees_all_equal_dtypes(halved, u2)
+  chex.assert_trees_all_close(halved, u2, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------
@@ -360,7 +356,7 @@ def test_state_dtype_stable_under_cond(name, dtype):
   for _ in range(2):
     params, new_state = step(params, state)
     assert params.dtype == dtype
-    assert _layout(new_state) == _layout(state)
+    chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
     state = new_state
 
 
@@ -407,7 +403,8 @@ def test_equinox_module_trees_are_trees_not_functions():
     optax_sm3.sm3, static_args=("weight_decay_mask",)
   )(learning_rate=0.1, weight_decay=0.5, weight_decay_mask=linear(True, False))
   u_injected, _ = jax.jit(injected.update)(grads, injected.init(params), params)
-  _assert_trees_close(u_injected, u_decayed, rtol=1e-6)
+  chex.assert_trees_all_equal_dtypes(u_injected, u_decayed)
+  chex.assert_trees_all_close(u_injected, u_decayed, rtol=1e-6)
 
 
 def test_a_function_is_still_called():
@@ -444,4 +441,4 @@ def test_flax_nnx_state_trees():
     rtol=1e-6,
   )
   abstract = jax.eval_shape(decayed.init, params)
-  assert _layout(abstract) == _layout(decayed.init(params))
+  chex.assert_trees_all_equal_shapes_and_dtypes(abstract, decayed.init(params))

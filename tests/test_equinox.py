@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 
+import chex
 import equinox as eqx
 import hypothesis
 import hypothesis.extra.numpy as hnp
@@ -113,9 +114,8 @@ def _assert_trees_close(a, b, rtol=1e-6, atol=1e-6):
   # SparseEmbedding (the same fields).
   a = jax.tree.leaves(eqx.filter(a, eqx.is_inexact_array))
   b = jax.tree.leaves(eqx.filter(b, eqx.is_inexact_array))
-  assert [x.shape for x in a] == [y.shape for y in b]
-  for x, y in zip(a, b, strict=True):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+  chex.assert_trees_all_equal_shapes(a, b)
+  chex.assert_trees_all_close(a, b, rtol=rtol, atol=atol)
 
 
 @functools.cache

@@ -1,5 +1,6 @@
 """optax_sm3.sm3 under optax's wrappers and abstract evaluation."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,14 +30,6 @@ def _run(tx, grads_seq, params=_PARAMS):
     updates, state = update(g, state, params)
     params = optax.apply_updates(params, updates)
   return params, state
-
-
-def _assert_equal(a, b):
-  jax.tree.map(np.testing.assert_array_equal, a, b)
-
-
-def _assert_close(a, b):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, 1e-5, 1e-8), a, b)
 
 
 _HYPERPARAMS = {"learning_rate": 0.1, "momentum": 0.9, "beta": 0.0, "eps": 1e-8}
@@ -109,10 +102,10 @@ def test_masked_applies_sm3_to_the_mask_only():
   for g in grads:
     updates, state = tx.update(g, state, params)
     # Unmasked leaves pass through untouched (raw gradients).
-    _assert_equal(updates["w"], g["w"])
-    _assert_equal(updates["b"], g["b"])
+    chex.assert_trees_all_equal(updates["w"], g["w"])
+    chex.assert_trees_all_equal(updates["b"], g["b"])
     sub_updates, sub_state = sub_tx.update({"emb": g["emb"]}, sub_state, sub_params)
-    _assert_equal(updates["emb"], sub_updates["emb"])
+    chex.assert_trees_all_equal(updates["emb"], sub_updates["emb"])
     params = optax.apply_updates(params, updates)
     sub_params = optax.apply_updates(sub_params, sub_updates)
 
@@ -149,11 +142,11 @@ def test_multi_transform_sm3_on_embeddings_adam_elsewhere():
   sm3_updates, _ = optax_sm3.sm3(0.5).update(
     {"emb": grads["emb"]}, optax_sm3.sm3(0.5).init({"emb": _PARAMS["emb"]})
   )
-  _assert_equal(updates["emb"], sm3_updates["emb"])
+  chex.assert_trees_all_equal(updates["emb"], sm3_updates["emb"])
   adam = optax.adam(0.05)
   rest = {"w": _PARAMS["w"], "b": _PARAMS["b"]}
   adam_updates, _ = adam.update({"w": grads["w"], "b": grads["b"]}, adam.init(rest))
-  _assert_equal(updates["w"], adam_updates["w"])
+  chex.assert_trees_all_equal(updates["w"], adam_updates["w"])
 
 
 @pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
@@ -167,8 +160,8 @@ def test_apply_if_finite_skips_bad_steps(bad):
   poisoned = dict(grads[1], w=grads[1]["w"].at[2, 1].set(bad))
   updates, bad_state = update(poisoned, state, params)
   assert all(jnp.all(u == 0) for u in jax.tree.leaves(updates))
-  _assert_equal(optax.apply_updates(params, updates), params)
-  _assert_equal(bad_state.inner_state, state.inner_state)
+  chex.assert_trees_all_equal(optax.apply_updates(params, updates), params)
+  chex.assert_trees_all_equal(bad_state.inner_state, state.inner_state)
   assert int(bad_state.notfinite_count) == 1
   assert not bool(bad_state.last_finite)
 
@@ -176,8 +169,10 @@ def test_apply_if_finite_skips_bad_steps(bad):
   updates, after = update(grads[2], bad_state, params)
   expected, expected_state = _run(optax_sm3.sm3(0.1), [grads[0], grads[2]])
   # Close, not bit-equal: the skip's select compiles the step differently.
-  _assert_close(optax.apply_updates(params, updates), expected)
-  _assert_close(after.inner_state, expected_state)
+  chex.assert_trees_all_close(
+    optax.apply_updates(params, updates), expected, rtol=1e-5, atol=1e-8
+  )
+  chex.assert_trees_all_close(after.inner_state, expected_state, rtol=1e-5, atol=1e-8)
   assert int(after.notfinite_count) == 0
 
 
@@ -187,12 +182,12 @@ def test_tree_map_params_resets_param_shaped_state():
   reset = optax.tree.map_params(tx, jnp.zeros_like, state)
   fresh = tx.init(_PARAMS)
   # Accumulators and momentum are mapped; the step count is not a parameter.
-  _assert_equal(reset[0].accumulators, fresh[0].accumulators)
-  _assert_equal(reset[1].momentum, fresh[1].momentum)
+  chex.assert_trees_all_equal(reset[0].accumulators, fresh[0].accumulators)
+  chex.assert_trees_all_equal(reset[1].momentum, fresh[1].momentum)
   assert int(reset[0].count) == 2
   assert jax.tree.structure(reset) == jax.tree.structure(state)
   doubled = optax.tree.map_params(tx, lambda x: 2 * x, state)
-  _assert_equal(doubled[1].momentum["w"], 2 * state[1].momentum["w"])
+  chex.assert_trees_all_equal(doubled[1].momentum["w"], 2 * state[1].momentum["w"])
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"momentum": 0.0}, {"stacked_axes": 1}])

@@ -1,5 +1,6 @@
 """Polyak averaging: NumPy reference, optax's checklist, NNX and plain loops."""
 
+import chex
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -58,11 +59,6 @@ def _train(tx, params, grads_seq, update=None, averaged=True):
   return trajectory, averages, state
 
 
-def _assert_tree_close(actual, expected, **kwargs):
-  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
-    np.testing.assert_allclose(np.asarray(a, np.float64), e, **kwargs)
-
-
 def _reference_tree(trajectory, decay, debias):
   return jax.tree.map(
     lambda *leaves: reference_average(leaves, decay, debias), *trajectory
@@ -83,7 +79,7 @@ def test_matches_reference_every_step(decay, debias):
   trajectory, averages, state = _train(tx, params, grads_seq)
   for t, average in enumerate(averages):
     expected = _reference_tree(trajectory[: t + 1], decay, debias)
-    _assert_tree_close(average, expected, rtol=2e-6, atol=2e-7)
+    chex.assert_trees_all_close(average, expected, rtol=2e-6, atol=2e-7)
   assert int(state[1].count) == 5
 
 
@@ -104,7 +100,7 @@ def test_matches_reference_hypothesis(decay, debias, steps, seed):
   ]
   trajectory, averages, _ = _train(tx, params, grads_seq)
   expected = _reference_tree(trajectory, decay, debias)
-  _assert_tree_close(averages[-1], expected, rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(averages[-1], expected, rtol=1e-5, atol=1e-5)
 
 
 # (1 - d) / (1 - d) rounds to 1 - ulp for 0.50025 and to 1 + ulp for 0.50125.
@@ -191,7 +187,9 @@ def test_inject_hyperparams_identical_and_changeable(debias):
     params,
     grads_seq[0],
   )
-  _assert_tree_close(optax_sm3.polyak_params(state), expected, rtol=1e-2, atol=1e-2)
+  chex.assert_trees_all_close(
+    optax_sm3.polyak_params(state), expected, rtol=1e-2, atol=1e-2
+  )
 
 
 def test_jit_does_not_recompile():
@@ -280,7 +278,7 @@ def test_bfloat16_average_tracks_within_its_precision():
   )
   trajectory, averages, _ = _train(tx, params, grads_seq, update=jax.jit(tx.update))
   assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(averages[-1]))
-  _assert_tree_close(
+  chex.assert_trees_all_close(
     averages[-1], _reference_tree(trajectory, 0.5, True), rtol=2e-2, atol=2e-2
   )
 
@@ -310,7 +308,7 @@ def test_multi_steps_averages_once_per_real_step():
   (polyak,) = [s for s in state.inner_opt_state if isinstance(s, optax_sm3.PolyakState)]
   assert int(polyak.count) == 2
   real = [trajectory[0], trajectory[2], trajectory[4]]
-  _assert_tree_close(averages[-1], _reference_tree(real, 0.6, True), rtol=2e-6)
+  chex.assert_trees_all_close(averages[-1], _reference_tree(real, 0.6, True), rtol=2e-6)
 
 
 def test_apply_if_finite_skipped_step_leaves_the_average():
@@ -344,7 +342,7 @@ def test_chained_after_sm3_keeps_sm3_and_averages_its_trajectory(momentum):
   )
   for p, q in zip(trajectory, alone, strict=True):
     jax.tree.map(np.testing.assert_array_equal, p, q)
-  _assert_tree_close(
+  chex.assert_trees_all_close(
     averages[-1], _reference_tree(trajectory, 0.8, True), rtol=2e-6, atol=1e-7
   )
 
@@ -371,11 +369,11 @@ def test_nnx_optimizer_evaluates_with_the_average():
   nnx.update(eval_model, optax_sm3.polyak_params(optimizer.opt_state))
   expected = _reference_tree(trajectory, 0.9, True)
   assert isinstance(eval_model.kernel, nnx.Param)
-  _assert_tree_close(
+  chex.assert_trees_all_close(
     nnx.to_pure_dict(nnx.state(eval_model, nnx.Param)), expected, rtol=2e-6
   )
   # The trained model is untouched, and the two differ.
-  _assert_tree_close(
+  chex.assert_trees_all_close(
     nnx.to_pure_dict(nnx.state(model, nnx.Param)),
     jax.tree.map(np.asarray, trajectory[-1]),
     rtol=0,

@@ -1,6 +1,7 @@
 """The ready optimizer: reference, drop-in equality, memory, optax's checklist."""
 
 import _reference
+import chex
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -10,16 +11,6 @@ import optax
 import pytest
 
 import optax_sm3
-
-
-def _tree_allclose(a, b, **kwargs):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_allclose(x, y, **kwargs)
-
-
-def _structure_and_shapes(tree):
-  return jax.tree.structure(tree), [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
-
 
 # ---------------------------------------------------------------------------
 # Against the reference.
@@ -69,7 +60,7 @@ def test_same_updates_as_optax_sm3(momentum):
     )
     u_ours, s_ours = ours.update(grads, s_ours, params)
     u_theirs, s_theirs = theirs.update(grads, s_theirs, params)
-    _tree_allclose(u_ours, u_theirs, rtol=1e-6, atol=1e-9)
+    chex.assert_trees_all_close(u_ours, u_theirs, rtol=1e-6, atol=1e-9)
     params = optax.apply_updates(params, u_ours)
 
 
@@ -241,7 +232,7 @@ def test_inject_hyperparams_gives_identical_updates():
     u_inj, s_inj = jax.jit(injected.update)(grads, s_inj, params)
     # Injection turns 0.9 into a float32 array, so 1 - momentum is rounded
     # differently (optax's own inject_hyperparams test allows rtol=1e-5).
-    _tree_allclose(u_plain, u_inj, rtol=1e-5, atol=1e-9)
+    chex.assert_trees_all_close(u_plain, u_inj, rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
@@ -306,7 +297,7 @@ def test_constant_schedule_equals_float():
     grads = {"w": jnp.full((3, 4), float(i + 1))}
     ua, sa = a.update(grads, sa, params)
     ub, sb = b.update(grads, sb, params)
-    _tree_allclose(ua, ub, rtol=0, atol=0)
+    chex.assert_trees_all_equal(ua, ub)
 
 
 def test_schedule_is_followed():
@@ -351,9 +342,9 @@ def test_injected_state_equals_plain_state(momentum, weight_decay):
   )
   s_plain = plain.init(params)
   s_injected = injected.init(params)
-  assert _structure_and_shapes(s_injected.inner_state) == _structure_and_shapes(s_plain)
+  chex.assert_trees_all_equal_shapes_and_dtypes(s_injected.inner_state, s_plain)
   jitted = jax.jit(injected.init)(params)
-  assert _structure_and_shapes(jitted) == _structure_and_shapes(s_injected)
+  chex.assert_trees_all_equal_shapes_and_dtypes(jitted, s_injected)
   bytes_plain = sum(x.nbytes for x in jax.tree.leaves(s_plain))
   if momentum == 0.0:
     assert bytes_plain < 0.05 * sum(x.nbytes for x in jax.tree.leaves(params))
@@ -433,8 +424,8 @@ def test_plain_static_zero_decay_needs_no_params(weight_decay):
   with_params, _ = tx.update(params, state, params)
   np.testing.assert_array_equal(without["w"], with_params["w"])
   # The decay stage is in the state all the same: one tree for every value.
-  assert _structure_and_shapes(state) == _structure_and_shapes(
-    optax_sm3.sm3(0.1, weight_decay=0.5).init(params)
+  chex.assert_trees_all_equal_shapes_and_dtypes(
+    state, optax_sm3.sm3(0.1, weight_decay=0.5).init(params)
   )
 
 
@@ -456,7 +447,7 @@ def test_zero_size_parameters(shape, momentum):
       updates, new_state = update(grads, state, params)
       assert updates["empty"].shape == shape
       assert np.all(np.isfinite(updates["w"])) and np.any(updates["w"] != 0)
-      assert _structure_and_shapes(new_state) == _structure_and_shapes(state)
+      chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
 
 
 def test_eps_zero_is_differentiable():
