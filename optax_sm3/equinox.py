@@ -9,21 +9,17 @@ and the other leaves with any optax transformation, returning the new model.
 Needs Equinox: ``pip install 'optax-sm3[equinox]'``.
 """
 
-try:
-  import equinox  # noqa: F401
-except ImportError as error:  # pragma: no cover - exercised in a subprocess test
-  raise ImportError(
-    "optax_sm3.equinox needs Equinox; install it with: pip install 'optax-sm3[equinox]'"
-  ) from error
+from optax_sm3 import _extras
 
-from optax_sm3._sparse._equinox import (
-  SparseEmbedding,
-  SparseOptimizer,
-  filter_value_and_grad,
-  table_mask,
-)
-from optax_sm3._sparse._tables import SparseTablesState
-from optax_sm3._sparse._types import SparseGrad
+with _extras.requiring(__name__, "equinox", "Equinox", "equinox"):
+  from optax_sm3._sparse._equinox import (
+    SparseEmbedding,
+    SparseOptimizer,
+    filter_value_and_grad,
+    table_mask,
+  )
+  from optax_sm3._sparse._tables import SparseTablesState
+  from optax_sm3._sparse._types import SparseGrad
 
 __all__ = (
   "SparseEmbedding",

@@ -8,18 +8,14 @@ of a loss written against the usual params tree) and :func:`sparse_tables`
 one jittable ``step``). Needs Flax: ``pip install 'optax-sm3[flax]'``.
 """
 
-try:
-  import flax.linen  # noqa: F401
-except ImportError as error:  # pragma: no cover - exercised in a subprocess test
-  raise ImportError(
-    "optax_sm3.linen needs Flax; install it with: pip install 'optax-sm3[flax]'"
-  ) from error
+from optax_sm3 import _extras
 
-from optax_sm3._sparse._grad import sparse_lookup
-from optax_sm3._sparse._grad import sparse_value_and_grad as value_and_grad
-from optax_sm3._sparse._linen import SparseEmbed, SparseTrainState
-from optax_sm3._sparse._tables import SparseTables, SparseTablesState, sparse_tables
-from optax_sm3._sparse._types import SparseGrad
+with _extras.requiring(__name__, "flax", "Flax", "flax"):
+  from optax_sm3._sparse._grad import sparse_lookup
+  from optax_sm3._sparse._grad import sparse_value_and_grad as value_and_grad
+  from optax_sm3._sparse._linen import SparseEmbed, SparseTrainState
+  from optax_sm3._sparse._tables import SparseTables, SparseTablesState, sparse_tables
+  from optax_sm3._sparse._types import SparseGrad
 
 __all__ = (
   "SparseEmbed",

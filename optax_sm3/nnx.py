@@ -8,23 +8,15 @@ array; :class:`SparseOptimizer` steps the tables with exact row-sparse SM3
 transformation. Needs Flax: ``pip install 'optax-sm3[flax]'``.
 """
 
-try:
-  import flax.nnx  # noqa: F401
-except ImportError as error:  # pragma: no cover - exercised in a subprocess test
-  raise ImportError(
-    "optax_sm3.nnx needs Flax; install it with: pip install 'optax-sm3[flax]'"
-  ) from error
+from optax_sm3 import _extras
 
-from optax_sm3._sparse._nnx import (
-  SparseEmbed,
-  SparseOptimizer,
-  SparseState,
-  grad,
-  value_and_grad,
-)
-from optax_sm3._sparse._nnx_accumulate import MultiSteps
-from optax_sm3._sparse._nnx_check import checked_update, state_mismatch
-from optax_sm3._sparse._types import SparseGrad
+with _extras.requiring(__name__, "flax", "Flax", "flax"):
+  from optax_sm3._sparse._nnx import SparseEmbed, SparseState
+  from optax_sm3._sparse._nnx_accumulate import MultiSteps
+  from optax_sm3._sparse._nnx_check import checked_update, state_mismatch
+  from optax_sm3._sparse._nnx_grad import grad, value_and_grad
+  from optax_sm3._sparse._nnx_optimizer import SparseOptimizer
+  from optax_sm3._sparse._types import SparseGrad
 
 __all__ = (
   "MultiSteps",

@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import optax_sm3
-from optax_sm3._sparse import _rows as _sparse
+from optax_sm3._sparse import _batch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCHEDULE = optax.linear_schedule(0.3, 0.01, 6)
@@ -658,7 +658,7 @@ def test_movielens_example_sparse_matches_dense_and_learns():
 def test_unique_matches_jnp_unique(ids):
   """The sort-and-search ``_unique`` returns exactly what ``jnp.unique`` does."""
   indices = jnp.asarray(ids, jnp.int32)
-  unique, inverse = _sparse._unique(indices, 12)  # 12: the fill, >= every id
+  unique, inverse = _batch._unique(indices, 12)  # 12: the fill, >= every id
   want, want_inverse = jnp.unique(
     indices, size=len(ids), fill_value=12, return_inverse=True
   )

@@ -1,15 +1,22 @@
 """Row-sparse SM3 for embedding tables: one home for the sparse code.
 
-The layers, lowest first (each module imports only those above it):
+The modules, lowest layer first (each imports only modules above it):
 
 * ``_types``: :class:`SparseGrad`, a table's gradient as looked-up rows.
-* ``_rows``: :func:`sparse_rows`, exact SM3 on one table's batch rows.
-* ``_capture``: capturing lookups as row gradients under any JAX transform.
+* ``_ids``: checking row ids, and reading a table's rows by them.
+* ``_batch``: SM3-II on a batch of rows, exactly the dense step.
+* ``_rows``: :func:`sparse_rows`, one table's rows stepped (lazily with
+  momentum or weight decay).
+* ``_capture``: lookups captured as row gradients under any JAX transform.
 * ``_grad``: :func:`sparse_lookup` and :func:`sparse_value_and_grad`.
-* ``_tables``: :func:`sparse_tables`, a params tree's tables and the rest.
+* ``_tables``: :func:`sparse_tables` (the tables of a params tree, ``tx``
+  for the rest) and ``grad_update``, a table's step from a sparse or dense
+  gradient.
 * ``_accumulate``: sums and means of sparse gradients, and
   :func:`sparse_multi_steps`.
-* Framework layers, imported only by their namespaces (``optax_sm3.nnx``,
-  ``optax_sm3.linen``, ``optax_sm3.equinox``): ``_nnx*``, ``_linen``,
-  ``_equinox``.
+* ``_embed``: what the Flax embedding modules share.
+* Framework layers, imported only by their namespaces: ``_nnx``
+  (``SparseEmbed``), ``_nnx_grad``, ``_nnx_optimizer``, ``_nnx_state``,
+  ``_nnx_accumulate``, ``_nnx_check`` (``optax_sm3.nnx``); ``_linen``
+  (``optax_sm3.linen``); ``_equinox`` (``optax_sm3.equinox``).
 """

@@ -257,6 +257,100 @@ def check_every_k(every_k_schedule: Any) -> int:
   return every_k_schedule
 
 
+def _empty(every_k: int, grads_like: Any) -> Any:
+  return jax.tree.map(
+    lambda g: empty_buffer(g, every_k), grads_like, is_leaf=is_sparse_grad
+  )
+
+
+def _init(
+  opt: SparseTables, every_k: int, params: Any, grads_like: Any
+) -> SparseMultiStepsState:
+  return SparseMultiStepsState(
+    mini_step=jnp.zeros([], jnp.int32),
+    gradient_step=jnp.zeros([], jnp.int32),
+    inner_state=opt.init(params),
+    grads=_empty(every_k, grads_like),
+  )
+
+
+def _added(every_k: int, grads: Any, state: SparseMultiStepsState) -> Any:
+  """``state.grads`` with ``grads`` added (in this microbatch's slots)."""
+  leaves, treedef = jax.tree.flatten(state.grads, is_leaf=is_sparse_grad)
+  paths = [
+    jax.tree_util.keystr(p)
+    for p, _ in jax.tree_util.tree_flatten_with_path(
+      state.grads, is_leaf=is_sparse_grad
+    )[0]
+  ]
+  try:
+    grad_leaves = treedef.flatten_up_to(grads)
+  except (ValueError, TypeError) as error:
+    raise ValueError(
+      f"`grads` does not have the structure of the accumulator's `grads_like`: {error}"
+    ) from None
+  return treedef.unflatten(
+    [
+      add_to_buffer(b, g, state.mini_step, every_k, f"grads{path}")
+      for b, g, path in zip(leaves, grad_leaves, paths, strict=True)
+    ]
+  )
+
+
+def _apply(
+  opt: SparseTables, every_k: int, params: Any, inner_state: Any, summed: Any
+) -> tuple[Any, Any, Any]:
+  """The inner step with the cycle's mean; the sums emptied."""
+  mean = scale_tree(summed, 1.0 / every_k)
+  params, inner_state = opt.step(params, mean, inner_state)
+  return params, inner_state, jax.tree.map(jnp.zeros_like, summed)
+
+
+def _hold(params: Any, inner_state: Any, summed: Any) -> tuple[Any, Any, Any]:
+  return params, inner_state, summed
+
+
+def _step(
+  opt: SparseTables,
+  every_k: int,
+  params: Any,
+  grads: Any,
+  state: SparseMultiStepsState,
+) -> tuple[Any, SparseMultiStepsState]:
+  summed = _added(every_k, grads, state)
+  last = state.mini_step == every_k - 1
+  apply = functools.partial(_apply, opt, every_k)
+  params, inner_state, summed = jax.lax.cond(
+    last, apply, _hold, params, state.inner_state, summed
+  )
+  return params, SparseMultiStepsState(
+    mini_step=jnp.where(last, 0, state.mini_step + 1).astype(jnp.int32),
+    gradient_step=(state.gradient_step + last.astype(jnp.int32)),
+    inner_state=inner_state,
+    grads=summed,
+  )
+
+
+def _sync(
+  opt: SparseTables, params: Any, state: SparseMultiStepsState
+) -> tuple[Any, SparseMultiStepsState]:
+  params, inner_state = opt.sync(params, state.inner_state)
+  return params, state._replace(inner_state=inner_state)
+
+
+def _value_and_grad_at(
+  inner: Callable[..., Any], params: Any, state: SparseMultiStepsState, *args: Any
+) -> Any:
+  return inner(params, state.inner_state, *args)
+
+
+def _value_and_grad(
+  opt: SparseTables, fun: Callable[..., Any], *, has_aux: bool = False
+) -> Callable[..., Any]:
+  inner = opt.value_and_grad(fun, has_aux=has_aux)
+  return functools.partial(_value_and_grad_at, inner)
+
+
 def sparse_multi_steps(opt: SparseTables, every_k_schedule: int) -> SparseMultiSteps:
   """``optax.MultiSteps`` for :func:`optax_sm3.sparse_tables`: one step per k microbatches.
 
@@ -315,71 +409,10 @@ def sparse_multi_steps(opt: SparseTables, every_k_schedule: int) -> SparseMultiS
       f"{type(opt).__name__}; for an optax transformation use optax.MultiSteps"
     )
   every_k = check_every_k(every_k_schedule)
-
-  def empty(grads_like):
-    return jax.tree.map(
-      lambda g: empty_buffer(g, every_k), grads_like, is_leaf=is_sparse_grad
-    )
-
-  def init_fn(params, grads_like):
-    return SparseMultiStepsState(
-      mini_step=jnp.zeros([], jnp.int32),
-      gradient_step=jnp.zeros([], jnp.int32),
-      inner_state=opt.init(params),
-      grads=empty(grads_like),
-    )
-
-  def step_fn(params, grads, state):
-    leaves, treedef = jax.tree.flatten(state.grads, is_leaf=is_sparse_grad)
-    paths = [
-      jax.tree_util.keystr(p)
-      for p, _ in jax.tree_util.tree_flatten_with_path(
-        state.grads, is_leaf=is_sparse_grad
-      )[0]
-    ]
-    try:
-      grad_leaves = treedef.flatten_up_to(grads)
-    except (ValueError, TypeError) as error:
-      raise ValueError(
-        f"`grads` does not have the structure of the accumulator's `grads_like`: "
-        f"{error}"
-      ) from None
-    summed = treedef.unflatten(
-      [
-        add_to_buffer(b, g, state.mini_step, every_k, f"grads{path}")
-        for b, g, path in zip(leaves, grad_leaves, paths, strict=True)
-      ]
-    )
-    last = state.mini_step == every_k - 1
-
-    def apply(params, inner_state, summed):
-      mean = scale_tree(summed, 1.0 / every_k)
-      params, inner_state = opt.step(params, mean, inner_state)
-      return params, inner_state, jax.tree.map(jnp.zeros_like, summed)
-
-    def hold(params, inner_state, summed):
-      return params, inner_state, summed
-
-    params, inner_state, summed = jax.lax.cond(
-      last, apply, hold, params, state.inner_state, summed
-    )
-    return params, SparseMultiStepsState(
-      mini_step=jnp.where(last, 0, state.mini_step + 1).astype(jnp.int32),
-      gradient_step=(state.gradient_step + last.astype(jnp.int32)),
-      inner_state=inner_state,
-      grads=summed,
-    )
-
-  def sync_fn(params, state):
-    params, inner_state = opt.sync(params, state.inner_state)
-    return params, state._replace(inner_state=inner_state)
-
-  def value_and_grad_fn(fun, *, has_aux=False):
-    inner = opt.value_and_grad(fun, has_aux=has_aux)
-
-    def wrapped(params, state, *args):
-      return inner(params, state.inner_state, *args)
-
-    return wrapped
-
-  return SparseMultiSteps(init_fn, step_fn, sync_fn, value_and_grad_fn, every_k)
+  return SparseMultiSteps(
+    init=functools.partial(_init, opt, every_k),
+    step=functools.partial(_step, opt, every_k),
+    sync=functools.partial(_sync, opt),
+    value_and_grad=functools.partial(_value_and_grad, opt),
+    every_k_schedule=every_k,
+  )

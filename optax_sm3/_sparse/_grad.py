@@ -31,40 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_sm3._sparse import _capture, _rows
+from optax_sm3._sparse import _capture, _ids
 from optax_sm3._sparse._types import SparseGrad  # noqa: F401 - re-exported
-
-
-def check_ids(ids: Any, num_rows: int, name: str = "ids") -> jax.Array:
-  """``ids`` as an integer array; concrete ids must lie in ``[0, num_rows)``.
-
-  The range is checked on the values as given, before any conversion (an
-  int64 id at or above ``2**31`` is reported, not wrapped).
-
-  Raises:
-    TypeError: for non-integer ids.
-    ValueError: for concrete ids outside ``[0, num_rows)``.
-  """
-  if not isinstance(ids, jax.core.Tracer):
-    values = np.asarray(ids)
-    if not np.issubdtype(values.dtype, np.integer):
-      raise TypeError(f"`{name}` must be integers, got dtype {values.dtype}")
-    if values.size and (values.min() < 0 or values.max() >= num_rows):
-      raise ValueError(
-        f"`{name}` must be in [0, {num_rows}) for a table of {num_rows} rows, "
-        f"got values in [{values.min()}, {values.max()}]"
-      )
-  ids = jnp.asarray(ids)
-  if not jnp.issubdtype(ids.dtype, jnp.integer):
-    raise TypeError(f"`{name}` must be integers, got dtype {ids.dtype}")
-  return ids
-
-
-def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
-  """``table[ids]``; ids outside ``[0, V)`` (negative ones too) read NaN rows."""
-  flat = _rows.in_range(ids.reshape(-1), table.shape[0])
-  rows = jnp.take(table, flat, axis=0, mode="fill", fill_value=jnp.nan)
-  return rows.reshape(ids.shape + table.shape[1:])
 
 
 @jax.custom_jvp
@@ -88,8 +56,18 @@ def current_rows(lookup, state: Any, table: jax.Array, ids: jax.Array) -> jax.Ar
   """
   flat = ids.reshape(-1)
   rows = lookup(flat, jax.lax.stop_gradient(state), jax.lax.stop_gradient(table))
-  rows = value_of_first(rows, take_rows(table, flat))
+  rows = value_of_first(rows, _ids.take_rows(table, flat))
   return rows.reshape(ids.shape + table.shape[1:])
+
+
+def synced_table(sync, state: Any, table: jax.Array) -> jax.Array:
+  """``sync(state, table)``'s table (every row as the optimizer holds it now).
+
+  The value is the optimizer's; the gradient reaches ``table`` as through
+  the identity, so a table read whole gets the gradient of its current value.
+  """
+  synced, _ = sync(jax.lax.stop_gradient(state), jax.lax.stop_gradient(table))
+  return value_of_first(synced, table)
 
 
 def normalize_argnums(argnums: int | Sequence[int], nargs: int) -> tuple[int, ...]:
@@ -158,8 +136,8 @@ def sparse_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
     raise ValueError(
       f"`table` must have rank >= 1 (rows first), got shape {table.shape}"
     )
-  ids = check_ids(ids, table.shape[0])
-  return _capture.read_rows(table, ids, take_rows)
+  ids = _ids.check_ids(ids, table.shape[0])
+  return _capture.read_rows(table, ids, _ids.take_rows)
 
 
 def current_table(table: jax.Array) -> jax.Array:
@@ -204,16 +182,30 @@ def sparse_value_and_grad(
       iteration's rows would share one gradient slot): look the rows up
       before the loop.
   """
-  return _value_and_grad(fun, argnums, has_aux, None)
+  return routed_value_and_grad(fun, argnums, has_aux)
 
 
-def _value_and_grad(
-  fun, argnums, has_aux, reader, known_tables: frozenset = frozenset(), syncer=None
+def routed_value_and_grad(
+  fun: Callable[..., Any],
+  argnums: int | Sequence[int],
+  has_aux: bool,
+  reader: Callable[[int], Any] | None = None,
+  known_tables: frozenset = frozenset(),
+  syncer: Callable[[int], Any] | None = None,
 ) -> Callable[..., Any]:
-  """:func:`sparse_value_and_grad`; ``reader`` maps a table's leaf position to
-  its ``read_rows``, ``syncer`` to its ``table -> current table``;
-  ``known_tables`` are leaf positions that are tables even when not looked
-  up (they get an empty :class:`SparseGrad` then)."""
+  """:func:`sparse_value_and_grad`, each table's reads routed by its leaf.
+
+  Args:
+    fun: as :func:`sparse_value_and_grad`.
+    argnums: as :func:`sparse_value_and_grad`.
+    has_aux: as :func:`sparse_value_and_grad`.
+    reader: maps a table's leaf position (in the flattened differentiated
+      arguments) to the ``read_rows(table, ids)`` its lookups use, or to
+      ``None`` for the default; ``None`` for the default everywhere.
+    known_tables: leaf positions that are tables even when not looked up
+      (they get an empty :class:`SparseGrad` then).
+    syncer: as ``reader``, for whole-table reads: ``table -> current table``.
+  """
 
   @functools.wraps(fun)
   def wrapper(*args):

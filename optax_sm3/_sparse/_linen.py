@@ -20,13 +20,9 @@ from flax import linen as nn
 from flax import struct
 from flax.linen.dtypes import promote_dtype
 
-from optax_sm3._sparse import _grad
+from optax_sm3._sparse import _embed, _grad, _ids
 from optax_sm3._sparse._accumulate import SparseMultiSteps
 from optax_sm3._sparse._tables import SparseTables
-
-_default_embed_init = nn.initializers.variance_scaling(
-  1.0, "fan_in", "normal", out_axis=0
-)
 
 
 class SparseEmbed(nn.Module):
@@ -67,30 +63,17 @@ class SparseEmbed(nn.Module):
   features: int
   dtype: Any = None
   param_dtype: Any = jnp.float32
-  embedding_init: Any = _default_embed_init
+  embedding_init: Any = _embed.default_embed_init
   promote_dtype: Any = promote_dtype
   padding_id: int | None = None
 
   def setup(self):
-    for name in ("num_embeddings", "features"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"`{name}` must be an int >= 1, got {value!r}")
-    pad = self.padding_id
-    if pad is not None and (
-      not isinstance(pad, int) or not 0 <= pad < self.num_embeddings
-    ):
-      raise ValueError(
-        f"`padding_id` must be None or an int in [0, {self.num_embeddings}), "
-        f"got {pad!r}"
-      )
-
-    def init(key, shape, dtype):
-      table = self.embedding_init(key, shape, dtype)
-      return table if pad is None else table.at[pad].set(0)
-
+    _embed.check_embed(self.num_embeddings, self.features, self.padding_id)
     self.embedding = self.param(
-      "embedding", init, (self.num_embeddings, self.features), self.param_dtype
+      "embedding",
+      _embed.padded_init(self.embedding_init, self.padding_id),
+      (self.num_embeddings, self.features),
+      self.param_dtype,
     )
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -100,12 +83,9 @@ class SparseEmbed(nn.Module):
       TypeError: for non-integer ``inputs``.
       ValueError: for concrete ids outside ``[0, num_embeddings)``.
     """
-    ids = _grad.check_ids(inputs, self.num_embeddings, "inputs")
+    ids = _ids.check_ids(inputs, self.num_embeddings, "inputs")
     rows = _grad.sparse_lookup(self.embedding, ids)
-    if self.padding_id is not None:
-      rows = jnp.where(
-        (ids == self.padding_id)[..., None], jnp.zeros((), rows.dtype), rows
-      )
+    rows = _embed.mask_padding(rows, ids, self.padding_id)
     (rows,) = self.promote_dtype(rows, dtype=self.dtype, inexact=False)
     return rows
 

@@ -22,14 +22,11 @@ from optax_sm3._sparse._accumulate import (
   empty_buffer,
   scale_tree,
 )
+from optax_sm3._sparse._nnx_check import path_str
 
 
 class AccumulatedGrad(nnx.Variable):
   """One gradient leaf's sum over the current cycle (not a parameter)."""
-
-
-def _path_str(path: tuple) -> str:
-  return "/".join(str(p) for p in path)
 
 
 class MultiSteps(nnx.Pytree):
@@ -109,8 +106,8 @@ class MultiSteps(nnx.Pytree):
     if set(flat) != set(self.paths):
       raise ValueError(
         "`grads` does not have the leaves of `grads_like`: missing "
-        f"{sorted(map(_path_str, set(self.paths) - set(flat)))[:5]}, unexpected "
-        f"{sorted(map(_path_str, set(flat) - set(self.paths)))[:5]}"
+        f"{sorted(map(path_str, set(self.paths) - set(flat)))[:5]}, unexpected "
+        f"{sorted(map(path_str, set(flat) - set(self.paths)))[:5]}"
       )
     every_k = self.every_k_schedule
     mini_step = self.mini_step[...]
@@ -120,7 +117,7 @@ class MultiSteps(nnx.Pytree):
         nnx.as_pure(flat[path]),
         mini_step,
         every_k,
-        _path_str(path),
+        path_str(path),
       )
       for path, buffer in zip(self.paths, self.buffers, strict=True)
     ]

@@ -86,8 +86,9 @@ def _hints(root: tuple, only_target: set[tuple], only_given: set[tuple]) -> list
   return hints
 
 
-def _path_str(path: tuple) -> str:
-  return "/".join(map(str, path))
+def path_str(path: tuple) -> str:
+  """A state path as the error messages print it: ``a/b/c``."""
+  return "/".join(str(p) for p in path)
 
 
 def state_mismatch(target: Any, state: Any) -> str | None:
@@ -117,12 +118,12 @@ def state_mismatch(target: Any, state: Any) -> str | None:
     if only_target:
       lines.append(
         "  missing from the state: "
-        + ", ".join(sorted(_path_str(p) for p in only_target)[:6])
+        + ", ".join(sorted(path_str(p) for p in only_target)[:6])
       )
     if only_given:
       lines.append(
         "  not in the optimizer: "
-        + ", ".join(sorted(_path_str(p) for p in only_given)[:6])
+        + ", ".join(sorted(path_str(p) for p in only_given)[:6])
       )
     for path in sorted(mine & theirs, key=str):
       a, b = have[path], given[path]
@@ -131,13 +132,13 @@ def state_mismatch(target: Any, state: Any) -> str | None:
       dtype_b = getattr(b.get_value(), "dtype", None)
       if shape_a != shape_b or dtype_a != dtype_b:
         lines.append(
-          f"  {_path_str(path)}: the optimizer holds {shape_a} {dtype_a}, the "
+          f"  {path_str(path)}: the optimizer holds {shape_a} {dtype_a}, the "
           f"state {shape_b} {dtype_b}"
         )
     if lines:
       hints = _hints(root, only_target, only_given)
       problems.append(
-        f"{_path_str(root)}:\n"
+        f"{path_str(root)}:\n"
         + "\n".join(lines)
         + "".join(f"\n  meaning: {h}" for h in hints)
       )

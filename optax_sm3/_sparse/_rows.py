@@ -1,22 +1,9 @@
 """Exact SM3 updates of an embedding table that touch only the batch's rows.
 
-The gradient of ``table[ids]`` is a table-sized array that is zero outside
-the ``k`` rows in the batch, so the dense optimizer spends ``O(V * D)`` per
-step on a table of ``V`` rows. For SM3-II with the per-axis cover the step
-can be taken exactly in ``O(k * D + V)``:
-
-* every accumulator is a maximum of the same ``nu``, so after each step
-  ``max_i r_i = max_j c_j`` (row accumulators ``r``, column accumulators
-  ``c``); hence for a row ``i`` outside the batch,
-  ``max_j min(r_i, c_j) = r_i``: its accumulator is unchanged (scaled by
-  ``beta`` for ``beta > 0``), and its update is zero;
-* a column accumulator becomes the larger of the maximum of ``nu`` over the
-  batch's rows and ``beta * min(R, c_j)`` (``1 * ...`` for ``beta = 0``),
-  with ``R`` the largest accumulator of the rows outside the batch.
-
-Both identities hold in floating point bit for bit (minimum and maximum are
-exact, and rounding a product by a non-negative constant is monotone), so
-the result is the dense one, not an approximation of it.
+The gradient of ``table[ids]`` is zero outside the ``k`` rows in the batch,
+so the dense optimizer spends ``O(V * D)`` per step on a table of ``V`` rows
+where :func:`sparse_rows` spends ``O(k * D + V)``: SM3-II on the batch's
+rows alone is the dense step, bit for bit (:mod:`optax_sm3._sparse._batch`).
 
 Momentum and decoupled weight decay move rows outside the batch too, but by
 amounts known in closed form (:mod:`optax_sm3._lazy_rows`): such rows are
@@ -36,14 +23,13 @@ import numpy as np
 import optax
 
 from optax_sm3 import (
-  _accumulate,
-  _cover,
   _lazy_rows,
   _momentum,
   _scale_by_sm3,
   _sm3,
   _validation,
 )
+from optax_sm3._sparse import _batch, _ids
 
 _DEFAULT_SWEEP_PERIOD = 1024
 
@@ -111,6 +97,39 @@ class SparseRowsState(NamedTuple):
   coefficients: _lazy_rows.Coefficients
 
 
+class _Config(NamedTuple):
+  """What :func:`sparse_rows` binds: its arguments and the stages built from them.
+
+  Attributes:
+    learning_rate: a float or a schedule of the step count.
+    momentum: the EMA momentum.
+    beta: the second-moment decay.
+    eps: added under the square root.
+    weight_decay: the decoupled weight decay.
+    period: ``sweep_period``, an int ``>= 1``.
+    dense: ``optax_sm3.sm3`` with the same arguments (``init`` builds its state).
+    momentum_tx: the chain's momentum stage; ``None`` for ``momentum = 0``.
+    decay_tx: the chain's weight decay stage; ``None`` for ``weight_decay = 0``.
+    rate_tx: the chain's learning-rate stage.
+  """
+
+  learning_rate: optax.ScalarOrSchedule
+  momentum: jax.typing.ArrayLike
+  beta: jax.typing.ArrayLike
+  eps: jax.typing.ArrayLike
+  weight_decay: jax.typing.ArrayLike
+  period: int
+  dense: optax.GradientTransformation
+  momentum_tx: optax.GradientTransformation | None
+  decay_tx: optax.GradientTransformation | None
+  rate_tx: optax.GradientTransformation
+
+  @property
+  def lazy(self) -> bool:
+    """Whether rows outside the batch move (momentum or weight decay)."""
+    return self.momentum_tx is not None or self.decay_tx is not None
+
+
 def _check_table(table: Any) -> None:
   if not hasattr(table, "shape") or not hasattr(table, "dtype"):
     raise TypeError(f"`table` must be an array, got {type(table).__name__}")
@@ -122,36 +141,10 @@ def _check_table(table: Any) -> None:
     raise TypeError(f"`table` must have a real floating dtype, got {table.dtype}")
 
 
-def _check_indices(indices: Any, rows: int) -> None:
-  dtype = jnp.asarray(indices).dtype if not hasattr(indices, "dtype") else indices.dtype
-  if not jnp.issubdtype(dtype, jnp.integer):
-    raise TypeError(f"`indices` must be integers, got dtype {dtype}")
-  if isinstance(indices, jax.core.Tracer) or np.size(indices) == 0:
-    return
-  values = np.asarray(indices)
-  if values.min() < 0 or values.max() >= rows:
-    raise ValueError(
-      f"`indices` must be in [0, {rows}) for a table of {rows} rows, got "
-      f"values in [{values.min()}, {values.max()}]"
-    )
-
-
-def in_range(indices: jax.Array, rows: int) -> jax.Array:
-  """``indices`` as int32, each outside ``[0, rows)`` replaced by ``rows``.
-
-  ``rows`` is out of range, so gathers with ``mode="fill"`` fill it and
-  scatters with ``mode="drop"`` drop it. The test runs in the ids' own dtype,
-  before the cast: an int64 id at or above ``2**31`` cannot wrap onto a row.
-  """
-  indices = jnp.asarray(indices)
-  valid = (indices >= 0) & (indices < rows)
-  return jnp.where(valid, indices, rows).astype(jnp.int32)
-
-
 def _check_batch(indices: Any, row_grads: Any, table: jax.Array) -> None:
   if jnp.ndim(indices) != 1:
     raise ValueError(f"`indices` must have shape (k,), got {jnp.shape(indices)}")
-  _check_indices(indices, table.shape[0])
+  _ids.check_ids(indices, table.shape[0], "indices")
   expected = (jnp.shape(indices)[0], *table.shape[1:])
   if tuple(jnp.shape(row_grads)) != expected:
     raise ValueError(
@@ -196,84 +189,334 @@ def _table_shape(accumulators: Any) -> tuple[int, ...] | None:
   return tuple(np.shape(a)[0] for a in accumulators)
 
 
-def _unique(indices: jax.Array, fill: int) -> tuple[jax.Array, jax.Array]:
-  """``jnp.unique(indices, size=k, fill_value=fill, return_inverse=True)``.
+def _check_sweep_period(sweep_period: Any) -> int:
+  if (
+    isinstance(sweep_period, bool)
+    or not isinstance(sweep_period, (int, np.integer))
+    or sweep_period < 1
+  ):
+    raise ValueError(f"`sweep_period` must be an int >= 1, got {sweep_period!r}")
+  return int(sweep_period)
 
-  The same two arrays (the distinct values in increasing order, then
-  ``fill``; each index's slot in them), from one single-key sort and a
-  binary search: XLA's CPU sort is several times slower with the
-  ``(value, position)`` pairs ``jnp.unique`` sorts to get the inverse (0.95
-  ms against 0.27 ms for 4096 indices, jax 0.10.2, in a scratch timing not
-  kept in the repository). ``fill`` must be ``>=`` every index.
+
+def _catch_up_dtype(table: jax.Array) -> jnp.dtype:
+  """The dtype of the catch-up ring: the table's, at least float32."""
+  return jnp.promote_types(table.dtype, jnp.float32)
+
+
+def _chain_rows(
+  config: _Config,
+  updates: jax.Array,
+  rows: jax.Array,
+  rows_momentum: jax.Array | None,
+  count: jax.Array,
+) -> tuple[jax.Array, jax.Array | None]:
+  """The stages after ``scale_by_sm3`` in ``sm3``'s chain, on the batch's rows.
+
+  Returns:
+    ``(new rows, new rows' momentum)``; the momentum ``None`` without it.
   """
-  k = indices.shape[0]
-  if k == 0:
-    return indices, jnp.zeros((0,), jnp.int32)
-  ordered = jax.lax.sort(indices)
-  first = jnp.concatenate([jnp.ones((1,), bool), ordered[1:] != ordered[:-1]])
-  slot = jnp.cumsum(first) - 1
-  unique = jnp.full((k,), fill, indices.dtype).at[slot].set(ordered)
-  inverse = jnp.searchsorted(unique, indices, side="left")
-  return unique, inverse.astype(jnp.int32)
+  if config.momentum_tx is not None:
+    updates, new = config.momentum_tx.update(
+      updates, _momentum.ScaleByMomentumState(rows_momentum)
+    )
+    rows_momentum = new.momentum
+  if config.decay_tx is not None:
+    updates, _ = config.decay_tx.update(updates, config.decay_tx.init(rows), rows)
+  rate_state = (
+    optax.ScaleByScheduleState(count)
+    if callable(config.learning_rate)
+    else optax.EmptyState()
+  )
+  updates, _ = config.rate_tx.update(updates, rate_state)
+  return optax.apply_updates(rows, updates), rows_momentum
 
 
-def _sm3_rows(
+def _init(config: _Config, table: jax.Array) -> optax.OptState:
+  """``init``: ``sm3``'s chain state, or a :class:`SparseRowsState` if lazy."""
+  _check_table(table)
+  state = config.dense.init(table)
+  if not config.lazy:
+    return state
+  return SparseRowsState(
+    count=jnp.zeros([], jnp.int32),
+    accumulators=tuple(_sm3_state(state).accumulators),
+    momentum=_store(jnp.zeros_like(table)) if config.momentum_tx is not None else None,
+    last=jnp.zeros(table.shape[:1], jnp.int32),
+    coefficients=_lazy_rows.identity(config.period + 1, _catch_up_dtype(table)),
+  )
+
+
+def _expected_state(
+  init: Callable[[jax.Array], optax.OptState], shape: tuple[int, ...], dtype: Any
+) -> Any:
+  """The shapes and dtypes of ``init`` for a table of ``shape`` and ``dtype``."""
+  return jax.eval_shape(init, jax.ShapeDtypeStruct(shape, dtype))
+
+
+def _check_state(
+  expected_state: Callable[[tuple[int, ...], Any], Any], state: Any, table: jax.Array
+) -> None:
+  """Raises ``ValueError`` unless ``state`` is ``init``'s for ``table``."""
+  accumulators = (
+    state.accumulators
+    if isinstance(state, SparseRowsState)
+    else getattr(_sm3_state(state), "accumulators", None)
+  )
+  shape = _table_shape(accumulators)
+  if shape is not None and shape != tuple(table.shape):
+    raise ValueError(
+      f"`state` was made for a table of shape {shape}, but `table` has shape "
+      f"{tuple(table.shape)}; a table that changed shape needs a new state "
+      "(`init`)"
+    )
+  expected = expected_state(tuple(table.shape), jnp.dtype(table.dtype))
+  leaves, treedef = jax.tree.flatten(state)
+  if treedef != jax.tree.structure(expected) or any(
+    (np.shape(a), jnp.result_type(a)) != (b.shape, b.dtype)
+    for a, b in zip(leaves, jax.tree.leaves(expected), strict=True)
+  ):
+    raise ValueError(
+      f"`state` does not belong to a table of shape {tuple(table.shape)} and "
+      f"dtype {table.dtype} with this optimizer's arguments: expected "
+      f"{jax.tree.map(lambda x: (x.shape, str(x.dtype)), expected)}, got "
+      f"{jax.tree.map(lambda x: (np.shape(x), str(jnp.result_type(x))), state)}"
+    )
+
+
+def _batch_sm3(
+  config: _Config,
   indices: jax.Array,
   row_grads: jax.Array,
   accumulators: tuple[jax.Array, ...],
-  beta: Any,
-  eps: Any,
+  table: jax.Array,
 ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, ...]]:
-  """SM3-II on the batch's rows: ``(unique rows, their updates, new covers)``.
+  """:func:`optax_sm3._sparse._batch.sm3_rows` of the batch, out-of-range rows dropped."""
+  # Out-of-range rows (possible only under jit) are dropped, like JAX's
+  # scatters do; the test runs before the int32 cast, so an int64 id at or
+  # above 2**31 cannot wrap onto a real row.
+  indices = _ids.in_range(indices, table.shape[0])
+  row_grads = row_grads.astype(table.dtype)
+  return _batch.sm3_rows(indices, row_grads, accumulators, config.beta, config.eps)
 
-  ``indices`` must already be in ``[0, V]`` (``V``: dropped). The ``k``
-  slots of the result hold the distinct rows in increasing order, then
-  padding rows numbered ``V`` (out of range, so gathers fill and scatters
-  drop them).
+
+def _advance_stage(new_sm3: _scale_by_sm3.ScaleBySM3State, stage: Any) -> Any:
+  """One stage of ``sm3``'s chain state after a step (found by type)."""
+  if isinstance(stage, _scale_by_sm3.ScaleBySM3State):
+    return new_sm3
+  if isinstance(stage, optax.ScaleByScheduleState):
+    return optax.ScaleByScheduleState(_validation.safe_increment(stage.count))
+  return stage  # The other stages hold no state.
+
+
+def _dense_layout_step(
+  config: _Config,
+  indices: jax.Array,
+  row_grads: jax.Array,
+  state: optax.OptState,
+  table: jax.Array,
+) -> tuple[jax.Array, optax.OptState]:
+  """``update`` without momentum and weight decay: ``sm3``'s own state."""
+  sm3_state = _sm3_state(state)
+  count = sm3_state.count
+  accumulators = tuple(sm3_state.accumulators)
+  if table.size:
+    unique, updates, accumulators = _batch_sm3(
+      config, indices, row_grads, accumulators, table
+    )
+    old = table.at[unique].get(mode="fill", fill_value=0)
+    new, _ = _chain_rows(config, updates, old, None, count)
+    table = table.at[unique].set(new, mode="drop")
+  new_sm3 = _scale_by_sm3.ScaleBySM3State(
+    _validation.safe_increment(count), accumulators
+  )
+  advance = functools.partial(_advance_stage, new_sm3)
+  return table, jax.tree.map(advance, state, is_leaf=_is_stage)
+
+
+def _sweep(count: jax.Array, unique: jax.Array, rows: int, period: int) -> jax.Array:
+  """The rows this step's sweep brings up to step ``count``.
+
+  One block of rows, round robin, so that every row is swept at least once
+  every ``period`` steps. Rows of the batch (``unique``, sorted) are left
+  out of it: they read as ``rows``, out of range.
   """
-  rows = accumulators[0].shape[0]
-  k = indices.shape[0]
-  dtype = accumulators[0].dtype
-  c_old, c_new = _scale_by_sm3.coefficients(beta, dtype)
-  # A fixed number k of slots keeps every shape static under jit.
-  unique, inverse = _unique(indices, rows)
-  grads = jax.ops.segment_sum(row_grads, inverse, num_segments=k)
-  valid = unique < rows
-  row_acc = accumulators[0].at[unique].get(mode="fill", fill_value=0)
+  block = -(-rows // period)
+  start = jnp.minimum((count % period) * block, rows - block)
+  swept = start + jnp.arange(block, dtype=jnp.int32)
+  found = jnp.minimum(jnp.searchsorted(unique, swept), unique.shape[0] - 1)
+  return jnp.where(unique[found] == swept, rows, swept)
 
-  # The same cover as the dense parameter, on a table of k rows.
-  cover = _cover.make_cover(grads.shape)
-  local = (row_acc, *accumulators[1:])
-  shapes = [cover.broadcast_shape(group) for group in cover.groups]
-  nu = _accumulate.estimate(grads, local, shapes, c_old, c_new)
-  updates = _accumulate.scaled_update(grads, nu, eps)
 
-  mask_shape = (k,) + (1,) * (grads.ndim - 1)
-  # Non-finite gradient entries count as 0 in the accumulators, as in the
-  # dense path (see _accumulate.finite_or_zero).
-  nu_acc = _accumulate.estimate(
-    _accumulate.finite_or_zero(grads), local, shapes, c_old, c_new
+def _lazy_rows_step(
+  config: _Config,
+  unique: jax.Array,
+  updates: jax.Array,
+  state: SparseRowsState,
+  table: jax.Array,
+) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+  """The batch's rows and the sweep's, caught up; the batch's then stepped.
+
+  Returns:
+    ``(table, momentum buffer, last)`` after the step (the buffer unstored).
+  """
+  count, buffer, last = state.count, _load(state.momentum), state.last
+  k = unique.shape[0]
+  swept = _sweep(count, unique, table.shape[0], config.period)
+  # One gather and one scatter per buffer for the batch and the sweep
+  # (an in-place slice update beside the scatter makes XLA copy the
+  # buffers whole).
+  both = jnp.concatenate([unique, swept])
+  behind = last.at[both].get(mode="fill", fill_value=0)
+  current, current_buffer = _lazy_rows.catch_up(
+    state.coefficients,
+    behind,
+    table.at[both].get(mode="fill", fill_value=0),
+    None if buffer is None else buffer.at[both].get(mode="fill", fill_value=0),
   )
-  nu_valid = jnp.where(valid.reshape(mask_shape), nu_acc, -jnp.inf)
-  # Rows outside the batch see a zero gradient: their accumulator is
-  # c_old * max_j min(r_i, c_j) = c_old * r_i, as max_j c_j = max_i r_i >= r_i.
-  new_rows = jnp.max(nu_valid, axis=cover.reduced_axes(cover.groups[0]))
-  # With beta == 0 (c_old == 1, exactly) the untouched rows stay as they are:
-  # no pass over all V row accumulators, only the scatter of the batch's rows.
-  kept = (
-    accumulators[0] if _validation.is_static_zero(beta) else c_old * accumulators[0]
+  # The batch's rows, now current, take the dense step.
+  new, new_buffer = _chain_rows(
+    config,
+    updates,
+    current[:k],
+    None if buffer is None else current_buffer[:k],
+    count,
   )
-  new = [kept.at[unique].set(new_rows, mode="drop")]
-  # The other covers need no pass over the table either. SM3 keeps
-  # max_i r_i = max nu = max_j c_j (for every cover, from the zero init on),
-  # so over *all* rows max_i c_old * min(r_i, c_j, ...) = c_old * c_j; and a
-  # row in the batch has nu_ij >= c_old * min(r_i, c_j, ...) (a non-negative
-  # term added, rounding is monotone), so taking the maximum with the batch's
-  # rows, the untouched rows contribute exactly c_old * c_j.
-  for group, column in zip(cover.groups[1:], accumulators[1:], strict=True):
-    in_batch = jnp.max(nu_valid, axis=cover.reduced_axes(group))
-    new.append(jnp.maximum(in_batch, c_old * column))
-  return unique, updates, tuple(new)
+  table = table.at[both].set(jnp.concatenate([new, current[k:]]), mode="drop")
+  if buffer is not None:
+    buffer = buffer.at[both].set(
+      jnp.concatenate([new_buffer, current_buffer[k:]]), mode="drop"
+    )
+  new_count = _validation.safe_increment(count)
+  steps = jnp.concatenate(
+    [jnp.full([k], new_count, jnp.int32), jnp.full([swept.shape[0]], count, jnp.int32)]
+  )
+  # `behind <= count` always: the maximum changes nothing, but makes the
+  # write wait for the read, so XLA updates `last` in place instead of
+  # copying it (twice) to keep the read's input alive.
+  last = last.at[both].set(jnp.maximum(steps, behind), mode="drop")
+  return table, buffer, last
+
+
+def _advance_ring(
+  config: _Config, state: SparseRowsState, new_count: jax.Array, dtype: Any
+) -> _lazy_rows.Coefficients:
+  """The catch-up ring with this step's coefficients added."""
+  lr = config.learning_rate
+  rate = jnp.asarray(lr(state.count) if callable(lr) else lr, dtype)
+  mu = (
+    _validation.complement(config.momentum, dtype)[0]
+    if config.momentum_tx is not None
+    else jnp.zeros([], dtype)
+  )
+  lam = (
+    jnp.asarray(config.weight_decay, dtype)
+    if config.decay_tx is not None
+    else jnp.zeros([], dtype)
+  )
+  return _lazy_rows.advance(state.coefficients, new_count, mu, rate, lam)
+
+
+def _lazy_step(
+  config: _Config,
+  indices: jax.Array,
+  row_grads: jax.Array,
+  state: SparseRowsState,
+  table: jax.Array,
+) -> tuple[jax.Array, SparseRowsState]:
+  """``update`` with momentum or weight decay: rows are left behind."""
+  accumulators, buffer, last = state.accumulators, state.momentum, state.last
+  new_count = _validation.safe_increment(state.count)
+  if table.size:
+    unique, updates, accumulators = _batch_sm3(
+      config, indices, row_grads, accumulators, table
+    )
+    table, buffer, last = _lazy_rows_step(config, unique, updates, state, table)
+    buffer = _store(buffer)
+  else:
+    last = jnp.full_like(last, new_count)
+  coefficients = _advance_ring(config, state, new_count, _catch_up_dtype(table))
+  return table, SparseRowsState(new_count, accumulators, buffer, last, coefficients)
+
+
+def _update(
+  step: Callable[..., tuple[jax.Array, optax.OptState]],
+  expected_state: Callable[[tuple[int, ...], Any], Any],
+  indices: jax.Array,
+  row_grads: jax.Array,
+  state: optax.OptState,
+  table: jax.Array,
+) -> tuple[jax.Array, optax.OptState]:
+  """``update``: the arguments checked, then the jitted ``step``."""
+  _check_table(table)
+  _check_batch(indices, row_grads, table)
+  _check_state(expected_state, state, table)
+  indices, row_grads = jnp.asarray(indices), jnp.asarray(row_grads)
+  if indices.shape[0] == 0:
+    # No rows: the step of a zero gradient. One dropped row keeps the
+    # shapes of the batch arithmetic non-empty.
+    indices = jnp.full([1], -1, jnp.int32)
+    row_grads = jnp.zeros((1, *table.shape[1:]), table.dtype)
+  return step(indices, row_grads, state, table)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _lookup_rows(
+  lazy: bool, indices: jax.Array, state: optax.OptState, table: jax.Array
+) -> jax.Array:
+  """The rows ``table[indices]`` as the dense optimizer holds them now."""
+  rows = table.shape[0]
+  flat = _ids.in_range(indices.reshape(-1), rows)
+  values = table.at[flat].get(mode="fill", fill_value=jnp.nan)
+  if lazy:
+    buffer = _load(state.momentum)
+    values, _ = _lazy_rows.catch_up(
+      state.coefficients,
+      state.last.at[flat].get(mode="fill", fill_value=0),
+      values,
+      None if buffer is None else buffer.at[flat].get(mode="fill", fill_value=0),
+    )
+  return values.reshape(*indices.shape, *table.shape[1:])
+
+
+def _lookup(
+  lazy: bool,
+  expected_state: Callable[[tuple[int, ...], Any], Any],
+  indices: jax.Array,
+  state: optax.OptState,
+  table: jax.Array,
+) -> jax.Array:
+  """``lookup``: the arguments checked, then :func:`_lookup_rows`."""
+  _check_table(table)
+  _ids.check_ids(indices, table.shape[0], "indices")
+  _check_state(expected_state, state, table)
+  return _lookup_rows(lazy, jnp.asarray(indices), state, table)
+
+
+@jax.jit
+def _sync_all(
+  state: SparseRowsState, table: jax.Array
+) -> tuple[jax.Array, SparseRowsState]:
+  """Every row caught up to ``state.count``."""
+  table, buffer = _lazy_rows.catch_up(
+    state.coefficients, state.last, table, _load(state.momentum)
+  )
+  last = jnp.full_like(state.last, state.count)
+  return table, state._replace(momentum=_store(buffer), last=last)
+
+
+def _sync(
+  lazy: bool,
+  expected_state: Callable[[tuple[int, ...], Any], Any],
+  state: optax.OptState,
+  table: jax.Array,
+) -> tuple[jax.Array, optax.OptState]:
+  """``sync``: the arguments checked, then :func:`_sync_all` if lazy."""
+  _check_table(table)
+  _check_state(expected_state, state, table)
+  if not lazy:
+    return table, state  # Every row is current.
+  return _sync_all(state, table)
 
 
 def sparse_rows(
@@ -432,226 +675,30 @@ def sparse_rows(
   """
   # sm3 checks every argument (and names it in its errors).
   dense = _sm3.sm3(learning_rate, momentum, beta, eps, weight_decay=weight_decay)
-  if (
-    isinstance(sweep_period, bool)
-    or not isinstance(sweep_period, (int, np.integer))
-    or sweep_period < 1
-  ):
-    raise ValueError(f"`sweep_period` must be an int >= 1, got {sweep_period!r}")
-  period = int(sweep_period)
+  period = _check_sweep_period(sweep_period)
   has_momentum = not _validation.is_static_zero(momentum)
   has_decay = not _validation.is_static_zero(weight_decay)
-  lazy = has_momentum or has_decay
-  # The stages after scale_by_sm3 in sm3's chain, built the same way, applied
-  # to the batch's rows only.
-  momentum_tx = _momentum.scale_by_momentum(momentum) if has_momentum else None
-  decay_tx = optax.add_decayed_weights(weight_decay) if has_decay else None
-  rate_tx = optax.scale_by_learning_rate(learning_rate)
-
-  def rows_step(updates, rows, rows_momentum, count):
-    if has_momentum:
-      updates, new = momentum_tx.update(
-        updates, _momentum.ScaleByMomentumState(rows_momentum)
-      )
-      rows_momentum = new.momentum
-    if has_decay:
-      updates, _ = decay_tx.update(updates, decay_tx.init(rows), rows)
-    rate_state = (
-      optax.ScaleByScheduleState(count)
-      if callable(learning_rate)
-      else optax.EmptyState()
-    )
-    updates, _ = rate_tx.update(updates, rate_state)
-    return optax.apply_updates(rows, updates), rows_momentum
-
-  def catch_up_dtype(table):
-    return jnp.promote_types(table.dtype, jnp.float32)
-
-  def init_fn(table):
-    _check_table(table)
-    state = dense.init(table)
-    if not lazy:
-      return state
-    return SparseRowsState(
-      count=jnp.zeros([], jnp.int32),
-      accumulators=tuple(_sm3_state(state).accumulators),
-      momentum=_store(jnp.zeros_like(table)) if has_momentum else None,
-      last=jnp.zeros(table.shape[:1], jnp.int32),
-      coefficients=_lazy_rows.identity(period + 1, catch_up_dtype(table)),
-    )
-
-  @functools.cache
-  def expected_state(shape, dtype):
-    return jax.eval_shape(init_fn, jax.ShapeDtypeStruct(shape, dtype))
-
-  def check_state(state, table):
-    accumulators = (
-      state.accumulators
-      if isinstance(state, SparseRowsState)
-      else getattr(_sm3_state(state), "accumulators", None)
-    )
-    shape = _table_shape(accumulators)
-    if shape is not None and shape != tuple(table.shape):
-      raise ValueError(
-        f"`state` was made for a table of shape {shape}, but `table` has shape "
-        f"{tuple(table.shape)}; a table that changed shape needs a new state "
-        "(`init`)"
-      )
-    expected = expected_state(tuple(table.shape), jnp.dtype(table.dtype))
-    leaves, treedef = jax.tree.flatten(state)
-    if treedef != jax.tree.structure(expected) or any(
-      (np.shape(a), jnp.result_type(a)) != (b.shape, b.dtype)
-      for a, b in zip(leaves, jax.tree.leaves(expected), strict=True)
-    ):
-      raise ValueError(
-        f"`state` does not belong to a table of shape {tuple(table.shape)} and "
-        f"dtype {table.dtype} with this optimizer's arguments: expected "
-        f"{jax.tree.map(lambda x: (x.shape, str(x.dtype)), expected)}, got "
-        f"{jax.tree.map(lambda x: (np.shape(x), str(jnp.result_type(x))), state)}"
-      )
-
-  def sm3_rows(indices, row_grads, accumulators, table):
-    # Out-of-range rows (possible only under jit) are dropped, like JAX's
-    # scatters do; the test runs before the int32 cast, so an int64 id at or
-    # above 2**31 cannot wrap onto a real row.
-    indices = in_range(indices, table.shape[0])
-    return _sm3_rows(indices, row_grads.astype(table.dtype), accumulators, beta, eps)
-
-  @jax.jit
-  def dense_layout_step(indices, row_grads, state, table):
-    sm3_state = _sm3_state(state)
-    count = sm3_state.count
-    accumulators = tuple(sm3_state.accumulators)
-    if table.size:
-      unique, updates, accumulators = sm3_rows(indices, row_grads, accumulators, table)
-      old = table.at[unique].get(mode="fill", fill_value=0)
-      new, _ = rows_step(updates, old, None, count)
-      table = table.at[unique].set(new, mode="drop")
-    new_sm3 = _scale_by_sm3.ScaleBySM3State(
-      _validation.safe_increment(count), accumulators
-    )
-
-    # The other stages (found by type, not position): the learning rate's
-    # count advances, the rest hold no state.
-    def advance(stage):
-      if isinstance(stage, _scale_by_sm3.ScaleBySM3State):
-        return new_sm3
-      if isinstance(stage, optax.ScaleByScheduleState):
-        return optax.ScaleByScheduleState(_validation.safe_increment(stage.count))
-      return stage
-
-    return table, jax.tree.map(advance, state, is_leaf=_is_stage)
-
-  @jax.jit
-  def lazy_step(indices, row_grads, state, table):
-    count, accumulators, buffer, last, coefficients = state
-    buffer = _load(buffer)
-    new_count = _validation.safe_increment(count)
-    dtype = catch_up_dtype(table)
-    rate = learning_rate(count) if callable(learning_rate) else learning_rate
-    rate = jnp.asarray(rate, dtype)
-    rows = table.shape[0]
-    block = -(-rows // period)
-    if table.size:
-      unique, updates, accumulators = sm3_rows(indices, row_grads, accumulators, table)
-      k = unique.shape[0]
-      # The sweep: one block of rows, round robin, brought up to step
-      # `count`, so that every row is swept at least once every `period`
-      # steps. Rows of the batch are left out of it (`unique` is sorted).
-      start = jnp.minimum((count % period) * block, rows - block)
-      swept = start + jnp.arange(block, dtype=jnp.int32)
-      found = jnp.minimum(jnp.searchsorted(unique, swept), k - 1)
-      swept = jnp.where(unique[found] == swept, rows, swept)
-      # One gather and one scatter per buffer for the batch and the sweep
-      # (an in-place slice update beside the scatter makes XLA copy the
-      # buffers whole).
-      both = jnp.concatenate([unique, swept])
-      behind = last.at[both].get(mode="fill", fill_value=0)
-      current, current_buffer = _lazy_rows.catch_up(
-        coefficients,
-        behind,
-        table.at[both].get(mode="fill", fill_value=0),
-        None if buffer is None else buffer.at[both].get(mode="fill", fill_value=0),
-      )
-      # The batch's rows, now current, take the dense step.
-      new, new_buffer = rows_step(
-        updates,
-        current[:k],
-        None if buffer is None else current_buffer[:k],
-        count,
-      )
-      table = table.at[both].set(jnp.concatenate([new, current[k:]]), mode="drop")
-      if buffer is not None:
-        buffer = buffer.at[both].set(
-          jnp.concatenate([new_buffer, current_buffer[k:]]), mode="drop"
-        )
-      steps = jnp.concatenate(
-        [jnp.full([k], new_count, jnp.int32), jnp.full([block], count, jnp.int32)]
-      )
-      # `behind <= count` always: the maximum changes nothing, but makes the
-      # write wait for the read, so XLA updates `last` in place instead of
-      # copying it (twice) to keep the read's input alive.
-      last = last.at[both].set(jnp.maximum(steps, behind), mode="drop")
-    else:
-      last = jnp.full_like(last, new_count)
-    mu = (
-      _validation.complement(momentum, dtype)[0]
-      if has_momentum
-      else jnp.zeros([], dtype)
-    )
-    lam = jnp.asarray(weight_decay, dtype) if has_decay else jnp.zeros([], dtype)
-    coefficients = _lazy_rows.advance(coefficients, new_count, mu, rate, lam)
-    return table, SparseRowsState(
-      new_count, accumulators, _store(buffer), last, coefficients
-    )
-
-  def update_fn(indices, row_grads, state, table):
-    _check_table(table)
-    _check_batch(indices, row_grads, table)
-    check_state(state, table)
-    indices, row_grads = jnp.asarray(indices), jnp.asarray(row_grads)
-    if indices.shape[0] == 0:
-      # No rows: the step of a zero gradient. One dropped row keeps the
-      # shapes of the batch arithmetic non-empty.
-      indices = jnp.full([1], -1, jnp.int32)
-      row_grads = jnp.zeros((1, *table.shape[1:]), table.dtype)
-    step = lazy_step if lazy else dense_layout_step
-    return step(indices, row_grads, state, table)
-
-  @jax.jit
-  def lookup_rows(indices, state, table):
-    rows = table.shape[0]
-    flat = in_range(indices.reshape(-1), rows)
-    values = table.at[flat].get(mode="fill", fill_value=jnp.nan)
-    if lazy:
-      buffer = _load(state.momentum)
-      values, _ = _lazy_rows.catch_up(
-        state.coefficients,
-        state.last.at[flat].get(mode="fill", fill_value=0),
-        values,
-        None if buffer is None else buffer.at[flat].get(mode="fill", fill_value=0),
-      )
-    return values.reshape(*indices.shape, *table.shape[1:])
-
-  def lookup_fn(indices, state, table):
-    _check_table(table)
-    _check_indices(indices, table.shape[0])
-    check_state(state, table)
-    return lookup_rows(jnp.asarray(indices), state, table)
-
-  @jax.jit
-  def sync_all(state, table):
-    table, buffer = _lazy_rows.catch_up(
-      state.coefficients, state.last, table, _load(state.momentum)
-    )
-    last = jnp.full_like(state.last, state.count)
-    return table, state._replace(momentum=_store(buffer), last=last)
-
-  def sync_fn(state, table):
-    _check_table(table)
-    check_state(state, table)
-    if not lazy:
-      return table, state  # Every row is current.
-    return sync_all(state, table)
-
-  return SparseRows(init_fn, update_fn, lookup_fn, sync_fn)
+  config = _Config(
+    learning_rate,
+    momentum,
+    beta,
+    eps,
+    weight_decay,
+    period,
+    dense,
+    # The stages after scale_by_sm3 in sm3's chain, built the same way.
+    momentum_tx=_momentum.scale_by_momentum(momentum) if has_momentum else None,
+    decay_tx=optax.add_decayed_weights(weight_decay) if has_decay else None,
+    rate_tx=optax.scale_by_learning_rate(learning_rate),
+  )
+  init = functools.partial(_init, config)
+  expected_state = functools.cache(functools.partial(_expected_state, init))
+  step = jax.jit(
+    functools.partial(_lazy_step if config.lazy else _dense_layout_step, config)
+  )
+  return SparseRows(
+    init=init,
+    update=functools.partial(_update, step, expected_state),
+    lookup=functools.partial(_lookup, config.lazy, expected_state),
+    sync=functools.partial(_sync, config.lazy, expected_state),
+  )

@@ -17,6 +17,7 @@ parameters to the old) fails at the first step instead of training wrongly.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -90,6 +91,154 @@ class SparseTables:
     raise TypeError(f"optax_sm3.sparse_tables(...) {NOT_A_TRANSFORMATION}")
 
 
+class _Split(NamedTuple):
+  """A params tree, its table leaves told apart from the rest."""
+
+  leaves: list  # The params' leaves, in jax.tree.leaves order.
+  treedef: Any  # The params' structure.
+  mask: list[bool]  # True at each table leaf.
+  rest: Any  # The params with the tables set to None (tx's params).
+  tables: list  # The table leaves, in order.
+
+
+def _mask_of(tables: Any, params: Any) -> list[bool]:
+  """``tables`` resolved against ``params``: a boolean per leaf."""
+  flags = _tree.flatten_like(
+    jax.tree.structure(params),
+    _tree.resolve(tables, params),
+    "`tables` must have the structure of the params",
+  )
+  for flag in flags:
+    # Booleans only: a label (as optax.multi_transform takes) is truthy,
+    # and would silently make every leaf a table.
+    dtype = getattr(flag, "dtype", type(flag))
+    scalar_bool = dtype in (bool, np.bool_) and np.ndim(flag) == 0
+    if not scalar_bool or isinstance(flag, jax.core.Tracer):
+      raise TypeError(
+        "`tables` must be a tree of booleans shaped like the params (True at "
+        "each table), or a function of the params returning one; got a leaf "
+        f"{flag!r} of type {type(flag).__name__}"
+      )
+  return [bool(f) for f in flags]
+
+
+def _split(tables: Any, params: Any) -> _Split:
+  leaves, treedef = jax.tree.flatten(params)
+  mask = _mask_of(tables, params)
+  rest = [None if m else leaf for leaf, m in zip(leaves, mask, strict=True)]
+  table_leaves = [leaf for leaf, m in zip(leaves, mask, strict=True) if m]
+  return _Split(leaves, treedef, mask, jax.tree.unflatten(treedef, rest), table_leaves)
+
+
+def _merge(split: _Split, rest: list, tables: list) -> Any:
+  """The params tree of ``rest`` leaves and ``tables``, in ``split``'s layout."""
+  rest_iter, table_iter = iter(rest), iter(tables)
+  leaves = [next(table_iter) if m else next(rest_iter) for m in split.mask]
+  return jax.tree.unflatten(split.treedef, leaves)
+
+
+def _check_state(state: SparseTablesState, table_leaves: list) -> None:
+  # Each table's state against its shape is checked by sparse_rows itself
+  # (update and sync), with both shapes in the message.
+  if len(state.tables) != len(table_leaves):
+    raise ValueError(
+      f"`state` holds {len(state.tables)} tables, the params {len(table_leaves)}"
+    )
+
+
+def _init(
+  rows: _rows.SparseRows, tx: optax.GradientTransformation, tables: Any, params: Any
+) -> SparseTablesState:
+  split = _split(tables, params)
+  return SparseTablesState(tx.init(split.rest), tuple(map(rows.init, split.tables)))
+
+
+def _step(
+  rows: _rows.SparseRows,
+  tx: optax.GradientTransformation,
+  tables: Any,
+  params: Any,
+  grads: Any,
+  state: SparseTablesState,
+) -> tuple[Any, SparseTablesState]:
+  split = _split(tables, params)
+  _check_state(state, split.tables)
+  grad_leaves = _tree.flatten_like(
+    split.treedef, grads, "`grads` does not have the structure of the params"
+  )
+  pairs = list(zip(grad_leaves, split.mask, strict=True))
+  if any(isinstance(g, SparseGrad) and not m for g, m in pairs):
+    raise TypeError(
+      "`grads` holds a SparseGrad at a leaf that `tables` does not mark as a "
+      "table; mark every looked-up table True in `tables`"
+    )
+  rest_grads = jax.tree.unflatten(split.treedef, [None if m else g for g, m in pairs])
+  updates, rest_state = tx.update(rest_grads, state.rest, split.rest)
+  new_rest = jax.tree.leaves(optax.apply_updates(split.rest, updates))
+  stepped = [
+    grad_update(rows, g, table_state, table, name="a table's gradient")
+    for g, table_state, table in zip(
+      [g for g, m in pairs if m], state.tables, split.tables, strict=True
+    )
+  ]
+  new_params = _merge(split, new_rest, [table for table, _ in stepped])
+  return new_params, SparseTablesState(rest_state, tuple(s for _, s in stepped))
+
+
+def _sync(
+  rows: _rows.SparseRows, tables: Any, params: Any, state: SparseTablesState
+) -> tuple[Any, SparseTablesState]:
+  split = _split(tables, params)
+  _check_state(state, split.tables)
+  synced = [rows.sync(s, t) for s, t in zip(state.tables, split.tables, strict=True)]
+  rest = [leaf for leaf, m in zip(split.leaves, split.mask, strict=True) if not m]
+  new_params = _merge(split, rest, [table for table, _ in synced])
+  return new_params, state._replace(tables=tuple(s for _, s in synced))
+
+
+def _table_reader(
+  read: Callable[..., Any], states: tuple, number: dict[int, int], position: int
+) -> Callable[..., Any] | None:
+  """``read`` bound to the state of the table at leaf ``position`` (if one)."""
+  if position not in number:
+    return None
+  return functools.partial(read, states[number[position]])
+
+
+def _value_and_grad_at(
+  rows: _rows.SparseRows,
+  tables: Any,
+  fun: Callable[..., Any],
+  has_aux: bool,
+  params: Any,
+  state: SparseTablesState,
+  *args: Any,
+) -> Any:
+  """``value_and_grad(fun)(params, state, *args)``: rows read through ``state``."""
+  mask = _mask_of(tables, params)
+  leaves = jax.tree.leaves(params)
+  _check_state(state, [leaf for leaf, m in zip(leaves, mask, strict=True) if m])
+  positions = [position for position, m in enumerate(mask) if m]
+  number = {position: n for n, position in enumerate(positions)}
+  lookup = functools.partial(_grad.current_rows, rows.lookup)
+  sync = functools.partial(_grad.synced_table, rows.sync)
+  reader = functools.partial(_table_reader, lookup, state.tables, number)
+  syncer = functools.partial(_table_reader, sync, state.tables, number)
+  return _grad.routed_value_and_grad(
+    fun, 0, has_aux, reader, frozenset(number), syncer
+  )(params, *args)
+
+
+def _value_and_grad(
+  rows: _rows.SparseRows,
+  tables: Any,
+  fun: Callable[..., Any],
+  *,
+  has_aux: bool = False,
+) -> Callable[..., Any]:
+  return functools.partial(_value_and_grad_at, rows, tables, fun, has_aux)
+
+
 def sparse_tables(
   tx: optax.GradientTransformation,
   learning_rate: optax.ScalarOrSchedule,
@@ -154,137 +303,53 @@ def sparse_tables(
     [0.9 0.9] [1. 1.] 1.6
   """
   rows = _rows.sparse_rows(learning_rate, momentum, beta, eps, weight_decay)
+  return SparseTables(
+    init=functools.partial(_init, rows, tx, tables),
+    step=functools.partial(_step, rows, tx, tables),
+    sync=functools.partial(_sync, rows, tables),
+    value_and_grad=functools.partial(_value_and_grad, rows, tables),
+  )
 
-  def mask_of(params) -> list[bool]:
-    flags = _tree.flatten_like(
-      jax.tree.structure(params),
-      _tree.resolve(tables, params),
-      "`tables` must have the structure of the params",
-    )
-    for flag in flags:
-      # Booleans only: a label (as optax.multi_transform takes) is truthy,
-      # and would silently make every leaf a table.
-      dtype = getattr(flag, "dtype", type(flag))
-      scalar_bool = dtype in (bool, np.bool_) and np.ndim(flag) == 0
-      if not scalar_bool or isinstance(flag, jax.core.Tracer):
-        raise TypeError(
-          "`tables` must be a tree of booleans shaped like the params (True at "
-          "each table), or a function of the params returning one; got a leaf "
-          f"{flag!r} of type {type(flag).__name__}"
-        )
-    return [bool(f) for f in flags]
 
-  def split(params):
-    leaves, treedef = jax.tree.flatten(params)
-    mask = mask_of(params)
-    rest = [None if m else leaf for leaf, m in zip(leaves, mask, strict=True)]
-    table_leaves = [leaf for leaf, m in zip(leaves, mask, strict=True) if m]
-    return leaves, treedef, mask, jax.tree.unflatten(treedef, rest), table_leaves
+def grad_update(
+  rows: _rows.SparseRows,
+  grad: Any,
+  state: optax.OptState,
+  table: jax.Array,
+  *,
+  name: str,
+) -> tuple[jax.Array, optax.OptState]:
+  """``rows.update`` from a table's gradient: a :class:`SparseGrad` or dense.
 
-  def init_fn(params):
-    _, _, _, rest, table_leaves = split(params)
-    return SparseTablesState(tx.init(rest), tuple(rows.init(t) for t in table_leaves))
+  A dense gradient (the table read other than by lookups: ``attend``, a
+  penalty) steps every row: ``sparse_rows`` is exact for any indices, so that
+  is the dense SM3 step, whatever the state keeps. A SparseGrad of ``k = 0``
+  rows (a table not looked up) is the zero-gradient step.
 
-  def check_state(state, table_leaves):
-    # Each table's state against its shape is checked by sparse_rows itself
-    # (update and sync), with both shapes in the message.
-    if len(state.tables) != len(table_leaves):
-      raise ValueError(
-        f"`state` holds {len(state.tables)} tables, the params {len(table_leaves)}"
-      )
+  Args:
+    rows: the table's :class:`optax_sm3.SparseRows`.
+    grad: the table's gradient.
+    state: the table's state.
+    table: the table.
+    name: how the error messages name ``grad`` (e.g. its path).
 
-  def step_fn(params, grads, state):
-    _, treedef, mask, rest, table_leaves = split(params)
-    check_state(state, table_leaves)
-    grad_leaves = _tree.flatten_like(
-      treedef, grads, "`grads` does not have the structure of the params"
-    )
-    if any(
-      isinstance(g, SparseGrad) and not m
-      for g, m in zip(grad_leaves, mask, strict=True)
-    ):
-      raise TypeError(
-        "`grads` holds a SparseGrad at a leaf that `tables` does not mark as a "
-        "table; mark every looked-up table True in `tables`"
-      )
-    rest_grads = jax.tree.unflatten(
-      treedef, [None if m else g for g, m in zip(grad_leaves, mask, strict=True)]
-    )
-    updates, rest_state = tx.update(rest_grads, state.rest, rest)
-    new_rest = jax.tree.leaves(optax.apply_updates(rest, updates))
-    new_leaves, new_tables = [], []
-    rest_iter, table_iter = (
-      iter(new_rest),
-      iter(zip(table_leaves, state.tables, strict=True)),
-    )
-    for g, m in zip(grad_leaves, mask, strict=True):
-      if not m:
-        new_leaves.append(next(rest_iter))
-        continue
-      table, table_state = next(table_iter)
-      if isinstance(g, SparseGrad):
-        check_sparse_grad(g, tuple(table.shape[1:]), name="a table's gradient")
-        # k = 0 (not looked up) is sparse_rows' zero-gradient step.
-        table, table_state = rows.update(g.indices, g.row_grads, table_state, table)
-      elif hasattr(g, "shape") and tuple(g.shape) == tuple(table.shape):
-        # Read densely: every row in the batch is the dense SM3 step.
-        every = jnp.arange(table.shape[0], dtype=jnp.int32)
-        table, table_state = rows.update(every, g, table_state, table)
-      else:
-        raise TypeError(
-          "a table's gradient must be a SparseGrad or an array of the table's "
-          f"shape {tuple(table.shape)}, got {type(g).__name__}"
-        )
-      new_leaves.append(table)
-      new_tables.append(table_state)
-    return jax.tree.unflatten(treedef, new_leaves), SparseTablesState(
-      rest_state, tuple(new_tables)
-    )
+  Returns:
+    ``(new_table, new_state)``.
 
-  def sync_fn(params, state):
-    leaves, treedef, mask, _, table_leaves = split(params)
-    check_state(state, table_leaves)
-    synced = [rows.sync(s, t) for s, t in zip(state.tables, table_leaves, strict=True)]
-    it = iter(synced)
-    leaves = [next(it)[0] if m else leaf for leaf, m in zip(leaves, mask, strict=True)]
-    return jax.tree.unflatten(treedef, leaves), state._replace(
-      tables=tuple(s for _, s in synced)
-    )
-
-  def value_and_grad_fn(
-    fun: Callable[..., Any], *, has_aux: bool = False
-  ) -> Callable[..., Any]:
-    def wrapped(params, state, *args):
-      leaves = jax.tree.leaves(params)
-      mask = mask_of(params)
-      check_state(state, [leaf for leaf, m in zip(leaves, mask, strict=True) if m])
-      number = {}
-      for position, m in enumerate(mask):
-        if m:
-          number[position] = len(number)
-
-      def reader(position):
-        if position not in number:
-          return None
-        table_state = state.tables[number[position]]
-        return lambda t, ids: _grad.current_rows(rows.lookup, table_state, t, ids)
-
-      def syncer(position):
-        if position not in number:
-          return None
-        table_state = jax.lax.stop_gradient(state.tables[number[position]])
-
-        def sync(t):
-          synced, _ = rows.sync(table_state, jax.lax.stop_gradient(t))
-          return _grad.value_of_first(synced, t)
-
-        return sync
-
-      known = frozenset(number)
-      return _grad._value_and_grad(fun, 0, has_aux, reader, known, syncer)(
-        params, *args
-      )
-
-    return wrapped
-
-  return SparseTables(init_fn, step_fn, sync_fn, value_and_grad_fn)
+  Raises:
+    TypeError: for a gradient that is neither a :class:`SparseGrad` of the
+      table's rows (see :func:`check_sparse_grad`) nor an array of its shape.
+    ValueError: for a SparseGrad whose shapes do not match the table.
+  """
+  if isinstance(grad, SparseGrad):
+    check_sparse_grad(grad, tuple(table.shape[1:]), name=name)
+    return rows.update(grad.indices, grad.row_grads, state, table)
+  if hasattr(grad, "shape") and tuple(grad.shape) == tuple(table.shape):
+    every = jnp.arange(table.shape[0], dtype=jnp.int32)
+    return rows.update(every, grad, state, table)
+  shape = getattr(grad, "shape", None)
+  got = type(grad).__name__ + ("" if shape is None else f" of shape {tuple(shape)}")
+  raise TypeError(
+    f"{name} must be a SparseGrad or an array of the table's shape "
+    f"{tuple(table.shape)}, got {got}"
+  )
