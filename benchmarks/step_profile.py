@@ -38,7 +38,7 @@ import optax
 
 import optax_sm3
 from benchmarks import _report
-from optax_sm3 import _accumulate, _cover
+from optax_sm3 import _accumulate, _blocks, _cover
 
 
 def _timer(fn, args, donate, steps):
@@ -74,7 +74,7 @@ def components(rows: int, cols: int, learning_rate: float = 1e-3):
   one = jnp.ones([], jnp.float32)
 
   def update_pass(p, g, r, c):
-    nu = _accumulate.estimate(g, (r, c), shapes, one, one)
+    nu = _blocks.estimate(g, (r, c), shapes, one, one)
     return p - learning_rate * _accumulate.scaled_update(g, nu, jnp.float32(1e-8))
 
   def accumulator_pass(block_size):
@@ -92,7 +92,7 @@ def components(rows: int, cols: int, learning_rate: float = 1e-3):
 
   def one_reduction(axis):
     def fn(g, r, c):
-      return jnp.max(_accumulate.estimate(g, (r, c), shapes, one, one), axis=axis)
+      return jnp.max(_blocks.estimate(g, (r, c), shapes, one, one), axis=axis)
 
     return fn
 

@@ -10,9 +10,6 @@ the parameter), the devices of one host sharing its block: each takes
 ``block_size // devices`` entries, and the maxima are combined across the
 devices that split the reduced axes.
 
-``cover_minimum``, ``estimate`` and ``finite_or_zero`` are ``_blocks``'s,
-named here too for the callers of this module.
-
 The update itself, ``g / sqrt(nu + eps)``, is left as one elementwise
 expression of the gradient and the *old* accumulators, which XLA fuses with
 whatever consumes it (momentum, ``optax.apply_updates``).
@@ -28,16 +25,12 @@ import jax
 import jax.numpy as jnp
 
 from optax_sm3 import _blocks, _cover, _partitioned
-from optax_sm3._blocks import cover_minimum, estimate, finite_or_zero
 
 __all__ = [
   "DEFAULT_BLOCK_SIZE",
   "DEFAULT_BLOCK_SIZE_16BIT",
   "MIN_LOOP_SIZE",
-  "cover_minimum",
   "default_block_size",
-  "estimate",
-  "finite_or_zero",
   "new_accumulators",
   "scaled_update",
 ]

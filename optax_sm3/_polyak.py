@@ -166,7 +166,10 @@ def polyak_averaging(
 
 
 def _weights(
-  decay: Any, count: jax.Array, debias: bool, dtype: Any
+  decay: jax.typing.ArrayLike,
+  count: jax.Array,
+  debias: bool,
+  dtype: jax.typing.DTypeLike,
 ) -> tuple[jax.Array, jax.Array]:
   """``(1 - eta_t, eta_t)`` for step ``count`` (>= 1) as scalars of ``dtype``."""
   decay, one_minus_decay = _validation.complement(decay, dtype)

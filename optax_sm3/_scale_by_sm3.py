@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_sm3 import _accumulate, _boxes, _cover, _tree, _validation
+from optax_sm3 import _accumulate, _blocks, _boxes, _cover, _tree, _validation
 
 _VARIANTS = ("II", "I")
 _PARAMETERS = (
@@ -124,7 +124,9 @@ def _check_shapes(path, g, accumulators, cover: _cover.Cover) -> None:
     )
 
 
-def coefficients(beta: Any, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+def coefficients(
+  beta: jax.typing.ArrayLike, dtype: jax.typing.DTypeLike
+) -> tuple[jax.Array, jax.Array]:
   """``(c_old, c_new)`` with ``nu = c_old * old + c_new * g**2``.
 
   ``beta == 0`` is the sum (``1, 1``), ``0 < beta < 1`` the moving average
@@ -160,9 +162,9 @@ def _precondition(
   # the minimum of the new ones.
   shapes = [cover.broadcast_shape(group) for group in cover.groups]
   if variant == "II":
-    nu = _accumulate.estimate(g, accumulators, shapes, c_old, c_new)
+    nu = _blocks.estimate(g, accumulators, shapes, c_old, c_new)
   else:
-    nu = jnp.broadcast_to(_accumulate.cover_minimum(new, shapes), g.shape)
+    nu = jnp.broadcast_to(_blocks.cover_minimum(new, shapes), g.shape)
   if correction is not None:
     nu = nu * correction
   return _accumulate.scaled_update(g, nu, eps), new

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +13,7 @@ import optax
 from optax_sm3 import _validation
 
 
-def _total_steps(value: Any) -> int | jax.Array:
+def _total_steps(value: jax.typing.ArrayLike) -> int | jax.Array:
   """``total_steps`` checked: a Python int, or an integer JAX array (traced)."""
   if isinstance(value, (jax.Array, np.ndarray)) and not isinstance(
     value, (bool, np.bool_)
@@ -32,7 +31,9 @@ def _total_steps(value: Any) -> int | jax.Array:
   return value
 
 
-def _length(fraction: Any, total_steps: int | jax.Array) -> float | jax.Array:
+def _length(
+  fraction: jax.typing.ArrayLike, total_steps: int | jax.Array
+) -> float | jax.Array:
   """``ceil(fraction * total_steps)``: in Python for Python numbers, else in
   float32 (the same for a concrete array as for a tracer)."""
   if isinstance(fraction, (numbers.Real, np.generic)) and isinstance(total_steps, int):

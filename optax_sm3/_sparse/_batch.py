@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from optax_sm3 import _accumulate, _cover, _scale_by_sm3, _validation
+from optax_sm3 import _accumulate, _blocks, _cover, _scale_by_sm3, _validation
 
 
 def _unique(indices: jax.Array, fill: int) -> tuple[jax.Array, jax.Array]:
@@ -77,15 +77,13 @@ def sm3_rows(
   cover = _cover.make_cover(grads.shape)
   local = (row_acc, *accumulators[1:])
   shapes = [cover.broadcast_shape(group) for group in cover.groups]
-  nu = _accumulate.estimate(grads, local, shapes, c_old, c_new)
+  nu = _blocks.estimate(grads, local, shapes, c_old, c_new)
   updates = _accumulate.scaled_update(grads, nu, eps)
 
   mask_shape = (k,) + (1,) * (grads.ndim - 1)
   # Non-finite gradient entries count as 0 in the accumulators, as in the
-  # dense path (see _accumulate.finite_or_zero).
-  nu_acc = _accumulate.estimate(
-    _accumulate.finite_or_zero(grads), local, shapes, c_old, c_new
-  )
+  # dense path (see _blocks.finite_or_zero).
+  nu_acc = _blocks.estimate(_blocks.finite_or_zero(grads), local, shapes, c_old, c_new)
   nu_valid = jnp.where(valid.reshape(mask_shape), nu_acc, -jnp.inf)
   # Rows outside the batch see a zero gradient: their accumulator is
   # c_old * max_j min(r_i, c_j) = c_old * r_i, as max_j c_j = max_i r_i >= r_i.
