@@ -18,9 +18,11 @@ error-rate ratio minus 1 (error = 1 - accuracy) for the classifier, so a
 positive gap is worse than Adam.
 
 Every SM3 run also keeps a Polyak average of the parameters
-(:func:`optax_sm3.polyak_averaging`, decay 0.99, bfloat16) and is scored with
+(:func:`optax_sm3.polyak_averaging`, decay 0.95, float32) and is scored with
 it too: ``+polyak`` candidates reuse the runs, and their state counts the
-average.
+average. (In bfloat16, or at decay 0.99, the average scored worse than the
+last parameters on the character transformer's validation split: 2.227 and
+2.150 against 2.164 with a constant rate, where 0.95 in float32 gave 2.106.)
 
 Usage (from the repository root)::
 
@@ -54,7 +56,7 @@ from benchmarks import _optimizers, _runner, _workloads, recipes
 
 WORKLOADS = ("shakespeare-char", "code-char", "wiki-word", "cmudict-syllables")
 BUDGETS = (0.03, 0.30)  # optimizer state / Adam's
-POLYAK_DECAY = 0.99
+POLYAK_DECAY = 0.95
 SEEDS = 3
 
 
@@ -195,7 +197,7 @@ class Study:
       self._trainers.clear()  # one compiled loop at a time
       polyak = None
       if candidate.family == "sm3":
-        polyak = optax_sm3.polyak_averaging(POLYAK_DECAY, average_dtype=jnp.bfloat16)
+        polyak = optax_sm3.polyak_averaging(POLYAK_DECAY)
       optimizer = _optimizers.Optimizer(candidate.name, candidate.make, ())
       self._trainers[key] = _runner.Trainer(
         self.workload(name), optimizer, steps, polyak=polyak
