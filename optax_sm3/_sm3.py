@@ -20,6 +20,7 @@ def sm3(
   beta: jax.typing.ArrayLike = 0.0,
   eps: jax.typing.ArrayLike = 1e-8,
   *,
+  bias_correction: bool = False,
   nesterov: bool = False,
   mu_dtype: jax.typing.DTypeLike | None = None,
   weight_decay: jax.typing.ArrayLike | None = 0.0,
@@ -79,6 +80,8 @@ def sm3(
     beta: second-moment decay in ``[0, 1)`` (``0``: sums, the paper's
       default); see :func:`optax_sm3.scale_by_sm3`.
     eps: ``>= 0``, added under the square root.
+    bias_correction: correct the ``beta`` average for starting at zero, as
+      Adam does (see :func:`optax_sm3.scale_by_sm3`); a Python bool.
     nesterov: Nesterov momentum.
     mu_dtype: dtype of the momentum buffer (``jnp.bfloat16`` halves it);
       ``None`` keeps the parameters' dtype.
@@ -163,6 +166,7 @@ def sm3(
     *([decay] if weight_decay_mode == "coupled" else []),
     _scale_by_sm3.scale_by_sm3(
       beta=beta,
+      bias_correction=bias_correction,
       eps=eps,
       variant=variant,
       accumulator_dtype=accumulator_dtype,

@@ -176,10 +176,10 @@ def test_optax_schedule_is_traceable_in_make():
   )
 
 
-def test_library_recipe_is_the_search_config():
-  """``optax_sm3.sm3_recipe`` and the search's ``LIBRARY_RECIPE`` agree exactly."""
-  ours = recipes.make(recipes.LIBRARY_RECIPE)(3e-3, 50)
-  library = optax_sm3.sm3_recipe(3e-3, 50)
+def test_search_recipe_is_the_library_recipe_at_beta_0_9():
+  """The search's ``SEARCH_RECIPE`` is ``sm3_recipe`` at beta 0.9, uncorrected."""
+  ours = recipes.make(recipes.SEARCH_RECIPE)(3e-3, 50)
+  library = optax_sm3.sm3_recipe(3e-3, 50, beta=0.9, bias_correction=False)
   grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), PARAMS)
   a, b = ours.init(PARAMS), library.init(PARAMS)
   for _ in range(4):
@@ -188,7 +188,7 @@ def test_library_recipe_is_the_search_config():
     for x, y in zip(jax.tree.leaves(ua), jax.tree.leaves(ub), strict=True):
       np.testing.assert_array_equal(x, y)
   assert (
-    recipes.LIBRARY_RECIPE.label() == "sm3 cooldown w=0.02 d=0.1 beta=0.9 merge<=2048"
+    recipes.SEARCH_RECIPE.label() == "sm3 cooldown w=0.02 d=0.1 beta=0.9 merge<=2048"
   )
 
 

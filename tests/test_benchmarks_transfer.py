@@ -189,7 +189,7 @@ def test_study_end_to_end_on_fake_runs():
   text = transfer.markdown(report)
   for r in results:
     assert f"| {r['workload']} | {r['chosen']} |" in text
-  assert text.count("| lm | 100 |") == 2 and text.count("| lm | 500 |") == 2
-  # At 5x: two rates on validation, then 3 seeds on test, for each of the two.
+  assert text.count("| lm | 100 |") == 3 and text.count("| lm | 500 |") == 3
+  # At 5x: two rates on validation, then 3 seeds on test, for each of the three.
   long_runs = [k for k in study.record["runs"] if k[2] == 5.0]
-  assert len(long_runs) == 2 * (2 + transfer.SEEDS)
+  assert len(long_runs) == 3 * (2 + transfer.SEEDS)

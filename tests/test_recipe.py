@@ -38,7 +38,9 @@ def test_equals_the_spelled_out_chain():
   schedule = optax_sm3.warmup_schedule(
     3e-3, steps, warmup_fraction=0.02, decay_fraction=0.1
   )
-  explicit = optax_sm3.sm3(schedule, momentum=0.0, beta=0.9, merge_axes_up_to=2048)
+  explicit = optax_sm3.sm3(
+    schedule, momentum=0.0, beta=0.99, bias_correction=True, merge_axes_up_to=2048
+  )
   ours, state = _train(optax_sm3.sm3_recipe(3e-3, steps), steps)
   theirs, _ = _train(explicit, steps)
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
@@ -59,11 +61,12 @@ def test_schedule_warms_up_holds_and_cools_down():
   for _ in range(steps):
     updates, state = opt.update({"w": jnp.ones((2, 2))}, state, params)
     sizes.append(float(jnp.abs(updates["w"]).max()))
-  # A constant gradient of 1 gives nu = 1 - 0.9**t after t steps (no bias
-  # correction), so |u| = rate(t) / sqrt(1 - 0.9**t): 2 warm-up steps
-  # (quadratic), constant, then the linear cool-down over the last 10.
+  # A constant gradient of 1 gives nu = 1 - 0.99**t after t steps, which the
+  # bias correction divides by 1 - 0.99**t, so |u| = rate(t) / sqrt(1 + eps):
+  # 2 warm-up steps (quadratic), constant, then the linear cool-down over the
+  # last 10.
   rate = [min(1.0, (t / 2) ** 2, (steps - t) / 10) for t in range(steps)]
-  expected = [r / np.sqrt(1 - 0.9 ** (t + 1) + 1e-8) for t, r in enumerate(rate)]
+  expected = [r / np.sqrt(1 + 1e-8) for r in rate]
   np.testing.assert_allclose(sizes, expected, rtol=2e-5)
   assert sizes[0] == 0.0 and sizes[95] == pytest.approx(0.5, rel=1e-4)
 
