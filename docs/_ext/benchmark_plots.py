@@ -91,6 +91,36 @@ def _loss_curves(data, out):
   plt.close(fig)
 
 
+def _transfer(data, out):
+  """Training loss of each held-out workload's chosen SM3 and tuned Adam."""
+  runs = data["leave_one_out"]
+  names = data["workloads"]
+  fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), dpi=120)
+  for ax, name in zip(axes, names, strict=True):
+    curves, budgets = {}, {}
+    for r in runs:
+      if r["workload"] != name:
+        continue
+      budgets.setdefault(r["chosen"], []).append(f"{r['budget']:.0%}")
+      curves[r["chosen"]] = r["sm3"]["losses"]
+      curves[f"tuned Adam: {r['adam']}"] = r["adam_test"]["losses"]
+    curves = {
+      f"SM3 ({', '.join(budgets[k])} budget): {k}" if k in budgets else k: v
+      for k, v in curves.items()
+    }
+    for label, losses in curves.items():
+      steps = [(i + 1) * 100 / len(losses) for i in range(len(losses))]
+      ax.plot(steps, losses, marker="o", ms=3, label=label)
+    ax.set_title(name, fontsize=9)
+    ax.set_xlabel("% of training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+  axes[0].set_ylabel("training loss (mean per chunk, seed 0)")
+  fig.tight_layout()
+  fig.savefig(out / "transfer_loss_curves.png")
+  plt.close(fig)
+
+
 def draw(app):
   if app.builder.format != "html":
     return
@@ -101,6 +131,7 @@ def draw(app):
   _movielens(data, out)
   _step_time(data, out)
   _loss_curves(data, out)
+  _transfer(json.loads((src / "_data" / "transfer.json").read_text()), out)
 
 
 def setup(app):
