@@ -269,13 +269,13 @@ def _language_model(
   name: str,
   data: dict,
   *,
-  dim: int,
-  layers: int,
-  heads: int,
-  batch_size: int,
-  length: int,
-  tied: bool,
-  steps: int,
+  dim: int = 64,
+  layers: int = 2,
+  heads: int = 4,
+  batch_size: int = 32,
+  length: int = 32,
+  tied: bool = False,
+  steps: int = 400,
 ) -> Workload:
   """A causal transformer LM on ``data``'s windows; metric held-out cross-entropy.
 
@@ -312,51 +312,23 @@ def _language_model(
   )  # fmt: skip
 
 
-def shakespeare_char(
-  dim: int = 64,
-  layers: int = 2,
-  heads: int = 4,
-  batch_size: int = 32,
-  length: int = 32,
-  steps: int = 400,
-) -> Workload:
-  """A small character-level transformer; metric held-out cross-entropy."""
-  return _language_model(
-    "shakespeare-char", _data.load_shakespeare("char"), dim=dim, layers=layers,
-    heads=heads, batch_size=batch_size, length=length, tied=False, steps=steps,
-  )  # fmt: skip
+def shakespeare_char(**sizes) -> Workload:
+  """A small character-level transformer; metric held-out cross-entropy.
+
+  ``sizes``: :func:`_language_model`'s model and batch sizes.
+  """
+  return _language_model("shakespeare-char", _data.load_shakespeare("char"), **sizes)
 
 
-def code_char(
-  dim: int = 64,
-  layers: int = 2,
-  heads: int = 4,
-  batch_size: int = 32,
-  length: int = 32,
-  steps: int = 400,
-) -> Workload:
+def code_char(**sizes) -> Workload:
   """A character-level transformer on SymPy's source; held-out cross-entropy."""
-  return _language_model(
-    "code-char", _data.load_code(), dim=dim, layers=layers, heads=heads,
-    batch_size=batch_size, length=length, tied=False, steps=steps,
-  )  # fmt: skip
+  return _language_model("code-char", _data.load_code(), **sizes)
 
 
-def wiki_word(
-  dim: int = 64,
-  layers: int = 2,
-  heads: int = 4,
-  batch_size: int = 16,
-  length: int = 32,
-  vocab_size: int = 2048,
-  steps: int = 400,
-) -> Workload:
+def wiki_word(vocab_size: int = 2048, **sizes) -> Workload:
   """A word-level transformer on Wikipedia with tied input/output embeddings."""
-  return _language_model(
-    "wiki-word", _data.load_wikipedia(vocab_size=vocab_size), dim=dim,
-    layers=layers, heads=heads, batch_size=batch_size, length=length,
-    tied=True, steps=steps,
-  )  # fmt: skip
+  data = _data.load_wikipedia(vocab_size=vocab_size)
+  return _language_model("wiki-word", data, tied=True, **{"batch_size": 16} | sizes)
 
 
 # CMU dictionary: a bidirectional encoder counts a word's syllables.
