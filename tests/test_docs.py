@@ -175,9 +175,38 @@ def test_built_site_uses_local_mathjax_and_plots():
   for image in images:
     assert (SITE / "guides" / image).resolve().stat().st_size > 10_000
   transformers = (SITE / "guides" / "transformers.html").read_text()
-  (image,) = re.findall(r'<img[^>]*src="([^"]+\.png)"', transformers)
-  assert image.endswith("transformer_loss_curves.png"), image
-  assert (SITE / "guides" / image).resolve().stat().st_size > 10_000
+  images = re.findall(r'<img[^>]*src="([^"]+\.png)"', transformers)
+  assert [i.rpartition("/")[2] for i in images] == [
+    "transfer_loss_curves.png",
+    "transformer_loss_curves.png",
+  ]
+  for image in images:
+    assert (SITE / "guides" / image).resolve().stat().st_size > 10_000
+
+
+def test_transfer_tables_are_the_committed_results():
+  """The leave-one-out rows of the README and the guide are docs/_data/transfer.json's."""
+  data = json.loads((DOCS / "_data" / "transfer.json").read_text())
+  readme = (DOCS.parent / "README.md").read_text()
+  guide = (DOCS / "guides" / "transformers.md").read_text()
+  rows = [r for r in data["leave_one_out"] if r["budget"] == 0.03]
+  assert {r["workload"] for r in rows} == set(data["workloads"])
+  for r in rows:
+    fmt = "{:.2%}" if "accuracy" in r["metric"] else "{:.4f}"
+    cells = [
+      f"{fmt.format(r['sm3']['mean'])} ± {fmt.format(r['sm3']['std'])}",
+      f"{fmt.format(r['adam_test']['mean'])} ± {fmt.format(r['adam_test']['std'])}",
+      f"{r['gap']:+.2%}",
+      f"{r['memory']:.1%}",
+    ]
+    for text in (readme, guide):
+      (row,) = [
+        line
+        for line in text.splitlines()
+        if line.startswith(f"| {r['workload']} | {r['chosen']} |")
+      ]
+      for cell in cells:
+        assert f"| {cell} |" in row, (r["workload"], cell, row)
 
 
 @built
