@@ -74,6 +74,7 @@ HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-dev}" "$venv/bin/python" -m pytest -n 
   --ignore=tests/test_brainstate.py \
   --ignore=tests/test_benchmarks.py \
   --ignore=tests/test_benchmarks_recipes.py \
+  --ignore=tests/test_benchmarks_workloads.py \
   --ignore=tests/test_checkpoint.py \
   --ignore=tests/test_examples_flax.py \
   --ignore=tests/test_flax.py \

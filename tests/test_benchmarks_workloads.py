@@ -16,7 +16,15 @@ _TINY = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("name", _workloads.TRANSFER_NAMES)
+# One workload by default (the tied one); the others (the same transformer on
+# other data) with --slow.
+@pytest.mark.parametrize(
+  "name",
+  [
+    n if n == "wiki-word" else pytest.param(n, marks=pytest.mark.slow)
+    for n in _workloads.TRANSFER_NAMES
+  ],
+)
 def test_transfer_workload_trains_and_scores(name):
   workload = _workloads.build(name, **_TINY[name])
   params = workload.init(jax.random.key(0))
