@@ -184,12 +184,12 @@ class Study:
   save: Callable[[], None]
   progress: Callable[[str], None]
   _trainers: dict = dataclasses.field(default_factory=dict)
-  _workloads: dict = dataclasses.field(default_factory=dict)
+  _built: dict = dataclasses.field(default_factory=dict)
 
   def workload(self, name: str) -> _workloads.Workload:
-    if name not in self._workloads:
-      self._workloads[name] = _workloads.build(name)
-    return self._workloads[name]
+    if name not in self._built:
+      self._built[name] = _workloads.build(name)
+    return self._built[name]
 
   def steps(self, name: str, factor: float = 1.0) -> int:
     return max(2, round(self.workload(name).steps * self.steps_scale * factor))
@@ -225,23 +225,15 @@ class Study:
 
   def tune(self, name: str, candidate: Candidate, factor: float = 1.0) -> dict:
     """Validation metric by rate (seed 0), the grid followed past a best edge."""
-    workload = self.workload(name)
-    sign = -1.0 if workload.higher_is_better else 1.0
+    higher = self.workload(name).higher_is_better
     rates = list(candidate.grid(self.grid_size))
     metrics = {}
     for _ in range(self.extend + 1):
       for lr in rates:
         if lr not in metrics:
           metrics[lr] = self.run(name, candidate, lr, 0, "tune", factor)
-      scored = {
-        lr: sign * m["metric"]
-        for lr, m in metrics.items()
-        if m["metric"] == m["metric"]
-      }
-      if not scored:
-        break
-      best = min(scored, key=scored.get)
-      if min(metrics) < best < max(metrics):
+      metric, best = _score(metrics, False, higher)
+      if metric != metric or min(metrics) < best < max(metrics):
         break
       rates = [best * 2 if best == max(metrics) else best / 2]
     return metrics
@@ -443,22 +435,6 @@ def markdown(report: dict) -> str:
   return "\n".join(lines)
 
 
-def summary(report: dict) -> dict:
-  """The figures the docs quote and plot (``docs/_data/transfer.json``).
-
-  Everything of ``report`` but the per-run records: the tables, and the
-  training-loss curve (seed 0, mean loss per chunk) of each test run.
-  """
-  loo = [
-    {k: v for k, v in r.items() if k not in ("sm3", "adam_test")}
-    | {side: r[side] for side in ("sm3", "adam_test")}
-    for r in report["leave_one_out"]
-  ]
-  return {k: v for k, v in report.items() if k != "leave_one_out"} | {
-    "leave_one_out": loo
-  }
-
-
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
     prog="python -m benchmarks.transfer", description=__doc__.split("\n")[0]
@@ -514,7 +490,8 @@ def main(argv=None) -> dict:
   save()
   text = markdown(report)
   (args.out / "transfer.md").write_text(text + "\n")
-  (args.out / "summary.json").write_text(json.dumps(summary(report), indent=1) + "\n")
+  # The report without the per-run records: what the docs quote and plot.
+  (args.out / "summary.json").write_text(json.dumps(report, indent=1) + "\n")
   print(text)
   return report
 

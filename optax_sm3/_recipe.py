@@ -53,8 +53,8 @@ def sm3_recipe(
   counting syllables) and picks, on the other three validation splits, the
   setting whose worst gap to a tuned Adam is smallest: this one, in every
   fold. The documentation's transformer guide has the tables. Use rates on
-  Adam's scale (``beta > 0`` normalises like RMSProp): the benchmarks pick
-  from 2e-3 to 1.6e-2.
+  Adam's scale (``beta > 0`` normalises like RMSProp): the benchmarks'
+  validation splits picked 3e-3 to 1e-2.
 
   Under :func:`optax.inject_hyperparams` every numeric argument may be
   injected (and traced under ``jax.jit``) except ``merge_axes_up_to``, which

@@ -329,6 +329,8 @@ def scale_by_sm3(
     Anil et al., `Memory-Efficient Adaptive Optimization
     <https://arxiv.org/abs/1901.11150>`_, 2019
   """
+  if not isinstance(bias_correction, bool):
+    raise TypeError(f"`bias_correction` must be a bool, got {bias_correction!r}")
   beta_schedule = beta if callable(beta) else None
   if beta_schedule is None:
     _validation.check_range("beta", beta, low=0.0, high=1.0, high_open=True)
@@ -337,8 +339,6 @@ def scale_by_sm3(
       "`bias_correction` needs a constant `beta`, got a schedule (a rising "
       "beta that starts at 0 has no bias to correct)"
     )
-  if not isinstance(bias_correction, bool):
-    raise TypeError(f"`bias_correction` must be a bool, got {bias_correction!r}")
   _validation.check_range("eps", eps, low=0.0)
   accumulator_dtype = _validation.float_dtype("accumulator_dtype", accumulator_dtype)
   if variant not in _VARIANTS:
