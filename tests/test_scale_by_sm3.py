@@ -102,7 +102,14 @@ def _rising(count):
 @hypothesis.given(data=st.data())
 @pytest.mark.parametrize("variant", ["II", "I"])
 @pytest.mark.parametrize(
-  "beta, bias_correction", [(0.99, True), (0.0, True), (_rising, False)]
+  "beta, bias_correction",
+  [
+    (0.99, True),
+    (0.0, True),
+    (_rising, False),
+    pytest.param(0.9, True, marks=pytest.mark.slow),
+    pytest.param(0.999, True, marks=pytest.mark.slow),
+  ],
 )
 def test_beta_levers_match_reference(data, variant, beta, bias_correction):
   shape = data.draw(shapes())
