@@ -7,7 +7,10 @@ decoupled weight decay, learning rate), step :math:`s` only does
 .. math::
 
   m_s = \mu m_{s-1}, \qquad
-  p_s = p_{s-1} - \eta_s (m_s + \lambda p_{s-1}).
+  p_s = p_{s-1} - \eta_s (\nu m_s + \lambda p_{s-1}),
+
+with :math:`\nu = 1`, or :math:`\nu = \mu` with Nesterov momentum (whose
+output is :math:`\mu m_s + (1 - \mu) u` with :math:`u = 0`).
 
 Composed over the steps :math:`a+1, \dots, n` this is linear with scalar
 coefficients that depend only on :math:`(a, n)`:
@@ -73,6 +76,7 @@ def advance(
   mu: jax.Array,
   eta: jax.Array,
   lam: jax.Array,
+  look_ahead: jax.Array | None = None,
 ) -> Coefficients:
   r"""Composes every slot with one zero-gradient step; resets ``new_count``'s.
 
@@ -82,6 +86,8 @@ def advance(
     mu: the momentum :math:`\mu` (0 without momentum).
     eta: this step's learning rate :math:`\eta`.
     lam: the decoupled weight decay :math:`\lambda`.
+    look_ahead: :math:`\nu`, the weight of the momentum in the step's
+      output (``mu`` with Nesterov momentum); ``None`` for 1.
 
   Returns:
     The ring mapping to step ``new_count``; the slot of ``new_count - W - 1``
@@ -89,10 +95,11 @@ def advance(
   """
   scale, decay, minus_one, weight = coefficients
   shrink = eta * lam
-  # p_n = (1 - eta lam) p_{n-1} - eta m_n, with p_{n-1} = D p_s - E m_s and
-  # m_n = mu M m_s.
+  # p_n = (1 - eta lam) p_{n-1} - eta nu m_n, with p_{n-1} = D p_s - E m_s
+  # and m_n = mu M m_s.
   scale = mu * scale
-  weight = weight - shrink * weight + eta * scale
+  step = eta if look_ahead is None else eta * look_ahead
+  weight = weight - shrink * weight + step * scale
   minus_one = minus_one - shrink * decay
   decay = decay - shrink * decay
   slot = new_count % scale.shape[0]

@@ -61,7 +61,7 @@ def _static_int(value: Any, name: str) -> int:
   return int(value)
 
 
-def _per_param(option: PerParam, tree: Any, name: str) -> Any:
+def per_param(option: PerParam, tree: Any, name: str) -> Any:
   """Broadcasts a per-parameter option to a tree with ``tree``'s structure."""
   if option is None:
     option = 0
@@ -139,7 +139,7 @@ def coefficients(
   return jnp.where(is_sum, one, beta), jnp.where(is_sum, one, one_minus_beta)
 
 
-def _precondition(
+def precondition(
   g: jax.Array,
   accumulators: tuple[jax.Array, ...],
   cover: _cover.Cover,
@@ -353,7 +353,7 @@ def scale_by_sm3(
       raise ValueError(f"`block_size` must be >= 0, got {block_size}")
 
   def covers(tree):
-    stacked = _per_param(stacked_axes, tree, "stacked_axes")
+    stacked = per_param(stacked_axes, tree, "stacked_axes")
     return jax.tree.map(
       lambda leaf, s: _cover.make_cover(
         np.shape(leaf),
@@ -406,7 +406,7 @@ def scale_by_sm3(
       correction = None
       if bias_correction:
         correction = bias_correction_factor(jnp.asarray(step_beta, dtype), count)
-      return _precondition(
+      return precondition(
         g,
         accumulators,
         cover,

@@ -401,7 +401,7 @@ def state_partition_specs(
 
     A sparse table's state (lazy: with momentum):
 
-    >>> rows = optax_sm3.sparse_rows(0.1, momentum=0.9)
+    >>> rows = optax_sm3.sparse_rows(optax_sm3.sm3(0.1, momentum=0.9))
     >>> state = optax_sm3.state_partition_specs(
     ...     rows, params["emb"], P("model", None))
     >>> state.accumulators, state.momentum, state.last, state.count

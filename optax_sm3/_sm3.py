@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,91 @@ import optax
 from optax_sm3 import _momentum, _scale_by_sm3, _validation, _weight_decay
 
 _WEIGHT_DECAY_MODES = ("decoupled", "coupled")
+
+
+class SM3Stages(NamedTuple):
+  """The stages of :func:`sm3`'s chain, in order, as the chain holds them.
+
+  Attributes:
+    clip: the clipping stages (``optax.clip_by_global_norm``, then
+      ``optax.clip``), those that are in the chain.
+    coupled_decay: the weight-decay stage before SM3
+      (``weight_decay_mode="coupled"``), or ``None``.
+    preconditioner: the :func:`optax_sm3.scale_by_sm3` stage.
+    momentum: the :func:`optax_sm3.scale_by_momentum` stage.
+    decoupled_decay: the weight-decay stage after momentum (the default
+      mode), or ``None``.
+    rate: the ``optax.scale_by_learning_rate`` stage.
+  """
+
+  clip: tuple[optax.GradientTransformation, ...]
+  coupled_decay: optax.GradientTransformation | None
+  preconditioner: optax.GradientTransformation
+  momentum: optax.GradientTransformation
+  decoupled_decay: optax.GradientTransformation | None
+  rate: optax.GradientTransformation
+
+  def chain(self) -> list[optax.GradientTransformation]:
+    """The stages in chain order, ``None``s left out."""
+    return [
+      *self.clip,
+      *([self.coupled_decay] if self.coupled_decay is not None else []),
+      self.preconditioner,
+      self.momentum,
+      *([self.decoupled_decay] if self.decoupled_decay is not None else []),
+      self.rate,
+    ]
+
+
+class SM3Spec(NamedTuple):
+  """What an optimizer made by :func:`sm3` is: its arguments and its stages.
+
+  The fields are :func:`sm3`'s arguments, by name, as it was called (after
+  its checks), and ``stages``, the :class:`SM3Stages` its chain is built
+  from. The row-sparse path (:func:`optax_sm3.sparse_rows` and the front ends
+  built on it) reads an optimizer's spec with :func:`spec_of` and derives its
+  step from it, so the two paths share one source.
+  """
+
+  learning_rate: optax.ScalarOrSchedule
+  momentum: jax.typing.ArrayLike | None
+  beta: jax.typing.ArrayLike | Callable[[jax.Array], jax.Array]
+  eps: jax.typing.ArrayLike
+  bias_correction: bool
+  nesterov: bool
+  mu_dtype: jax.typing.DTypeLike | None
+  weight_decay: jax.typing.ArrayLike | None
+  weight_decay_mode: str
+  weight_decay_mask: Any
+  grad_clip_norm: jax.typing.ArrayLike | None
+  grad_clip_value: jax.typing.ArrayLike | None
+  variant: str
+  accumulator_dtype: jax.typing.DTypeLike | None
+  stacked_axes: Any
+  merge_axes_up_to: int | None
+  skip_unit_axes: bool
+  block_size: int | None
+  stages: SM3Stages
+
+
+# Each optimizer sm3 made, by its `update` function: the chain's own function
+# object travels with every copy of the transformation (a pytree round trip,
+# `_replace`), and a weak key drops the entry with the optimizer.
+_SPECS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def spec_of(tx: Any) -> SM3Spec | None:
+  """The :class:`SM3Spec` of an optimizer made by :func:`sm3`, else ``None``.
+
+  :func:`optax_sm3.sm3_recipe` returns :func:`sm3`'s optimizer, so it has
+  one; a transformation wrapped by anything else (``optax.chain``,
+  ``optax.inject_hyperparams``) does not.
+  """
+  update = getattr(tx, "update", None)
+  try:
+    return _SPECS.get(update)
+  except TypeError:  # not weak-referenceable, so not one of ours
+    return None
 
 
 def sm3(
@@ -160,11 +246,13 @@ def sm3(
       _validation.check_range(name, bound, low=0.0, low_open=True)
 
   decay = _weight_decay.add_decayed_weights(weight_decay, weight_decay_mask)
-  return optax.chain(
-    *([] if grad_clip_norm is None else [optax.clip_by_global_norm(grad_clip_norm)]),
-    *([] if grad_clip_value is None else [optax.clip(grad_clip_value)]),
-    *([decay] if weight_decay_mode == "coupled" else []),
-    _scale_by_sm3.scale_by_sm3(
+  stages = SM3Stages(
+    clip=(
+      *([] if grad_clip_norm is None else [optax.clip_by_global_norm(grad_clip_norm)]),
+      *([] if grad_clip_value is None else [optax.clip(grad_clip_value)]),
+    ),
+    coupled_decay=decay if weight_decay_mode == "coupled" else None,
+    preconditioner=_scale_by_sm3.scale_by_sm3(
       beta=beta,
       bias_correction=bias_correction,
       eps=eps,
@@ -175,10 +263,35 @@ def sm3(
       skip_unit_axes=skip_unit_axes,
       block_size=block_size,
     ),
-    _momentum.scale_by_momentum(momentum, nesterov=nesterov, mu_dtype=mu_dtype),
-    *([decay] if weight_decay_mode == "decoupled" else []),
-    optax.scale_by_learning_rate(learning_rate),
+    momentum=_momentum.scale_by_momentum(
+      momentum, nesterov=nesterov, mu_dtype=mu_dtype
+    ),
+    decoupled_decay=decay if weight_decay_mode == "decoupled" else None,
+    rate=optax.scale_by_learning_rate(learning_rate),
   )
+  tx = optax.chain(*stages.chain())
+  _SPECS[tx.update] = SM3Spec(
+    learning_rate=learning_rate,
+    momentum=momentum,
+    beta=beta,
+    eps=eps,
+    bias_correction=bias_correction,
+    nesterov=nesterov,
+    mu_dtype=mu_dtype,
+    weight_decay=weight_decay,
+    weight_decay_mode=weight_decay_mode,
+    weight_decay_mask=weight_decay_mask,
+    grad_clip_norm=grad_clip_norm,
+    grad_clip_value=grad_clip_value,
+    variant=variant,
+    accumulator_dtype=accumulator_dtype,
+    stacked_axes=stacked_axes,
+    merge_axes_up_to=merge_axes_up_to,
+    skip_unit_axes=skip_unit_axes,
+    block_size=block_size,
+    stages=stages,
+  )
+  return tx
 
 
 def sm3_with_weight_decay_stage(

@@ -358,7 +358,7 @@ def sparse_multi_steps(opt: SparseTables, every_k_schedule: int) -> SparseMultiS
   ``every_k_schedule``-th steps ``opt`` with their mean, as
   ``optax.MultiSteps(inner, every_k_schedule)`` does (and, as it, leaves the
   parameters unchanged on the other calls). With ``opt =
-  sparse_tables(tx, learning_rate, ..., tables=mask)`` the result equals,
+  sparse_tables(tx, table_tx, tables=mask)`` the result equals,
   to float rounding, ``optax.MultiSteps`` over the dense optimizer
   (``sm3(learning_rate, ...)`` on the tables, ``tx`` on the rest) fed the
   dense gradients. The tables' gradients are kept as rows, never as
@@ -386,7 +386,8 @@ def sparse_multi_steps(opt: SparseTables, every_k_schedule: int) -> SparseMultiS
     >>> import optax_sm3
     >>> params = {"table": jnp.ones((100, 2)), "w": jnp.asarray(2.0)}
     >>> tables = optax_sm3.sparse_tables(
-    ...   optax.sgd(0.1), learning_rate=0.1, tables={"table": True, "w": False}
+    ...   optax.sgd(0.1), optax_sm3.sm3(0.1, momentum=0.0),
+    ...   tables={"table": True, "w": False},
     ... )
     >>> opt = optax_sm3.sparse_multi_steps(tables, every_k_schedule=2)
     >>> def loss(params, ids):

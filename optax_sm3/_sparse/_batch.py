@@ -1,31 +1,54 @@
-"""SM3-II on a batch of a table's rows, exactly as on the whole table.
+"""A table's gradient as its distinct rows, and SM3 on those rows alone.
 
 The gradient of ``table[ids]`` is a table-sized array that is zero outside
-the ``k`` rows in the batch. For SM3-II with the per-axis cover the step
-can be taken exactly in ``O(k * D + V)``:
+the ``k`` rows in the batch. :func:`rows_of` and :func:`every_row` hold it
+as the batch's distinct rows and their summed gradients (a
+:class:`RowBatch`); :func:`sm3_rows` takes the SM3 step of any cover on
+them, exactly as on the whole table, in ``O(k * D + V)``:
 
-* every accumulator is a maximum of the same ``nu``, so after each step
-  ``max_i r_i = max_j c_j`` (row accumulators ``r``, column accumulators
-  ``c``); hence for a row ``i`` outside the batch,
-  ``max_j min(r_i, c_j) = r_i``: its accumulator is unchanged (scaled by
-  ``beta`` for ``beta > 0``), and its update is zero;
-* a column accumulator becomes the larger of the maximum of ``nu`` over the
-  batch's rows and ``beta * min(R, c_j)`` (``1 * ...`` for ``beta = 0``),
-  with ``R`` the largest accumulator of the rows outside the batch.
+* every accumulator of a cover is a maximum of the previous step's ``nu``
+  over its slice, so for a slice whose gradient is zero, ``max over the
+  slice of min_T a_T`` is the slice's own accumulator ``a_S`` (the entry
+  where ``nu`` was largest has every ``a_T >= a_S``). Hence a group that
+  indexes the rows (the row axis is in it, or is a stacked axis) keeps
+  ``c_old * a_S`` at every row outside the batch, and its rows in the batch
+  take the maximum of their own ``nu``;
+* a group that does not index the rows takes the larger of the maximum of
+  the batch's ``nu`` and ``c_old * a_S`` (the rows outside the batch
+  contribute exactly that, and a row in the batch has ``nu >= c_old *
+  min_T a_T``). For SM3-I, ``c_old * a_S + c_new * max g**2`` over the batch
+  alone, as the other rows' ``g**2`` is 0.
 
-Both identities hold in floating point bit for bit (minimum and maximum are
-exact, and rounding a product by a non-negative constant is monotone), so
-the result is the dense one, not an approximation of it.
+Both hold in floating point bit for bit (minimum and maximum are exact, and
+rounding a product by a non-negative constant is monotone), so the result
+is the dense one, not an approximation of it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from optax_sm3 import _accumulate, _blocks, _cover, _scale_by_sm3, _validation
+from optax_sm3 import _cover, _scale_by_sm3, _validation
+from optax_sm3._sparse import _ids
+
+
+class RowBatch(NamedTuple):
+  """A table's gradient as its distinct rows.
+
+  Attributes:
+    unique: ``(k,)`` int32: the distinct rows in increasing order, then
+      padding slots numbered ``V`` (out of range: gathers with
+      ``mode="fill"`` fill them and scatters with ``mode="drop"`` drop them).
+    grads: ``(k, *table.shape[1:])`` in the table's dtype: each row's summed
+      gradient, zero in the padding slots.
+  """
+
+  unique: jax.Array
+  grads: jax.Array
 
 
 def _unique(indices: jax.Array, fill: int) -> tuple[jax.Array, jax.Array]:
@@ -49,58 +72,106 @@ def _unique(indices: jax.Array, fill: int) -> tuple[jax.Array, jax.Array]:
   return unique, inverse.astype(jnp.int32)
 
 
-def sm3_rows(
-  indices: jax.Array,
-  row_grads: jax.Array,
-  accumulators: tuple[jax.Array, ...],
-  beta: Any,
-  eps: Any,
-) -> tuple[jax.Array, jax.Array, tuple[jax.Array, ...]]:
-  """SM3-II on the batch's rows: ``(unique rows, their updates, new covers)``.
+def rows_of(indices: jax.Array, row_grads: jax.Array, table: Any) -> RowBatch:
+  """The batch of ``(indices, row_grads)``: repeated rows summed.
 
-  ``indices`` must already be in ``[0, V]`` (``V``: dropped). The ``k``
-  slots of the result hold the distinct rows in increasing order, then
-  padding rows numbered ``V`` (out of range, so gathers fill and scatters
-  drop them).
+  Indices outside ``[0, V)`` (possible only under ``jit``) are dropped, as
+  JAX's scatters drop them: their gradient adds to nothing.
   """
-  rows = accumulators[0].shape[0]
+  rows = table.shape[0]
+  indices = _ids.in_range(indices, rows)
   k = indices.shape[0]
-  dtype = accumulators[0].dtype
-  c_old, c_new = _scale_by_sm3.coefficients(beta, dtype)
-  # A fixed number k of slots keeps every shape static under jit.
   unique, inverse = _unique(indices, rows)
-  grads = jax.ops.segment_sum(row_grads, inverse, num_segments=k)
-  valid = unique < rows
-  row_acc = accumulators[0].at[unique].get(mode="fill", fill_value=0)
+  grads = jax.ops.segment_sum(row_grads.astype(table.dtype), inverse, num_segments=k)
+  valid = (unique < rows).reshape((k,) + (1,) * (grads.ndim - 1))
+  return RowBatch(unique, jnp.where(valid, grads, jnp.zeros([], grads.dtype)))
 
-  # The same cover as the dense parameter, on a table of k rows.
-  cover = _cover.make_cover(grads.shape)
-  local = (row_acc, *accumulators[1:])
-  shapes = [cover.broadcast_shape(group) for group in cover.groups]
-  nu = _blocks.estimate(grads, local, shapes, c_old, c_new)
-  updates = _accumulate.scaled_update(grads, nu, eps)
 
-  mask_shape = (k,) + (1,) * (grads.ndim - 1)
-  # Non-finite gradient entries count as 0 in the accumulators, as in the
-  # dense path (see _blocks.finite_or_zero).
-  nu_acc = _blocks.estimate(_blocks.finite_or_zero(grads), local, shapes, c_old, c_new)
-  nu_valid = jnp.where(valid.reshape(mask_shape), nu_acc, -jnp.inf)
-  # Rows outside the batch see a zero gradient: their accumulator is
-  # c_old * max_j min(r_i, c_j) = c_old * r_i, as max_j c_j = max_i r_i >= r_i.
-  new_rows = jnp.max(nu_valid, axis=cover.reduced_axes(cover.groups[0]))
-  # With beta == 0 (c_old == 1, exactly) the untouched rows stay as they are:
-  # no pass over all V row accumulators, only the scatter of the batch's rows.
-  kept = (
-    accumulators[0] if _validation.is_static_zero(beta) else c_old * accumulators[0]
+def every_row(grad: jax.Array, table: Any) -> RowBatch:
+  """A dense gradient as the batch of every row (no sort needed)."""
+  unique = jnp.arange(table.shape[0], dtype=jnp.int32)
+  return RowBatch(unique, jnp.asarray(grad).astype(table.dtype))
+
+
+def indexes_rows(cover: _cover.Cover, group: tuple[int, ...]) -> bool:
+  """Whether ``group``'s accumulator is indexed by the row axis (axis 0)."""
+  return cover.stacked > 0 or 0 in group
+
+
+class SM3Settings(NamedTuple):
+  """The preconditioner's arguments the row step reads (from the optimizer).
+
+  Attributes:
+    beta: a constant, or a schedule of the step count.
+    bias_correction: a bool.
+    eps: a constant.
+    variant: ``"II"`` or ``"I"``.
+  """
+
+  beta: Any
+  bias_correction: bool
+  eps: Any
+  variant: str
+
+
+def sm3_rows(
+  settings: SM3Settings,
+  cover: _cover.Cover,
+  batch: RowBatch,
+  accumulators: tuple[jax.Array, ...],
+  count: jax.Array,
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+  """SM3 on the batch's rows: ``(the rows' updates, the new accumulators)``.
+
+  Args:
+    settings: the preconditioner's arguments.
+    cover: the table's cover (as :func:`optax_sm3.scale_by_sm3` chose it).
+    batch: the rows and their gradients.
+    accumulators: the table's accumulators, one per group of ``cover``.
+    count: the step count before this step.
+
+  Returns:
+    The updates of the batch's rows (zero in padding slots) and the
+    table's accumulators after the step.
+  """
+  rows = cover.shape[0]
+  k = batch.unique.shape[0]
+  dtype = accumulators[0].dtype
+  beta = settings.beta(count) if callable(settings.beta) else settings.beta
+  c_old, c_new = _scale_by_sm3.coefficients(beta, dtype)
+  correction = None
+  if settings.bias_correction:
+    correction = _scale_by_sm3.bias_correction_factor(jnp.asarray(beta, dtype), count)
+  # The same cover on a table of the batch's k rows: the row-indexed
+  # accumulators gathered (padding rows read 0: their nu is 0, which no
+  # maximum keeps), the others whole.
+  local_cover = dataclasses.replace(cover, shape=(k, *cover.shape[1:]))
+  by_rows = [indexes_rows(cover, group) for group in cover.groups]
+  local = tuple(
+    a.at[batch.unique].get(mode="fill", fill_value=0) if r else a
+    for a, r in zip(accumulators, by_rows, strict=True)
   )
-  new = [kept.at[unique].set(new_rows, mode="drop")]
-  # The other covers need no pass over the table either. SM3 keeps
-  # max_i r_i = max nu = max_j c_j (for every cover, from the zero init on),
-  # so over *all* rows max_i c_old * min(r_i, c_j, ...) = c_old * c_j; and a
-  # row in the batch has nu_ij >= c_old * min(r_i, c_j, ...) (a non-negative
-  # term added, rounding is monotone), so taking the maximum with the batch's
-  # rows, the untouched rows contribute exactly c_old * c_j.
-  for group, column in zip(cover.groups[1:], accumulators[1:], strict=True):
-    in_batch = jnp.max(nu_valid, axis=cover.reduced_axes(group))
-    new.append(jnp.maximum(in_batch, c_old * column))
-  return unique, updates, tuple(new)
+  updates, new_local = _scale_by_sm3.precondition(
+    batch.grads,
+    local,
+    local_cover,
+    c_old,
+    c_new,
+    jnp.asarray(settings.eps, dtype),
+    settings.variant,
+    0,
+    correction,
+  )
+  summed = not callable(settings.beta) and _validation.is_static_zero(settings.beta)
+  new = []
+  for a, a_new, r in zip(accumulators, new_local, by_rows, strict=True):
+    if r:
+      # Rows outside the batch: c_old * a (with beta = 0 exactly, a itself:
+      # no pass over the V rows).
+      kept = a if summed else c_old * a
+      new.append(kept.at[batch.unique].set(a_new, mode="drop"))
+    elif settings.variant == "II":
+      new.append(jnp.maximum(a_new, c_old * a))
+    else:
+      new.append(a_new)  # c_old * a + c_new * max over the batch of g**2.
+  return updates, tuple(new)

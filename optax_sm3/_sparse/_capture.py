@@ -47,6 +47,7 @@ import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
 from jax.experimental.xla_metadata import set_xla_metadata
 
+from optax_sm3._sparse._ids import take_rows as plain_rows
 from optax_sm3._sparse._types import SparseGrad
 
 # jaxpr primitives that run their body more than once per evaluation, with
@@ -86,7 +87,7 @@ class Plan(NamedTuple):
   calls: tuple[Call, ...]
   found: tuple[Found, ...]
   tables: frozenset  # Leaves looked up (sparse or dense).
-  dense: frozenset  # Leaves also read other than by lookups.
+  dense: frozenset  # Leaves read other than by lookups (looked up or not).
 
 
 _LOCAL = threading.local()
@@ -267,10 +268,15 @@ class _Differentiating:
 
   def rows(self, table, ids, read_rows):
     number, found = self._next("rows", tuple(ids.shape))
+    if found.leaf in self.plan.dense:
+      # Differentiated as jax.grad would, from the table's value as given:
+      # whoever holds the table's optimizer state has made that value
+      # current (see routed_value_and_grad).
+      return plain_rows(table, ids)
     if found.leaf is not None and self.reader is not None:
       read_rows = self.reader(found.leaf) or read_rows
     if number not in self.slots:
-      return read_rows(table, ids)  # Differentiated as jax.grad would.
+      return read_rows(table, ids)
     perturbation, slot = self.slots[number]
     rows = read_rows(jax.lax.stop_gradient(table), ids)
     if found.size == math.prod(ids.shape):
@@ -285,6 +291,8 @@ class _Differentiating:
 
   def table(self, table, current):
     _, found = self._next("table", ())
+    if found.leaf in self.plan.dense:
+      return table  # Current already (see rows).
     if found.leaf is not None and self.syncer is not None:
       current = self.syncer(found.leaf) or current
     return current(table)
@@ -369,17 +377,54 @@ def _walk(
       _walk(sub, sub_env, inner, rules, found, nested=True)
 
 
-def _dense_leaves(closed, n_primals: int, n_outputs: int) -> set[int]:
-  """Primal positions whose tangent reaches an output tangent."""
-  from jax._src.interpreters import partial_eval as pe
+def _live_inputs(jaxpr, live_outputs: list[bool]) -> list[bool]:
+  """Which of ``jaxpr``'s inputs the live outputs depend on (backward liveness).
 
+  A call whose body has the equation's operands and results one for one
+  (``jit``, ``checkpoint``, ``closed_call``, ...) and ``cond`` are followed
+  into; any other equation with a live result keeps all its operands live,
+  which can only make a table dense, never drop a gradient.
+  """
+  live = {
+    v
+    for v, used in zip(jaxpr.outvars, live_outputs, strict=True)
+    if used and isinstance(v, jex.Var)
+  }
+  for eqn in reversed(jaxpr.eqns):
+    outs = [v in live for v in eqn.outvars]
+    if not any(outs):
+      continue
+    subs = _subjaxprs(eqn)
+    if eqn.primitive.name == "cond":
+      used = [False] * (len(eqn.invars) - 1)
+      for branch in subs:
+        used = [u or b for u, b in zip(used, _live_inputs(branch, outs), strict=True)]
+      used = [True, *used]  # The branch index.
+    elif (
+      len(subs) == 1
+      and len(subs[0].invars) == len(eqn.invars)
+      and len(subs[0].outvars) == len(eqn.outvars)
+    ):
+      used = _live_inputs(subs[0], outs)
+    else:
+      used = [True] * len(eqn.invars)
+    live.update(
+      v for v, u in zip(eqn.invars, used, strict=True) if u and isinstance(v, jex.Var)
+    )
+  return [v in live for v in jaxpr.invars]
+
+
+def _dense_leaves(closed, n_primals: int, n_outputs: int) -> set[int]:
+  """Primal positions whose tangent reaches an output tangent.
+
+  The reads routed through a helper hold their table constant
+  (``stop_gradient``) in the abstract pass, so these are the leaves the
+  loss reads some other way: plain indexing, a framework's own embedding,
+  a whole-table product.
+  """
   jaxpr = closed.jaxpr
   used_outputs = [False] * n_outputs + [True] * (len(jaxpr.outvars) - n_outputs)
-  try:
-    _, used = pe.dce_jaxpr(jaxpr, used_outputs, instantiate=False)
-  except Exception:  # A JAX without this rule: every tangent counts as used.
-    used = [True] * len(jaxpr.invars)
-  tangents = used[len(jaxpr.invars) - n_primals :]
+  tangents = _live_inputs(jaxpr, used_outputs)[len(jaxpr.invars) - n_primals :]
   return {p for p, u in enumerate(tangents) if u}
 
 
@@ -407,7 +452,7 @@ def plan(fun: Callable[[list], Any], primals: Sequence[Any]) -> Plan:
     leaf, size, loops, nested = raw.get(number, (None, 0, (), False))
     found.append(Found(leaf, size, loops, number in recording.batched_tables, nested))
   tables = frozenset(f.leaf for f in found if f.leaf is not None)
-  dense = _dense_leaves(closed, len(primals), n_outputs) & tables
+  dense = _dense_leaves(closed, len(primals), n_outputs)
   # A table looked up whole (attend) or batched by a vmap: dense.
   for call, f in zip(recording.calls, found, strict=True):
     if f.leaf is not None and (call.kind == "table" or f.batched_table):

@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from optax_sm3._sparse import _ids
+
 # Flax's own default for nnx.Embed and nn.Embed.
 default_embed_init = jax.nn.initializers.variance_scaling(
   1.0, "fan_in", "normal", out_axis=0
@@ -51,4 +53,5 @@ def mask_padding(rows: jax.Array, ids: jax.Array, padding_id: int | None) -> jax
   """``rows`` with the rows of ``padding_id`` ids as zeros (zero gradient too)."""
   if padding_id is None:
     return rows
-  return jnp.where((ids == padding_id)[..., None], jnp.zeros((), rows.dtype), rows)
+  padded = _ids.equals(ids, padding_id)[..., None]
+  return jnp.where(padded, jnp.zeros((), rows.dtype), rows)

@@ -24,6 +24,7 @@ import jax
 import optax
 
 from optax_sm3._sparse._grad import sparse_lookup, sparse_value_and_grad
+from optax_sm3._sparse._row_step import DEFAULT_SWEEP_PERIOD
 from optax_sm3._sparse._tables import sparse_tables
 
 
@@ -179,15 +180,19 @@ def filter_value_and_grad(
 
 
 class SparseOptimizer:
-  """Exact row-sparse SM3 for an Equinox model's SparseEmbeddings, ``tx`` for the rest.
+  """Exact row-sparse steps for an Equinox model's SparseEmbeddings, ``tx`` for the rest.
 
   The ``weight`` of every :class:`SparseEmbedding` is trained by
-  :func:`optax_sm3.sparse_rows` from its :class:`optax_sm3.SparseGrad`, every
-  other inexact array leaf by ``tx``. The result equals, to float rounding,
-  dense gradients (``eqx.nn.Embedding`` + ``eqx.filter_value_and_grad``)
-  with ``optax_sm3.sm3(learning_rate, momentum, beta, eps,
-  weight_decay=weight_decay)`` on the tables and ``tx`` on the rest. A table
-  whose gradient came out dense takes the dense SM3 step.
+  ``table_tx`` (``tx`` itself by default), an optimizer made by
+  :func:`optax_sm3.sm3` or :func:`optax_sm3.sm3_recipe` from which the
+  row-sparse step is derived (:func:`optax_sm3.sparse_rows`), from its
+  :class:`optax_sm3.SparseGrad`; every other inexact array leaf by ``tx``.
+  The result equals, to float rounding, dense gradients
+  (``eqx.nn.Embedding`` + ``eqx.filter_value_and_grad``) with ``tx`` on
+  every leaf (with ``table_tx``: ``table_tx`` on the tables and ``tx`` on
+  the rest, each clipping its own leaves). A table whose gradient came out
+  dense (its ``weight`` read other than by calling the module) takes the
+  dense step.
 
   The state is separate from the model, as an optax state; :meth:`step`
   returns the new model and state. Jit the train step with the model and
@@ -201,12 +206,16 @@ class SparseOptimizer:
   :meth:`sync` before using the model elsewhere (evaluation, export).
 
   Args:
-    tx: optax transformation of the other inexact array leaves.
-    learning_rate: the tables' learning rate (float or schedule of the step).
-    momentum: as :func:`optax_sm3.sm3`.
-    beta: as :func:`optax_sm3.sm3`.
-    eps: as :func:`optax_sm3.sm3`.
-    weight_decay: the tables' decoupled weight decay.
+    tx: optax transformation of the other inexact array leaves, and of the
+      tables without ``table_tx`` (then made by ``sm3`` or ``sm3_recipe``).
+    table_tx: the tables' optimizer, made by ``sm3`` or ``sm3_recipe``;
+      ``None`` for ``tx``.
+    sweep_period: see :func:`optax_sm3.sparse_rows`.
+
+  Raises:
+    TypeError: for a tables' optimizer not made by ``sm3`` or
+      ``sm3_recipe`` (the message shows how to pass one).
+    ValueError: for a tables' optimizer with coupled weight decay.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -214,7 +223,7 @@ class SparseOptimizer:
     >>> import optax
     >>> import optax_sm3.equinox
     >>> model = optax_sm3.equinox.SparseEmbedding(1000, 2, key=jax.random.key(0))
-    >>> opt = optax_sm3.equinox.SparseOptimizer(optax.sgd(0.1), learning_rate=0.1)
+    >>> opt = optax_sm3.equinox.SparseOptimizer(optax_sm3.sm3(0.1, momentum=0.0))
     >>> state = opt.init(model)
     >>> @eqx.filter_jit(donate="all")  # model and state are updated in place
     ... def train_step(model, state, ids):
@@ -231,15 +240,14 @@ class SparseOptimizer:
   def __init__(
     self,
     tx: optax.GradientTransformation,
-    learning_rate: optax.ScalarOrSchedule,
-    momentum: jax.typing.ArrayLike = 0.0,
-    beta: jax.typing.ArrayLike = 0.0,
-    eps: jax.typing.ArrayLike = 1e-8,
-    weight_decay: jax.typing.ArrayLike = 0.0,
+    table_tx: optax.GradientTransformation | None = None,
+    *,
+    sweep_period: int = DEFAULT_SWEEP_PERIOD,
   ):
     self.tx = tx
+    self.table_tx = tx if table_tx is None else table_tx
     self._tables = sparse_tables(
-      tx, learning_rate, momentum, beta, eps, weight_decay, tables=table_mask
+      tx, table_tx, tables=table_mask, sweep_period=sweep_period
     )
 
   def init(self, model: Any) -> Any:

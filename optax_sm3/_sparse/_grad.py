@@ -202,9 +202,12 @@ def routed_value_and_grad(
     reader: maps a table's leaf position (in the flattened differentiated
       arguments) to the ``read_rows(table, ids)`` its lookups use, or to
       ``None`` for the default; ``None`` for the default everywhere.
-    known_tables: leaf positions that are tables even when not looked up
-      (they get an empty :class:`SparseGrad` then).
-    syncer: as ``reader``, for whole-table reads: ``table -> current table``.
+    known_tables: leaf positions that are tables even when not looked up:
+      an empty :class:`SparseGrad` when the loss does not read them, their
+      dense gradient when it reads them other than by lookups.
+    syncer: as ``reader``, for whole-table reads: ``table -> current table``
+      (differentiated as ``table``). A table the loss reads other than by
+      lookups is replaced by its current value before ``fun`` runs.
   """
 
   @functools.wraps(fun)
@@ -236,6 +239,9 @@ def routed_value_and_grad(
     tables = {floats[j] for j in plan.tables} | set(known_tables)
     dense = {floats[j] for j in plan.dense}
     sparse = sorted(tables - dense)
+    # A table read other than by lookups is differentiated densely, from its
+    # current value (the optimizer may store rows behind).
+    current = {p: syncer(p) for p in tables & dense} if syncer else {}
     slots = _capture.slots(plan)
     diff = [p for p in range(len(flat)) if p not in sparse]
     by_float = lambda f: None if f is None else (lambda j: f(floats[j]))
@@ -243,7 +249,7 @@ def routed_value_and_grad(
     def differentiated(diff_values, slots):
       leaves = list(flat)
       for p, v in zip(diff, diff_values, strict=True):
-        leaves[p] = v
+        leaves[p] = current[p](v) if current.get(p) else v
       with _capture.differentiating(plan, slots, by_float(reader), by_float(syncer)):
         out = fun(*with_leaves(leaves))
       return out if has_aux else (out, None)
@@ -261,7 +267,7 @@ def routed_value_and_grad(
       j = floats.index(p)
       if j in by_leaf:
         grads[p] = by_leaf[j]
-      else:  # A table not looked up: no rows.
+      else:  # A table the loss does not read: its gradient is zero.
         grads[p] = _capture.empty_grad(jnp.shape(flat[p]), jnp.result_type(flat[p]))
     grads = jax.tree.unflatten(treedef, grads)
     grads = grads[0] if isinstance(argnums, int) else tuple(grads)

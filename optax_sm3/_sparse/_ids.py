@@ -55,11 +55,35 @@ def in_range(indices: jax.Array, rows: int) -> jax.Array:
 
   ``rows`` is out of range, so gathers with ``mode="fill"`` fill it and
   scatters with ``mode="drop"`` drop it. The test runs in the ids' own dtype,
-  before the cast: an int64 id at or above ``2**31`` cannot wrap onto a row.
+  before the cast, against a bound that cannot wrap: an int64 id at or
+  above ``2**31`` cannot wrap onto a row, nor a ``uint8`` id meet a bound
+  of 300 taken modulo 256.
   """
   indices = jnp.asarray(indices)
-  valid = (indices >= 0) & (indices < rows)
-  return jnp.where(valid, indices, rows).astype(jnp.int32)
+  valid = below(indices, rows)
+  if jnp.issubdtype(indices.dtype, jnp.signedinteger):
+    valid = valid & (indices >= 0)
+  return jnp.where(valid, indices.astype(jnp.int32), rows)
+
+
+def below(ids: jax.Array, bound: int) -> jax.Array:
+  """``ids < bound`` for ids of any integer dtype, with nothing wrapped.
+
+  A Python int beside a narrow array takes the array's dtype (``uint8(200)
+  < 300`` would compare with ``300 % 256 = 44``): a bound past the dtype's
+  range holds for every id.
+  """
+  if bound > jnp.iinfo(ids.dtype).max:
+    return jnp.ones(ids.shape, bool)
+  return ids < jnp.asarray(bound, ids.dtype)
+
+
+def equals(ids: jax.Array, value: int) -> jax.Array:
+  """``ids == value`` for ids of any integer dtype, with nothing wrapped."""
+  info = jnp.iinfo(ids.dtype)
+  if not info.min <= value <= info.max:
+    return jnp.zeros(ids.shape, bool)
+  return ids == jnp.asarray(value, ids.dtype)
 
 
 def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:

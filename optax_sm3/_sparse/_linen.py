@@ -138,7 +138,9 @@ class SparseTrainState(struct.PyTreeNode):
     >>> state = SparseTrainState.create(
     ...   apply_fn=model.apply,
     ...   params=model.init(jax.random.key(0), ids)["params"],
-    ...   tx=optax_sm3.sparse_tables(optax.adam(1e-2), learning_rate=0.1, tables=tables),
+    ...   tx=optax_sm3.sparse_tables(
+    ...     optax.adam(1e-2), optax_sm3.sm3(0.1, momentum=0.0), tables=tables
+    ...   ),
     ... )
     >>> @jax.jit
     ... def train_step(state, ids, y):

@@ -98,8 +98,8 @@ class SparseEmbed(nnx.Module):
     self.param_dtype = param_dtype
     self.promote_dtype = promote_dtype
     self.padding_id = padding_id
-    # Set by SparseOptimizer: the sparse_rows functions and their state.
-    self.sparse_rows: _rows.SparseRows | None = None
+    # Set by SparseOptimizer: the table's row-sparse functions and state.
+    self.sparse_rows: _rows.Table | None = None
     self.sparse_state = nnx.data(None)
 
   def _current(self, table: jax.Array) -> jax.Array:
@@ -139,9 +139,8 @@ class SparseEmbed(nnx.Module):
     With an optimizer attached it reads the synced table (``sparse_rows``'s
     ``sync``), so it is current even where stored rows are stale.
     """
-    query, embedding = self.promote_dtype(
-      (query, self._current(self.embedding[...])), dtype=self.dtype
-    )
+    table = _capture.read_table(self.embedding[...], self._current)
+    query, embedding = self.promote_dtype((query, table), dtype=self.dtype)
     return jnp.dot(query, embedding.T)
 
 

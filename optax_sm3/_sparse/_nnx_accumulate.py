@@ -67,7 +67,9 @@ class MultiSteps(nnx.Pytree):
     >>> from flax import nnx
     >>> import optax, optax_sm3.nnx
     >>> model = optax_sm3.nnx.SparseEmbed(100, 2, rngs=nnx.Rngs(0))
-    >>> opt = optax_sm3.nnx.SparseOptimizer(model, optax.sgd(0.1), learning_rate=0.1)
+    >>> opt = optax_sm3.nnx.SparseOptimizer(
+    ...   model, optax.sgd(0.1), optax_sm3.sm3(0.1, momentum=0.0)
+    ... )
     >>> loss = lambda m, ids: jnp.sum(m(ids))
     >>> _, like = optax_sm3.nnx.value_and_grad(loss)(model, jnp.array([0]))
     >>> multi = optax_sm3.nnx.MultiSteps(opt, every_k_schedule=2, grads_like=like)

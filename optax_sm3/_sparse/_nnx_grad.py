@@ -49,12 +49,31 @@ def _value_at(
 
 
 def _differentiated(
-  f: Callable[..., Any], has_aux: bool, plan: _capture.Plan, *inner_args: Any
+  f: Callable[..., Any],
+  has_aux: bool,
+  plan: _capture.Plan,
+  dense: list[tuple[int, tuple]],
+  *inner_args: Any,
 ) -> tuple[Any, Any]:
-  """``f(*model_args)`` in the differentiated pass; the last argument: slots."""
+  """``f(*model_args)`` in the differentiated pass; the last argument: slots.
+
+  The tables of ``dense`` (``(argument, path)``, read other than by lookups)
+  hold their current value while ``f`` runs (differentiated as the stored
+  one), then the stored one again: the optimizer may store rows behind.
+  """
   *model_args, slots = inner_args
+  restore = []
+  for i, path in dense:
+    module = _nnx.tables_of(model_args[i])[path][0]
+    if module.sparse_rows is not None and module.sparse_rows.rule.lazy:
+      stored = module.embedding[...]
+      state = nnx.as_pure(module.sparse_state)
+      module.embedding[...] = _grad.synced_table(module.sparse_rows.sync, state, stored)
+      restore.append((module.embedding, stored))
   with _capture.differentiating(plan, slots):
     out = f(*model_args)
+  for variable, stored in restore:
+    variable[...] = stored
   return out if has_aux else (out, None)
 
 
@@ -155,7 +174,10 @@ def value_and_grad(
     slots = _capture.slots(plan)
 
     # 2. Differentiated pass, through nnx.value_and_grad.
-    inner = functools.partial(_differentiated, f, has_aux, plan)
+    dense_tables = sorted(
+      key for i in graph_nums for key in ((i, p) for p in paths[i]) if key in dense
+    )
+    inner = functools.partial(_differentiated, f, has_aux, plan, dense_tables)
     diff_nums = [
       nnx.DiffState(i, _dense_params(i, sparse_keys)) if i in paths else i for i in nums
     ]

@@ -1,7 +1,8 @@
 """Flax NNX: ``SparseOptimizer``, exact row-sparse SM3 steps on SparseEmbed tables.
 
-The optimizer attaches each table's :func:`optax_sm3.sparse_rows` state to
-its :class:`~optax_sm3.nnx.SparseEmbed` modules (``sparse_state``; see
+The optimizer attaches each table's row-sparse state (derived from the
+tables' optimizer, :func:`optax_sm3.sparse_rows`) to its
+:class:`~optax_sm3.nnx.SparseEmbed` modules (``sparse_state``; see
 :mod:`optax_sm3._sparse._nnx`), steps the tables from their
 :class:`SparseGrad` (or dense gradient) and the other parameters with
 ``tx``, as ``nnx.Optimizer.update(model, grads)`` does.
@@ -9,6 +10,7 @@ its :class:`~optax_sm3.nnx.SparseEmbed` modules (``sparse_state``; see
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -17,7 +19,7 @@ import optax
 from flax import nnx
 from flax.nnx.training.optimizer import OptState, to_opt_state
 
-from optax_sm3._sparse import _nnx, _nnx_state, _rows, _tables
+from optax_sm3._sparse import _nnx, _nnx_state, _row_step, _rows, _tables
 from optax_sm3._sparse._nnx import SparseEmbed, SparseState
 from optax_sm3._sparse._nnx_check import path_str
 
@@ -28,33 +30,52 @@ def _is_dense(table_shapes: tuple, wrt: Any, path: Any, value: Any) -> bool:
   return tuple(path) not in tables and nnx.filterlib.to_predicate(wrt)(path, value)
 
 
-def _attach(rows: _rows.SparseRows, model: nnx.Module) -> tuple:
-  """Gives every SparseEmbed table of ``model`` a fresh state; its shapes.
+def _trained(model: nnx.Module, wrt: Any, table_paths: frozenset) -> nnx.State:
+  """The parameters the dense optimizer would see: ``wrt`` and the tables."""
+  return nnx.state(model, nnx.Any(wrt, functools.partial(_in, table_paths)))
+
+
+def _in(paths: frozenset, path: Any, value: Any) -> bool:
+  del value
+  return tuple(path) in paths
+
+
+def _positions(state: nnx.State, paths: list[tuple]) -> list[int]:
+  """Where each of ``paths`` is among the leaves of ``state``."""
+  order = [tuple(p) for p, _ in nnx.to_flat_state(state)]
+  return [order.index(path) for path in paths]
+
+
+def _attach(
+  rules: _rows.Rules, wrt: Any, model: nnx.Module
+) -> dict[tuple, _rows.Table]:
+  """Gives every SparseEmbed table of ``model`` a fresh state; its functions.
 
   Returns:
-    ``((path, shape), ...)``, one per table, sorted by path.
+    Each table's path (sorted) and its :class:`optax_sm3._sparse._rows.Table`.
   """
   tables = _nnx.tables_of(model)
-  for modules in tables.values():
+  paths = sorted(tables)
+  trained = nnx.as_pure(_trained(model, wrt, frozenset(paths)))
+  fns = rules.of_tree(trained, _positions(trained, paths))
+  for path, f in zip(paths, fns, strict=True):
+    modules = tables[path]
     # One state per table, shared by every module that uses the table.
-    state = _nnx_state.sparse_state_variables(rows, modules[0].embedding, SparseState)
+    state = _nnx_state.sparse_state_variables(f, modules[0].embedding, SparseState)
     for module in modules:
-      module.sparse_rows = rows
+      module.sparse_rows = f
       module.sparse_state = nnx.data(state)
-  return tuple(
-    (path, tuple(modules[0].embedding.shape))
-    for path, modules in sorted(tables.items())
-  )
+  return dict(zip(paths, fns, strict=True))
 
 
 def _owned_tables(
-  rows: _rows.SparseRows, table_shapes: tuple, model: nnx.Module
+  table_fns: dict[tuple, _rows.Table], table_shapes: tuple, model: nnx.Module
 ) -> dict[tuple, SparseEmbed]:
   """Each table's path and the module that holds it (and its shared state).
 
   Raises:
     ValueError: unless ``model`` has the tables of ``table_shapes``, each
-      attached to ``rows``.
+      attached to this optimizer.
   """
   tables = _nnx.tables_of(model)
   expected = dict(table_shapes)
@@ -72,7 +93,7 @@ def _owned_tables(
         f"but this optimizer was built for shape {expected[path]}"
       )
     for other in modules:
-      if other.sparse_rows is not rows:
+      if other.sparse_rows is not table_fns[path]:
         raise ValueError(
           f"a SparseEmbed using the table at {path_str(path)} belongs to "
           "another SparseOptimizer (the latest one built for it owns it)"
@@ -85,17 +106,8 @@ def _paths(tree: Any, dense: Any) -> list[tuple]:
   return [tuple(p) for p, _ in nnx.to_flat_state(nnx.state(tree, dense))]
 
 
-def _step_dense(
-  tx: optax.GradientTransformation,
-  opt_state: Any,
-  model: nnx.Module,
-  grads: nnx.State,
-  dense: Any,
-  kwargs: dict,
-) -> None:
-  """``tx`` on the parameters ``dense`` selects, as ``nnx.Optimizer.update``."""
-  params = nnx.as_pure(nnx.state(model, dense))
-  dense_grads = nnx.as_pure(nnx.state(grads, dense))
+def _dense_grads(model: nnx.Module, grads: nnx.State, dense: Any) -> Any:
+  """The gradients of the parameters ``dense`` selects, checked against them."""
   param_paths, grad_paths = _paths(model, dense), _paths(grads, dense)
   if param_paths != grad_paths:
     missing = sorted(map(path_str, set(param_paths) - set(grad_paths)))
@@ -105,6 +117,19 @@ def _step_dense(
       f"{missing[:5]}, unexpected {extra[:5]}; compute them with "
       "optax_sm3.nnx.value_and_grad on this model"
     )
+  return nnx.as_pure(nnx.state(grads, dense))
+
+
+def _step_dense(
+  tx: optax.GradientTransformation,
+  opt_state: Any,
+  model: nnx.Module,
+  dense_grads: Any,
+  dense: Any,
+  kwargs: dict,
+) -> None:
+  """``tx`` on the parameters ``dense`` selects, as ``nnx.Optimizer.update``."""
+  params = nnx.as_pure(nnx.state(model, dense))
   updates, new_opt_state = tx.update(
     dense_grads, nnx.as_pure(opt_state), params, **nnx.as_pure(kwargs)
   )
@@ -112,45 +137,39 @@ def _step_dense(
   nnx.update(opt_state, nnx.state(new_opt_state))
 
 
-def _step_table(
-  rows: _rows.SparseRows, module: SparseEmbed, flat_grads: dict, path: tuple
-) -> None:
-  """The SM3 step of the table at ``path`` (held by ``module``), in place."""
+def _table_grad(flat_grads: dict, path: tuple) -> Any:
   if path not in flat_grads:
     raise ValueError(
       f"`grads` has no entry for the table at {path_str(path)}; compute "
       "them with optax_sm3.nnx.value_and_grad on this model"
     )
-  table, state = _tables.grad_update(
-    rows,
-    nnx.as_pure(flat_grads[path]),
-    nnx.as_pure(module.sparse_state),
-    module.embedding[...],
-    name=f"the gradient of {path_str(path)}",
-  )
-  module.embedding[...] = table
-  nnx.update(module.sparse_state, nnx.state(state))
+  return nnx.as_pure(flat_grads[path])
 
 
-def _sync_table(rows: _rows.SparseRows, module: SparseEmbed) -> None:
+def _sync_table(f: _rows.Table, module: SparseEmbed) -> None:
   """Every row of ``module``'s table made current, in place."""
-  table, state = rows.sync(nnx.as_pure(module.sparse_state), module.embedding[...])
+  if not f.rule.lazy:
+    return
+  table, state = f.sync(nnx.as_pure(module.sparse_state), module.embedding[...])
   module.embedding[...] = table
   nnx.update(module.sparse_state, nnx.state(state))
 
 
 class SparseOptimizer(nnx.Pytree):
-  """``nnx.Optimizer`` that takes exact row-sparse SM3 steps on SparseEmbed tables.
+  """``nnx.Optimizer`` that takes exact row-sparse steps on SparseEmbed tables.
 
-  The ``embedding`` of every :class:`SparseEmbed` in the model is trained by
-  :func:`optax_sm3.sparse_rows` (exact SM3 with ``learning_rate``,
-  ``momentum``, ``beta``, ``eps``, ``weight_decay``) from the
-  :class:`SparseGrad` that :func:`value_and_grad` gives it; every other
-  parameter selected by ``wrt`` by ``tx``. The result equals, to float
-  rounding, training the same model with dense gradients,
-  ``optax_sm3.sm3(learning_rate, momentum, beta, eps,
-  weight_decay=weight_decay)`` on the tables and ``tx`` on the rest. A table
-  whose gradient came out dense (``attend``) takes the dense SM3 step.
+  A drop-in for ``nnx.Optimizer(model, tx, wrt=wrt)``: the ``embedding`` of
+  every :class:`SparseEmbed` is trained by ``table_tx`` (``tx`` itself by
+  default), an optimizer made by :func:`optax_sm3.sm3` or
+  :func:`optax_sm3.sm3_recipe` from which the row-sparse step is derived
+  (:func:`optax_sm3.sparse_rows`), from the :class:`SparseGrad` that
+  :func:`value_and_grad` gives it; every other parameter selected by ``wrt``
+  by ``tx``. The result equals, to float rounding, training the same model
+  with ``nnx.Embed`` tables, ``nnx.value_and_grad`` and
+  ``nnx.Optimizer(model, tx, wrt=wrt)`` (with ``table_tx``: ``table_tx`` on
+  the tables and ``tx`` on the rest, each clipping its own leaves). A table
+  whose gradient came out dense (``attend``, a read of ``embedding``
+  itself) takes the dense step.
 
   Building it attaches the tables' state to their modules (``sparse_state``,
   see the module docs): the module reads its rows through it, so build the
@@ -158,43 +177,48 @@ class SparseOptimizer(nnx.Pytree):
 
   Args:
     model: the NNX module to train.
-    tx: optax transformation of the other parameters.
-    learning_rate: the tables' learning rate (float or schedule of the step).
-    momentum: as :func:`optax_sm3.sm3`.
-    beta: as :func:`optax_sm3.sm3`.
-    eps: as :func:`optax_sm3.sm3`.
-    weight_decay: decoupled weight decay of the tables.
+    tx: optax transformation of the other parameters, and of the tables
+      without ``table_tx`` (then made by ``sm3`` or ``sm3_recipe``).
+    table_tx: the tables' optimizer, made by ``sm3`` or ``sm3_recipe``;
+      ``None`` for ``tx``.
     wrt: filter of the variables to train (``nnx.Param``); SparseEmbed tables
       are always trained.
+    sweep_period: see :func:`optax_sm3.sparse_rows`.
 
   Attributes:
     step: ``OptState`` uint32 step count.
     tx: the transformation of the other parameters.
     opt_state: its state.
     wrt: the filter.
-    sparse_rows: the tables' :class:`optax_sm3.SparseRows`.
+    table_tx: the tables' optimizer.
 
   Raises:
-    ValueError: at ``update``, for grads that do not match the model or a
-      table whose shape changed since the optimizer was built.
+    TypeError: for a tables' optimizer not made by ``sm3`` or
+      ``sm3_recipe`` (a learning rate, as this class took before, included:
+      the message shows the new call).
+    ValueError: for a tables' optimizer with coupled weight decay; at
+      ``update``, for grads that do not match the model or a table whose
+      shape changed since the optimizer was built.
   """
 
   def __init__(
     self,
     model: nnx.Module,
     tx: optax.GradientTransformation,
-    learning_rate: optax.ScalarOrSchedule,
-    momentum: jax.typing.ArrayLike = 0.0,
-    beta: jax.typing.ArrayLike = 0.0,
-    eps: jax.typing.ArrayLike = 1e-8,
-    weight_decay: jax.typing.ArrayLike = 0.0,
+    table_tx: optax.GradientTransformation | None = None,
     *,
     wrt: Any = nnx.Param,
+    sweep_period: int = _row_step.DEFAULT_SWEEP_PERIOD,
   ):
-    self.sparse_rows = _rows.sparse_rows(
-      learning_rate, momentum, beta, eps, weight_decay
+    opts = _tables.optimizers(tx, table_tx, None, sweep_period)
+    self.table_tx = tx if table_tx is None else table_tx
+    self.joint = opts.joint
+    # Static attributes, so hashable: (path, functions) pairs.
+    self.table_fns = tuple(sorted(_attach(opts.rules, wrt, model).items()))
+    self.table_shapes = tuple(
+      (path, tuple(module.embedding.shape))
+      for path, module in sorted((p, ms[0]) for p, ms in _nnx.tables_of(model).items())
     )
-    self.table_shapes = _attach(self.sparse_rows, model)
     self.step = OptState(jnp.array(0, dtype=jnp.uint32))
     self.tx = tx
     self.wrt = wrt
@@ -206,7 +230,7 @@ class SparseOptimizer(nnx.Pytree):
     return _is_dense(self.table_shapes, self.wrt, path, value)
 
   def update(self, model: nnx.Module, grads: nnx.State, /, **kwargs) -> None:
-    """Takes one step: ``tx`` on the dense parameters, SM3 rows on the tables.
+    """Takes one step: ``tx`` on the dense parameters, row steps on the tables.
 
     Args:
       model: the module the optimizer was built for.
@@ -219,11 +243,26 @@ class SparseOptimizer(nnx.Pytree):
       TypeError: if a table's gradient is neither a :class:`SparseGrad` nor an
         array of the table's shape.
     """
-    tables = _owned_tables(self.sparse_rows, self.table_shapes, model)
-    _step_dense(self.tx, self.opt_state, model, grads, self._dense_filter, kwargs)
+    table_fns = dict(self.table_fns)
+    tables = _owned_tables(table_fns, self.table_shapes, model)
+    dense_grads = _dense_grads(model, grads, self._dense_filter)
     flat_grads = dict(nnx.to_flat_state(grads))
-    for path, module in tables.items():
-      _step_table(self.sparse_rows, module, flat_grads, path)
+    paths = sorted(tables)
+    new_tables, new_states, clipped = _tables.step_tables(
+      [table_fns[p] for p in paths],
+      _row_step.optimizer_spec(self.table_tx),
+      [_table_grad(flat_grads, p) for p in paths],
+      tuple(nnx.as_pure(tables[p].sparse_state) for p in paths),
+      [tables[p].embedding[...] for p in paths],
+      [f"the gradient of {path_str(p)}" for p in paths],
+      dense_grads if self.joint else None,
+    )
+    if self.joint:
+      dense_grads = clipped
+    _step_dense(self.tx, self.opt_state, model, dense_grads, self._dense_filter, kwargs)
+    for p, table, state in zip(paths, new_tables, new_states, strict=True):
+      tables[p].embedding[...] = table
+      nnx.update(tables[p].sparse_state, nnx.state(state))
     self.step[...] += 1
 
   def sync(self, model: nnx.Module) -> None:
@@ -236,6 +275,7 @@ class SparseOptimizer(nnx.Pytree):
     Args:
       model: the module the optimizer was built for.
     """
-    tables = _owned_tables(self.sparse_rows, self.table_shapes, model)
-    for module in tables.values():
-      _sync_table(self.sparse_rows, module)
+    table_fns = dict(self.table_fns)
+    tables = _owned_tables(table_fns, self.table_shapes, model)
+    for path, module in tables.items():
+      _sync_table(table_fns[path], module)

@@ -1,10 +1,12 @@
 """One optimizer for a params tree: exact SM3 rows for tables, any tx for the rest.
 
 The plain-JAX (and Flax linen) counterpart of ``optax_sm3.nnx.SparseOptimizer``:
-``sparse_tables(tx, learning_rate, ...)`` returns ``init``/``step``/``sync``
-over a params tree whose table leaves (named by a mask) are trained by
-:func:`optax_sm3.sparse_rows` from the :class:`SparseGrad` of
-:func:`optax_sm3.sparse_value_and_grad`, and the other leaves by ``tx``; and
+``sparse_tables(tx, table_tx, tables=mask)`` returns ``init``/``step``/``sync``
+over a params tree whose table leaves (named by a mask) take the row-sparse
+step derived from ``table_tx`` (an optimizer made by :func:`optax_sm3.sm3`
+or :func:`optax_sm3.sm3_recipe`; ``tx`` itself by default) from the
+:class:`SparseGrad` of :func:`optax_sm3.sparse_value_and_grad`, and the
+other leaves ``tx``'s step; and
 a ``value_and_grad`` that reads the tables' rows through the optimizer state
 (``sparse_rows``'s ``lookup``), as the dense optimizer would hold them.
 
@@ -27,7 +29,7 @@ import numpy as np
 import optax
 
 from optax_sm3 import _tree
-from optax_sm3._sparse import _grad, _rows
+from optax_sm3._sparse import _batch, _grad, _row_step, _rows
 from optax_sm3._sparse._types import SparseGrad, check_sparse_grad
 
 
@@ -41,7 +43,7 @@ class SparseTablesState(NamedTuple):
   """
 
   rest: optax.OptState  # tx's state over the non-table leaves.
-  tables: tuple[optax.OptState, ...]  # Per table: sm3(...).init(table).
+  tables: tuple[optax.OptState, ...]  # Per table: sparse_rows(table_tx).init(table).
 
 
 NOT_A_TRANSFORMATION = (
@@ -146,22 +148,125 @@ def _check_state(state: SparseTablesState, table_leaves: list) -> None:
     )
 
 
-def _init(
-  rows: _rows.SparseRows, tx: optax.GradientTransformation, tables: Any, params: Any
-) -> SparseTablesState:
-  split = _split(tables, params)
-  return SparseTablesState(tx.init(split.rest), tuple(map(rows.init, split.tables)))
+class Optimizers(NamedTuple):
+  """What :func:`sparse_tables` binds.
+
+  Attributes:
+    tx: the rest's transformation.
+    rules: the tables' rules, from ``table_tx``.
+    joint: whether ``tx`` is the tables' optimizer too, so that its clipping
+      spans the rest and the tables at once (as ``tx`` on the whole tree).
+    tables: the mask.
+  """
+
+  tx: optax.GradientTransformation
+  rules: _rows.Rules
+  joint: bool
+  tables: Any
+
+
+def optimizers(
+  tx: Any, table_tx: Any, tables: Any, sweep_period: Any, name: str = "table_tx"
+) -> Optimizers:
+  """Checks and binds the arguments of :func:`sparse_tables` (and its kin)."""
+  if table_tx is None:
+    rules = _rows.Rules(tx, sweep_period, name="tx (the tables' optimizer too)")
+  else:
+    rules = _rows.Rules(table_tx, sweep_period, name=name)
+  return Optimizers(tx, rules, table_tx is None or table_tx is tx, tables)
+
+
+def _init(opts: Optimizers, params: Any) -> SparseTablesState:
+  split = _split(opts.tables, params)
+  fns = opts.rules.of_tree(params, _positions(split))
+  return SparseTablesState(
+    opts.tx.init(split.rest),
+    tuple(f.init(table) for f, table in zip(fns, split.tables, strict=True)),
+  )
+
+
+def _positions(split: _Split) -> list[int]:
+  return [p for p, m in enumerate(split.mask) if m]
+
+
+def batch_of(grad: Any, table: jax.Array, *, name: str) -> _batch.RowBatch:
+  """A table's gradient (a :class:`SparseGrad` or dense) as its batch of rows.
+
+  A dense gradient (the table read other than by lookups: ``attend``, plain
+  indexing, a penalty) is the batch of every row: the row-sparse step is
+  exact for any rows, so that is the dense step, whatever the state keeps.
+  A SparseGrad of ``k = 0`` rows (a table not read at all) is the
+  zero-gradient step.
+
+  Raises:
+    TypeError: for a gradient that is neither a :class:`SparseGrad` of the
+      table's rows (see :func:`check_sparse_grad`) nor an array of its shape.
+    ValueError: for a SparseGrad whose shapes do not match the table.
+  """
+  if isinstance(grad, SparseGrad):
+    check_sparse_grad(grad, tuple(table.shape[1:]), name=name)
+    indices, row_grads = grad.indices, grad.row_grads
+    if indices.shape[0] == 0:
+      # One dropped row keeps the batch arithmetic's shapes non-empty.
+      indices = jnp.full([1], -1, jnp.int32)
+      row_grads = jnp.zeros((1, *table.shape[1:]), table.dtype)
+    return _rows_of(indices, row_grads, table)
+  if hasattr(grad, "shape") and tuple(grad.shape) == tuple(table.shape):
+    return _batch.every_row(grad, table)
+  shape = getattr(grad, "shape", None)
+  got = type(grad).__name__ + ("" if shape is None else f" of shape {tuple(shape)}")
+  raise TypeError(
+    f"{name} must be a SparseGrad or an array of the table's shape "
+    f"{tuple(table.shape)}, got {got}"
+  )
+
+
+@jax.jit
+def _rows_of(indices: jax.Array, row_grads: jax.Array, table: jax.Array):
+  return _batch.rows_of(indices, row_grads, table)
+
+
+def step_tables(
+  fns: list[_rows.Table],
+  spec: Any,
+  grads: list[Any],
+  states: tuple,
+  tables: list[jax.Array],
+  names: list[str],
+  rest_grads: Any = None,
+) -> tuple[list[jax.Array], tuple, Any]:
+  """The tables' steps from their gradients, clipped jointly.
+
+  Args:
+    fns: each table's functions.
+    spec: the tables' optimizer's spec (its clipping stages).
+    grads: each table's gradient (SparseGrad or dense).
+    states: each table's state.
+    tables: the tables.
+    names: how errors name each table's gradient.
+    rest_grads: the other parameters' gradients, clipped with the tables'
+      (the tables' optimizer is theirs too), or ``None``.
+
+  Returns:
+    ``(new tables, new states, rest_grads clipped)``.
+  """
+  batches = [
+    batch_of(g, table, name=n) for g, table, n in zip(grads, tables, names, strict=True)
+  ]
+  for f, state, table in zip(fns, states, tables, strict=True):
+    _rows.check_state(f, state, table)
+  rest_grads, clipped = _row_step.clip(spec, (rest_grads, [b.grads for b in batches]))
+  stepped = [
+    f.step(b._replace(grads=g), state, table)
+    for f, b, g, state, table in zip(fns, batches, clipped, states, tables, strict=True)
+  ]
+  return [t for t, _ in stepped], tuple(s for _, s in stepped), rest_grads
 
 
 def _step(
-  rows: _rows.SparseRows,
-  tx: optax.GradientTransformation,
-  tables: Any,
-  params: Any,
-  grads: Any,
-  state: SparseTablesState,
+  opts: Optimizers, params: Any, grads: Any, state: SparseTablesState
 ) -> tuple[Any, SparseTablesState]:
-  split = _split(tables, params)
+  split = _split(opts.tables, params)
   _check_state(state, split.tables)
   grad_leaves = _tree.flatten_like(
     split.treedef, grads, "`grads` does not have the structure of the params"
@@ -173,41 +278,48 @@ def _step(
       "table; mark every looked-up table True in `tables`"
     )
   rest_grads = jax.tree.unflatten(split.treedef, [None if m else g for g, m in pairs])
-  updates, rest_state = tx.update(rest_grads, state.rest, split.rest)
-  new_rest = jax.tree.leaves(optax.apply_updates(split.rest, updates))
-  stepped = [
-    grad_update(rows, g, table_state, table, name="a table's gradient")
-    for g, table_state, table in zip(
-      [g for g, m in pairs if m], state.tables, split.tables, strict=True
+  fns = opts.rules.of_tree(params, _positions(split))
+  paths = [
+    jax.tree_util.keystr(path)
+    for (path, _), m in zip(
+      jax.tree_util.tree_flatten_with_path(params)[0], split.mask, strict=True
     )
+    if m
   ]
-  new_params = _merge(split, new_rest, [table for table, _ in stepped])
-  return new_params, SparseTablesState(rest_state, tuple(s for _, s in stepped))
+  new_tables, table_states, clipped_rest = step_tables(
+    fns,
+    opts.rules.spec,
+    [g for g, m in pairs if m],
+    state.tables,
+    split.tables,
+    [f"the gradient of the table at {p or 'the root'}" for p in paths],
+    rest_grads if opts.joint else None,
+  )
+  if opts.joint:
+    rest_grads = clipped_rest
+  updates, rest_state = opts.tx.update(rest_grads, state.rest, split.rest)
+  new_rest = jax.tree.leaves(optax.apply_updates(split.rest, updates))
+  new_params = _merge(split, new_rest, new_tables)
+  return new_params, SparseTablesState(rest_state, table_states)
 
 
 def _sync(
-  rows: _rows.SparseRows, tables: Any, params: Any, state: SparseTablesState
+  opts: Optimizers, params: Any, state: SparseTablesState
 ) -> tuple[Any, SparseTablesState]:
-  split = _split(tables, params)
+  split = _split(opts.tables, params)
   _check_state(state, split.tables)
-  synced = [rows.sync(s, t) for s, t in zip(state.tables, split.tables, strict=True)]
+  fns = opts.rules.of_tree(params, _positions(split))
+  synced = []
+  for f, s, t in zip(fns, state.tables, split.tables, strict=True):
+    _rows.check_state(f, s, t)
+    synced.append(f.sync(s, t) if f.rule.lazy else (t, s))
   rest = [leaf for leaf, m in zip(split.leaves, split.mask, strict=True) if not m]
   new_params = _merge(split, rest, [table for table, _ in synced])
   return new_params, state._replace(tables=tuple(s for _, s in synced))
 
 
-def _table_reader(
-  read: Callable[..., Any], states: tuple, number: dict[int, int], position: int
-) -> Callable[..., Any] | None:
-  """``read`` bound to the state of the table at leaf ``position`` (if one)."""
-  if position not in number:
-    return None
-  return functools.partial(read, states[number[position]])
-
-
 def _value_and_grad_at(
-  rows: _rows.SparseRows,
-  tables: Any,
+  opts: Optimizers,
   fun: Callable[..., Any],
   has_aux: bool,
   params: Any,
@@ -215,60 +327,67 @@ def _value_and_grad_at(
   *args: Any,
 ) -> Any:
   """``value_and_grad(fun)(params, state, *args)``: rows read through ``state``."""
-  mask = _mask_of(tables, params)
-  leaves = jax.tree.leaves(params)
-  _check_state(state, [leaf for leaf, m in zip(leaves, mask, strict=True) if m])
-  positions = [position for position, m in enumerate(mask) if m]
-  number = {position: n for n, position in enumerate(positions)}
-  lookup = functools.partial(_grad.current_rows, rows.lookup)
-  sync = functools.partial(_grad.synced_table, rows.sync)
-  reader = functools.partial(_table_reader, lookup, state.tables, number)
-  syncer = functools.partial(_table_reader, sync, state.tables, number)
+  split = _split(opts.tables, params)
+  _check_state(state, split.tables)
+  positions = _positions(split)
+  fns = opts.rules.of_tree(params, positions)
+  readers = {
+    p: functools.partial(_grad.current_rows, f.lookup, s)
+    for p, f, s in zip(positions, fns, state.tables, strict=True)
+  }
+  syncers = {
+    p: functools.partial(_grad.synced_table, f.sync, s)
+    for p, f, s in zip(positions, fns, state.tables, strict=True)
+  }
   return _grad.routed_value_and_grad(
-    fun, 0, has_aux, reader, frozenset(number), syncer
+    fun, 0, has_aux, readers.get, frozenset(positions), syncers.get
   )(params, *args)
 
 
 def _value_and_grad(
-  rows: _rows.SparseRows,
-  tables: Any,
-  fun: Callable[..., Any],
-  *,
-  has_aux: bool = False,
+  opts: Optimizers, fun: Callable[..., Any], *, has_aux: bool = False
 ) -> Callable[..., Any]:
-  return functools.partial(_value_and_grad_at, rows, tables, fun, has_aux)
+  return functools.partial(_value_and_grad_at, opts, fun, has_aux)
 
 
 def sparse_tables(
   tx: optax.GradientTransformation,
-  learning_rate: optax.ScalarOrSchedule,
-  momentum: jax.typing.ArrayLike = 0.0,
-  beta: jax.typing.ArrayLike = 0.0,
-  eps: jax.typing.ArrayLike = 1e-8,
-  weight_decay: jax.typing.ArrayLike = 0.0,
+  table_tx: optax.GradientTransformation | None = None,
   *,
   tables: Any,
+  sweep_period: int = _row_step.DEFAULT_SWEEP_PERIOD,
 ) -> SparseTables:
-  """Exact row-sparse SM3 for the table leaves of a params tree, ``tx`` for the rest.
+  """Exact row-sparse steps for the table leaves of a params tree, ``tx`` for the rest.
 
-  The result equals, to float rounding, dense gradients with
-  ``optax_sm3.sm3(learning_rate, momentum, beta, eps,
-  weight_decay=weight_decay)`` on the tables and ``tx`` on the other leaves
-  (e.g. ``optax.multi_transform``). A table whose gradient is dense (it was
-  read other than through ``sparse_lookup``) takes the dense SM3 step.
+  ``table_tx`` trains the tables: an optimizer made by
+  :func:`optax_sm3.sm3` or :func:`optax_sm3.sm3_recipe`, with any of their
+  options, from which the row-sparse step is derived (see
+  :func:`optax_sm3.sparse_rows`). ``tx`` trains every other leaf.
+
+  * ``table_tx=None`` (or ``tx`` itself): ``tx`` trains the tables too, and
+    the result equals, to float rounding, ``tx`` on the whole tree with
+    dense gradients (its clipping by global norm spans every leaf).
+  * another ``table_tx``: the result equals ``optax.multi_transform`` of
+    ``table_tx`` on the tables and ``tx`` on the rest (each clips its own
+    leaves).
+
+  Every table leaf gets the gradient ``jax.grad`` would give it: a table
+  read only through :func:`optax_sm3.sparse_lookup` takes the row-sparse
+  step of its rows, one that the loss also reads another way (plain
+  indexing, a framework's own ``Embed``, a whole-table product) takes the
+  dense step, and one the loss does not read takes the zero-gradient step.
 
   Args:
-    tx: optax transformation of the non-table leaves.
-    learning_rate: the tables' learning rate (float or schedule).
-    momentum: as :func:`optax_sm3.sm3`.
-    beta: as :func:`optax_sm3.sm3`.
-    eps: as :func:`optax_sm3.sm3`.
-    weight_decay: the tables' decoupled weight decay.
+    tx: optax transformation of the non-table leaves (and of the tables,
+      without ``table_tx``).
+    table_tx: the tables' optimizer (made by ``sm3`` or ``sm3_recipe``), or
+      ``None`` for ``tx``.
     tables: a pytree of booleans with the params' structure (``True`` at
       table leaves) or a function from the params to such a tree, told apart
       as ``optax.masked`` tells them (an Equinox module of booleans is a
       tree). Labels (``optax.multi_transform``'s strings) are a
       ``TypeError``.
+    sweep_period: see :func:`optax_sm3.sparse_rows`.
 
   Returns:
     A :class:`SparseTables` ``(init, step, sync, value_and_grad)``. It is
@@ -278,13 +397,15 @@ def sparse_tables(
     with :func:`optax_sm3.sparse_multi_steps`.
 
   Raises:
-    TypeError: at ``init`` (and each call), for ``tables`` leaves that are
-      not booleans; at ``step``, for a table's gradient that is neither an
-      array of its shape nor a :class:`SparseGrad` of its rows (one whose
-      marker, indices or dtypes show arithmetic applied leaf by leaf
-      included), or a SparseGrad at a leaf ``tables`` does not mark.
-    ValueError: at ``step``, for grads whose structure is not the params'
-      or a table whose shape changed since ``init``.
+    TypeError: for a tables' optimizer not made by ``sm3`` or ``sm3_recipe``
+      (the message shows how to pass one); at ``init`` (and each call), for
+      ``tables`` leaves that are not booleans; at ``step``, for a table's
+      gradient that is neither an array of its shape nor a
+      :class:`SparseGrad` of its rows, or a SparseGrad at a leaf ``tables``
+      does not mark.
+    ValueError: for a tables' optimizer with coupled weight decay; at
+      ``step``, for grads whose structure is not the params' or a table
+      whose shape changed since ``init``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -292,7 +413,8 @@ def sparse_tables(
     >>> import optax_sm3
     >>> params = {"table": jnp.ones((1000, 2)), "w": jnp.asarray(2.0)}
     >>> opt = optax_sm3.sparse_tables(
-    ...   optax.sgd(0.1), learning_rate=0.1, tables={"table": True, "w": False}
+    ...   optax.sgd(0.1), optax_sm3.sm3(0.1, momentum=0.0),
+    ...   tables={"table": True, "w": False},
     ... )
     >>> state = opt.init(params)
     >>> def loss(params, ids):
@@ -302,54 +424,10 @@ def sparse_tables(
     >>> print(params["table"][3], params["table"][0], params["w"])
     [0.9 0.9] [1. 1.] 1.6
   """
-  rows = _rows.sparse_rows(learning_rate, momentum, beta, eps, weight_decay)
+  opts = optimizers(tx, table_tx, tables, sweep_period)
   return SparseTables(
-    init=functools.partial(_init, rows, tx, tables),
-    step=functools.partial(_step, rows, tx, tables),
-    sync=functools.partial(_sync, rows, tables),
-    value_and_grad=functools.partial(_value_and_grad, rows, tables),
-  )
-
-
-def grad_update(
-  rows: _rows.SparseRows,
-  grad: Any,
-  state: optax.OptState,
-  table: jax.Array,
-  *,
-  name: str,
-) -> tuple[jax.Array, optax.OptState]:
-  """``rows.update`` from a table's gradient: a :class:`SparseGrad` or dense.
-
-  A dense gradient (the table read other than by lookups: ``attend``, a
-  penalty) steps every row: ``sparse_rows`` is exact for any indices, so that
-  is the dense SM3 step, whatever the state keeps. A SparseGrad of ``k = 0``
-  rows (a table not looked up) is the zero-gradient step.
-
-  Args:
-    rows: the table's :class:`optax_sm3.SparseRows`.
-    grad: the table's gradient.
-    state: the table's state.
-    table: the table.
-    name: how the error messages name ``grad`` (e.g. its path).
-
-  Returns:
-    ``(new_table, new_state)``.
-
-  Raises:
-    TypeError: for a gradient that is neither a :class:`SparseGrad` of the
-      table's rows (see :func:`check_sparse_grad`) nor an array of its shape.
-    ValueError: for a SparseGrad whose shapes do not match the table.
-  """
-  if isinstance(grad, SparseGrad):
-    check_sparse_grad(grad, tuple(table.shape[1:]), name=name)
-    return rows.update(grad.indices, grad.row_grads, state, table)
-  if hasattr(grad, "shape") and tuple(grad.shape) == tuple(table.shape):
-    every = jnp.arange(table.shape[0], dtype=jnp.int32)
-    return rows.update(every, grad, state, table)
-  shape = getattr(grad, "shape", None)
-  got = type(grad).__name__ + ("" if shape is None else f" of shape {tuple(shape)}")
-  raise TypeError(
-    f"{name} must be a SparseGrad or an array of the table's shape "
-    f"{tuple(table.shape)}, got {got}"
+    init=functools.partial(_init, opts),
+    step=functools.partial(_step, opts),
+    sync=functools.partial(_sync, opts),
+    value_and_grad=functools.partial(_value_and_grad, opts),
   )

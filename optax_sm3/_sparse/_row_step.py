@@ -1,0 +1,475 @@
+"""The row-sparse step of an optimizer made by :func:`optax_sm3.sm3`.
+
+Everything here is derived from the optimizer object the user built for the
+dense path: its :class:`optax_sm3._sm3.SM3Spec` names its arguments and holds
+its chain's stages. The batch's rows take those stages themselves (clipping,
+:mod:`optax_sm3._sparse._batch`'s SM3 on rows, momentum, decoupled weight
+decay, the learning rate); rows outside the batch have a zero gradient, so
+they move only by momentum and weight decay, which
+:mod:`optax_sm3._lazy_rows` composes in closed form: such rows are left
+behind and brought up to date when they are next read or updated, or by a
+round-robin sweep that bounds how far behind any row can fall.
+
+A stage with no exact row-sparse form (coupled weight decay, which gives
+every row a gradient) is refused when the sparse path is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax_sm3 import (
+  _cover,
+  _lazy_rows,
+  _momentum,
+  _scale_by_sm3,
+  _sm3,
+  _tree,
+  _validation,
+)
+from optax_sm3._sparse import _batch, _ids
+
+DEFAULT_SWEEP_PERIOD = 1024
+
+MIGRATION = (
+  "pass the optimizer itself, as built for the dense path: e.g. "
+  "sparse_rows(optax_sm3.sm3(learning_rate, momentum, beta, eps, "
+  "weight_decay=...)) or sparse_rows(optax_sm3.sm3_recipe(learning_rate, "
+  "total_steps))"
+)
+
+
+class SparseRowsState(NamedTuple):
+  """State of :func:`optax_sm3.sparse_rows` with momentum or weight decay.
+
+  Row ``i`` of the table (and of ``momentum``) holds the dense optimizer's
+  values after ``last[i]`` updates, not ``count``; ``lookup`` and ``sync``
+  bring rows up to date with ``coefficients``.
+
+  Attributes:
+    count: number of updates applied so far; shape ``()``, dtype ``int32``.
+    accumulators: the SM3 accumulators, as in
+      :class:`optax_sm3.ScaleBySM3State` for the table alone: a tuple of one
+      array per group of the table's cover (by default one float32 vector
+      per axis; one array of the table's shape for a table of rank 1).
+      Always current.
+    momentum: the EMA momentum buffer, dtype ``mu_dtype`` (or the table's),
+      stored with a leading unit axis (shape ``(1, *table.shape)``) so that
+      its shape is never the table's: ``jax.jit`` pairs donated inputs with
+      outputs by shape, and a buffer paired with the table would cost two
+      table-sized copies per step. ``None`` without momentum.
+    last: shape ``(V,)``, dtype ``int32``: the step each row is current at;
+      always ``>= count - sweep_period``.
+    coefficients: the catch-up ring, a
+      :class:`optax_sm3._lazy_rows.Coefficients` of four vectors of shape
+      ``(sweep_period + 1,)`` in the catch-up dtype (the table's, at least
+      float32).
+  """
+
+  count: jax.Array
+  accumulators: tuple[jax.Array, ...]
+  momentum: jax.Array | None
+  last: jax.Array
+  coefficients: _lazy_rows.Coefficients
+
+
+class TableRule(NamedTuple):
+  """How one table is stepped, derived from the user's optimizer.
+
+  Attributes:
+    optimizer: :func:`optax_sm3.sm3` with the user's optimizer's arguments,
+      its per-parameter options resolved for this table (``stacked_axes``
+      an int, ``weight_decay_mask`` applied: the decay, or 0).
+    spec: ``optimizer``'s :class:`optax_sm3._sm3.SM3Spec`.
+    period: ``sweep_period``, an int ``>= 1``.
+  """
+
+  optimizer: optax.GradientTransformation
+  spec: _sm3.SM3Spec
+  period: int
+
+  @property
+  def keeps_momentum(self) -> bool:
+    """Whether the optimizer keeps a momentum buffer."""
+    return not _validation.is_static_zero(self.spec.momentum)
+
+  @property
+  def decays(self) -> bool:
+    """Whether the table's weights decay (decoupled weight decay)."""
+    return not _validation.is_static_zero(self.spec.weight_decay)
+
+  @property
+  def lazy(self) -> bool:
+    """Whether rows outside the batch move (momentum or weight decay)."""
+    return self.keeps_momentum or self.decays
+
+
+def optimizer_spec(optimizer: Any, name: str = "optimizer") -> _sm3.SM3Spec:
+  """The spec of an optimizer the sparse path can take, or a clear error.
+
+  Raises:
+    TypeError: for anything not made by :func:`optax_sm3.sm3` or
+      :func:`optax_sm3.sm3_recipe` (a learning rate, as the sparse front ends
+      took before, says how to migrate).
+    ValueError: for a stage with no exact row-sparse form.
+  """
+  spec = _sm3.spec_of(optimizer)
+  if spec is None:
+    if isinstance(optimizer, optax.GradientTransformation):
+      raise TypeError(
+        f"`{name}` must be an optimizer made by optax_sm3.sm3 or "
+        "optax_sm3.sm3_recipe (the sparse path derives its row-sparse step "
+        "from it), got another optax transformation; a chain or wrapper "
+        "around sm3 (optax.chain, optax.inject_hyperparams) has no exact "
+        "row-sparse form known to optax-sm3"
+      )
+    raise TypeError(
+      f"`{name}` must be an optimizer made by optax_sm3.sm3 or "
+      f"optax_sm3.sm3_recipe, got {type(optimizer).__name__} {optimizer!r}: "
+      f"{MIGRATION}"
+    )
+  if spec.weight_decay_mode == "coupled" and not _validation.is_static_zero(
+    spec.weight_decay
+  ):
+    raise ValueError(
+      f"`{name}` has coupled weight decay (weight_decay_mode='coupled', the "
+      "stage add_decayed_weights before scale_by_sm3): it adds weight_decay * "
+      "params to every row's gradient, so every row of a table has a gradient "
+      "at every step and there is no row-sparse step. Use "
+      "weight_decay_mode='decoupled' (the default) for the tables, or train "
+      "them densely"
+    )
+  return spec
+
+
+def table_rule(
+  spec: _sm3.SM3Spec, *, stacked: int, decays: bool, period: int
+) -> TableRule:
+  """The rule of one table: the optimizer's arguments with its options resolved."""
+  fields = spec._asdict()
+  del fields["stages"]
+  fields.update(
+    stacked_axes=stacked,
+    weight_decay_mask=None,
+    weight_decay=spec.weight_decay if decays else 0.0,
+  )
+  optimizer = _sm3.sm3(**fields)
+  return TableRule(optimizer, _sm3.spec_of(optimizer), period)
+
+
+def table_rules(
+  spec: _sm3.SM3Spec, tree: Any, positions: list[int], period: int
+) -> list[TableRule]:
+  """The rule of each table leaf (at ``positions`` of ``tree``'s leaves).
+
+  ``stacked_axes`` and ``weight_decay_mask`` are resolved against ``tree``,
+  as the dense optimizer resolves them against the parameters it is given.
+  """
+  treedef = jax.tree.structure(tree)
+  stacked = treedef.flatten_up_to(
+    _scale_by_sm3.per_param(spec.stacked_axes, tree, "stacked_axes")
+  )
+  if spec.weight_decay_mask is None:
+    mask = [True] * treedef.num_leaves
+  else:
+    mask = _tree.flatten_like(
+      treedef,
+      _tree.resolve(spec.weight_decay_mask, tree),
+      "`weight_decay_mask` must have the structure of the parameters",
+    )
+  decays = not _validation.is_static_zero(spec.weight_decay)
+  return [
+    table_rule(spec, stacked=stacked[p], decays=decays and bool(mask[p]), period=period)
+    for p in positions
+  ]
+
+
+def check_sweep_period(sweep_period: Any) -> int:
+  """``sweep_period`` as an int ``>= 1``, or a ``ValueError``."""
+  if (
+    isinstance(sweep_period, bool)
+    or not isinstance(sweep_period, (int, np.integer))
+    or sweep_period < 1
+  ):
+    raise ValueError(f"`sweep_period` must be an int >= 1, got {sweep_period!r}")
+  return int(sweep_period)
+
+
+def clip(spec: _sm3.SM3Spec, grads: Any) -> Any:
+  """The optimizer's clipping stages on a tree of (row) gradients, jointly.
+
+  Exact on rows: the rows outside a batch hold zeros, which add nothing to
+  a global norm and which clipping by value keeps.
+  """
+  for stage in spec.stages.clip:
+    grads, _ = stage.update(grads, stage.init(grads))
+  return grads
+
+
+def cover_of(rule: TableRule, shape: tuple[int, ...]) -> _cover.Cover:
+  """The table's cover, as the optimizer's preconditioner chooses it."""
+  spec = rule.spec
+  return _cover.make_cover(
+    shape,
+    stacked_axes=spec.stacked_axes,
+    merge_axes_up_to=spec.merge_axes_up_to,
+    skip_unit_axes=spec.skip_unit_axes,
+  )
+
+
+def _settings(rule: TableRule) -> _batch.SM3Settings:
+  spec = rule.spec
+  return _batch.SM3Settings(spec.beta, spec.bias_correction, spec.eps, spec.variant)
+
+
+def _store(buffer: jax.Array | None) -> jax.Array | None:
+  """A row buffer as stored in the state: a leading unit axis (see there)."""
+  return None if buffer is None else buffer[None]
+
+
+def _load(buffer: jax.Array | None) -> jax.Array | None:
+  return None if buffer is None else buffer[0]
+
+
+def _is_stage(x: Any) -> bool:
+  return isinstance(
+    x, (_scale_by_sm3.ScaleBySM3State, optax.ScaleByScheduleState, SparseRowsState)
+  )
+
+
+def sm3_state(state: Any) -> _scale_by_sm3.ScaleBySM3State | None:
+  """The one ScaleBySM3State in an ``sm3`` chain state, found by type."""
+  found = [
+    x
+    for x in jax.tree.leaves(state, is_leaf=_is_stage)
+    if isinstance(x, _scale_by_sm3.ScaleBySM3State)
+  ]
+  return found[0] if len(found) == 1 else None
+
+
+def catch_up_dtype(table: Any) -> jnp.dtype:
+  """The dtype of the catch-up ring: the table's, at least float32."""
+  return jnp.promote_types(table.dtype, jnp.float32)
+
+
+def init(rule: TableRule, table: jax.Array) -> optax.OptState:
+  """The optimizer's own state, or a :class:`SparseRowsState` if lazy."""
+  state = rule.optimizer.init(table)
+  if not rule.lazy:
+    return state
+  momentum = None
+  if rule.keeps_momentum:
+    momentum = _store(rule.spec.stages.momentum.init(table).momentum)
+  return SparseRowsState(
+    count=jnp.zeros([], jnp.int32),
+    accumulators=tuple(sm3_state(state).accumulators),
+    momentum=momentum,
+    last=jnp.zeros(table.shape[:1], jnp.int32),
+    coefficients=_lazy_rows.identity(rule.period + 1, catch_up_dtype(table)),
+  )
+
+
+def _chain_rows(
+  rule: TableRule,
+  updates: jax.Array,
+  rows: jax.Array,
+  rows_momentum: jax.Array | None,
+  count: jax.Array,
+) -> tuple[jax.Array, jax.Array | None]:
+  """The optimizer's stages after SM3 (its own objects), on the batch's rows.
+
+  Returns:
+    ``(new rows, new rows' momentum)``; the momentum ``None`` without it.
+  """
+  stages = rule.spec.stages
+  updates, momentum_state = stages.momentum.update(
+    updates, _momentum.ScaleByMomentumState(rows_momentum)
+  )
+  if stages.decoupled_decay is not None:
+    decay = stages.decoupled_decay
+    updates, _ = decay.update(updates, decay.init(rows), rows)
+  rate_state = stages.rate.init(rows)
+  if isinstance(rate_state, optax.ScaleByScheduleState):
+    rate_state = optax.ScaleByScheduleState(count)
+  updates, _ = stages.rate.update(updates, rate_state)
+  return optax.apply_updates(rows, updates), momentum_state.momentum
+
+
+def _advance_stage(new_sm3: _scale_by_sm3.ScaleBySM3State, stage: Any) -> Any:
+  """One stage of ``sm3``'s chain state after a step (found by type)."""
+  if isinstance(stage, _scale_by_sm3.ScaleBySM3State):
+    return new_sm3
+  if isinstance(stage, optax.ScaleByScheduleState):
+    return optax.ScaleByScheduleState(_validation.safe_increment(stage.count))
+  return stage  # The other stages hold no state.
+
+
+def _dense_layout_step(
+  rule: TableRule, batch: _batch.RowBatch, state: optax.OptState, table: jax.Array
+) -> tuple[jax.Array, optax.OptState]:
+  """The step without momentum and weight decay: the optimizer's own state."""
+  found = sm3_state(state)
+  count = found.count
+  accumulators = tuple(found.accumulators)
+  if table.size:
+    updates, accumulators = _batch.sm3_rows(
+      _settings(rule), cover_of(rule, table.shape), batch, accumulators, count
+    )
+    old = table.at[batch.unique].get(mode="fill", fill_value=0)
+    new, _ = _chain_rows(rule, updates, old, None, count)
+    table = table.at[batch.unique].set(new, mode="drop")
+  new_sm3 = _scale_by_sm3.ScaleBySM3State(
+    _validation.safe_increment(count), accumulators
+  )
+  return table, jax.tree.map(
+    lambda stage: _advance_stage(new_sm3, stage), state, is_leaf=_is_stage
+  )
+
+
+def _sweep(count: jax.Array, unique: jax.Array, rows: int, period: int) -> jax.Array:
+  """The rows this step's sweep brings up to step ``count``.
+
+  One block of rows, round robin, so that every row is swept at least once
+  every ``period`` steps. Rows of the batch (``unique``, sorted) are left
+  out of it: they read as ``rows``, out of range.
+  """
+  block = -(-rows // period)
+  start = jnp.minimum((count % period) * block, rows - block)
+  swept = start + jnp.arange(block, dtype=jnp.int32)
+  found = jnp.minimum(jnp.searchsorted(unique, swept), unique.shape[0] - 1)
+  return jnp.where(unique[found] == swept, rows, swept)
+
+
+def _lazy_rows_step(
+  rule: TableRule,
+  unique: jax.Array,
+  updates: jax.Array,
+  state: SparseRowsState,
+  table: jax.Array,
+) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+  """The batch's rows and the sweep's, caught up; the batch's then stepped.
+
+  Returns:
+    ``(table, momentum buffer, last)`` after the step (the buffer unstored).
+  """
+  count, buffer, last = state.count, _load(state.momentum), state.last
+  k = unique.shape[0]
+  swept = _sweep(count, unique, table.shape[0], rule.period)
+  # One gather and one scatter per buffer for the batch and the sweep
+  # (an in-place slice update beside the scatter makes XLA copy the
+  # buffers whole).
+  both = jnp.concatenate([unique, swept])
+  behind = last.at[both].get(mode="fill", fill_value=0)
+  current, current_buffer = _lazy_rows.catch_up(
+    state.coefficients,
+    behind,
+    table.at[both].get(mode="fill", fill_value=0),
+    None if buffer is None else buffer.at[both].get(mode="fill", fill_value=0),
+  )
+  # The batch's rows, now current, take the dense step.
+  new, new_buffer = _chain_rows(
+    rule,
+    updates,
+    current[:k],
+    None if buffer is None else current_buffer[:k],
+    count,
+  )
+  table = table.at[both].set(jnp.concatenate([new, current[k:]]), mode="drop")
+  if buffer is not None:
+    buffer = buffer.at[both].set(
+      jnp.concatenate([new_buffer, current_buffer[k:]]), mode="drop"
+    )
+  new_count = _validation.safe_increment(count)
+  steps = jnp.concatenate(
+    [jnp.full([k], new_count, jnp.int32), jnp.full([swept.shape[0]], count, jnp.int32)]
+  )
+  # `behind <= count` always: the maximum changes nothing, but makes the
+  # write wait for the read, so XLA updates `last` in place instead of
+  # copying it (twice) to keep the read's input alive.
+  last = last.at[both].set(jnp.maximum(steps, behind), mode="drop")
+  return table, buffer, last
+
+
+def _advance_ring(
+  rule: TableRule, state: SparseRowsState, new_count: jax.Array, dtype: Any
+) -> _lazy_rows.Coefficients:
+  """The catch-up ring with this step's coefficients added."""
+  spec = rule.spec
+  lr = spec.learning_rate
+  rate = jnp.asarray(lr(state.count) if callable(lr) else lr, dtype)
+  zero = jnp.zeros([], dtype)
+  mu = _validation.complement(spec.momentum, dtype)[0] if rule.keeps_momentum else zero
+  lam = jnp.asarray(spec.weight_decay, dtype) if rule.decays else zero
+  look_ahead = mu if spec.nesterov else None
+  return _lazy_rows.advance(state.coefficients, new_count, mu, rate, lam, look_ahead)
+
+
+def _lazy_step(
+  rule: TableRule, batch: _batch.RowBatch, state: SparseRowsState, table: jax.Array
+) -> tuple[jax.Array, SparseRowsState]:
+  """The step with momentum or weight decay: rows are left behind."""
+  accumulators, buffer, last = state.accumulators, state.momentum, state.last
+  new_count = _validation.safe_increment(state.count)
+  if table.size:
+    updates, accumulators = _batch.sm3_rows(
+      _settings(rule), cover_of(rule, table.shape), batch, accumulators, state.count
+    )
+    table, buffer, last = _lazy_rows_step(rule, batch.unique, updates, state, table)
+    buffer = _store(buffer)
+  else:
+    last = jnp.full_like(last, new_count)
+  coefficients = _advance_ring(rule, state, new_count, catch_up_dtype(table))
+  return table, SparseRowsState(new_count, accumulators, buffer, last, coefficients)
+
+
+def step(
+  rule: TableRule, batch: _batch.RowBatch, state: optax.OptState, table: jax.Array
+) -> tuple[jax.Array, optax.OptState]:
+  """One step of the table from its (clipped) batch of rows."""
+  if rule.lazy:
+    return _lazy_step(rule, batch, state, table)
+  return _dense_layout_step(rule, batch, state, table)
+
+
+def lookup(
+  rule: TableRule, indices: jax.Array, state: optax.OptState, table: jax.Array
+) -> jax.Array:
+  """The rows ``table[indices]`` as the dense optimizer holds them now."""
+  rows = table.shape[0]
+  flat = _ids.in_range(indices.reshape(-1), rows)
+  values = table.at[flat].get(mode="fill", fill_value=jnp.nan)
+  if rule.lazy:
+    buffer = _load(state.momentum)
+    values, _ = _lazy_rows.catch_up(
+      state.coefficients,
+      state.last.at[flat].get(mode="fill", fill_value=0),
+      values,
+      None if buffer is None else buffer.at[flat].get(mode="fill", fill_value=0),
+    )
+  return values.reshape(*indices.shape, *table.shape[1:])
+
+
+def sync(
+  rule: TableRule, state: optax.OptState, table: jax.Array
+) -> tuple[jax.Array, optax.OptState]:
+  """Every row caught up to ``state.count`` (a no-op unless lazy)."""
+  if not rule.lazy:
+    return table, state
+  table, buffer = _lazy_rows.catch_up(
+    state.coefficients, state.last, table, _load(state.momentum)
+  )
+  last = jnp.full_like(state.last, state.count)
+  return table, state._replace(momentum=_store(buffer), last=last)
+
+
+def expected_state(
+  init_fn: Callable[[jax.Array], optax.OptState], shape: tuple[int, ...], dtype: Any
+) -> Any:
+  """The shapes and dtypes of ``init_fn`` for a table of ``shape`` and ``dtype``."""
+  return jax.eval_shape(init_fn, jax.ShapeDtypeStruct(shape, dtype))
