@@ -134,7 +134,6 @@ def sm3_rows(
     The updates of the batch's rows (zero in padding slots) and the
     table's accumulators after the step.
   """
-  rows = cover.shape[0]
   k = batch.unique.shape[0]
   dtype = accumulators[0].dtype
   beta = settings.beta(count) if callable(settings.beta) else settings.beta
