@@ -22,7 +22,11 @@ import optax_sm3
 
 ROWS, DIM, K, STEPS = 1024, 16, 32, 5
 SWEEP_PERIOD = 64  # a sweep block of 1024 / 64 = 16 rows per step
-CONFIGS = {"0.0": {}, "0.9": {"momentum": 0.9, "weight_decay": 0.01}}
+# The tables' optimizer of each config: optax_sm3.sm3(0.1, **CONFIGS[config]).
+CONFIGS = {
+  "0.0": {"momentum": 0.0},
+  "0.9": {"momentum": 0.9, "weight_decay": 0.01},
+}
 # Rows split over "model"; on the 4x2 mesh the batch is split over "data".
 MESHES = {"8": ((8,), ("model",), P()), "4x2": ((4, 2), ("model", "data"), P("data"))}
 
@@ -41,8 +45,12 @@ def table_and_batches():
   return table, batches
 
 
+def table_tx(config):
+  return optax_sm3.sm3(0.1, **CONFIGS[config])
+
+
 def make_opt(config):
-  return optax_sm3.sparse_rows(0.1, sweep_period=SWEEP_PERIOD, **CONFIGS[config])
+  return optax_sm3.sparse_rows(table_tx(config), sweep_period=SWEEP_PERIOD)
 
 
 PROBE = np.arange(0, 300, 7, dtype=np.int32)  # rows read through lookup
@@ -209,9 +217,7 @@ def nnx_run():
 
   def build():
     model = sparse_nnx.SparseEmbed(ROWS, DIM, rngs=nnx.Rngs(0))
-    optimizer = sparse_nnx.SparseOptimizer(
-      model, optax_sm3.sm3(0.1), 0.1, **CONFIGS["0.9"]
-    )
+    optimizer = sparse_nnx.SparseOptimizer(model, optax_sm3.sm3(0.1), table_tx("0.9"))
     return model, optimizer
 
   step = _nnx_step()
@@ -226,7 +232,7 @@ def nnx_run():
   table_sh = NamedSharding(mesh, P("model", None))
   model, optimizer = build()
   state_sh = optax_sm3.state_shardings(
-    optimizer.sparse_rows, model.embedding[...], table_sh
+    model.sparse_rows, model.embedding[...], table_sh
   )
   model.embedding.value = jax.device_put(model.embedding[...], table_sh)
   state = jax.device_put(nnx.as_pure(model.sparse_state), state_sh)
@@ -260,7 +266,7 @@ def tables_run(config):
   table, batches = big_batches()
   w = np.linspace(-1.0, 1.0, BIG_DIM * 8, dtype=np.float32).reshape(BIG_DIM, 8)
   opt = optax_sm3.sparse_tables(
-    optax.adam(0.01), 0.1, **CONFIGS[config], tables={"table": True, "w": False}
+    optax.adam(0.01), table_tx(config), tables={"table": True, "w": False}
   )
 
   def loss(params, ids):
@@ -343,9 +349,7 @@ def nnx_tables_run():
       rngs=nnx.Rngs(0),
       embedding_metadata=metadata,
     )
-    optimizer = sparse_nnx.SparseOptimizer(
-      model, optax_sm3.sm3(0.1), 0.1, **CONFIGS["0.9"]
-    )
+    optimizer = sparse_nnx.SparseOptimizer(model, optax_sm3.sm3(0.1), table_tx("0.9"))
     return model, optimizer
 
   step = _nnx_step()
@@ -360,7 +364,7 @@ def nnx_tables_run():
     as_built = per_device_bytes(nnx.as_pure(model.sparse_state).accumulators[0])
     model.sparse_state = nnx.data(
       _nnx_state.sparse_state_variables(
-        optimizer.sparse_rows, model.embedding, sparse_nnx.SparseState
+        model.sparse_rows, model.embedding, sparse_nnx.SparseState
       )
     )
     specs = nnx.as_pure(nnx.get_partition_spec(model.sparse_state))

@@ -49,7 +49,7 @@ def test_non_finite_entries_count_as_zero_in_the_accumulators(variant, shape, ba
 
 def test_non_finite_rows_in_sparse_rows_match_dense():
   table = jnp.ones((50, 4))
-  sparse = optax_sm3.sparse_rows(0.1)
+  sparse = optax_sm3.sparse_rows(optax_sm3.sm3(0.1, momentum=0.0))
   dense = optax_sm3.sm3(0.1, momentum=0.0)
   rows = jnp.asarray([[1.0, np.nan, 2.0, 3.0], [np.inf, 1.0, 1.0, 1.0]])
   ids = jnp.asarray([3, 9])

@@ -30,8 +30,8 @@ def _pair(lr_name, momentum, beta, weight_decay, period=None):
   """(sparse, dense, jitted dense step) for one set of hyperparameters."""
   lr = _learning_rate(lr_name)
   kwargs = {} if period is None else {"sweep_period": period}
-  sparse = optax_sm3.sparse_rows(lr, momentum, beta, 1e-8, weight_decay, **kwargs)
   dense = optax_sm3.sm3(lr, momentum, beta, 1e-8, weight_decay=weight_decay)
+  sparse = optax_sm3.sparse_rows(dense, **kwargs)
 
   @jax.jit
   def dense_step(indices, row_grads, state, table):
@@ -330,7 +330,7 @@ def test_every_row_in_the_batch(beta):
 def test_first_step_beta_from_zero_accumulators():
   # Step 1 with beta > 0 from all-zero accumulators, a small batch of a big
   # table: the column accumulators are (1 - beta) * max g**2 over the batch.
-  sparse = optax_sm3.sparse_rows(0.1, beta=0.9)
+  sparse = optax_sm3.sparse_rows(optax_sm3.sm3(0.1, momentum=0.0, beta=0.9))
   grads = np.array([[1.0, -3.0], [2.0, 0.5]], np.float32)
   table, state = sparse.update(
     np.array([7, 2]), grads, sparse.init(jnp.zeros((100, 2))), jnp.zeros((100, 2))
@@ -393,7 +393,9 @@ def test_empty_batch_is_a_step_with_zero_gradient(hyper):
 @pytest.mark.parametrize("shape", [(0, 5), (5, 0), (0,)])
 @pytest.mark.parametrize("lazy", [False, True])
 def test_zero_size_tables(shape, lazy):
-  sparse = optax_sm3.sparse_rows(0.1, 0.9 if lazy else 0.0, weight_decay=0.01 * lazy)
+  sparse = optax_sm3.sparse_rows(
+    optax_sm3.sm3(0.1, momentum=0.9 if lazy else 0.0, weight_decay=0.01 * lazy)
+  )
   table = jnp.zeros(shape)
   state = sparse.init(table)
   row_shape = shape[1:]
@@ -449,7 +451,9 @@ def test_donated_step_needs_no_table_sized_temporary(momentum):
   # The momentum buffer is stored as (1, V, D) so that jit's donation (which
   # pairs inputs and outputs by shape) cannot swap it with the table; a
   # swap, or an in-place write beside a fused read, makes XLA copy the table.
-  sparse = optax_sm3.sparse_rows(0.1, momentum, weight_decay=0.01)
+  sparse = optax_sm3.sparse_rows(
+    optax_sm3.sm3(0.1, momentum=momentum, weight_decay=0.01)
+  )
   table = jnp.zeros((8192, 16))
   state = sparse.init(table)
   update = jax.jit(sparse.update, donate_argnums=(2, 3))
@@ -460,7 +464,9 @@ def test_donated_step_needs_no_table_sized_temporary(momentum):
 
 
 def test_state_structure_dtypes_and_shapes_are_stable():
-  sparse = optax_sm3.sparse_rows(SCHEDULE, momentum=0.9, beta=0.5, weight_decay=0.1)
+  sparse = optax_sm3.sparse_rows(
+    optax_sm3.sm3(SCHEDULE, momentum=0.9, beta=0.5, weight_decay=0.1)
+  )
   table = jnp.ones((8, 2, 3), jnp.bfloat16)
   state = sparse.init(table)
   new_table, new_state = sparse.update(
@@ -486,11 +492,13 @@ def test_state_structure_dtypes_and_shapes_are_stable():
 
 def test_init_equals_sm3_init_without_momentum_and_decay():
   table = jnp.ones((4, 3))
-  sparse = optax_sm3.sparse_rows(SCHEDULE)
+  sparse = optax_sm3.sparse_rows(optax_sm3.sm3(SCHEDULE, momentum=0.0))
   dense = optax_sm3.sm3(SCHEDULE, 0.0)
   _assert_close(sparse.init(table), dense.init(table), rtol=0, atol=0)
   # momentum = 0 keeps no buffer: the state is O(V + D).
-  state = optax_sm3.sparse_rows(0.1).init(jnp.ones((1000, 16)))
+  state = optax_sm3.sparse_rows(optax_sm3.sm3(0.1, momentum=0.0)).init(
+    jnp.ones((1000, 16))
+  )
   assert sum(x.size for x in jax.tree.leaves(state)) == 1000 + 16 + 1
 
 
@@ -500,7 +508,8 @@ def test_init_equals_sm3_init_without_momentum_and_decay():
 def test_lazy_state_layout(momentum, weight_decay):
   table = jnp.ones((1000, 16), jnp.bfloat16)
   sparse = optax_sm3.sparse_rows(
-    SCHEDULE, momentum, weight_decay=weight_decay, sweep_period=7
+    optax_sm3.sm3(SCHEDULE, momentum=momentum, weight_decay=weight_decay),
+    sweep_period=7,
   )
   state = sparse.init(table)
   assert isinstance(state, optax_sm3.SparseRowsState)
@@ -554,18 +563,31 @@ def test_out_of_range_indices_under_jit(lazy):
 def test_rejects_hyperparameters_out_of_range(kwargs, name):
   kwargs = {"learning_rate": 0.1, **kwargs}
   with pytest.raises(ValueError, match=rf"`{name}` must be in"):
-    optax_sm3.sparse_rows(**kwargs)
+    optax_sm3.sparse_rows(optax_sm3.sm3(**kwargs))
+
+
+def test_rejects_what_sm3_did_not_make():
+  # A learning rate (the old signature) is refused with the new call shown.
+  with pytest.raises(TypeError, match=r"sparse_rows\(optax_sm3\.sm3\("):
+    optax_sm3.sparse_rows(0.1)
+  for other in (optax.sgd(0.1), optax.chain(optax_sm3.sm3(0.1))):
+    with pytest.raises(TypeError, match="made by optax_sm3.sm3"):
+      optax_sm3.sparse_rows(other)
+  # Coupled decay gives every row a gradient: no row-sparse form.
+  coupled = optax_sm3.sm3(0.1, weight_decay=0.1, weight_decay_mode="coupled")
+  with pytest.raises(ValueError, match="coupled"):
+    optax_sm3.sparse_rows(coupled)
 
 
 @pytest.mark.parametrize("period", [0, -3, 2.5, True, None])
 def test_rejects_bad_sweep_period(period):
   with pytest.raises(ValueError, match="`sweep_period` must be an int >= 1"):
-    optax_sm3.sparse_rows(0.1, 0.9, sweep_period=period)
+    optax_sm3.sparse_rows(optax_sm3.sm3(0.1, momentum=0.9), sweep_period=period)
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_rejects_bad_batches_and_tables(momentum):
-  sparse = optax_sm3.sparse_rows(0.1, momentum)
+  sparse = optax_sm3.sparse_rows(optax_sm3.sm3(0.1, momentum=momentum))
   table = jnp.ones((5, 3))
   state = sparse.init(table)
   cases = [
@@ -600,7 +622,7 @@ def test_rejects_bad_batches_and_tables(momentum):
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_rejects_a_state_made_for_another_table(momentum):
-  sparse = optax_sm3.sparse_rows(0.1, momentum)
+  sparse = optax_sm3.sparse_rows(optax_sm3.sm3(0.1, momentum=momentum))
   state = sparse.init(jnp.ones((5, 3)))
   grown = jnp.ones((7, 3))
   # A vocabulary that grew: both shapes are named, in every entry point.
@@ -623,7 +645,9 @@ def test_rejects_a_state_made_for_another_table(momentum):
       sparse.update(
         np.array([0]), np.ones((1, 3)), state, jnp.ones((5, 3), jnp.bfloat16)
       )
-  other = optax_sm3.sparse_rows(0.1, 0.9 - momentum).init(jnp.ones((5, 3)))
+  other = optax_sm3.sparse_rows(optax_sm3.sm3(0.1, momentum=0.9 - momentum)).init(
+    jnp.ones((5, 3))
+  )
   with pytest.raises(ValueError, match="`state` does not belong"):
     sparse.update(np.array([0]), np.ones((1, 3)), other, jnp.ones((5, 3)))
 

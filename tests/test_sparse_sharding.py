@@ -38,7 +38,7 @@ import _sparse_sharding_worker as worker  # noqa: E402
   ],
 )
 def test_lazy_state_follows_the_table_rows(shape, spec, accumulators, momentum):
-  rows = optax_sm3.sparse_rows(0.1, momentum=0.9, weight_decay=0.01)
+  rows = optax_sm3.sparse_rows(optax_sm3.sm3(0.1, momentum=0.9, weight_decay=0.01))
   state = optax_sm3.state_partition_specs(rows, jnp.zeros(shape), spec)
   assert isinstance(state, optax_sm3.SparseRowsState)
   assert state.accumulators == accumulators
@@ -49,7 +49,7 @@ def test_lazy_state_follows_the_table_rows(shape, spec, accumulators, momentum):
 
 
 def test_decay_only_state_has_no_momentum_spec():
-  rows = optax_sm3.sparse_rows(0.1, weight_decay=0.01)
+  rows = optax_sm3.sparse_rows(optax_sm3.sm3(0.1, momentum=0.0, weight_decay=0.01))
   state = optax_sm3.state_partition_specs(rows, jnp.zeros((16, 4)), P("m", None))
   assert state.momentum is None
   assert state.last == P("m")
@@ -58,7 +58,7 @@ def test_decay_only_state_has_no_momentum_spec():
 def test_dense_layout_state_is_sm3s():
   # Without momentum and decay the state is sm3's chain state, specs included.
   table = jax.ShapeDtypeStruct((64, 8), jnp.float32)
-  rows = optax_sm3.sparse_rows(0.1)
+  rows = optax_sm3.sparse_rows(optax_sm3.sm3(0.1, momentum=0.0))
   got = optax_sm3.state_partition_specs(rows, table, P("m", None))
   assert got == optax_sm3.state_partition_specs(
     optax_sm3.sm3(0.1, momentum=0.0), table, P("m", None)
@@ -70,7 +70,7 @@ def test_state_shardings_of_sparse_rows():
   mesh = jax.make_mesh(
     (1,), ("model",), axis_types=(AxisType.Auto,), devices=jax.devices()[:1]
   )
-  rows = optax_sm3.sparse_rows(0.1, momentum=0.9)
+  rows = optax_sm3.sparse_rows(optax_sm3.sm3(0.1, momentum=0.9))
   table = jnp.ones((16, 4))
   table_sh = NamedSharding(mesh, P("model", None))
   out = optax_sm3.state_shardings(rows, table, table_sh)
@@ -87,7 +87,7 @@ def test_state_shardings_of_sparse_rows():
 
 
 def test_bad_arguments():
-  rows = optax_sm3.sparse_rows(0.1, momentum=0.9)
+  rows = optax_sm3.sparse_rows(optax_sm3.sm3(0.1, momentum=0.9))
   two = {"a": jnp.zeros((4, 2)), "b": jnp.zeros((4, 2))}
   with pytest.raises(ValueError, match="`params` must be the table"):
     optax_sm3.state_partition_specs(rows, two, {"a": P(), "b": P()})
@@ -96,7 +96,8 @@ def test_bad_arguments():
 
 
 def _tables_opt(momentum, **kwargs):
-  return optax_sm3.sparse_tables(optax.adam(0.1), 0.1, momentum=momentum, **kwargs)
+  table_tx = optax_sm3.sm3(0.1, momentum=momentum)
+  return optax_sm3.sparse_tables(optax.adam(0.1), table_tx, **kwargs)
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
@@ -110,7 +111,7 @@ def test_sparse_tables_state_follows_each_table_and_the_rest(momentum):
   opt = _tables_opt(momentum, tables={"a": False, "table": True, "w": False})
   got = optax_sm3.state_partition_specs(opt, params, specs)
   # Each table's specs are sparse_rows' own for that table.
-  rows = optax_sm3.sparse_rows(0.1, momentum=momentum)
+  rows = optax_sm3.sparse_rows(optax_sm3.sm3(0.1, momentum=momentum))
   assert got.tables == (
     optax_sm3.state_partition_specs(rows, params["table"], specs["table"]),
   )
@@ -157,7 +158,7 @@ def test_sparse_tables_of_one_shape_told_apart_by_the_rest_state():
   assert got.rest[0].mu == {"a": P("m"), "b": None}
   # sgd's state holds no such tree: the layout cannot be told, and says so.
   opt = optax_sm3.sparse_tables(
-    optax.sgd(0.1), 0.1, momentum=0.9, tables={"a": False, "b": True}
+    optax.sgd(0.1), optax_sm3.sm3(0.1, momentum=0.9), tables={"a": False, "b": True}
   )
   with pytest.raises(ValueError, match="cannot be told"):
     optax_sm3.state_partition_specs(opt, params, specs)

@@ -25,7 +25,9 @@ def _loss(params, ids):
 
 
 def test_update_raises_and_names_the_fix():
-  opt = optax_sm3.sparse_tables(optax.sgd(0.1), learning_rate=0.1, tables=MASK)
+  opt = optax_sm3.sparse_tables(
+    optax.sgd(0.1), optax_sm3.sm3(0.1, momentum=0.0), tables=MASK
+  )
   assert not isinstance(opt, optax.GradientTransformation)
   assert not isinstance(opt, tuple)  # No (init, update) unpacking either.
   params = _params()
@@ -40,7 +42,9 @@ def test_update_raises_and_names_the_fix():
 
 
 def test_step_returns_params_not_updates():
-  opt = optax_sm3.sparse_tables(optax.sgd(0.1), learning_rate=0.1, tables=MASK)
+  opt = optax_sm3.sparse_tables(
+    optax.sgd(0.1), optax_sm3.sm3(0.1, momentum=0.0), tables=MASK
+  )
   params = _params()
   state = opt.init(params)
   _, grads = opt.value_and_grad(_loss)(params, state, jnp.array([1, 1]))
@@ -52,7 +56,9 @@ def test_step_returns_params_not_updates():
 
 
 def test_step_under_jit_compiles_once():
-  opt = optax_sm3.sparse_tables(optax.sgd(0.1), learning_rate=0.1, tables=MASK)
+  opt = optax_sm3.sparse_tables(
+    optax.sgd(0.1), optax_sm3.sm3(0.1, momentum=0.0), tables=MASK
+  )
   params = _params()
   state = opt.init(params)
   step = jax.jit(opt.step)
@@ -64,7 +70,9 @@ def test_step_under_jit_compiles_once():
 
 def test_sparse_grad_outside_the_tables_is_rejected():
   opt = optax_sm3.sparse_tables(
-    optax.sgd(0.1), learning_rate=0.1, tables={"table": False, "w": False}
+    optax.sgd(0.1),
+    optax_sm3.sm3(0.1, momentum=0.0),
+    tables={"table": False, "w": False},
   )
   params = _params()
   _, grads = optax_sm3.sparse_value_and_grad(_loss)(params, jnp.array([1]))
@@ -77,7 +85,9 @@ def test_sparse_grad_outside_the_tables_is_rejected():
 )
 def test_tables_must_be_booleans(tables):
   params = {"table": jnp.ones((5, 2)), "w": jnp.ones(2)}
-  opt = optax_sm3.sparse_tables(optax.sgd(0.1), 0.1, tables=tables)
+  opt = optax_sm3.sparse_tables(
+    optax.sgd(0.1), optax_sm3.sm3(0.1, momentum=0.0), tables=tables
+  )
   with pytest.raises(TypeError, match="`tables` must be a tree of booleans"):
     opt.init(params)
 
@@ -94,9 +104,13 @@ def test_tables_as_a_function_or_an_equinox_tree_of_booleans():
 
   params = Model(jnp.ones((5, 2)), jnp.ones(2))
   flags = Model(True, False)  # Callable (an eqx.Module), but a tree of flags.
-  by_tree = optax_sm3.sparse_tables(optax.sgd(0.1), 0.1, tables=flags)
+  by_tree = optax_sm3.sparse_tables(
+    optax.sgd(0.1), optax_sm3.sm3(0.1, momentum=0.0), tables=flags
+  )
   by_function = optax_sm3.sparse_tables(
-    optax.sgd(0.1), 0.1, tables=lambda p: Model(True, False)
+    optax.sgd(0.1),
+    optax_sm3.sm3(0.1, momentum=0.0),
+    tables=lambda p: Model(True, False),
   )
   for opt in (by_tree, by_function):
     state = opt.init(params)
