@@ -242,7 +242,7 @@ def test_out_of_range_ids_under_jit_read_nan_and_are_dropped_everywhere():
   loss = lambda p, i: jnp.sum(jnp.nan_to_num(sparse_lookup(p["t"], i)) @ p["w"])
   _, grads = jax.jit(sparse_value_and_grad(loss))(params, ids)
   np.testing.assert_array_equal(grads["t"].indices, [-1, 2, -1])
-  rows_opt = optax_sm3.sparse_rows(0.1)
+  rows_opt = optax_sm3.sparse_rows(optax_sm3.sm3(0.1, momentum=0.0))
   state = rows_opt.init(params["t"])
   new, _ = jax.jit(rows_opt.update)(*grads["t"], state, params["t"])
   changed = np.flatnonzero(np.any(np.asarray(new != params["t"]), axis=1))
@@ -270,7 +270,7 @@ _, g = jax.jit(optax_sm3.sparse_value_and_grad(loss))(table, ids)
 np.testing.assert_array_equal(g.indices, [-1, -1, 4])
 _, g = optax_sm3.sparse_value_and_grad(loss)(table, jnp.array([5, 0], jnp.int32))
 np.testing.assert_array_equal(g.indices, [5, 0])  # int32 ids under x64
-rows_opt = optax_sm3.sparse_rows(0.1)
+rows_opt = optax_sm3.sparse_rows(optax_sm3.sm3(0.1, momentum=0.0))
 new, _ = jax.jit(rows_opt.update)(ids, jnp.ones((3, 2)), rows_opt.init(table), table)
 changed = np.flatnonzero(np.any(np.asarray(new != table), axis=1))
 np.testing.assert_array_equal(changed, [4])
@@ -329,7 +329,7 @@ def test_vmapped_sparse_training_matches_dense_sm3(
     return jnp.mean(batched(p["t"], p["w"], i))
 
   dense_tx = optax_sm3.sm3(0.1, momentum=momentum)
-  rows_opt = optax_sm3.sparse_rows(0.1, momentum=momentum)
+  rows_opt = optax_sm3.sparse_rows(dense_tx)
   w_tx = optax_sm3.sm3(0.1, momentum=momentum)
   dense, d_state = params, dense_tx.init(params)
   table, t_state = params["t"], rows_opt.init(params["t"])
@@ -376,10 +376,8 @@ def test_sparse_tables_reads_through_its_state_under_vmap_and_checkpoint():
     per = jax.checkpoint(lambda r: _row_loss(p["t"], p["w"], r))
     return jnp.sum(jax.vmap(per)(i) ** 2)
 
-  opt = optax_sm3.sparse_tables(
-    optax_sm3.sm3(0.1, momentum=0.9), 0.1, momentum=0.9, tables={"t": True, "w": False}
-  )
   dense_tx = optax_sm3.sm3(0.1, momentum=0.9)
+  opt = optax_sm3.sparse_tables(dense_tx, tables={"t": True, "w": False})
 
   @jax.jit
   def step(p, state, i):

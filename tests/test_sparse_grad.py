@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _lazy_rows import lazy_sparse_rows
+from _lazy_rows import lazy_table
 from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 
@@ -146,8 +146,8 @@ def test_sparse_tables_matches_dense_sm3(beta, momentum, weight_decay, seed):
 
 
 def test_sparse_tables_reads_stale_tables_through_lookup(monkeypatch):
-  lazy = lazy_sparse_rows(optax_sm3._sparse._rows.sparse_rows)
-  monkeypatch.setattr(optax_sm3._sparse._rows, "sparse_rows", lazy)
+  lazy = lazy_table(optax_sm3._sparse._rows.Table)
+  monkeypatch.setattr(optax_sm3._sparse._rows, "Table", lazy)
   _check_sparse_tables(_hyper(0.5, 0.0, 0.0), 3, 20, 1e-5)
 
 
@@ -155,11 +155,10 @@ def _check_sparse_tables(hyper, seed, steps, rtol):
   params = dict(_params(), unused=jnp.ones((5, 3)))
   mask = {"table": True, "other": True, "unused": True, "w": False}
   tx = optax.adam(1e-2)
-  opt = sparse_tables(tx, **hyper, tables=mask)
+  table_tx = optax_sm3.sm3(**hyper)
+  opt = sparse_tables(tx, table_tx, tables=mask)
   labels = {k: "tables" if v else "rest" for k, v in mask.items()}
-  dense = optax.multi_transform(
-    {"tables": optax_sm3.sm3(**{**hyper, "eps": hyper["eps"]}), "rest": tx}, labels
-  )
+  dense = optax.multi_transform({"tables": table_tx, "rest": tx}, labels)
   rng = np.random.default_rng(seed)
   batches = (
     rng.integers(0, 25, (steps, 2, 3)).astype(np.int32),
@@ -198,12 +197,12 @@ def _check_sparse_tables(hyper, seed, steps, rtol):
 def test_sparse_tables_bad_input():
   params = _params()
   mask = {"table": True, "other": True, "w": False}
-  opt = sparse_tables(optax.sgd(0.1), learning_rate=0.1, tables=mask)
+  opt = sparse_tables(optax.sgd(0.1), optax_sm3.sm3(0.1, momentum=0.0), tables=mask)
   state = opt.init(params)
   with pytest.raises(ValueError, match="tables"):
-    sparse_tables(optax.sgd(0.1), learning_rate=0.1, tables={"table": True}).init(
-      params
-    )
+    sparse_tables(
+      optax.sgd(0.1), optax_sm3.sm3(0.1, momentum=0.0), tables={"table": True}
+    ).init(params)
   batch = (jnp.array([[1, 2, 3]]), jnp.array([4]), jnp.array([1.0]))
   _, grads = opt.value_and_grad(_loss)(params, state, *batch)
   with pytest.raises(ValueError, match="grads"):
