@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _lazy_rows import lazy_sparse_rows
+from _lazy_rows import lazy_table
 
 import optax_sm3
 
@@ -98,11 +98,10 @@ def test_matches_dense_sm3(padding_id):
   hyper = dict(learning_rate=0.1, momentum=0.5, beta=0.9, eps=1e-8, weight_decay=1e-3)
   tx = optax.adam(1e-2)
   mask = {"items": {"embedding": True}, "head": {"kernel": False, "bias": False}}
-  opt = sparse_linen.sparse_tables(tx, **hyper, tables=mask)
+  table_tx = optax_sm3.sm3(**hyper)
+  opt = sparse_linen.sparse_tables(tx, table_tx, tables=mask)
   labels = jax.tree.map(lambda m: "tables" if m else "rest", mask)
-  ref_opt = optax.multi_transform(
-    {"tables": optax_sm3.sm3(**hyper), "rest": tx}, labels
-  )
+  ref_opt = optax.multi_transform({"tables": table_tx, "rest": tx}, labels)
 
   @jax.jit
   def run(params):
@@ -160,8 +159,8 @@ def test_import_names_the_extra():
 @pytest.mark.parametrize("lazy", [False, True])
 def test_attend_trains_exactly(lazy, monkeypatch):
   if lazy:  # A stored table that lags: attend must read the synced one.
-    real = optax_sm3._sparse._rows.sparse_rows
-    monkeypatch.setattr(optax_sm3._sparse._rows, "sparse_rows", lazy_sparse_rows(real))
+    real = optax_sm3._sparse._rows.Table
+    monkeypatch.setattr(optax_sm3._sparse._rows, "Table", lazy_table(real))
 
   class Tied(nn.Module):
     embed: type = sparse_linen.SparseEmbed
@@ -180,10 +179,10 @@ def test_attend_trains_exactly(lazy, monkeypatch):
     )
 
   hyper = dict(learning_rate=0.1, momentum=0.5, beta=0.5, eps=1e-8)
-  opt = sparse_linen.sparse_tables(
-    optax.sgd(0.1), **hyper, tables=lambda p: jax.tree.map(lambda _: True, p)
-  )
   ref = optax_sm3.sm3(**hyper)
+  opt = sparse_linen.sparse_tables(
+    optax.sgd(0.1), ref, tables=lambda p: jax.tree.map(lambda _: True, p)
+  )
 
   @jax.jit
   def run(params):
@@ -242,7 +241,9 @@ def _tower_batches(steps, seed=0):
 
 def _sparse_state(model, batches, tx=None, **kwargs):
   params = model.init(jax.random.key(0), batches[0][0], batches[1][0])["params"]
-  tx = tx or optax_sm3.sparse_tables(optax.adam(1e-2), **_HYPER, tables=_IS_TABLE)
+  tx = tx or optax_sm3.sparse_tables(
+    optax.adam(1e-2), optax_sm3.sm3(**_HYPER), tables=_IS_TABLE
+  )
   return sparse_linen.SparseTrainState.create(
     apply_fn=model.apply, params=params, tx=tx, **kwargs
   )
@@ -340,7 +341,9 @@ def test_train_state_orbax_round_trip_continues_identically():
 def test_train_state_with_multi_steps_matches_optax_multisteps():
   every_k, calls = 3, 6
   batches = _tower_batches(calls, seed=2)
-  tables = optax_sm3.sparse_tables(optax.adam(1e-2), **_HYPER, tables=_IS_TABLE)
+  tables = optax_sm3.sparse_tables(
+    optax.adam(1e-2), optax_sm3.sm3(**_HYPER), tables=_IS_TABLE
+  )
   multi = optax_sm3.sparse_multi_steps(tables, every_k)
   probe = _sparse_state(Tower(), batches, tx=tables)
   _, grads_like = jax.eval_shape(
@@ -365,7 +368,9 @@ def test_sparse_tables_cannot_be_taken_for_an_optax_transformation():
   batches = _tower_batches(1)
   model = Tower()
   params = model.init(jax.random.key(0), batches[0][0], batches[1][0])["params"]
-  opt = optax_sm3.sparse_tables(optax.sgd(0.1), learning_rate=0.1, tables=_IS_TABLE)
+  opt = optax_sm3.sparse_tables(
+    optax.sgd(0.1), optax_sm3.sm3(0.1, momentum=0.0), tables=_IS_TABLE
+  )
   # Flax's TrainState would add the new params to the old: it fails instead.
   state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=opt)
   grads = jax.grad(_tower_loss(model.apply))(params, *(b[0] for b in batches))
