@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _lazy_rows import lazy_sparse_rows
+from _lazy_rows import lazy_table
 from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 
@@ -124,14 +124,8 @@ def _train_pair(hyper, padding_id, seed, steps):
   else:
     dense = Model(nnx.Rngs(0), embed=PaddedEmbed, padding_id=padding_id)
   tx = optax.adam(1e-2)
-  optimizer = sparse_nnx.SparseOptimizer(sparse, tx, **hyper)
-  tables_tx = optax_sm3.sm3(
-    hyper["learning_rate"],
-    hyper["momentum"],
-    hyper["beta"],
-    hyper["eps"],
-    weight_decay=hyper["weight_decay"],
-  )
+  tables_tx = optax_sm3.sm3(**hyper)
+  optimizer = sparse_nnx.SparseOptimizer(sparse, tx, tables_tx)
 
   def sparse_step(objects, batch):
     model, optimizer = objects
@@ -194,9 +188,7 @@ def test_matches_dense_sm3_over_200_steps(
 @pytest.fixture
 def lazy_rows(monkeypatch):
   monkeypatch.setattr(
-    optax_sm3._sparse._rows,
-    "sparse_rows",
-    lazy_sparse_rows(optax_sm3._sparse._rows.sparse_rows),
+    optax_sm3._sparse._rows, "Table", lazy_table(optax_sm3._sparse._rows.Table)
   )
 
 
@@ -268,7 +260,7 @@ def test_no_table_sized_array_in_the_gradient():
       return self.head(self.items(ids).mean(axis=1))[:, 0]
 
   model = Big(nnx.Rngs(0))
-  sparse_nnx.SparseOptimizer(model, optax.sgd(0.1), learning_rate=0.1)
+  sparse_nnx.SparseOptimizer(model, optax.sgd(0.1), optax_sm3.sm3(0.1, momentum=0.0))
   graphdef, state = nnx.split(model)
 
   def grads_of(state, ids):
@@ -309,7 +301,7 @@ def test_attend_takes_the_exact_dense_step():
 def _check_attend(rtol, check_grads=False):
   sparse, dense = Tied(nnx.Rngs(0)), Tied(nnx.Rngs(0), embed=nnx.Embed)
   hyper = dict(_HYPER, beta=0.5, momentum=0.5)
-  optimizer = sparse_nnx.SparseOptimizer(sparse, optax.sgd(0.1), **hyper)
+  optimizer = sparse_nnx.SparseOptimizer(sparse, optax.sgd(0.1), optax_sm3.sm3(**hyper))
   ref = nnx.Optimizer(dense, optax_sm3.sm3(0.1, 0.5, 0.5, 1e-8), wrt=nnx.Param)
   loss = lambda m, ids: jnp.mean(
     optax.softmax_cross_entropy_with_integer_labels(m(ids), ids)
@@ -379,7 +371,8 @@ def test_optimizer_state_round_trips_and_donation():
 
   def fresh():
     model = Model(nnx.Rngs(0))
-    return model, sparse_nnx.SparseOptimizer(model, optax.adam(1e-2), **hyper)
+    tables_tx = optax_sm3.sm3(**hyper)
+    return model, sparse_nnx.SparseOptimizer(model, optax.adam(1e-2), tables_tx)
 
   @nnx.jit(donate_argnums=(0, 1))
   def step(model, optimizer, ids, context, y):
@@ -425,7 +418,9 @@ def test_bad_input():
     sparse_nnx.SparseEmbed(10, 0, rngs=nnx.Rngs(0))
 
   model = Model(nnx.Rngs(0))
-  optimizer = sparse_nnx.SparseOptimizer(model, optax.sgd(0.1), learning_rate=0.1)
+  optimizer = sparse_nnx.SparseOptimizer(
+    model, optax.sgd(0.1), optax_sm3.sm3(0.1, momentum=0.0)
+  )
   ids, context, y = (jnp.asarray(a[0]) for a in _batches(0, 1, 40))
   other = Tied(nnx.Rngs(0))
   _, wrong = sparse_nnx.value_and_grad(lambda m: jnp.sum(m(ids)))(other)

@@ -71,9 +71,7 @@ class Model(nnx.Module):
 
 def _train(mode, tie="", momentum=0.9, steps=3):
   sparse, dense = Model(mode, tie), Model("plain", tie, sparse=False)
-  opt_s = sparse_nnx.SparseOptimizer(
-    sparse, optax_sm3.sm3(0.05, momentum=momentum), 0.05, momentum=momentum
-  )
+  opt_s = sparse_nnx.SparseOptimizer(sparse, optax_sm3.sm3(0.05, momentum=momentum))
   opt_d = nnx.Optimizer(dense, optax_sm3.sm3(0.05, momentum=momentum), wrt=nnx.Param)
 
   @nnx.jit
