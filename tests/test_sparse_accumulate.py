@@ -91,7 +91,9 @@ def test_optax_multisteps_over_sparse_grads_is_loud():
 )
 def test_step_rejects_tampered_sparse_grads(tamper, error):
   params = _params()
-  opt = optax_sm3.sparse_tables(optax.sgd(0.1), learning_rate=0.1, tables=MASK)
+  opt = optax_sm3.sparse_tables(
+    optax.sgd(0.1), optax_sm3.sm3(0.1, momentum=0.0), tables=MASK
+  )
   state = opt.init(params)
   _, grads = opt.value_and_grad(_loss)(
     params, state, jnp.array([[1, 2]]), jnp.array([1.0])
@@ -193,7 +195,7 @@ def test_sum_rejects_other_structures_and_nothing():
 )
 def test_stepping_with_the_sum_equals_dense_sm3(hyper):
   params = _params()
-  opt = optax_sm3.sparse_tables(optax.adam(1e-2), **hyper, tables=MASK)
+  opt = optax_sm3.sparse_tables(optax.adam(1e-2), optax_sm3.sm3(**hyper), tables=MASK)
   labels = {k: "tables" if v else "rest" for k, v in MASK.items()}
   dense = optax.multi_transform(
     {"tables": optax_sm3.sm3(**hyper), "rest": optax.adam(1e-2)}, labels
@@ -241,7 +243,8 @@ def test_multi_steps_equals_optax_multisteps(hyper):
   every_k, calls = 3, 12
   params = _params()
   opt = optax_sm3.sparse_multi_steps(
-    optax_sm3.sparse_tables(optax.adam(1e-2), **hyper, tables=MASK), every_k
+    optax_sm3.sparse_tables(optax.adam(1e-2), optax_sm3.sm3(**hyper), tables=MASK),
+    every_k,
   )
   labels = {k: "tables" if v else "rest" for k, v in MASK.items()}
   dense = optax.MultiSteps(
@@ -298,7 +301,9 @@ def test_multi_steps_equals_optax_multisteps(hyper):
 
 def test_multi_steps_bad_input():
   params = _params()
-  tables = optax_sm3.sparse_tables(optax.sgd(0.1), learning_rate=0.1, tables=MASK)
+  tables = optax_sm3.sparse_tables(
+    optax.sgd(0.1), optax_sm3.sm3(0.1, momentum=0.0), tables=MASK
+  )
   with pytest.raises(ValueError, match="every_k_schedule"):
     optax_sm3.sparse_multi_steps(tables, 0)
   with pytest.raises(TypeError, match=r"optax\.MultiSteps"):
@@ -355,7 +360,7 @@ def test_nnx_accumulation_equals_optax_multisteps():
   sparse = Model(sparse_nnx.SparseEmbed, nnx.Rngs(0))
   dense = Model(nnx.Embed, nnx.Rngs(0))
   # sm3 on every parameter: the table by sparse rows, the head by tx.
-  opt = sparse_nnx.SparseOptimizer(sparse, optax_sm3.sm3(**hyper), **hyper)
+  opt = sparse_nnx.SparseOptimizer(sparse, optax_sm3.sm3(**hyper))
   dense_tx = optax.MultiSteps(optax_sm3.sm3(**hyper), every_k)
   dense_opt = nnx.Optimizer(dense, dense_tx, wrt=nnx.Param)
   rng = np.random.default_rng(5)
@@ -391,7 +396,7 @@ def test_nnx_multi_steps_equals_optax_multisteps():
   hyper = dict(learning_rate=0.1, momentum=0.5, beta=0.5, weight_decay=1e-3)
   sparse = Model(sparse_nnx.SparseEmbed, nnx.Rngs(0))
   dense = Model(nnx.Embed, nnx.Rngs(0))
-  opt = sparse_nnx.SparseOptimizer(sparse, optax_sm3.sm3(**hyper), **hyper)
+  opt = sparse_nnx.SparseOptimizer(sparse, optax_sm3.sm3(**hyper))
   dense_opt = nnx.Optimizer(
     dense, optax.MultiSteps(optax_sm3.sm3(**hyper), every_k), wrt=nnx.Param
   )
