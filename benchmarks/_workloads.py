@@ -17,12 +17,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import optax_sm3
 from benchmarks import _data
 
 # The main benchmark's workloads (``python -m benchmarks``).
 WORKLOAD_NAMES = ("movielens", "shakespeare-word", "shakespeare-char", "mnist")
 # Further workloads of the recipe's transfer study (``benchmarks.transfer``).
-TRANSFER_NAMES = ("code-char", "wiki-word", "cmudict-syllables")
+TRANSFER_NAMES = (
+  "code-char",
+  "wiki-word",
+  "cmudict-syllables",
+  "digits-conv",
+  "speeches-bow",
+  "wiki-hashed",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +51,9 @@ class Workload:
     test: the test split, used only for the final runs.
     num_valid: the number of validation rows.
     steps: the default number of training steps.
+    tables: ``None``, or a function of the parameters giving the boolean
+      mask of the embedding tables that ``loss`` reads only through
+      :func:`optax_sm3.sparse_lookup` (which SM3 may train row-sparsely).
   """
 
   name: str
@@ -57,6 +68,7 @@ class Workload:
   test: dict
   num_valid: int
   steps: int
+  tables: Callable[[Any], Any] | None = None
 
 
 def _carve(train: dict, valid_fraction: float, seed: int = 1):
@@ -387,6 +399,28 @@ def cmudict_syllables(
   )  # fmt: skip
 
 
+def _image_classifier(
+  name, train, valid, test, num_valid, init, logits, batch_size, steps
+) -> Workload:
+  """An image classifier's workload from its ``logits(params, images)``."""
+
+  def loss(params, batch):
+    return _cross_entropy(logits(params, batch["images"]), batch["labels"])
+
+  def sample(key, train):
+    rows = _rows(key, train, batch_size)
+    return {"images": train["images"][rows], "labels": train["labels"][rows]}
+
+  def evaluate(params, split):
+    predicted = jnp.argmax(logits(params, split["images"]), axis=-1)
+    return jnp.mean((predicted == split["labels"]).astype(jnp.float32))
+
+  return Workload(
+    name, "test accuracy", True, init, loss, sample, evaluate,
+    train, valid, test, num_valid, steps=steps,
+  )  # fmt: skip
+
+
 # MNIST: a 784-512-256-10 MLP.
 
 
@@ -413,20 +447,186 @@ def mnist(batch_size: int = 128) -> Workload:
         x = jax.nn.relu(x)
     return x
 
+  return _image_classifier(
+    "mnist", train, valid, test, num_valid, init, logits, batch_size, 1000
+  )
+
+
+# Scikit-learn's 8x8 digits: a small convolutional network.
+
+
+def _conv(x, kernel):
+  """A 3x3 'same' convolution as one matmul over patches (XLA's CPU conv is slow here)."""
+  _, h, w, c = x.shape
+  x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  patches = [x[:, i : i + h, j : j + w, :] for i in range(3) for j in range(3)]
+  return jnp.concatenate(patches, axis=-1) @ kernel.reshape(9 * c, -1)
+
+
+def digits_conv(channels: int = 16, batch_size: int = 64, steps: int = 600) -> Workload:
+  """Two 3x3 convolutions, 2x2 pooling and a linear layer on 8x8 digits; test accuracy."""
+  data = _data.load_digits()
+  train, valid, num_valid = _carve(
+    {"images": data["train_images"], "labels": data["train_labels"]}, 0.2
+  )
+  test = {"images": data["test_images"], "labels": data["test_labels"]}
+
+  def init(key):
+    k = jax.random.split(key, 3)
+    return {
+      "conv1": _normal(k[0], (3, 3, 1, channels), 1.0 / 3.0),
+      "bias1": jnp.zeros((channels,), jnp.float32),
+      "conv2": _normal(
+        k[1], (3, 3, channels, 2 * channels), 1.0 / math.sqrt(9 * channels)
+      ),
+      "bias2": jnp.zeros((2 * channels,), jnp.float32),
+      "dense": _dense_init(k[2], 16 * 2 * channels, 10),
+      "dense_bias": jnp.zeros((10,), jnp.float32),
+    }
+
+  def logits(params, images):
+    x = images[..., None]
+    x = jax.nn.relu(_conv(x, params["conv1"]) + params["bias1"][None, None, None, :])
+    x = jax.nn.relu(_conv(x, params["conv2"]) + params["bias2"][None, None, None, :])
+    b = x.shape[0]
+    x = x.reshape(b, 4, 2, 4, 2, -1).mean(axis=(2, 4)).reshape(b, -1)
+    return x @ params["dense"] + params["dense_bias"][None, :]
+
+  return _image_classifier(
+    "digits-conv", train, valid, test, num_valid, init, logits, batch_size, steps
+  )
+
+
+# Shakespeare's speeches: which play is this speech from? A hashed bag of
+# word unigrams and bigrams, averaged embeddings and a linear layer (fastText).
+
+
+def speeches_bow(
+  dim: int = 64, batch_size: int = 128, steps: int = 2000, **data
+) -> Workload:
+  """A fastText-style classifier of speeches by play (38 plays); test accuracy.
+
+  ``data``: :func:`benchmarks._data.load_speeches`'s arguments.
+  """
+  data = _data.load_speeches(**data)
+  buckets = int(data["train_ids"].max())  # the padding id
+  train, valid, num_valid = _carve(
+    {"ids": data["train_ids"], "labels": data["train_labels"]}, 0.1
+  )
+  test = {"ids": data["test_ids"], "labels": data["test_labels"]}
+  classes = data["num_classes"]
+
+  def init(key):
+    k = jax.random.split(key)
+    return {
+      "embedding": _normal(k[0], (buckets, dim), 0.1),
+      "out": _dense_init(k[1], dim, classes),
+      "out_bias": jnp.zeros((classes,), jnp.float32),
+    }
+
+  def logits(params, ids):
+    present = ids < buckets
+    rows = params["embedding"][jnp.minimum(ids, buckets - 1)] * present[..., None]
+    x = jnp.sum(rows, axis=1) / jnp.maximum(jnp.sum(present, axis=1), 1)[:, None]
+    return x @ params["out"] + params["out_bias"][None, :]
+
   def loss(params, batch):
-    return _cross_entropy(logits(params, batch["images"]), batch["labels"])
+    return _cross_entropy(logits(params, batch["ids"]), batch["labels"])
 
   def sample(key, train):
     rows = _rows(key, train, batch_size)
-    return {"images": train["images"][rows], "labels": train["labels"][rows]}
+    return {"ids": train["ids"][rows], "labels": train["labels"][rows]}
 
   def evaluate(params, split):
-    predicted = jnp.argmax(logits(params, split["images"]), axis=-1)
-    return jnp.mean((predicted == split["labels"]).astype(jnp.float32))
+    def accuracy(chunk):
+      return jnp.mean(jnp.argmax(logits(params, chunk[:, :-1]), -1) == chunk[:, -1])
+
+    rows = jnp.concatenate([split["ids"], split["labels"][:, None]], axis=1)
+    return _chunked_mean(accuracy, rows, size=256)
+
+  # Whole evaluation chunks of 256 speeches (see `evaluate`).
+  valid = {k: v[: len(v) // 256 * 256] for k, v in valid.items()}
+  test = {k: v[: len(v) // 256 * 256] for k, v in test.items()}
+  return Workload(
+    "speeches-bow", "test accuracy", True, init, loss, sample, evaluate,
+    train, valid, test, num_valid, steps=steps,
+  )  # fmt: skip
+
+
+# Wikipedia, word level: a log-linear n-gram model whose contexts (the last
+# word, the last two, the last three) are hashed into one 2**18-row table.
+
+_SALTS = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D)
+
+
+def _hash_contexts(words, rows):
+  """Row ids of the unigram, bigram and trigram ending at each of ``words``' last axis."""
+  h = jnp.zeros(words.shape[:-1], jnp.uint32)
+  ids = []
+  for i, salt in enumerate(_SALTS):
+    h = (h ^ words[..., -1 - i].astype(jnp.uint32)) * jnp.uint32(salt)
+    h = h ^ (h >> 15)
+    ids.append((h % jnp.uint32(rows)).astype(jnp.int32))
+  return jnp.stack(ids, axis=-1)
+
+
+def wiki_hashed(
+  rows: int = 2**18,
+  dim: int = 16,
+  vocab_size: int = 4096,
+  batch_size: int = 256,
+  steps: int = 800,
+) -> Workload:
+  """Next word from hashed 1-, 2- and 3-word contexts; held-out cross-entropy.
+
+  The context table has ``rows`` rows (``2**18`` by default) read only
+  through :func:`optax_sm3.sparse_lookup`, so SM3 may train it row-sparsely
+  (``tables``).
+  """
+  data = _data.load_wikipedia(vocab_size=vocab_size)
+  width = data["train"].shape[1]
+  train, valid, num_valid = _carve({"tokens": data["train"]}, 0.1)
+  valid = _lm_eval_rows(valid, 128)
+  test = _lm_eval_rows({"tokens": data["test"]}, 256)
+  vocab = data["vocab_size"]
+  context = len(_SALTS)
+
+  def init(key):
+    k = jax.random.split(key)
+    return {
+      "table": _normal(k[0], (rows, dim), 0.1),
+      "out": _dense_init(k[1], dim, vocab),
+      "out_bias": jnp.zeros((vocab,), jnp.float32),
+    }
+
+  def logits(params, contexts):
+    x = optax_sm3.sparse_lookup(params["table"], _hash_contexts(contexts, rows))
+    return jnp.sum(x, axis=-2) @ params["out"] + params["out_bias"][None, :]
+
+  def loss(params, batch):
+    return _cross_entropy(logits(params, batch[:, :-1]), batch[:, -1])
+
+  def sample(key, train):
+    kr, kp = jax.random.split(key)
+    picked = train["tokens"][_rows(kr, train, batch_size)]
+    pos = jax.random.randint(kp, (batch_size,), context, width)
+    window = pos[:, None] + jnp.arange(-context, 1)[None, :]
+    return jnp.take_along_axis(picked, window, axis=1)
+
+  def evaluate_rows(params, tokens):
+    pos = jnp.arange(context, width)
+    windows = tokens[:, pos[:, None] + jnp.arange(-context, 1)[None, :]]
+    return loss(params, windows.reshape(-1, context + 1))
+
+  def evaluate(params, split):
+    return _chunked_mean(lambda r: evaluate_rows(params, r), split["tokens"])
+
+  def tables(params):
+    return {"table": True, "out": False, "out_bias": False}
 
   return Workload(
-    "mnist", "test accuracy", True, init, loss, sample, evaluate,
-    train, valid, test, num_valid, steps=1000,
+    "wiki-hashed", "test loss", False, init, loss, sample, evaluate,
+    train, valid, test, num_valid, steps=steps, tables=tables,
   )  # fmt: skip
 
 
@@ -438,6 +638,9 @@ _BUILDERS = {
   "code-char": code_char,
   "wiki-word": wiki_word,
   "cmudict-syllables": cmudict_syllables,
+  "digits-conv": digits_conv,
+  "speeches-bow": speeches_bow,
+  "wiki-hashed": wiki_hashed,
 }
 
 

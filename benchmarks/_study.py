@@ -1,0 +1,232 @@
+"""The transfer studies' shared parts: SM3 candidates and a resumable record of runs.
+
+A :class:`Candidate` is one optimizer setting (SM3 with one lever changed,
+or Adam with a schedule); a :class:`Study` trains candidates on workloads
+and remembers every run (keyed by workload, setting, steps, rate, seed and
+split), so that an interrupted study resumes. Used by
+:mod:`benchmarks.transfer` (the recipe's default rate) and
+:mod:`benchmarks._levers` (the settings).
+
+Gaps are relative: the loss ratio minus 1 for the language models, the
+error-rate ratio minus 1 (error = 1 - accuracy) for the classifiers, so a
+positive gap is worse than Adam.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+
+import jax.numpy as jnp
+import optax
+
+import optax_sm3
+from benchmarks import _optimizers, _runner, _workloads, recipes
+
+POLYAK_DECAY = 0.95
+SEEDS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+  """One optimizer setting of the study.
+
+  Attributes:
+    name: the label in tables.
+    family: ``"sm3"`` or ``"adam"``.
+    beta: SM3's second-moment decay, or ``"rising"`` for Adafactor's
+      ``1 - t**-0.8``.
+    bias_correction: SM3's ``bias_correction``.
+    schedule: ``"constant"``, ``"cooldown"`` or ``"cosine"`` (see
+      :func:`benchmarks.recipes.schedule`).
+    warmup: warm-up length as a fraction of the steps.
+    decay: the cool-down's length as a fraction of the steps.
+    momentum: SM3's momentum (0: no buffer).
+    mu_dtype: the momentum's dtype name.
+    merge_axes_up_to: SM3's cover option.
+    clip_rms: clip each parameter's update to this RMS (Adafactor's update
+      clipping, :func:`optax.clip_by_block_rms`), or ``None``.
+    param_scale: scale each update by its parameter's RMS (Adafactor's
+      relative step, :func:`optax.scale_by_param_block_rms`).
+  """
+
+  name: str
+  family: str = "sm3"
+  beta: float | str = 0.9
+  bias_correction: bool = False
+  schedule: str = "cooldown"
+  warmup: float = 0.02
+  decay: float = 0.1
+  momentum: float = 0.0
+  mu_dtype: str | None = None
+  merge_axes_up_to: int | None = 2048
+  clip_rms: float | None = None
+  param_scale: bool = False
+
+  def make(self, learning_rate, total_steps) -> optax.GradientTransformation:
+    config = recipes.Config(
+      schedule=self.schedule, warmup=self.warmup, decay=self.decay
+    )
+    lr = recipes.schedule(config, learning_rate, total_steps)
+    if self.family == "adam":
+      return optax.adam(lr)
+    beta = _rising if self.beta == "rising" else self.beta
+    parts = [
+      optax_sm3.scale_by_sm3(
+        beta=beta,
+        bias_correction=self.bias_correction,
+        merge_axes_up_to=self.merge_axes_up_to,
+      )
+    ]
+    if self.clip_rms is not None:
+      parts.append(optax.clip_by_block_rms(self.clip_rms))
+    if self.param_scale:
+      parts.append(optax.scale_by_param_block_rms())
+    if self.momentum:
+      parts.append(
+        optax_sm3.scale_by_momentum(
+          self.momentum, mu_dtype=self.mu_dtype and jnp.dtype(self.mu_dtype)
+        )
+      )
+    parts.append(optax.scale_by_learning_rate(lr))
+    return optax.chain(*parts)
+
+  def grid(self, size: int) -> tuple[float, ...]:
+    """``size`` rates, factor 2 apart, around where this setting's optimum lies."""
+    if self.family == "sm3" and self.beta == 0:
+      centre = 0.2  # sums shrink the steps over time
+    elif self.param_scale:
+      centre = 0.03  # a step relative to the parameters' RMS
+    else:
+      centre = 4e-3
+    return tuple(centre * 2.0 ** (i - (size - 1) / 2) for i in range(size))
+
+
+def _rising(count):
+  return 1.0 - (count + 1.0) ** -0.8
+
+
+# The base every lever changes (the one-workload search's recipe), and the
+# setting the study chose in every fold, which ``optax_sm3.sm3_recipe`` is.
+BASE = Candidate("beta 0.9")
+RECIPE = Candidate("beta 0.99 + bias correction", beta=0.99, bias_correction=True)
+CANDIDATES = (
+  Candidate("adam constant", "adam", schedule="constant", warmup=0.0),
+  Candidate("adam warm-up + cosine", "adam", schedule="cosine", warmup=0.05),
+  Candidate("adam warm-up/stable/cool-down", "adam"),
+  Candidate("paper (beta 0, constant)", beta=0.0, schedule="constant",
+            merge_axes_up_to=None),
+  BASE,
+  RECIPE,
+  Candidate("rising beta", beta="rising"),
+  Candidate("RMS update clipping 1.0", clip_rms=1.0),
+  Candidate("per-shape rate (parameter RMS)", param_scale=True),
+  Candidate("cool-down 30%", decay=0.3),
+  Candidate("no cool-down (constant)", schedule="constant"),
+  Candidate("bf16 momentum 0.9", momentum=0.9, mu_dtype="bfloat16"),
+)  # fmt: skip
+POLYAK = " +polyak"
+
+
+def _gap(workload: _workloads.Workload, metric: float, adam: float) -> float:
+  """The relative gap to Adam; positive is worse (NaN for a diverged run)."""
+  if workload.higher_is_better:
+    metric, adam = 1.0 - metric, 1.0 - adam
+  return metric / adam - 1.0
+
+
+def _nan_max(values) -> float:
+  values = list(values)
+  return math.inf if any(v != v for v in values) else max(values)
+
+
+@dataclasses.dataclass
+class Study:
+  """Runs and remembers every training run; ``record`` is saved after each."""
+
+  steps_scale: float
+  grid_size: int
+  extend: int
+  record: dict
+  save: Callable[[], None]
+  progress: Callable[[str], None]
+  polyak: bool = True
+  _trainers: dict = dataclasses.field(default_factory=dict)
+  _built: dict = dataclasses.field(default_factory=dict)
+
+  def workload(self, name: str) -> _workloads.Workload:
+    if name not in self._built:
+      self._built[name] = _workloads.build(name)
+    return self._built[name]
+
+  def steps(self, name: str, factor: float = 1.0) -> int:
+    return max(2, round(self.workload(name).steps * self.steps_scale * factor))
+
+  def trainer(self, name: str, candidate: Candidate, steps: int) -> _runner.Trainer:
+    key = (name, candidate.name, steps)
+    if key not in self._trainers:
+      self._trainers.clear()  # one compiled loop at a time
+      polyak = None
+      if candidate.family == "sm3" and self.polyak:
+        polyak = optax_sm3.polyak_averaging(POLYAK_DECAY)
+      optimizer = _optimizers.Optimizer(candidate.name, candidate.make, ())
+      self._trainers[key] = _runner.Trainer(
+        self.workload(name),
+        optimizer,
+        steps,
+        polyak=polyak,
+        sparse=candidate.family == "sm3",
+      )
+    return self._trainers[key]
+
+  def run(self, name, candidate, lr, seed, split, factor=1.0) -> dict:
+    steps = self.steps(name, factor)
+    key = f"{name}|{candidate.name}|{steps}|{lr!r}|{seed}|{split}"
+    if key not in self.record["runs"]:
+      trainer = self.trainer(name, candidate, steps)
+      out = trainer.run(lr, seed, split)
+      out.update(
+        state_bytes=trainer.state_bytes,
+        polyak_bytes=trainer.polyak_bytes,
+        param_bytes=trainer.param_bytes,
+      )
+      self.record["runs"][key] = out
+      self.save()
+      self.progress(f"{key}: {out['metric']:.4f}")
+    return self.record["runs"][key]
+
+  def tune(self, name: str, candidate: Candidate, factor: float = 1.0) -> dict:
+    """Validation metric by rate (seed 0), the grid followed past a best edge."""
+    return self.sweep(name, candidate, candidate.grid(self.grid_size), factor)
+
+  def sweep(
+    self, name: str, candidate: Candidate, rates: Sequence[float], factor: float = 1.0
+  ) -> dict:
+    """Validation runs (seed 0) at ``rates``, followed past a best edge."""
+    higher = self.workload(name).higher_is_better
+    rates = list(rates)
+    metrics = {}
+    for _ in range(self.extend + 1):
+      for lr in rates:
+        if lr not in metrics:
+          metrics[lr] = self.run(name, candidate, lr, 0, "tune", factor)
+      metric, best = _score(metrics, False, higher)
+      if metric != metric or min(metrics) < best < max(metrics):
+        break
+      rates = [best * 2 if best == max(metrics) else best / 2]
+    return metrics
+
+
+def _score(runs: dict, polyak: bool, higher: bool) -> tuple[float, float]:
+  """The best rate's validation metric (plain or averaged) and the rate."""
+  field = "polyak_metric" if polyak else "metric"
+  finite = {lr: r[field] for lr, r in runs.items() if r[field] == r[field]}
+  if not finite:
+    return math.nan, min(runs)
+  best = (max if higher else min)(finite, key=finite.get)
+  return finite[best], best
+
+
+def _fmt(workload_metric: str, value: float) -> str:
+  return f"{value:.2%}" if "accuracy" in workload_metric else f"{value:.4f}"
