@@ -38,10 +38,12 @@ from optax_sm3._sparse import _batch, _ids
 DEFAULT_SWEEP_PERIOD = 1024
 
 MIGRATION = (
-  "pass the optimizer itself, as built for the dense path: e.g. "
+  "pass the optimizer itself, as built for the dense path: what "
+  "sparse_rows(learning_rate, momentum, beta, eps, weight_decay) did is "
   "sparse_rows(optax_sm3.sm3(learning_rate, momentum, beta, eps, "
-  "weight_decay=...)) or sparse_rows(optax_sm3.sm3_recipe(learning_rate, "
-  "total_steps))"
+  "weight_decay=weight_decay)), with momentum=0.0 written out where it was "
+  "left at its default (sm3's momentum defaults to 0.9); or pass "
+  "optax_sm3.sm3_recipe(learning_rate, total_steps)"
 )
 
 

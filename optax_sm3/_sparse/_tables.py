@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_sm3 import _tree
+from optax_sm3 import _sm3, _tree
 from optax_sm3._sparse import _batch, _grad, _row_step, _rows
 from optax_sm3._sparse._types import SparseGrad, check_sparse_grad
 
@@ -170,7 +170,15 @@ def optimizers(
 ) -> Optimizers:
   """Checks and binds the arguments of :func:`sparse_tables` (and its kin)."""
   if table_tx is None:
-    rules = _rows.Rules(tx, sweep_period, name="tx (the tables' optimizer too)")
+    if _sm3.spec_of(tx) is None:
+      raise TypeError(
+        "without `table_tx`, `tx` trains the tables too, so it must be an "
+        "optimizer made by optax_sm3.sm3 or optax_sm3.sm3_recipe (the sparse "
+        f"path derives its row-sparse step from it), got {type(tx).__name__}; "
+        "pass the tables' optimizer as `table_tx`, e.g. "
+        "(tx, optax_sm3.sm3(learning_rate, momentum=0.0))"
+      )
+    rules = _rows.Rules(tx, sweep_period, name="tx")
   else:
     rules = _rows.Rules(table_tx, sweep_period, name=name)
   return Optimizers(tx, rules, table_tx is None or table_tx is tx, tables)
