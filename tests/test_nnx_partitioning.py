@@ -199,7 +199,9 @@ def _sparse(momentum, rows=64):
   from optax_sm3 import nnx as sparse_nnx
 
   model = sparse_nnx.SparseEmbed(rows, 4, rngs=nnx.Rngs(0))
-  sparse_nnx.SparseOptimizer(model, optax.sgd(0.1), 0.1, momentum=momentum)
+  sparse_nnx.SparseOptimizer(
+    model, optax.sgd(0.1), optax_sm3.sm3(0.1, momentum=momentum)
+  )
   return model
 
 
