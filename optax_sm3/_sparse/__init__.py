@@ -4,14 +4,19 @@ The modules, lowest layer first (each imports only modules above it):
 
 * ``_types``: :class:`SparseGrad`, a table's gradient as looked-up rows.
 * ``_ids``: checking row ids, and reading a table's rows by them.
-* ``_batch``: SM3-II on a batch of rows, exactly the dense step.
-* ``_rows``: :func:`sparse_rows`, one table's rows stepped (lazily with
-  momentum or weight decay).
+* ``_batch``: a table's gradient as its distinct rows, and SM3 (any cover,
+  SM3-I or -II) on them, exactly the dense step.
+* ``_row_step``: the row-sparse step of an optimizer made by
+  :func:`optax_sm3.sm3`, derived from its spec (its stages on the batch's
+  rows; rows outside the batch caught up lazily with momentum or weight
+  decay).
+* ``_rows``: :func:`sparse_rows`, one table, and each table's jitted
+  functions.
 * ``_capture``: lookups captured as row gradients under any JAX transform.
 * ``_grad``: :func:`sparse_lookup` and :func:`sparse_value_and_grad`.
 * ``_tables``: :func:`sparse_tables` (the tables of a params tree, ``tx``
-  for the rest) and ``grad_update``, a table's step from a sparse or dense
-  gradient.
+  for the rest) and ``step_tables``, the tables' steps from sparse or dense
+  gradients, clipped jointly.
 * ``_accumulate``: sums and means of sparse gradients, and
   :func:`sparse_multi_steps`.
 * ``_embed``: what the Flax embedding modules share.
