@@ -122,7 +122,7 @@ def _assert_trees_close(a, b, rtol=1e-6, atol=1e-6):
 def _steps(loss, momentum, weight_decay):
   """The jitted, donating sparse and dense train steps for one configuration."""
   hyper = {"momentum": momentum, "weight_decay": weight_decay}
-  opt = SparseOptimizer(optax.sgd(HEAD_LR), learning_rate=LR, **hyper)
+  opt = SparseOptimizer(optax.sgd(HEAD_LR), optax_sm3.sm3(LR, **hyper))
   dense = _dense_tx(**hyper)
 
   @eqx.filter_jit(donate="all-except-first")
@@ -322,7 +322,7 @@ def test_step_donates_the_model_and_state():
 
 
 def test_step_is_not_an_optax_update():
-  opt = SparseOptimizer(optax.sgd(0.1), learning_rate=0.1)
+  opt = SparseOptimizer(optax.sgd(0.1), optax_sm3.sm3(0.1, momentum=0.0))
   assert not hasattr(opt, "update")  # Its step returns the model, not updates.
   assert not isinstance(opt, optax.GradientTransformation)
 

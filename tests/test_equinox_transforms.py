@@ -107,7 +107,7 @@ def test_tied_table_trains_as_dense_sm3_with_one_state():
   batches = [(IDS + 3 * k) % ROWS for k in range(3)]
   sparse = Tied(SparseEmbedding(ROWS, DIM, key=jax.random.key(1)))
   dense = Tied(eqx.nn.Embedding(ROWS, DIM, key=jax.random.key(1)))
-  opt = SparseOptimizer(optax.sgd(0.1), 0.1, momentum=0.9)
+  opt = SparseOptimizer(optax.sgd(0.1), optax_sm3.sm3(0.1, momentum=0.9))
   state = opt.init(sparse)
   assert len(state.tables) == 1  # One table, one state.
 
@@ -137,7 +137,7 @@ def test_accumulated_microbatches_train_as_dense_sm3_on_the_summed_gradient():
   sparse = Model(SparseEmbedding, "filter_vmap")
   dense = Model(eqx.nn.Embedding, "filter_vmap")
   # The same SM3 on the table (sparse rows) and on the head (tx).
-  opt = SparseOptimizer(optax_sm3.sm3(0.1, momentum=0.9), 0.1, momentum=0.9)
+  opt = SparseOptimizer(optax_sm3.sm3(0.1, momentum=0.9))
   state = opt.init(sparse)
   dense_tx = optax_sm3.sm3(0.1, momentum=0.9)
   params = eqx.filter(dense, eqx.is_inexact_array)
