@@ -61,16 +61,13 @@ def main(
     return user_scores[users] * item_scores[items]
 
   params = model.init(jax.random.key(seed + 2), ids[:1], ids[:1])["params"]
-  # The tables take exact row-sparse SM3 steps; the bias, sm3 itself.
+  # sm3 trains every parameter: the tables by exact row-sparse steps.
   tables = {"users": {"embedding": True}, "items": {"embedding": True}, "bias": False}
   state = SparseTrainState.create(
     apply_fn=model.apply,
     params=params,
     tx=optax_sm3.sparse_tables(
-      optax_sm3.sm3(learning_rate, momentum=momentum),
-      learning_rate,
-      momentum=momentum,
-      tables=tables,
+      optax_sm3.sm3(learning_rate, momentum=momentum), tables=tables
     ),
   )
 
