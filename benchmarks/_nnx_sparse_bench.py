@@ -6,7 +6,7 @@ the same batches (1024 bags, 4096 ids per step):
 
 * sparse: ``optax_sm3.nnx.SparseEmbed`` + ``optax_sm3.nnx.value_and_grad`` +
   ``optax_sm3.nnx.SparseOptimizer(model, optax.adam(1e-3),
-  learning_rate=0.1, momentum=m)``;
+  optax_sm3.sm3(0.1, momentum=m))``;
 * dense: ``nnx.Embed`` + ``nnx.value_and_grad`` + ``nnx.Optimizer`` with
   ``optax.multi_transform``: ``optax_sm3.sm3(0.1, momentum=m)`` on the table
   and ``optax.adam(1e-3)`` on the head, the same optimizer as the sparse one.
@@ -94,8 +94,7 @@ def build(kind: str, rows: int, momentum: float):
     optimizer = optax_sm3.nnx.SparseOptimizer(
       model,
       optax.adam(HEAD_LEARNING_RATE),
-      learning_rate=LEARNING_RATE,
-      momentum=momentum,
+      optax_sm3.sm3(LEARNING_RATE, momentum=momentum),
     )
     value_and_grad = optax_sm3.nnx.value_and_grad
   elif kind == "dense":

@@ -3,7 +3,8 @@
 For a ``V x 64`` float32 table and a batch of 4096 row indices per step, times
 one jitted step (donated table and state) of
 
-* sparse: ``optax_sm3.sparse_rows(lr, ...).update(indices, row_grads, ...)``;
+* sparse: ``optax_sm3.sparse_rows(optax_sm3.sm3(lr, ...)).update(indices,
+  row_grads, ...)``;
 * dense: the table-sized gradient ``zeros.at[indices].add(row_grads)`` (what
   ``jax.grad`` of ``table[indices]`` builds), ``optax_sm3.sm3(lr, ...).update``
   and ``optax.apply_updates``;
@@ -77,8 +78,8 @@ class Path(NamedTuple):
 def functional_paths(config: dict, sweep_period: int | None = None) -> dict:
   """The ``sparse_rows`` path and the dense ``sm3`` path for ``config``."""
   extra = {} if sweep_period is None else {"sweep_period": sweep_period}
-  sparse = optax_sm3.sparse_rows(LEARNING_RATE, **config, **extra)
   dense = optax_sm3.sm3(LEARNING_RATE, **config)
+  sparse = optax_sm3.sparse_rows(dense, **extra)
 
   def dense_update(indices, row_grads, state, table):
     grad = jnp.zeros_like(table).at[indices].add(row_grads)

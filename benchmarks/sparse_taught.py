@@ -95,8 +95,7 @@ def nnx_route(rows, momentum, sparse):
     optimizer = optax_sm3.nnx.SparseOptimizer(
       model,
       optax.adam(HEAD_LEARNING_RATE),
-      learning_rate=LEARNING_RATE,
-      momentum=momentum,
+      optax_sm3.sm3(LEARNING_RATE, momentum=momentum),
     )
 
     # The README's step:
@@ -146,8 +145,7 @@ def linen_route(rows, momentum, sparse):
   if sparse:
     opt = optax_sm3.linen.sparse_tables(
       optax.adam(HEAD_LEARNING_RATE),
-      learning_rate=LEARNING_RATE,
-      momentum=momentum,
+      optax_sm3.sm3(LEARNING_RATE, momentum=momentum),
       tables=_tables,
     )
     opt_state = opt.init(params)
@@ -184,8 +182,7 @@ def linen_state_route(rows, momentum, sparse):
       params=params,
       tx=optax_sm3.sparse_tables(
         optax.adam(HEAD_LEARNING_RATE),
-        learning_rate=LEARNING_RATE,
-        momentum=momentum,
+        optax_sm3.sm3(LEARNING_RATE, momentum=momentum),
         tables=_tables,
       ),
     )
@@ -238,7 +235,7 @@ def equinox_route(rows, momentum, sparse):
   model = EqxModel(rows, jax.random.key(0))
   if sparse:
     opt = optax_sm3.equinox.SparseOptimizer(
-      optax.adam(HEAD_LEARNING_RATE), learning_rate=LEARNING_RATE, momentum=momentum
+      optax.adam(HEAD_LEARNING_RATE), optax_sm3.sm3(LEARNING_RATE, momentum=momentum)
     )
     state = opt.init(model)
 
