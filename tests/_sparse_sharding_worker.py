@@ -231,9 +231,10 @@ def nnx_run():
   mesh = jax.make_mesh((8,), ("model",), axis_types=(AxisType.Auto,))
   table_sh = NamedSharding(mesh, P("model", None))
   model, optimizer = build()
-  state_sh = optax_sm3.state_shardings(
-    model.sparse_rows, model.embedding[...], table_sh
-  )
+  # The table's state has the structure of sparse_rows(table_tx).init(table)
+  # (docs/guides/scaling_out.md).
+  rows = optax_sm3.sparse_rows(optimizer.table_tx)
+  state_sh = optax_sm3.state_shardings(rows, model.embedding[...], table_sh)
   model.embedding.value = jax.device_put(model.embedding[...], table_sh)
   state = jax.device_put(nnx.as_pure(model.sparse_state), state_sh)
   nnx.update(model.sparse_state, nnx.state(state))
