@@ -39,7 +39,12 @@ def _ids(step):
 
 
 def _close(got, want):
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=3e-6)
+  # Float rounding, amplified a little by the training itself (eager and
+  # jitted dense runs differ by up to ~7e-6 of the table's scale here).
+  scale = 1.0 + float(np.max(np.abs(want)))
+  np.testing.assert_allclose(
+    np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * scale
+  )
 
 
 def _dense(loss, params):
@@ -99,6 +104,45 @@ def test_plain_route_marked_leaves_read_other_ways(loss, jit):
   for key in params:
     _close(got[key], want[key])
   assert not np.allclose(got["u"], params["u"])  # it trained
+
+
+def _lookup_loss(p, ids, step):
+  del step
+  rows = optax_sm3.sparse_lookup(p["u"], ids)
+  return jnp.sum(jnp.tanh(rows @ p["w"]))
+
+
+def _alternating_loss(p, ids, step):
+  """Lookups only on even steps (rows left behind), a plain read on odd ones."""
+  return (_index_loss if int(step) % 2 else _lookup_loss)(p, ids, step)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_plain_route_a_table_read_densely_on_some_steps_only(jit):
+  # The dense read must see the rows the lazy steps left behind caught up.
+  params = _params()
+  opt = optax_sm3.sparse_tables(
+    _optimizer(), tables={"u": True, "b": False, "w": False}
+  )
+  state = opt.init(params)
+
+  def step_fn(params, state, ids, step):
+    _, grads = opt.value_and_grad(_alternating_loss)(params, state, ids, step)
+    return opt.step(params, grads, state)
+
+  step_fn = jax.jit(step_fn, static_argnums=3) if jit else step_fn
+  got = params
+  for step in range(2 * STEPS):
+    got, state = step_fn(got, state, _ids(step), step)
+  got, _ = opt.sync(got, state)
+  opt_dense = _optimizer()
+  dense_state, want = opt_dense.init(params), params
+  for step in range(2 * STEPS):
+    grads = jax.grad(_alternating_loss)(want, _ids(step), step)
+    updates, dense_state = opt_dense.update(grads, dense_state, want)
+    want = optax.apply_updates(want, updates)
+  for key in params:
+    _close(got[key], want[key])
 
 
 class _LinenEmbedModel(nn.Module):
