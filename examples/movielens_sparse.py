@@ -77,8 +77,8 @@ def rmse(params, users, items, ratings) -> float:
 
 def make_steps(learning_rate: float, bias_learning_rate: float, l2: float):
   """The jitted sparse and dense training steps and their initial states."""
-  sparse = optax_sm3.sparse_rows(optax_sm3.sm3(learning_rate, momentum=0.0))
   dense_tables = optax_sm3.sm3(learning_rate, momentum=0.0)
+  sparse = optax_sm3.sparse_rows(dense_tables)  # the same optimizer, row-sparse
   rest_opt = optax_sm3.sm3(bias_learning_rate, momentum=0.0)
   grad_rows = jax.grad(batch_loss, argnums=(0, 1, 2))
 
