@@ -571,7 +571,7 @@ def test_rejects_what_sm3_did_not_make():
   with pytest.raises(TypeError, match=r"sparse_rows\(optax_sm3\.sm3\("):
     optax_sm3.sparse_rows(0.1)
   for other in (optax.sgd(0.1), optax.chain(optax_sm3.sm3(0.1))):
-    with pytest.raises(TypeError, match="made by optax_sm3.sm3"):
+    with pytest.raises(TypeError, match=r"made by optax_sm3\.sm3"):
       optax_sm3.sparse_rows(other)
   # Coupled decay gives every row a gradient: no row-sparse form.
   coupled = optax_sm3.sm3(0.1, weight_decay=0.1, weight_decay_mode="coupled")
