@@ -342,7 +342,7 @@ def state_partition_specs(
   (after its leading unit axis) and ``last`` are split like the table's rows;
   the counter, the column accumulators and the catch-up ring are replicated.
   (For ``optax_sm3.nnx.SparseOptimizer``, a table's ``sparse_state`` holds
-  ``optimizer.sparse_rows.init(table)``, leaf for leaf.) With these, a
+  ``optax_sm3.sparse_rows(optimizer.table_tx).init(table)``, leaf for leaf.) With these, a
   row-sharded table's ``update``, ``lookup`` and ``sync`` run under
   ``jax.jit`` with no collective larger than the batch's rows; in explicit
   sharding mode, run them under :func:`jax.sharding.auto_axes`.

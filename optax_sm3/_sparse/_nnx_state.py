@@ -48,7 +48,7 @@ def _layout(embedding: Any) -> tuple[PartitionSpec, dict[str, Any]]:
 
 
 def sparse_state_variables(
-  rows: _rows.SparseRows,
+  rows: _rows.Table,
   embedding: Any,
   variable_type: type,
 ) -> Any:
@@ -65,7 +65,7 @@ def sparse_state_variables(
   rows.init(table))`` gives.
 
   Args:
-    rows: the table's :class:`optax_sm3.SparseRows`.
+    rows: the table's functions (:class:`optax_sm3._sparse._rows.Table`).
     embedding: the table's variable (``SparseEmbed.embedding``).
     variable_type: the ``nnx.Variable`` subclass to hold the state in.
 
