@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 import optax
@@ -49,6 +50,10 @@ class Candidate:
       clipping, :func:`optax.clip_by_block_rms`), or ``None``.
     param_scale: scale each update by its parameter's RMS (Adafactor's
       relative step, :func:`optax.scale_by_param_block_rms`).
+    factory: where the setting is a library optimizer, its
+      ``factory(learning_rate, total_steps)``, which ``make`` calls (the
+      sparse path takes only optimizers that ``optax_sm3`` made); the
+      fields above still describe it.
   """
 
   name: str
@@ -63,8 +68,11 @@ class Candidate:
   merge_axes_up_to: int | None = 2048
   clip_rms: float | None = None
   param_scale: bool = False
+  factory: Callable[[Any, Any], optax.GradientTransformation] | None = None
 
   def make(self, learning_rate, total_steps) -> optax.GradientTransformation:
+    if self.factory is not None:
+      return self.factory(learning_rate, total_steps)
     config = recipes.Config(
       schedule=self.schedule, warmup=self.warmup, decay=self.decay
     )
@@ -110,7 +118,12 @@ def _rising(count):
 # The base every lever changes (the one-workload search's recipe), and the
 # setting the study chose in every fold, which ``optax_sm3.sm3_recipe`` is.
 BASE = Candidate("beta 0.9")
-RECIPE = Candidate("beta 0.99 + bias correction", beta=0.99, bias_correction=True)
+RECIPE = Candidate(
+  "beta 0.99 + bias correction",
+  beta=0.99,
+  bias_correction=True,
+  factory=optax_sm3.sm3_recipe,
+)
 CANDIDATES = (
   Candidate("adam constant", "adam", schedule="constant", warmup=0.0),
   Candidate("adam warm-up + cosine", "adam", schedule="cosine", warmup=0.05),

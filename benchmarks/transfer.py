@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import pathlib
 import statistics
 import sys
@@ -139,10 +140,19 @@ def rate_table(study: Study, names: Sequence[str]) -> dict:
 
 
 def choose_rate(table: dict, held_out: str | None = None) -> float:
-  """The rate of :data:`RATES` whose worst validation gap, on all workloads but ``held_out``, is smallest."""
+  """The rate of :data:`RATES` whose worst validation gap, on all workloads but ``held_out``, is smallest.
+
+  Ties of the worst gap (a small classifier's validation split has a few
+  errors, so equal counts at several rates) go to the smaller second-worst
+  gap, and so on; a diverged run counts as an infinite gap.
+  """
   others = [n for n in table if n != held_out]
-  worst = [_nan_max(table[n]["gaps"][i] for n in others) for i in range(len(RATES))]
-  return RATES[min(range(len(RATES)), key=worst.__getitem__)]
+
+  def worst_first(i):
+    gaps = [table[n]["gaps"][i] for n in others]
+    return sorted((math.inf if g != g else g for g in gaps), reverse=True)
+
+  return RATES[min(range(len(RATES)), key=worst_first)]
 
 
 def _seed_runs(study, name, candidate, lr, seeds, factor=1.0) -> dict:

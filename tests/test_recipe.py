@@ -1,5 +1,7 @@
 """optax_sm3.sm3_recipe: the preset is exactly the chain its docstring spells out."""
 
+import inspect
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -150,3 +152,16 @@ def test_traced_cover_bound_says_to_make_it_static():
   assert updates["kernel"].shape == (64, 48)
   with pytest.raises(TypeError, match=r"static_args=\('merge_axes_up_to',\)"):
     jax.jit(opt.update)(_grads(1), state, PARAMS)
+
+
+def test_default_rate_and_required_total_steps():
+  default = inspect.signature(optax_sm3.sm3_recipe).parameters["learning_rate"].default
+  assert default == 4e-3
+  ours, _ = _train(optax_sm3.sm3_recipe(total_steps=30), 30)
+  theirs, _ = _train(optax_sm3.sm3_recipe(4e-3, 30), 30)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(TypeError, match="needs `total_steps`"):
+    optax_sm3.sm3_recipe()
+  with pytest.raises(TypeError, match="needs `total_steps`"):
+    optax_sm3.sm3_recipe(1e-2)
