@@ -14,7 +14,7 @@ import optax
 from optax_sm3 import _accumulate, _blocks, _boxes, _cover, _tree, _validation
 
 _VARIANTS = ("II", "I")
-_PARAMETERS = (
+PARAMETERS = (  # The keyword arguments, in order.
   "beta",
   "bias_correction",
   "eps",
@@ -190,7 +190,7 @@ def _keyword_only(factory: Callable[..., Any]) -> Callable[..., Any]:
 
   @functools.wraps(factory)
   def wrapper(*args: Any, **kwargs: Any) -> Any:
-    unknown = {k: v for k, v in kwargs.items() if k not in _PARAMETERS}
+    unknown = {k: v for k, v in kwargs.items() if k not in PARAMETERS}
     if args or unknown:
       _reject_optax_style(args, unknown)
     return factory(**kwargs)

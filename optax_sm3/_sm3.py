@@ -80,6 +80,8 @@ class SM3Spec(NamedTuple):
   stages: SM3Stages
 
 
+_ARGUMENTS = frozenset(SM3Spec._fields) - {"stages"}
+
 # Each optimizer sm3 made, by its `update` function: the chain's own function
 # object travels with every copy of the transformation (a pytree round trip,
 # `_replace`), and a weak key drops the entry with the optimizer.
@@ -245,6 +247,8 @@ def sm3(
     if bound is not None:
       _validation.check_range(name, bound, low=0.0, low_open=True)
 
+  # The arguments as called (checked above): the spec's fields but `stages`.
+  arguments = {name: value for name, value in locals().items() if name in _ARGUMENTS}
   decay = _weight_decay.add_decayed_weights(weight_decay, weight_decay_mask)
   stages = SM3Stages(
     clip=(
@@ -253,15 +257,7 @@ def sm3(
     ),
     coupled_decay=decay if weight_decay_mode == "coupled" else None,
     preconditioner=_scale_by_sm3.scale_by_sm3(
-      beta=beta,
-      bias_correction=bias_correction,
-      eps=eps,
-      variant=variant,
-      accumulator_dtype=accumulator_dtype,
-      stacked_axes=stacked_axes,
-      merge_axes_up_to=merge_axes_up_to,
-      skip_unit_axes=skip_unit_axes,
-      block_size=block_size,
+      **{name: arguments[name] for name in _scale_by_sm3.PARAMETERS}
     ),
     momentum=_momentum.scale_by_momentum(
       momentum, nesterov=nesterov, mu_dtype=mu_dtype
@@ -270,27 +266,7 @@ def sm3(
     rate=optax.scale_by_learning_rate(learning_rate),
   )
   tx = optax.chain(*stages.chain())
-  _SPECS[tx.update] = SM3Spec(
-    learning_rate=learning_rate,
-    momentum=momentum,
-    beta=beta,
-    eps=eps,
-    bias_correction=bias_correction,
-    nesterov=nesterov,
-    mu_dtype=mu_dtype,
-    weight_decay=weight_decay,
-    weight_decay_mode=weight_decay_mode,
-    weight_decay_mask=weight_decay_mask,
-    grad_clip_norm=grad_clip_norm,
-    grad_clip_value=grad_clip_value,
-    variant=variant,
-    accumulator_dtype=accumulator_dtype,
-    stacked_axes=stacked_axes,
-    merge_axes_up_to=merge_axes_up_to,
-    skip_unit_axes=skip_unit_axes,
-    block_size=block_size,
-    stages=stages,
-  )
+  _SPECS[tx.update] = SM3Spec(**arguments, stages=stages)
   return tx
 
 

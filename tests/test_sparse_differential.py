@@ -195,11 +195,8 @@ def _padded(model, t, rows, ids):
   return jnp.where((ids.astype(jnp.int32) == pad)[..., None], 0.0, rows)
 
 
-def dense_loss(model):
-  """The loss of plain ``jnp.take`` reads (``nnx.Embed``, ``nn.Embed``)."""
-
-  def lookup(t, table, ids):
-    return _padded(model, t, jnp.take(table, ids, axis=0), ids)
+def functional_loss(model, lookup):
+  """The loss of a params dict, lookups by ``lookup(t, table, ids)``."""
 
   def index(t, table, ids):
     return table[ids]
@@ -212,6 +209,14 @@ def dense_loss(model):
     return loss_of(model, tables, params["w"], ids_list, lookup, index, whole)
 
   return loss
+
+
+def dense_loss(model):
+  """The loss of plain ``jnp.take`` reads (``nnx.Embed``, ``nn.Embed``)."""
+  return functional_loss(
+    model,
+    lambda t, table, ids: _padded(model, t, jnp.take(table, ids, axis=0), ids),
+  )
 
 
 def initial(model, seed):
@@ -272,18 +277,9 @@ def _maybe_jit(model, fn, **kwargs):
 
 
 def train_plain(model, recipe, params, data):
-  def lookup(t, table, ids):
-    return optax_sm3.sparse_lookup(table, ids)
-
-  def index(t, table, ids):
-    return table[ids]
-
-  def whole(t, table, proj):
-    return table @ proj
-
-  def loss(params, ids_list):
-    tables = [params[f"t{t}"] for t in range(len(model.shapes))]
-    return loss_of(model, tables, params["w"], ids_list, lookup, index, whole)
+  loss = functional_loss(
+    model, lambda t, table, ids: optax_sm3.sparse_lookup(table, ids)
+  )
 
   tx, table_tx = _optimizers(model, recipe)
   mask = {k: k.startswith("t") for k in params}
