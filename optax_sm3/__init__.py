@@ -5,6 +5,8 @@ one accumulator per tensor axis (the maxima of a cover of the entries), so its
 state costs ``O(sum of dims)`` instead of ``O(prod of dims)``.
 """
 
+from typing import TYPE_CHECKING
+
 from optax_sm3._convert import from_optax_sm3
 from optax_sm3._momentum import ScaleByMomentumState, scale_by_momentum
 from optax_sm3._polyak import PolyakState, polyak_averaging, polyak_params
@@ -25,6 +27,9 @@ from optax_sm3._sparse._rows import SparseRows, SparseRowsState, sparse_rows
 from optax_sm3._sparse._tables import SparseTables, SparseTablesState, sparse_tables
 from optax_sm3._sparse._types import SparseGrad
 from optax_sm3._weight_decay import WeightDecayState
+
+if TYPE_CHECKING:  # imported on first use: see __getattr__
+  from optax_sm3.brainstate import SM3
 
 __version__ = "0.1.0"
 

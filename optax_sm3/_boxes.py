@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import jax
@@ -58,9 +58,10 @@ def _content(box: Any) -> Any:
   return child
 
 
-def _pick(entries: Sequence[Any], axes: tuple[int, ...], rank: int) -> tuple[Any, ...]:
-  entries = tuple(entries) + (None,) * (rank - len(entries))
-  return tuple(entries[a] for a in axes)
+def _pick(entries: Iterable[Any], axes: tuple[int, ...], rank: int) -> tuple[Any, ...]:
+  padded = tuple(entries)
+  padded += (None,) * (rank - len(padded))
+  return tuple(padded[a] for a in axes)
 
 
 def _select_sharding(sharding: Any, axes: tuple[int, ...], rank: int) -> Any:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,8 @@ class ScaleByMomentumState(NamedTuple):
       ``momentum`` is ``None`` or a Python or NumPy 0 (no buffer is kept).
   """
 
-  momentum: optax.Updates
+  # optax.Updates or None; optax's OptState (an array tree) has no None.
+  momentum: Any
 
 
 def scale_by_momentum(

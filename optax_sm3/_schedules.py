@@ -6,6 +6,7 @@ import math
 import numbers
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 import optax

@@ -12,6 +12,7 @@ import numbers
 from typing import Any
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -189,4 +190,9 @@ def is_static_zero(value: jax.typing.ArrayLike | None) -> bool:
 
 
 # optax >= 0.2.6 names it safe_increment; earlier releases safe_int32_increment.
-safe_increment = getattr(optax, "safe_increment", None) or optax.safe_int32_increment
+_safe_increment = getattr(optax, "safe_increment", None) or optax.safe_int32_increment
+
+
+def safe_increment(count: jax.Array) -> jax.Array:
+  """``count + 1``, saturating at the dtype's maximum (optax's step counter)."""
+  return jnp.asarray(_safe_increment(count))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +57,9 @@ def add_decayed_weights(
     :class:`WeightDecayState`.
   """
   off = _validation.is_static_zero(weight_decay)
-  inner = optax.add_decayed_weights(0.0 if off else weight_decay, mask)
+  # optax types the rate as a float, an Array or a schedule; any real scalar works.
+  rate = 0.0 if off else cast(optax.ScalarOrSchedule, weight_decay)
+  inner = optax.add_decayed_weights(rate, mask)
 
   def init_fn(params):
     return WeightDecayState(inner.init(params))

@@ -59,7 +59,8 @@ def checked(
     ValueError: see ``SM3.load_state_dict``.
   """
   saved = state_dict.get("opt_state")
-  if saved is not None and optimizer.opt_state is None:
+  opt_state = optimizer.opt_state
+  if saved is not None and opt_state is None:
     raise ValueError("register_trainable_weights must be called before load_state_dict")
   groups = state_dict.get("param_groups")
   group_states = state_dict.get("param_groups_opt_states")
@@ -79,9 +80,7 @@ def checked(
       )
   restored = None
   if saved is not None:
-    restored = [
-      _restore_like("state_dict['opt_state']", saved, optimizer.opt_state.value)
-    ]
+    restored = [_restore_like("state_dict['opt_state']", saved, opt_state.value)]
     for i, holder in enumerate(optimizer.param_groups_opt_states):
       if group_states is not None:
         restored.append(

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 
@@ -27,7 +28,7 @@ def nice_float(value: jax.typing.ArrayLike) -> float | jax.Array:
   """The shortest decimal that rounds to the float32 ``value`` (0.1, not 0.1000…)."""
   if isinstance(value, jax.core.Tracer):
     return value
-  return float(str(np.float32(value)))
+  return float(str(np.float32(np.asarray(value))))
 
 
 def is_scheduler(lr: Any) -> bool:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.core
 import numpy as np
 
 _INSTALL_HINT = "pip install 'optax-sm3[brainstate]'"
