@@ -31,7 +31,7 @@ from optax_sm3._weight_decay import WeightDecayState
 if TYPE_CHECKING:  # imported on first use: see __getattr__
   from optax_sm3.brainstate import SM3
 
-__version__ = "0.1.0"
+__version__ = "0.3.0.dev0"
 
 __all__ = (
   "SM3",
