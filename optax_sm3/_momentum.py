@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_sm3 import _tree, _validation
+from optax_sm3 import _layout, _tree, _validation
 
 
 class ScaleByMomentumState(NamedTuple):
@@ -132,3 +132,13 @@ def scale_by_momentum(
     return outputs, ScaleByMomentumState(momenta)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _momentum_specs(state: Any, layout: _layout.ParamLayout) -> Any:
+  """Sharding: a momentum of the parameters' structure is laid out like them."""
+  if layout.is_params_like(state.momentum):
+    return ScaleByMomentumState(layout.like_params(state.momentum))
+  return _layout.replicated(state)
+
+
+_layout.register(ScaleByMomentumState, _momentum_specs)
