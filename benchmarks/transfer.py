@@ -189,21 +189,26 @@ def score_rates(
   tuned Adam first), so that an interrupted study has those for all.
   """
   default = choose_rate(table) if default is None else default
+  # Each fold's choice (at ``factor`` x, one workload has no others).
+  folds = {
+    name: choose_rate(table, name) if len(table) > 1 else default for name in table
+  }
+  # Every other rate a fold chose is scored on every workload too.
+  others = sorted({lr for lr in folds.values() if lr != default})
   plans = {}
   for name, row in table.items():
-    # Each fold's choice (at ``factor`` x, one workload has no others).
-    fold = choose_rate(table, name) if len(table) > 1 else default
     plans[name] = {
       "untuned recipe": (RECIPE, default),
       "tuned adam": (_adam(row["tuned_adam"]), row["adam_lr"]),
-      "held-out choice": (RECIPE, fold),
+      "held-out choice": (RECIPE, folds[name]),
       "tuned recipe": (RECIPE, row["tuned_lr"]),
       "adam(1e-3)": (ADAMS[0], HABIT),
-    }
+    } | {f"recipe at {lr:g}": (RECIPE, lr) for lr in others}
   tests = {name: {} for name in table}
   for phase in (
     ("untuned recipe", "tuned adam"),
     ("held-out choice", "tuned recipe", "adam(1e-3)"),
+    tuple(f"recipe at {lr:g}" for lr in others),
   ):
     for name, plan in plans.items():
       for key in phase:
@@ -223,7 +228,8 @@ def score_rates(
       "steps": study.steps(name, factor),
       "seeds": _seeds(name, seeds),
       "default": default,
-      "fold_choice": plans[name]["held-out choice"][1],
+      "fold_choice": folds[name],
+      "other_rates": others,
       "tuned_adam": table[name]["tuned_adam"],
       "tests": by_key,
       "state_ratio": by_key["untuned recipe"]["state_bytes"] / by_key["tuned adam"]["state_bytes"],
@@ -244,22 +250,26 @@ def _kib(n: int) -> str:
 def rate_markdown(report: dict) -> str:
   """The default rate's tables: per workload, and per held-out fold."""
   default = report["default"]
+  others = report["scores"][0]["other_rates"]
   lines = [
     f"Default rate {default:g}, chosen on {len(report['workloads'])} workloads "
     f"({report['wall_s'] / 60:.0f} min wall, `{report['command']}`). Test metric, "
     "mean ± std over the seeds (gap to the tuned Adam: relative loss, or relative "
     "error rate for the classifiers; positive is worse).",
     "",
-    "| workload | metric | seeds | `sm3_recipe(total_steps)` (untuned) | tuned recipe (rate) | "
-    "tuned Adam (schedule, rate) | `adam(1e-3)` | recipe state | Adam state | ratio |",
-    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    "| workload | metric | seeds | `sm3_recipe(total_steps)` (untuned) | "
+    + "".join(f"untuned at {lr:g} (a fold's choice) | " for lr in others)
+    + "tuned recipe (rate) | tuned Adam (schedule, rate) | `adam(1e-3)` | "
+    "recipe state | Adam state | ratio |",
+    "|---|---|---:|" + "---:|" * (7 + len(others)),
   ]
   for r in report["scores"]:
     t, m = r["tests"], r["metric"]
     adam = t["tuned adam"]
     lines.append(
       f"| {r['workload']} | {m} | {r['seeds']} | {_cell(m, t['untuned recipe'])} | "
-      f"{_cell(m, t['tuned recipe'])} ({t['tuned recipe']['learning_rate']:g}) | "
+      + "".join(f"{_cell(m, t[f'recipe at {lr:g}'])} | " for lr in others)
+      + f"{_cell(m, t['tuned recipe'])} ({t['tuned recipe']['learning_rate']:g}) | "
       f"{_fmt(m, adam['mean'])} ± {_fmt(m, adam['std'])} "
       f"({r['tuned_adam'].removeprefix('adam ')}, {adam['learning_rate']:g}) | "
       f"{_cell(m, t['adam(1e-3)'])} | {_kib(t['untuned recipe']['state_bytes'])} | "

@@ -245,6 +245,11 @@ def test_rate_study_end_to_end_on_fake_runs(monkeypatch):
     assert len(tests["untuned recipe"]["metrics"]) == r["seeds"]
     assert r["seeds"] == (5 if r["workload"] == "classifier" else 3)
     assert r["state_ratio"] == 20 / 1000
+    # Every rate a fold chose is scored on every workload.
+    folds = {transfer.choose_rate(table, n) for n in names} - {report["default"]}
+    assert r["other_rates"] == sorted(folds)
+    for lr in folds:
+      assert tests[f"recipe at {lr:g}"]["learning_rate"] == lr
   # The fake setting is best at the middle of its grid: every rate was run,
   # and the best Adam is interior (no edge followed).
   for name in names:
@@ -287,3 +292,38 @@ def test_rate_study_reuses_the_lever_studys_adam():
                ["metric"] for seed in range(3)]  # fmt: skip
     assert metrics == fold["adam_test"]["metrics"]
   assert transfer._committed_adam(study, "digits-conv") is None
+
+
+def test_every_folds_rate_is_scored_on_every_workload():
+  rates = transfer.RATES
+  table = {
+    name: {
+      "gaps": gaps,
+      "tuned_adam": "adam constant",
+      "adam_lr": 4e-3,
+      "tuned_lr": rates[1],
+    }
+    for name, gaps in {
+      "lm": [0.05, 0.00, 0.01, 0.02, 0.09],
+      "classifier": [0.50, 0.10, 0.03, 0.00, 0.40],
+    }.items()
+  }
+  study = _FakeStudy(1.0, 3, 3, {"runs": {}}, lambda: None, lambda _: None)
+  scores = transfer.score_rates(study, table, seeds=3)
+  # Worst gaps: 0.50, 0.10, 0.03, 0.02, 0.40; each fold picks the other's best.
+  assert [r["fold_choice"] for r in scores] == [rates[3], rates[1]]
+  assert {r["default"] for r in scores} == {rates[3]}
+  for r in scores:
+    assert r["other_rates"] == [rates[1]]
+    assert r["tests"][f"recipe at {rates[1]:g}"]["learning_rate"] == rates[1]
+  report = {
+    "default": rates[3],
+    "workloads": list(table),
+    "table": table,
+    "scores": scores,
+    "wall_s": 60.0,
+    "command": "c",
+  }
+  header, rule, *_ = transfer.rate_markdown(report).split("\n\n")[1].splitlines()
+  assert header.count("|") == rule.count("|")
+  assert f"untuned at {rates[1]:g} (a fold's choice)" in header
