@@ -188,6 +188,13 @@ def loss_of(model, tables, w, ids_list, lookup, index, whole):
   return total
 
 
+def _wide(ids):
+  """``ids`` as int32 for JAX's own reads: ``jnp.take`` and indexing raise an
+  ``OverflowError`` for ``int8`` ids into a table of more than 127 rows (jax
+  0.10.2), where the sparse lookups take the ids as they are."""
+  return ids.astype(jnp.int32)
+
+
 def _padded(model, t, rows, ids):
   pad = model.padding[t]
   if pad is None:
@@ -199,7 +206,7 @@ def functional_loss(model, lookup):
   """The loss of a params dict, lookups by ``lookup(t, table, ids)``."""
 
   def index(t, table, ids):
-    return table[ids]
+    return table[_wide(ids)]
 
   def whole(t, table, proj):
     return table @ proj
@@ -215,7 +222,7 @@ def dense_loss(model):
   """The loss of plain ``jnp.take`` reads (``nnx.Embed``, ``nn.Embed``)."""
   return functional_loss(
     model,
-    lambda t, table, ids: _padded(model, t, jnp.take(table, ids, axis=0), ids),
+    lambda t, table, ids: _padded(model, t, jnp.take(table, _wide(ids), axis=0), ids),
   )
 
 
@@ -322,7 +329,7 @@ class _NNXModel(nnx.Module):
       return self.embeds[t](ids)
 
     def index(t, table, ids):
-      return self.embeds[t].embedding[...][ids]
+      return self.embeds[t].embedding[...][_wide(ids)]
 
     def whole(t, table, proj):
       return self.embeds[t].attend(proj)
@@ -365,7 +372,7 @@ class _LinenModel(nn.Module):
       return embeds[t](ids)
 
     def index(t, table, ids):
-      return embeds[t].embedding[ids]
+      return embeds[t].embedding[_wide(ids)]
 
     def whole(t, table, proj):
       return embeds[t].attend(proj)
@@ -421,7 +428,7 @@ class _EqxModel(eqx.Module):
       return _padded(self.model, t, rows, ids)
 
     def index(t, table, ids):
-      return self.embeds[t].weight[ids]
+      return self.embeds[t].weight[_wide(ids)]
 
     def whole(t, table, proj):
       return self.embeds[t].weight @ proj
