@@ -15,8 +15,8 @@ the one number a user would otherwise tune, by the same protocol:
 3. On every workload's test split (3 seeds; 5 on the syllable classifier):
    the recipe at the default rate (untuned), at its own best validation rate
    (tuned), the tuned Adam, and ``optax.adam(1e-3)`` (a user's habit).
-4. The syllable classifier again at 5x the steps, 5 seeds, every setting
-   at its 1x rate.
+4. The syllable classifier again at 5x the steps, 5 seeds, every setting (and
+   every rate a fold chose) at its 1x rate.
 
 Gaps are relative: the loss ratio minus 1 for the language models, the
 error-rate ratio minus 1 (error = 1 - accuracy) for the classifiers, so a
@@ -181,6 +181,7 @@ def score_rates(
   seeds: int,
   factor: float = 1.0,
   default: float | None = None,
+  other_rates: Sequence[float] = (),
 ) -> list[dict]:
   """Test runs per workload: the untuned recipe, each fold's choice, the tuned ones.
 
@@ -193,8 +194,9 @@ def score_rates(
   folds = {
     name: choose_rate(table, name) if len(table) > 1 else default for name in table
   }
-  # Every other rate a fold chose is scored on every workload too.
-  others = sorted({lr for lr in folds.values() if lr != default})
+  # Every other rate a fold chose (and ``other_rates``) is scored on every
+  # workload too.
+  others = sorted({*folds.values(), *other_rates} - {default})
   plans = {}
   for name, row in table.items():
     plans[name] = {
@@ -335,7 +337,8 @@ def default_rate_study(
   }
   if long and LONG_WORKLOAD in table:
     sub = {LONG_WORKLOAD: table[LONG_WORKLOAD]}
-    report["long"] = score_rates(study, sub, seeds, long, report["default"])
+    others = report["scores"][0]["other_rates"]
+    report["long"] = score_rates(study, sub, seeds, long, report["default"], others)
   return report
 
 
