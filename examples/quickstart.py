@@ -8,17 +8,13 @@ import optax_sm3
 
 # A model that is mostly an embedding table (50,000 x 64), fit to random targets.
 k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
-params = {
-  "embedding": 0.1 * jax.random.normal(k1, (50_000, 64)),
-  "head": jnp.ones((64,)),
-}
+params = {"embedding": 0.1 * jax.random.normal(k1, (50_000, 64)), "head": jnp.ones(64)}
 ids = jax.random.randint(k2, (4096,), 0, 50_000)
 targets = jax.random.normal(k3, (4096,))
 
 
 def loss_fn(params):
-  predictions = params["embedding"][ids] @ params["head"]
-  return jnp.mean((predictions - targets) ** 2)
+  return jnp.mean((params["embedding"][ids] @ params["head"] - targets) ** 2)
 
 
 optimizer = optax_sm3.sm3(learning_rate=0.1, momentum=0.0)
@@ -38,10 +34,7 @@ for step in range(21):
     print(f"step {step:3d}  loss {loss:.4f}")
 
 
-def nbytes(tree):
-  return sum(x.nbytes for x in jax.tree.leaves(tree))
-
-
+nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
 adam_state = optax.adam(learning_rate=1e-3).init(params)
 print(f"parameters {nbytes(params):,} B")
 print(f"SM3 state  {nbytes(state):,} B")

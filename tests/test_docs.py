@@ -123,22 +123,22 @@ def test_plot_data_matches_the_tables():
   assert f"`{sweep['command']}`" in page
 
 
-def test_loss_curve_data_is_the_readme_run():
-  """The transformer guide's plot is drawn from the README's shakespeare-char run."""
+def test_loss_curve_data_is_the_results_run():
+  """The recipe guide's plot is drawn from the results page's shakespeare-char run."""
   curves = json.loads((DOCS / "_data" / "benchmarks.json").read_text())[
     "transformer_loss_curves"
   ]
-  readme = (DOCS.parent / "README.md").read_text()
+  results = (DOCS / "guides" / "results.md").read_text()
   heading = re.search(
-    rf"^#### {curves['workload']}: test loss after (\d+) steps "
+    rf"^### {curves['workload']}: test loss after (\d+) steps "
     r"\(mean ± std over (\d+) seeds\)$",
-    readme,
+    results,
     re.M,
   )
   assert heading, curves["workload"]
   assert (curves["steps"], curves["seeds"]) == tuple(map(int, heading.groups()))
-  table = readme[heading.end() : readme.index("\n#### ", heading.end())]
-  assert f"`{curves['command']}`" in readme
+  table = results[heading.end() : results.index("\n### ", heading.end())]
+  assert f"`{curves['command']}`" in results
   assert set(curves["train_loss"]) == set(curves["test_loss"])
   for name, losses in curves["train_loss"].items():
     (row,) = _table_rows(table, name)
@@ -185,9 +185,8 @@ def test_built_site_uses_local_mathjax_and_plots():
 
 
 def test_transfer_tables_are_the_committed_results():
-  """The leave-one-out rows of the README and the guide are docs/_data/transfer.json's."""
+  """The guide's leave-one-out rows are docs/_data/transfer.json's."""
   data = json.loads((DOCS / "_data" / "transfer.json").read_text())
-  readme = (DOCS.parent / "README.md").read_text()
   guide = (DOCS / "guides" / "transformers.md").read_text()
   rows = [r for r in data["leave_one_out"] if r["budget"] == 0.03]
   assert {r["workload"] for r in rows} == set(data["workloads"])
@@ -199,7 +198,7 @@ def test_transfer_tables_are_the_committed_results():
       f"{r['gap']:+.2%}",
       f"{r['memory']:.1%}",
     ]
-    for text in (readme, guide):
+    for text in (guide,):
       (row,) = [
         line
         for line in text.splitlines()
@@ -235,17 +234,15 @@ def test_doctest_run_had_no_failures():
   assert re.search(r"^\s+0 failures in tests$", out, re.M), out
 
 
-def test_transformer_guide_summary_matches_the_readme_tables():
-  """The guide's per-workload summary is the README's full tables, summarised."""
-  readme = (DOCS.parent / "README.md").read_text()
+def test_transformer_guide_summary_matches_the_results_tables():
+  """The guide's per-workload summary is the results page's full tables, summarised."""
+  results = (DOCS / "guides" / "results.md").read_text()
   guide = (DOCS / "guides" / "transformers.md").read_text()
   # The summary of the main benchmark (the transfer study's tables name the
   # same workloads).
   guide = guide.split("## The recipe on every workload, unchanged")[1].split("\n## ")[0]
   sections = dict(
-    re.findall(
-      r"^#### (\S+): .*?\n(.*?)(?=^#### |^\*\*The recipe)", readme, re.M | re.S
-    )
+    re.findall(r"^### (\S+): .*?\n(.*?)(?=^### |^## )", results, re.M | re.S)
   )
   assert set(sections) == {"movielens", "shakespeare-word", "shakespeare-char", "mnist"}
   for workload, table in sections.items():
@@ -260,5 +257,5 @@ def test_transformer_guide_summary_matches_the_readme_tables():
     assert row[5] == metric["sm3-m0"]
     value, adam = re.fullmatch(r"(.+) \((adam|adam-wsd)\)", row[3]).groups()
     assert value == metric[adam]
-    # The goal line under the README's table names the same tuned Adam.
+    # The goal line under the results table names the same tuned Adam.
     assert f"than the tuned Adam ({adam}, chosen on validation)" in table

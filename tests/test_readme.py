@@ -1,4 +1,5 @@
-"""The README's quick example runs as written and prints what the README shows."""
+"""The README: a front door whose examples run as written and whose account of
+the scripts and figures is what they print."""
 
 import contextlib
 import io
@@ -126,14 +127,18 @@ def test_readme_says_what_the_main_job_prints():
   (title,) = titles
   assert f"then one table, `{title}`" in " ".join(door.split())
   assert "It prints no other table." in door
-  # The README's copy of that table: same title, header and optimizers.
-  section = readme[readme.index(f"#### {title}\n") :].split("\n#### ")[0]
+  # The README's copy of that table: same title, header and optimizers, and the
+  # rows of the results page's (the full run's) table.
+  section = readme[readme.index(f"### {title}\n") :].split("\n## ")[0]
   header = next(line for line in printed if line.startswith("| optimizer |"))
   table = [line for line in section.splitlines() if line.startswith("| ")]
   assert table[0] == header
   assert [line.split("|")[1].strip() for line in table[1:]] == args.optimizers
-  # Every other results table is credited to `--workloads all`.
-  others = re.findall(r"^#### (\S+):", readme, re.M)
+  results = (ROOT / "docs" / "guides" / "results.md").read_text()
+  full = results[results.index(f"### {title}\n") :].split("\n### ")[0]
+  assert table == [line for line in full.splitlines() if line.startswith("| ")]
+  # Every other results table (on the results page) is credited to `--workloads all`.
+  others = re.findall(r"^### (\S+):", results, re.M)
   assert others[0] == args.workloads[0]
   (credit,) = [
     line
@@ -151,3 +156,31 @@ def test_readme_says_what_the_test_script_prints():
   assert 'echo "running the tests: python -m pytest -n 2 --dist loadfile $*"' in test_sh
   assert 'exec python -m pytest -n 2 --dist loadfile "$@"' in test_sh
   assert "`running the tests: python -m pytest -n 2 --dist loadfile`" in door
+
+
+def test_readme_is_a_front_door():
+  """At most 200 lines, holding what a newcomer needs and pointing to the rest."""
+  readme = (ROOT / "README.md").read_text()
+  assert len(readme.rstrip("\n").splitlines()) <= 200
+  headings = re.findall(r"^## (.+)$", readme, re.M)
+  assert headings == [
+    "Install and the two commands",
+    "Quick example",
+    "Sparse embeddings from Flax and Equinox",
+    "Results",
+    "Documentation",
+    "Development",
+    "Citation and license",
+  ]
+  # Every page the README names is a page of the docs.
+  pages = {
+    re.search(r"^# (.+)$", p.read_text(), re.M)[1]
+    for p in (ROOT / "docs").rglob("*.md")
+    if not p.is_relative_to(ROOT / "docs" / "_build")
+  }
+  door = readme[readme.index("## Documentation") :].split("\n## ")[0]
+  named = re.findall(r"\*([A-Z][^*]+)\*", " ".join(door.split()))
+  assert len(named) >= 10 and set(named) <= pages, set(named) - pages
+  # The development section states the type check's level and command.
+  dev = readme[readme.index("## Development") :].split("\n## ")[0]
+  assert "basic mode" in dev and "`python -m pyright`" in dev
