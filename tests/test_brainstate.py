@@ -289,14 +289,6 @@ def test_without_brainstate():
   assert second.startswith("ImportError") and "optax-sm3[brainstate]" in second
 
 
-def test_importing_optax_sm3_does_not_import_brainstate():
-  code = "import sys, optax_sm3; print('brainstate' in sys.modules)"
-  out = subprocess.run(
-    [sys.executable, "-c", code], capture_output=True, text=True, check=True
-  ).stdout
-  assert out.strip() == "False"
-
-
 def test_sm3_is_imported_from_optax_sm3_brainstate_on_first_use():
   code = textwrap.dedent(
     """
