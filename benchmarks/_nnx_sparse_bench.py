@@ -18,12 +18,18 @@ temporary buffers of the compiled step
 step's largest relative difference between the two models' parameters
 (after ``optimizer.sync`` on the sparse one). Flax is imported here only,
 so the functional section runs without it.
+
+``profile_overhead`` (``python -m benchmarks.sparse_taught --profile``) times
+the NNX step's forms on a small table, where what remains is the per-call
+cost, and profiles where the plain ``nnx.jit`` step spends it.
 """
 
 from __future__ import annotations
 
+import cProfile
 import functools
 import itertools
+import pstats
 import statistics
 import time
 
@@ -113,24 +119,43 @@ def build(kind: str, rows: int, momentum: float):
   return model, optimizer, train_step
 
 
-def functional_step(model, optimizer):
-  """The sparse train step as ``jax.jit`` over ``nnx.split`` / ``nnx.merge``.
+def functional_step(model, optimizer, value_and_grad=optax_sm3.nnx.value_and_grad):
+  """The train step as ``jax.jit`` over ``nnx.split`` / ``nnx.merge``.
 
-  The same computation as ``build("sparse", ...)``'s ``nnx.jit`` step, without
-  ``nnx.jit``'s per-call traversal of the model and optimizer graphs: the
-  state goes in and comes out as one pytree (donated). Returns ``(step,
-  state)`` with ``step(state, ids, y) -> (loss, state)``.
+  The same computation as ``build(...)``'s ``nnx.jit`` step (sparse, or
+  dense with ``value_and_grad=nnx.value_and_grad``), without ``nnx.jit``'s
+  per-call traversal of the model and optimizer graphs: the state goes in
+  and comes out as one pytree (donated). Returns ``(step, state)`` with
+  ``step(state, ids, y) -> (loss, state)``.
   """
   graphdef, state = nnx.split((model, optimizer))
 
   @functools.partial(jax.jit, donate_argnums=(0,))
   def step(state, ids, y):
     model, optimizer = nnx.merge(graphdef, state)
-    loss, grads = optax_sm3.nnx.value_and_grad(_loss)(model, ids, y)
+    loss, grads = value_and_grad(_loss)(model, ids, y)
     optimizer.update(model, grads)
     return loss, nnx.state((model, optimizer))
 
   return step, state
+
+
+def functional_forward_backward(model, optimizer):
+  """The sparse step's forward and backward alone, as ``jax.jit`` over ``nnx.merge``.
+
+  ``optax_sm3.nnx.value_and_grad`` of the loss (the rows read through the
+  tables' state, as in the step), no optimizer step, nothing donated.
+  Returns ``(forward_backward, state)`` with ``forward_backward(state, ids,
+  y) -> (loss, grads)``.
+  """
+  graphdef, state = nnx.split((model, optimizer))
+
+  @jax.jit
+  def forward_backward(state, ids, y):
+    model, _ = nnx.merge(graphdef, state)
+    return optax_sm3.nnx.value_and_grad(_loss)(model, ids, y)
+
+  return forward_backward, state
 
 
 def batches(rows: int, count: int, seed: int) -> list:
@@ -312,4 +337,152 @@ def markdown(results: list[dict], checks: list[dict], steps: dict) -> str:
       f"| {1e3 * r['functional_median_s']:.2f} ms | {r['functional_speedup']:.0f}x |"
     )
   lines += ["", _report.targets_table(checks, "Targets (NNX train step)")]
+  return "\n".join(lines) + "\n"
+
+
+# --- Where the plain nnx.jit step's per-call time goes ------------------------
+
+PROFILE_BLOCKS = 7
+
+
+def _per_call(call, calls: int, blocks: int = PROFILE_BLOCKS) -> dict:
+  """Median over ``blocks`` of ``calls`` calls: seconds per call, wall and CPU."""
+  for _ in range(3):  # compiled and warm
+    jax.block_until_ready(call())
+  wall, cpu = [], []
+  for _ in range(blocks):
+    start, start_cpu = time.perf_counter(), time.process_time()
+    for _ in range(calls):
+      out = call()
+    jax.block_until_ready(out)
+    wall.append((time.perf_counter() - start) / calls)
+    cpu.append((time.process_time() - start_cpu) / calls)
+  return {"wall_s": statistics.median(wall), "cpu_s": statistics.median(cpu)}
+
+
+def _flax_profile(call, calls: int) -> dict:
+  """cProfile of ``calls`` calls: per call, the seconds in ``nnx.jit``'s parts.
+
+  ``in``: flattening the arguments' graphs (``extract.to_tree``); ``out``:
+  writing the results back into the objects (``extract.from_tree``);
+  ``total``: the whole ``nnx.jit`` call, compiled computation included;
+  ``nodes``: graph nodes flattened per call (``graphlib._graph_flatten``).
+  """
+  jax.block_until_ready(call())
+  profile = cProfile.Profile()
+  profile.enable()
+  for _ in range(calls):
+    out = call()
+  jax.block_until_ready(out)
+  profile.disable()
+  found = {"in": 0.0, "out": 0.0, "total": 0.0, "nodes": 0}
+  for (file, _, name), (_, ncalls, _, cumulative, _) in pstats.Stats(
+    profile
+  ).stats.items():
+    if "flax/nnx" not in file.replace("\\", "/"):
+      continue
+    if name == "to_tree" and file.endswith("extract.py"):
+      found["in"] += cumulative / calls
+    elif name == "from_tree" and file.endswith("extract.py"):
+      found["out"] += cumulative / calls
+    elif name == "__call__" and file.endswith("compilation.py"):
+      found["total"] = max(found["total"], cumulative / calls)
+    elif name == "_graph_flatten":
+      found["nodes"] += ncalls / calls
+  return found
+
+
+def profile_overhead(rows: int = 64, calls: int = 200, momentum: float = 0.0) -> dict:
+  """Per-call seconds of the NNX step's forms on a small table, and a profile.
+
+  On a ``rows``-row table the computation is small, so what remains is the
+  per-call cost: the plain ``nnx.jit`` step, the same step through
+  ``nnx.cached_partial``, with ``graph=False`` and as ``jax.jit`` over
+  ``nnx.split`` / ``nnx.merge``; a no-op ``nnx.jit`` over ``(model,
+  optimizer)``; the dense (``nnx.Embed`` + ``nnx.Optimizer``) step plain and
+  split/merge. Then cProfile of ``calls`` plain steps, sparse and dense.
+  """
+  ids, y = batches(rows, 1, seed=0)[0]
+  result = {}
+
+  def noop_jit():
+    @nnx.jit(donate_argnums=(0, 1))
+    def noop(model, optimizer):
+      return None
+
+    return noop
+
+  for kind in ("sparse", "dense"):
+    model, optimizer, train_step = build(kind, rows, momentum)
+    result[f"{kind} nnx.jit step"] = _per_call(
+      functools.partial(train_step, model, optimizer, ids, y), calls
+    )
+    result[f"{kind} nnx.jit step, profiled"] = _flax_profile(
+      functools.partial(train_step, model, optimizer, ids, y), calls
+    )
+    value_and_grad = optax_sm3.nnx.value_and_grad if kind == "sparse" else None
+    step, state = functional_step(
+      model, optimizer, value_and_grad or nnx.value_and_grad
+    )
+    functional = carried(step, state, loss=0)
+    del state
+    result[f"{kind} jax.jit over split/merge"] = _per_call(
+      functools.partial(functional, ids, y), calls
+    )
+    model, optimizer, _ = build(kind, rows, momentum)
+    noop = noop_jit()
+    result[f"{kind} no-op nnx.jit"] = _per_call(
+      functools.partial(noop, model, optimizer), calls
+    )
+    result[f"{kind} no-op nnx.jit, profiled"] = _flax_profile(
+      functools.partial(noop, model, optimizer), calls
+    )
+  model, optimizer, train_step = build("sparse", rows, momentum)
+  cached = nnx.cached_partial(train_step, model, optimizer)
+  result["sparse nnx.cached_partial step"] = _per_call(
+    functools.partial(cached, ids, y), calls
+  )
+  model, optimizer, _ = build("sparse", rows, momentum)
+
+  @nnx.jit(donate_argnums=(0, 1), graph=False)
+  def tree_step(model, optimizer, ids, y):
+    loss, grads = optax_sm3.nnx.value_and_grad(_loss)(model, ids, y)
+    optimizer.update(model, grads)
+    return loss
+
+  result["sparse nnx.jit(graph=False) step"] = _per_call(
+    functools.partial(tree_step, model, optimizer, ids, y), calls
+  )
+  return result
+
+
+def profile_markdown(result: dict, rows: int, calls: int) -> str:
+  """The per-call times and the profiles as two tables."""
+  lines = [
+    f"Per call, {rows}-row table, {BAGS} bags of {BAG} ids, momentum 0: median "
+    f"of {PROFILE_BLOCKS} blocks of {calls} calls (wall; process CPU, both cores); "
+    f"jax {jax.__version__}",
+    "",
+    "| form | wall per call | CPU per call |",
+    "|---|---:|---:|",
+  ]
+  profiled = {k: v for k, v in result.items() if k.endswith(", profiled")}
+  for form, r in result.items():
+    if form not in profiled:
+      lines.append(
+        f"| {form} | {1e3 * r['wall_s']:.3f} ms | {1e3 * r['cpu_s']:.3f} ms |"
+      )
+  lines += [
+    "",
+    f"cProfile of {calls} calls, per call (profiling slows Python ~2-3x): ",
+    "",
+    "| form | whole nnx.jit call | flatten in (to_tree) | write back (from_tree) "
+    "| graph nodes flattened |",
+    "|---|---:|---:|---:|---:|",
+  ]
+  for form, r in profiled.items():
+    lines.append(
+      f"| {form.removesuffix(', profiled')} | {1e3 * r['total']:.2f} ms "
+      f"| {1e3 * r['in']:.2f} ms | {1e3 * r['out']:.2f} ms | {r['nodes']:.0f} |"
+    )
   return "\n".join(lines) + "\n"

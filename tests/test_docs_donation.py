@@ -10,9 +10,11 @@ shows is not, line for line, one that ``benchmarks/sparse_taught.py`` times.
 """
 
 import ast
+import json
 import pathlib
 import re
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -221,6 +223,28 @@ def test_taught_steps_are_the_benchmarked_ones(name, lines):
   )
 
 
+def test_nnx_routes_time_the_taught_step():
+  """``nnx`` and ``nnx_plain`` call the README's ``train_step`` itself."""
+  tree = ast.parse(BENCHMARK.read_text())
+  (route,) = [
+    node
+    for node in ast.walk(tree)
+    if isinstance(node, ast.FunctionDef) and node.name == "nnx_route"
+  ]
+  assert "train_step" in [
+    n.name for n in ast.walk(route) if isinstance(n, ast.FunctionDef)
+  ]
+  callers = {
+    ast.unparse(node.func)
+    for node in ast.walk(route)
+    if isinstance(node, ast.Call)
+    and node.args
+    and isinstance(node.args[0], ast.Name)
+    and node.args[0].id == "train_step"
+  }
+  assert callers == {"nnx.cached_partial", "functools.partial"}, callers
+
+
 @pytest.mark.slow
 def test_benchmark_runs_and_both_paths_agree(tmp_path):
   """A tiny run of the benchmark: every route and momentum, sparse = dense losses."""
@@ -232,6 +256,40 @@ def test_benchmark_runs_and_both_paths_agree(tmp_path):
     (route, m) for route in sparse_taught.ROUTES for m in sparse_taught.MOMENTA
   }
   assert all(r["max_loss_rel_diff"] <= sparse_taught.LOSS_RTOL for r in summary)
+  for r in summary:  # each step over its parts, in the same run
+    parts = r["bare_update_median_s"] + r["forward_backward_median_s"]
+    assert r["overhead"] == pytest.approx(r["sparse_median_s"] / parts)
+  assert {r["momentum"] for r in summary if "vs_split_merge" in r} == set(
+    sparse_taught.MOMENTA
+  )
+  # The three NNX routes run one step: their losses agree.
+  records = json.loads((tmp_path / "sparse_taught.json").read_text())["records"]
+  for m in sparse_taught.MOMENTA:
+    losses = {
+      r["route"]: r["warmup_losses"]
+      for r in records
+      if r["momentum"] == m and r["route"].startswith("nnx")
+    }
+    for route in ("nnx_plain", "nnx_split_merge"):
+      np.testing.assert_allclose(losses[route], losses["nnx"], rtol=1e-6)
   table = (tmp_path / "sparse_taught.md").read_text()
   assert "`python -m benchmarks.sparse_taught --rows 512" in table
+  assert "512 x 64 float32 table" in table and "| nnx_plain | 0 |" in table
+  assert "nnx_plain / nnx_split_merge" in table
   assert "--out" not in table
+
+
+@pytest.mark.slow
+def test_profile_of_the_nnx_step(tmp_path):
+  """``--profile``'s run: every form of the NNX step timed, its graph nodes counted."""
+  from benchmarks import _nnx_sparse_bench, sparse_taught
+
+  result = sparse_taught.profile(8, str(tmp_path), calls=20)
+  for form in ("nnx.jit step", "jax.jit over split/merge", "no-op nnx.jit"):
+    for kind in ("sparse", "dense"):
+      assert result[f"{kind} {form}"]["cpu_s"] > 0
+  profiled = result["sparse nnx.jit step, profiled"]
+  assert profiled["nodes"] > 10 and 0 < profiled["in"] < profiled["total"]
+  table = (tmp_path / "sparse_taught_profile.md").read_text()
+  assert "| sparse nnx.jit(graph=False) step |" in table
+  assert _nnx_sparse_bench.profile_markdown(result, 8, 20) in table
