@@ -4,6 +4,9 @@
     every requirement of `dependencies`, `[test]` and the named extras pinned at its
     `>=` bound, the highest where two name one package (`[flax]` raises jax's);
     jaxlib at jax's version, as jax pins it.
+  python scripts/_min_versions.py core-ignores
+    ``--ignore=`` for the test files the core set cannot collect (they import an
+    extra's module at their top level).
   python scripts/_min_versions.py files EXTRA
     the test files and library modules that use the extra, so that a new test file
     or module joins its extra's run without editing a list.
@@ -133,12 +136,32 @@ def files(extra):
   return tests + library
 
 
+def core_ignores():
+  """``--ignore=`` for each test file that imports an extra's module at its top
+  level (its collection would fail without the extra; importorskip needs none)."""
+  modules = {m for mods, _ in EXTRAS.values() for m in mods}
+  out = []
+  for p in sorted((ROOT / "tests").glob("test_*.py")):
+    for node in ast.parse(p.read_text()).body:
+      names = []
+      if isinstance(node, ast.Import):
+        names = [alias.name for alias in node.names]
+      elif isinstance(node, ast.ImportFrom) and not node.level:
+        names = [node.module or ""]
+      if any(name.split(".")[0] in modules for name in names):
+        out.append(f"--ignore={p.relative_to(ROOT)}")
+        break
+  return out
+
+
 if __name__ == "__main__":
   command, *args = sys.argv[1:]
   if command == "pins":
     print(" ".join(pins(args)))
+  elif command == "core-ignores":
+    print(" ".join(core_ignores()))
   elif command == "files":
     (extra,) = args
     print(" ".join(files(extra)))
   else:
-    raise SystemExit(f"unknown command {command!r}: pins or files")
+    raise SystemExit(f"unknown command {command!r}: pins, core-ignores or files")

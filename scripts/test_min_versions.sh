@@ -93,8 +93,10 @@ for set in $sets; do
       make_venv core
       # The test files and modules that need an extra (Flax, Equinox, orbax,
       # brainstate, the benchmarks' data, the built docs) are left out; every
-      # other test file and the doctests run.
-      run_tests core tests optax_sm3 \
+      # other test file and the doctests run. Test files that import an extra
+      # at their top level are found by scripts/_min_versions.py.
+      # shellcheck disable=SC2046  # a list of options without spaces.
+      run_tests core tests optax_sm3 $(python scripts/_min_versions.py core-ignores) \
         --ignore=tests/test_brainstate.py \
         --ignore=tests/test_benchmarks.py \
         --ignore=tests/test_benchmarks_recipes.py \
