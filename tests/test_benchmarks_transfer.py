@@ -1,8 +1,10 @@
 """The transfer studies' logic (benchmarks/transfer.py, _levers.py, _study.py), no training."""
 
 import dataclasses
+import inspect
 import json
 import math
+import pathlib
 import zlib
 
 import jax
@@ -327,3 +329,19 @@ def test_every_folds_rate_is_scored_on_every_workload():
   header, rule, *_ = transfer.rate_markdown(report).split("\n\n")[1].splitlines()
   assert header.count("|") == rule.count("|")
   assert f"untuned at {rates[1]:g} (a fold's choice)" in header
+
+
+def test_guide_tables_are_the_committed_rate_study():
+  """The recipe guide shows docs/_data/recipe.json's tables, and sm3_recipe its rate."""
+  docs = pathlib.Path(__file__).parents[1] / "docs"
+  data = json.loads((docs / "_data" / "recipe.json").read_text())
+  guide = (docs / "guides" / "recipe.md").read_text()
+  rows = [
+    line for line in transfer.rate_markdown(data).splitlines() if line.startswith("| ")
+  ]
+  assert len(rows) > 2 * len(data["workloads"])
+  for line in rows:
+    assert line in guide, line
+  default = inspect.signature(optax_sm3.sm3_recipe).parameters["learning_rate"].default
+  assert default == data["default"]
+  assert data["workloads"] == list(transfer.RATE_WORKLOADS)

@@ -147,7 +147,7 @@ def test_loss_curve_data_is_the_results_run():
   # The shaded band of the plot is the recipe's cool-down.
   decay = inspect.signature(optax_sm3.sm3_recipe).parameters["decay_fraction"]
   assert curves["cooldown_steps"] == round(decay.default * curves["steps"])
-  guide = (DOCS / "guides" / "transformers.md").read_text()
+  guide = (DOCS / "guides" / "recipe.md").read_text()
   assert "```{image} ../_generated/transformer_loss_curves.png" in guide
 
 
@@ -174,9 +174,10 @@ def test_built_site_uses_local_mathjax_and_plots():
   assert len(images) == 2
   for image in images:
     assert (SITE / "guides" / image).resolve().stat().st_size > 10_000
-  transformers = (SITE / "guides" / "transformers.html").read_text()
-  images = re.findall(r'<img[^>]*src="([^"]+\.png)"', transformers)
+  recipe = (SITE / "guides" / "recipe.html").read_text()
+  images = re.findall(r'<img[^>]*src="([^"]+\.png)"', recipe)
   assert [i.rpartition("/")[2] for i in images] == [
+    "recipe_loss_curves.png",
     "transfer_loss_curves.png",
     "transformer_loss_curves.png",
   ]
@@ -187,7 +188,7 @@ def test_built_site_uses_local_mathjax_and_plots():
 def test_transfer_tables_are_the_committed_results():
   """The guide's leave-one-out rows are docs/_data/transfer.json's."""
   data = json.loads((DOCS / "_data" / "transfer.json").read_text())
-  guide = (DOCS / "guides" / "transformers.md").read_text()
+  guide = (DOCS / "guides" / "recipe.md").read_text()
   rows = [r for r in data["leave_one_out"] if r["budget"] == 0.03]
   assert {r["workload"] for r in rows} == set(data["workloads"])
   for r in rows:
@@ -237,7 +238,7 @@ def test_doctest_run_had_no_failures():
 def test_transformer_guide_summary_matches_the_results_tables():
   """The guide's per-workload summary is the results page's full tables, summarised."""
   results = (DOCS / "guides" / "results.md").read_text()
-  guide = (DOCS / "guides" / "transformers.md").read_text()
+  guide = (DOCS / "guides" / "recipe.md").read_text()
   # The summary of the main benchmark (the transfer study's tables name the
   # same workloads).
   guide = guide.split("## The recipe on every workload, unchanged")[1].split("\n## ")[0]

@@ -121,6 +121,39 @@ def _transfer(data, out):
   plt.close(fig)
 
 
+def _recipe(data, out):
+  """Training loss of the untuned recipe, the tuned Adam and adam(1e-3) per workload."""
+  rows = data["scores"] + data.get("long", [])
+  cols = 4
+  fig, axes = plt.subplots(
+    -(-len(rows) // cols),
+    cols,
+    figsize=(3.2 * cols, 3.0 * -(-len(rows) // cols)),
+    dpi=120,
+  )
+  axes = axes.ravel()
+  labels = {
+    "untuned recipe": f"sm3_recipe (default {data['default']:g})",
+    "tuned adam": "tuned Adam",
+    "adam(1e-3)": "adam(1e-3)",
+  }
+  for ax, row in zip(axes, rows, strict=False):
+    for key, label in labels.items():
+      losses = row["tests"][key]["losses"]
+      steps = [row["steps"] * (i + 0.5) / len(losses) for i in range(len(losses))]
+      ax.plot(steps, losses, marker="o", ms=2, label=label)
+    ax.set_title(f"{row['workload']}, {row['steps']} steps", fontsize=9)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3, which="both")
+  for ax in axes[len(rows) :]:
+    ax.axis("off")
+  axes[0].set_ylabel("training loss (chunk mean, seed 0)")
+  axes[0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(out / "recipe_loss_curves.png")
+  plt.close(fig)
+
+
 def draw(app):
   if app.builder.format != "html":
     return
@@ -132,6 +165,7 @@ def draw(app):
   _step_time(data, out)
   _loss_curves(data, out)
   _transfer(json.loads((src / "_data" / "transfer.json").read_text()), out)
+  _recipe(json.loads((src / "_data" / "recipe.json").read_text()), out)
 
 
 def setup(app):
