@@ -13,7 +13,6 @@ and the number of usable training rows are arguments of the compiled loop, and
 
 from __future__ import annotations
 
-import inspect
 import math
 import statistics
 import time
@@ -51,18 +50,14 @@ def tree_bytes(tree) -> int:
 
 
 def sparse_tables(tx: optax.GradientTransformation, tables: Any) -> Any:
-  """``tx`` on every leaf, the ``tables`` leaves trained row-sparsely; or ``None``.
+  """``tx`` on every leaf, the ``tables`` leaves trained row-sparsely.
 
   The one place that builds the sparse path's optimizer:
-  :func:`optax_sm3.sparse_tables` with ``tx`` (an SM3 transformation such
-  as :func:`optax_sm3.sm3_recipe`) for the tables and the rest alike, which
-  equals ``tx`` with dense gradients to float rounding. ``None`` where the
-  installed ``sparse_tables`` still takes SM3's arguments one by one (its
-  ``learning_rate`` second), which cannot express every SM3 setting (the
-  recipe's bias correction): the caller then trains the dense path.
+  :func:`optax_sm3.sparse_tables` with ``tx`` (made by
+  :func:`optax_sm3.sm3_recipe` or :func:`optax_sm3.sm3`) for the tables and
+  the rest alike, which equals ``tx`` with dense gradients to float
+  rounding.
   """
-  if "learning_rate" in inspect.signature(optax_sm3.sparse_tables).parameters:
-    return None
   return optax_sm3.sparse_tables(tx, tables=tables)
 
 
@@ -75,8 +70,8 @@ class Trainer:
   ``polyak_bytes`` the average.
 
   With ``sparse`` and a workload with ``tables``, the tables train through
-  the sparse path (:func:`sparse_tables`) where it can take the optimizer;
-  ``path`` says which path ran (``"sparse"`` or ``"dense"``).
+  the sparse path (:func:`sparse_tables`); ``path`` says which path ran
+  (``"sparse"`` or ``"dense"``).
   """
 
   def __init__(
@@ -94,8 +89,7 @@ class Trainer:
     self.steps = steps
     self.path = "dense"
     if sparse and workload.tables is not None and polyak is None:
-      probe = sparse_tables(optimizer.make(1.0, steps), workload.tables)
-      self.path = "dense" if probe is None else "sparse"
+      self.path = "sparse"
     self.chunk = chunk_size(steps)
     self.train = {k: jnp.asarray(v) for k, v in workload.train.items()}
     size = len(next(iter(workload.train.values())))
