@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -332,7 +333,7 @@ def scale_by_sm3(
   if not isinstance(bias_correction, bool):
     raise TypeError(f"`bias_correction` must be a bool, got {bias_correction!r}")
   beta_schedule = beta if callable(beta) else None
-  if beta_schedule is None:
+  if not callable(beta):
     _validation.check_range("beta", beta, low=0.0, high=1.0, high_open=True)
   elif bias_correction:
     raise ValueError(

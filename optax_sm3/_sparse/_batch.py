@@ -136,7 +136,7 @@ def sm3_rows(
   """
   k = batch.unique.shape[0]
   dtype = accumulators[0].dtype
-  beta = settings.beta(count) if callable(settings.beta) else settings.beta
+  beta: Any = settings.beta(count) if callable(settings.beta) else settings.beta
   c_old, c_new = _scale_by_sm3.coefficients(beta, dtype)
   correction = None
   if settings.bias_correction:

@@ -159,7 +159,7 @@ def _position_rule(axis_size, in_batched, ids):
 
 def _ids_dtype():
   """The dtype ids travel in (and come back as) through the id slots."""
-  return jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
+  return jnp.int64 if jax.config.read("jax_enable_x64") else jnp.int32
 
 
 def _chunks() -> int:
@@ -515,6 +515,7 @@ def assemble(
   by_leaf: dict[int, tuple[list, list]] = {}
   for number, (perturbation, code) in sorted(slot_grads.items()):
     leaf = plan_.found[number].leaf
+    assert leaf is not None  # slots are made for a leaf's lookups only
     ids = _decode(code, _ids_dtype())
     rows = rows_of(leaf)
     ids = jnp.where((ids >= 0) & (ids < rows), ids, -1).astype(jnp.int32)

@@ -21,6 +21,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import optax
 
 from optax_sm3._sparse._grad import sparse_lookup, sparse_value_and_grad
@@ -99,7 +100,7 @@ class SparseEmbedding(eqx.Module):
       ValueError: for concrete ids outside ``[0, num_embeddings)``.
     """
     del key
-    return sparse_lookup(self.weight, x)
+    return sparse_lookup(self.weight, jnp.asarray(x))
 
 
 def _is_sparse_embedding(node: Any) -> bool:

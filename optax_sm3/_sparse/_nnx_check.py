@@ -108,7 +108,9 @@ def state_mismatch(target: Any, state: Any) -> str | None:
     hyperparameter the state was saved with) and how to fix it; or ``None``.
   """
   have, given = _flat(target), _flat(state)
-  roots = sorted({r for p in given if (r := _root(p)) is not None}, key=str)
+  roots: list[tuple] = sorted(
+    {r for p in given if (r := _root(p)) is not None}, key=str
+  )
   problems = []
   for root in roots:
     mine = {p for p in have if p[: len(root)] == root}

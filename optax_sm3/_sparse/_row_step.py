@@ -162,7 +162,9 @@ def table_rule(
     weight_decay=spec.weight_decay if decays else 0.0,
   )
   optimizer = _sm3.sm3(**fields)
-  return TableRule(optimizer, _sm3.spec_of(optimizer), period)
+  made = _sm3.spec_of(optimizer)
+  assert made is not None  # sm3 records every optimizer it makes
+  return TableRule(optimizer, made, period)
 
 
 def table_rules(
@@ -255,22 +257,37 @@ def sm3_state(state: Any) -> _scale_by_sm3.ScaleBySM3State | None:
   return found[0] if len(found) == 1 else None
 
 
+def the_sm3_state(state: Any) -> _scale_by_sm3.ScaleBySM3State:
+  """:func:`sm3_state`, which a state of this module's tables always holds."""
+  found = sm3_state(state)
+  if found is None:
+    raise ValueError("`state` holds no ScaleBySM3State: it is not an sm3 state")
+  return found
+
+
+def _groups(found: _scale_by_sm3.ScaleBySM3State) -> tuple[jax.Array, ...]:
+  """The accumulators of a one-table state: one array per group of its cover."""
+  accumulators: Any = found.accumulators
+  return tuple(accumulators)
+
+
 def catch_up_dtype(table: Any) -> jnp.dtype:
   """The dtype of the catch-up ring: the table's, at least float32."""
   return jnp.promote_types(table.dtype, jnp.float32)
 
 
-def init(rule: TableRule, table: jax.Array) -> optax.OptState:
+def init(rule: TableRule, table: jax.Array) -> Any:
   """The optimizer's own state, or a :class:`SparseRowsState` if lazy."""
   state = rule.optimizer.init(table)
   if not rule.lazy:
     return state
   momentum = None
   if rule.keeps_momentum:
-    momentum = _store(rule.spec.stages.momentum.init(table).momentum)
+    buffer: Any = rule.spec.stages.momentum.init(table)
+    momentum = _store(buffer.momentum)
   return SparseRowsState(
     count=jnp.zeros([], jnp.int32),
-    accumulators=tuple(sm3_state(state).accumulators),
+    accumulators=_groups(the_sm3_state(state)),
     momentum=momentum,
     last=jnp.zeros(table.shape[:1], jnp.int32),
     coefficients=_lazy_rows.identity(rule.period + 1, catch_up_dtype(table)),
@@ -290,17 +307,20 @@ def _chain_rows(
     ``(new rows, new rows' momentum)``; the momentum ``None`` without it.
   """
   stages = rule.spec.stages
-  updates, momentum_state = stages.momentum.update(
+  momentum_state: Any
+  out: Any
+  out, momentum_state = stages.momentum.update(
     updates, _momentum.ScaleByMomentumState(rows_momentum)
   )
   if stages.decoupled_decay is not None:
     decay = stages.decoupled_decay
-    updates, _ = decay.update(updates, decay.init(rows), rows)
+    out, _ = decay.update(out, decay.init(rows), rows)
   rate_state = stages.rate.init(rows)
   if isinstance(rate_state, optax.ScaleByScheduleState):
     rate_state = optax.ScaleByScheduleState(count)
-  updates, _ = stages.rate.update(updates, rate_state)
-  return optax.apply_updates(rows, updates), momentum_state.momentum
+  out, _ = stages.rate.update(out, rate_state)
+  new_rows: Any = optax.apply_updates(rows, out)
+  return new_rows, momentum_state.momentum
 
 
 def _advance_stage(new_sm3: _scale_by_sm3.ScaleBySM3State, stage: Any) -> Any:
@@ -308,17 +328,19 @@ def _advance_stage(new_sm3: _scale_by_sm3.ScaleBySM3State, stage: Any) -> Any:
   if isinstance(stage, _scale_by_sm3.ScaleBySM3State):
     return new_sm3
   if isinstance(stage, optax.ScaleByScheduleState):
-    return optax.ScaleByScheduleState(_validation.safe_increment(stage.count))
+    return optax.ScaleByScheduleState(
+      _validation.safe_increment(jnp.asarray(stage.count))
+    )
   return stage  # The other stages hold no state.
 
 
 def _dense_layout_step(
-  rule: TableRule, batch: _batch.RowBatch, state: optax.OptState, table: jax.Array
-) -> tuple[jax.Array, optax.OptState]:
+  rule: TableRule, batch: _batch.RowBatch, state: Any, table: jax.Array
+) -> tuple[jax.Array, Any]:
   """The step without momentum and weight decay: the optimizer's own state."""
-  found = sm3_state(state)
+  found = the_sm3_state(state)
   count = found.count
-  accumulators = tuple(found.accumulators)
+  accumulators = _groups(found)
   if table.size:
     updates, accumulators = _batch.sm3_rows(
       _settings(rule), cover_of(rule, table.shape), batch, accumulators, count
@@ -379,11 +401,11 @@ def _lazy_rows_step(
     rule,
     updates,
     current[:k],
-    None if buffer is None else current_buffer[:k],
+    None if current_buffer is None else current_buffer[:k],
     count,
   )
   table = table.at[both].set(jnp.concatenate([new, current[k:]]), mode="drop")
-  if buffer is not None:
+  if buffer is not None and current_buffer is not None and new_buffer is not None:
     buffer = buffer.at[both].set(
       jnp.concatenate([new_buffer, current_buffer[k:]]), mode="drop"
     )
@@ -406,7 +428,9 @@ def _advance_ring(
   lr = spec.learning_rate
   rate = jnp.asarray(lr(state.count) if callable(lr) else lr, dtype)
   zero = jnp.zeros([], dtype)
-  mu = _validation.complement(spec.momentum, dtype)[0] if rule.keeps_momentum else zero
+  mu = zero
+  if spec.momentum is not None and rule.keeps_momentum:
+    mu = _validation.complement(spec.momentum, dtype)[0]
   lam = jnp.asarray(spec.weight_decay, dtype) if rule.decays else zero
   look_ahead = mu if spec.nesterov else None
   return _lazy_rows.advance(state.coefficients, new_count, mu, rate, lam, look_ahead)
@@ -431,8 +455,8 @@ def _lazy_step(
 
 
 def step(
-  rule: TableRule, batch: _batch.RowBatch, state: optax.OptState, table: jax.Array
-) -> tuple[jax.Array, optax.OptState]:
+  rule: TableRule, batch: _batch.RowBatch, state: Any, table: jax.Array
+) -> tuple[jax.Array, Any]:
   """One step of the table from its (clipped) batch of rows."""
   if rule.lazy:
     return _lazy_step(rule, batch, state, table)
@@ -440,7 +464,7 @@ def step(
 
 
 def lookup(
-  rule: TableRule, indices: jax.Array, state: optax.OptState, table: jax.Array
+  rule: TableRule, indices: jax.Array, state: Any, table: jax.Array
 ) -> jax.Array:
   """The rows ``table[indices]`` as the dense optimizer holds them now."""
   rows = table.shape[0]
@@ -457,9 +481,7 @@ def lookup(
   return values.reshape(*indices.shape, *table.shape[1:])
 
 
-def sync(
-  rule: TableRule, state: optax.OptState, table: jax.Array
-) -> tuple[jax.Array, optax.OptState]:
+def sync(rule: TableRule, state: Any, table: jax.Array) -> tuple[jax.Array, Any]:
   """Every row caught up to ``state.count`` (a no-op unless lazy)."""
   if not rule.lazy:
     return table, state
@@ -471,7 +493,7 @@ def sync(
 
 
 def expected_state(
-  init_fn: Callable[[jax.Array], optax.OptState], shape: tuple[int, ...], dtype: Any
+  init_fn: Callable[[jax.Array], Any], shape: tuple[int, ...], dtype: Any
 ) -> Any:
   """The shapes and dtypes of ``init_fn`` for a table of ``shape`` and ``dtype``."""
   return jax.eval_shape(init_fn, jax.ShapeDtypeStruct(shape, dtype))

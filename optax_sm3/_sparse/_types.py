@@ -161,7 +161,7 @@ def is_sparse_grad(x: Any) -> bool:
 
 def _is_marker(x: Any) -> bool:
   dtype = getattr(x, "dtype", None)
-  return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+  return dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 def check_sparse_grad(
