@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_sm3 import _accumulate, _blocks, _boxes, _cover, _tree, _validation
+from optax_sm3 import _accumulate, _blocks, _boxes, _cover, _layout, _tree, _validation
 
 _VARIANTS = ("II", "I")
 PARAMETERS = (  # The keyword arguments, in order.
@@ -434,3 +434,15 @@ def scale_by_sm3(
     )
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _layout_specs(state: ScaleBySM3State, layout: _layout.ParamLayout) -> Any:
+  """The counter replicated; each accumulator sharded like the parameter axes
+  it indexes."""
+  return state._replace(
+    count=_layout.replicated(state.count),
+    accumulators=layout.accumulators(state.accumulators),
+  )
+
+
+_layout.register(ScaleBySM3State, _layout_specs)

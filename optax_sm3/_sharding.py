@@ -32,8 +32,7 @@ import jax
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-# _layout_rules registers the rules of ScaleBySM3State and the sparse states.
-from optax_sm3 import _boxes, _layout, _layout_rules, _tree  # noqa: F401
+from optax_sm3 import _boxes, _layout, _tree
 from optax_sm3._sparse import _rows, _tables
 
 # The cover matching, under the name tests/test_sharding.py reads.

@@ -14,6 +14,8 @@ The modules, lowest layer first (each imports only modules above it):
   functions.
 * ``_capture``: lookups captured as row gradients under any JAX transform.
 * ``_grad``: :func:`sparse_lookup` and :func:`sparse_value_and_grad`.
+* ``_table_layout``: how a ``sparse_tables`` state shards relative to the
+  parameters (its layout rule).
 * ``_tables``: :func:`sparse_tables` (the tables of a params tree, ``tx``
   for the rest) and ``step_tables``, the tables' steps from sparse or dense
   gradients, clipped jointly.

@@ -23,9 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec
 
 from optax_sm3 import (
   _cover,
+  _layout,
   _lazy_rows,
   _momentum,
   _scale_by_sm3,
@@ -79,6 +81,28 @@ class SparseRowsState(NamedTuple):
   momentum: jax.Array | None
   last: jax.Array
   coefficients: _lazy_rows.Coefficients
+
+
+def _layout_specs(state: SparseRowsState, layout: _layout.ParamLayout) -> Any:
+  """A lazy ``sparse_rows`` state (``layout`` is the table's): row buffers
+  follow the table's rows, the counter and the catch-up ring are replicated."""
+  if layout.treedef.num_leaves != 1:
+    return _layout.replicated(state)
+  (shape,), (spec,) = layout.shapes, layout.specs
+  if tuple(state.last.shape) != shape[:1]:
+    return _layout.replicated(state)
+  entries = _layout.entries(spec, len(shape))
+  return state._replace(
+    count=_layout.REPLICATED,
+    accumulators=layout.accumulators(state.accumulators),
+    # Stored as (1, *table.shape): the unit axis is replicated.
+    momentum=None if state.momentum is None else PartitionSpec(None, *entries),
+    last=PartitionSpec(entries[0]),
+    coefficients=_layout.replicated(state.coefficients),
+  )
+
+
+_layout.register(SparseRowsState, _layout_specs)
 
 
 class TableRule(NamedTuple):

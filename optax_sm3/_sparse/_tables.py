@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_sm3 import _sm3, _tree
-from optax_sm3._sparse import _batch, _grad, _row_step, _rows
+from optax_sm3 import _layout, _sm3, _tree
+from optax_sm3._sparse import _batch, _grad, _row_step, _rows, _table_layout
 from optax_sm3._sparse._types import SparseGrad, check_sparse_grad
 
 
@@ -46,6 +46,8 @@ class SparseTablesState(NamedTuple):
   rest: optax.OptState  # tx's state over the non-table leaves.
   tables: tuple[optax.OptState, ...]  # Per table: sparse_rows(table_tx).init(table).
 
+
+_layout.register(SparseTablesState, _table_layout.specs)
 
 NOT_A_TRANSFORMATION = (
   "is not an optax GradientTransformation: its `step(params, grads, state)` "

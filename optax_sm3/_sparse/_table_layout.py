@@ -1,11 +1,9 @@
-"""Layout rules of the states defined in the sparse modules and _scale_by_sm3.
+"""How a ``sparse_tables`` state is laid out relative to the parameters.
 
-Each rule belongs beside its state type, registered where the type is defined
-(as :mod:`optax_sm3._momentum` registers ``ScaleByMomentumState``'s); they
-wait here until those modules take them: ``_scale_by_sm3_specs`` with
-``ScaleBySM3State``, ``_sparse_rows_specs`` with ``SparseRowsState``, and
-``_sparse_tables_specs`` with the three helpers above it with
-``SparseTablesState``. Importing this module registers them.
+:func:`specs` is the layout rule of :class:`optax_sm3.SparseTablesState`,
+registered beside the type (:mod:`optax_sm3._sparse._tables`): each table's
+state laid out like its table, the rest's like the other leaves. The mask
+lives in closures, so the tables' positions are read off the state.
 """
 
 from __future__ import annotations
@@ -13,41 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-from jax.sharding import PartitionSpec
 
-from optax_sm3 import _layout
-from optax_sm3._layout import REPLICATED, ParamLayout, replicated
+from optax_sm3._layout import ParamLayout
 from optax_sm3._scale_by_sm3 import ScaleBySM3State
-from optax_sm3._sparse._rows import SparseRowsState
-from optax_sm3._sparse._tables import SparseTablesState
-
-
-def _scale_by_sm3_specs(state: Any, layout: ParamLayout) -> Any:
-  """The counter replicated; each accumulator sharded like the parameter axes
-  it indexes."""
-  return state._replace(
-    count=replicated(state.count),
-    accumulators=layout.accumulators(state.accumulators),
-  )
-
-
-def _sparse_rows_specs(state: Any, layout: ParamLayout) -> Any:
-  """A lazy ``sparse_rows`` state (``layout`` is the table's): row buffers
-  follow the table's rows, the counter and the catch-up ring are replicated."""
-  if layout.treedef.num_leaves != 1:
-    return replicated(state)
-  (shape,), (spec,) = layout.shapes, layout.specs
-  if tuple(state.last.shape) != shape[:1]:
-    return replicated(state)
-  entries = _layout.entries(spec, len(shape))
-  return state._replace(
-    count=REPLICATED,
-    accumulators=layout.accumulators(state.accumulators),
-    # Stored as (1, *table.shape): the unit axis is replicated.
-    momentum=None if state.momentum is None else PartitionSpec(None, *entries),
-    last=PartitionSpec(entries[0]),
-    coefficients=replicated(state.coefficients),
-  )
+from optax_sm3._sparse._row_step import SparseRowsState
 
 
 def _table_shape(table_state: Any) -> tuple[int, ...] | None:
@@ -68,8 +35,9 @@ def _table_shape(table_state: Any) -> tuple[int, ...] | None:
     accumulators = found[0].accumulators
   if not isinstance(accumulators, tuple) or not accumulators:
     return None
-  # sparse_rows keeps the default cover: one vector per axis, or (rank 1)
-  # one array of the table's shape.
+  # Read for the covers tables keep by default: one vector per axis, one
+  # array of the table's shape (rank 1, or every axis merged), or merged
+  # runs of axes; another cover's state reads as no shape (an error below).
   if len(accumulators) == 1:
     return tuple(accumulators[0].shape)
   return tuple(d for a in accumulators for d in a.shape)
@@ -150,7 +118,7 @@ def _table_positions(state: Any, layout: ParamLayout) -> list[int]:
   return earliest
 
 
-def _sparse_tables_specs(state: Any, layout: ParamLayout) -> Any:
+def specs(state: Any, layout: ParamLayout) -> Any:
   """Each table's state laid out like its table; the rest's (``tx``'s state
   over the params with the tables set to ``None``) like the other leaves."""
   positions = _table_positions(state, layout)
@@ -160,8 +128,3 @@ def _sparse_tables_specs(state: Any, layout: ParamLayout) -> Any:
       layout.leaf(i).specs_of(t) for t, i in zip(state.tables, positions, strict=True)
     ),
   )
-
-
-_layout.register(ScaleBySM3State, _scale_by_sm3_specs)
-_layout.register(SparseRowsState, _sparse_rows_specs)
-_layout.register(SparseTablesState, _sparse_tables_specs)
