@@ -7,7 +7,7 @@
   python scripts/_min_versions.py core-ignores
     ``--ignore=`` for the test files the core set cannot collect (they import an
     extra's module at their top level).
-  python scripts/_min_versions.py files EXTRA
+  python scripts/_min_versions.py files EXTRA|all
     the test files and library modules that use the extra, so that a new test file
     or module joins its extra's run without editing a list.
 
@@ -123,8 +123,8 @@ def files(extra):
   uses = _mentions(modules, namespaces, stems)
   tests = [
     test_id
-    for p in sorted((ROOT / "tests").glob("test_*.py"))
-    if p.name not in NEVER and not p.name.startswith(NEVER_PREFIX)
+    for p in _test_files()
+    if _top_level_extras(p) <= {extra}  # else it cannot be collected here
     for test_id in _tests(p, uses)
   ]
   word = re.compile(rf"(?<![A-Za-z])({'|'.join(modules)})(?![A-Za-z])")
@@ -134,6 +134,36 @@ def files(extra):
     if word.search(p.read_text())
   ]
   return tests + library
+
+
+def _top_level_extras(path):
+  """The extras whose modules ``path`` imports at its top level."""
+  found = set()
+  for node in ast.parse(path.read_text()).body:
+    names = []
+    if isinstance(node, ast.Import):
+      names = [alias.name for alias in node.names]
+    elif isinstance(node, ast.ImportFrom) and not node.level:
+      names = [node.module or ""]
+    for name in names:
+      found |= {e for e, (mods, _) in EXTRAS.items() if name.split(".")[0] in mods}
+  return found
+
+
+def _test_files():
+  return [
+    p
+    for p in sorted((ROOT / "tests").glob("test_*.py"))
+    if p.name not in NEVER and not p.name.startswith(NEVER_PREFIX)
+  ]
+
+
+def multi_extra_files():
+  """The test files that import the modules of two extras or more at their top
+  level: they run in the ``all`` set, with every extra at its bounds."""
+  return [
+    str(p.relative_to(ROOT)) for p in _test_files() if len(_top_level_extras(p)) > 1
+  ]
 
 
 def core_ignores():
@@ -162,6 +192,6 @@ if __name__ == "__main__":
     print(" ".join(core_ignores()))
   elif command == "files":
     (extra,) = args
-    print(" ".join(files(extra)))
+    print(" ".join(multi_extra_files() if extra == "all" else files(extra)))
   else:
     raise SystemExit(f"unknown command {command!r}: pins, core-ignores or files")

@@ -9,13 +9,15 @@
 #            use the extra (scripts/_min_versions.py picks them, so a new file
 #            joins its extra's run by itself).
 # Usage: bash scripts/test_min_versions.sh [extra pytest arguments]
-# MIN_SETS="core flax" runs only those sets (default: all four).
+#   all      every extra at its bounds: the test files that import the modules of
+#            two extras or more at their top level (they fit no one set).
+# MIN_SETS="core flax" runs only those sets (default: all five).
 # MIN_VENV=DIR keeps each set's environment in DIR/SET (default: a temporary
 # folder, removed after).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
-sets="${MIN_SETS:-core flax equinox brainstate}"
+sets="${MIN_SETS:-core flax equinox brainstate all}"
 
 if [[ -n "${MIN_VENV:-}" ]]; then
   venvs="$MIN_VENV"
@@ -127,8 +129,18 @@ for set in $sets; do
       # shellcheck disable=SC2046  # a list of paths without spaces.
       run_tests "$set" $(python scripts/_min_versions.py files "$set") "$@"
       ;;
+    all)
+      files="$(python scripts/_min_versions.py files all)"
+      if [[ -z "$files" ]]; then
+        echo "min-versions [all]: no test file needs two extras; skipped"
+        continue
+      fi
+      make_venv all flax equinox brainstate
+      # shellcheck disable=SC2086  # a list of paths without spaces.
+      run_tests all $files "$@"
+      ;;
     *)
-      echo "min-versions: unknown set $set (core, flax, equinox, brainstate)" >&2
+      echo "min-versions: unknown set $set (core, flax, equinox, brainstate, all)" >&2
       exit 2
       ;;
   esac
