@@ -265,8 +265,8 @@ def test_rate_study_end_to_end_on_fake_runs(monkeypatch):
   assert long["steps"] == 500 and long["seeds"] == 5
   assert {k[2] for k in study.record["runs"] if k[0] == "classifier"} == {1.0, 5.0}
   text = transfer.rate_markdown(report | {"wall_s": 60.0, "command": "c"})
-  for name in names:  # a row in the table, one in the leave-one-out table
-    assert sum(line.startswith(f"| {name} |") for line in text.splitlines()) == 2
+  for name in names:  # a row in the results, the state and the leave-one-out tables
+    assert sum(line.startswith(f"| {name} |") for line in text.splitlines()) == 3
   assert "classifier at 500 steps (5 seeds)" in text
 
 
