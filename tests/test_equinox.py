@@ -8,8 +8,6 @@ gradient from ``eqx.filter_value_and_grad`` (table-sized) and
 import functools
 import pathlib
 import re
-import subprocess
-import sys
 
 import chex
 import equinox as eqx
@@ -367,23 +365,6 @@ def test_vmap_over_batch_gradient_eagerly():
 
 
 # --- Packaging ----------------------------------------------------------------
-
-
-def test_lazy_import_and_missing_equinox_error():
-  code = (
-    "import sys\n"
-    "import optax_sm3\n"
-    "assert 'equinox' not in sys.modules, 'optax_sm3 imported equinox'\n"
-    "sys.modules['equinox'] = None\n"
-    "try:\n"
-    "  optax_sm3.equinox\n"
-    "except ImportError as error:\n"
-    "  print(error)\n"
-  )
-  result = subprocess.run(
-    [sys.executable, "-c", code], capture_output=True, text=True, check=True
-  )
-  assert "pip install 'optax-sm3[equinox]'" in result.stdout
 
 
 def test_namespace_exports():

@@ -1,8 +1,6 @@
 """optax_sm3.linen: SparseEmbed trained with the function-level helpers."""
 
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -142,18 +140,6 @@ def test_attend_gives_a_dense_gradient():
   np.testing.assert_allclose(
     grads["items"]["embedding"], jax.grad(loss)(params)["items"]["embedding"], rtol=1e-6
   )
-
-
-def test_import_names_the_extra():
-  code = (
-    "import sys; sys.modules['flax'] = None\n"
-    "try:\n  import optax_sm3.linen\nexcept ImportError as e:\n  print(e)\n"
-  )
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  out = subprocess.run(
-    [sys.executable, "-c", code], capture_output=True, text=True, env=env
-  )
-  assert "pip install 'optax-sm3[flax]'" in out.stdout, out.stderr
 
 
 @pytest.mark.parametrize("lazy", [False, True])

@@ -433,18 +433,6 @@ def test_bad_input():
     optimizer.update(model, grads)
 
 
-def test_import_needs_no_flax_and_names_the_extra():
-  code = (
-    "import sys, optax_sm3; assert 'flax' not in sys.modules; sys.modules['flax'] = None\n"
-    "try:\n  import optax_sm3.nnx\nexcept ImportError as e:\n  print(e)\n"
-  )
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  out = subprocess.run(
-    [sys.executable, "-c", code], capture_output=True, text=True, env=env
-  )
-  assert "pip install 'optax-sm3[flax]'" in out.stdout, out.stderr
-
-
 @pytest.mark.skipif(
   os.environ.get("OPTAX_SM3_EXAMPLES") != "1",
   reason="runs examples/nnx_sparse_embedding.py --quick (~25 s); set OPTAX_SM3_EXAMPLES=1",
