@@ -494,13 +494,17 @@ def check_route(route, model, recipe, seed=0):
     )
 
 
+def _draw_and_check(route, data):
+  model = data.draw(models(route), label="model")
+  recipe = data.draw(optimizers(), label="optimizer")
+  check_route(route, model, recipe)
+
+
 @pytest.mark.parametrize("route", ROUTES)
 @hypothesis.settings(max_examples=3, deadline=None)
 @hypothesis.given(data=st.data())
 def test_every_route_trains_as_dense(route, data):
-  model = data.draw(models(route), label="model")
-  recipe = data.draw(optimizers(), label="optimizer")
-  check_route(route, model, recipe)
+  _draw_and_check(route, data)
 
 
 @pytest.mark.slow
@@ -508,6 +512,4 @@ def test_every_route_trains_as_dense(route, data):
 @hypothesis.settings(max_examples=40, deadline=None)
 @hypothesis.given(data=st.data())
 def test_every_route_trains_as_dense_many(route, data):
-  model = data.draw(models(route), label="model")
-  recipe = data.draw(optimizers(), label="optimizer")
-  check_route(route, model, recipe)
+  _draw_and_check(route, data)
