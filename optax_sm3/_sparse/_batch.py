@@ -76,9 +76,14 @@ def rows_of(indices: jax.Array, row_grads: jax.Array, table: Any) -> RowBatch:
   """The batch of ``(indices, row_grads)``: repeated rows summed.
 
   Indices outside ``[0, V)`` (possible only under ``jit``) are dropped, as
-  JAX's scatters drop them: their gradient adds to nothing.
+  JAX's scatters drop them: their gradient adds to nothing. No indices is
+  the batch of one dropped row (the step of a zero gradient, with the batch
+  arithmetic's shapes non-empty).
   """
   rows = table.shape[0]
+  if indices.shape[0] == 0:
+    indices = jnp.full([1], -1, jnp.int32)
+    row_grads = jnp.zeros((1, *table.shape[1:]), table.dtype)
   indices = _ids.in_range(indices, rows)
   k = indices.shape[0]
   unique, inverse = _unique(indices, rows)

@@ -209,11 +209,6 @@ def _update(
   _check_batch(indices, row_grads, table)
   check_state(fns, state, table)
   indices, row_grads = jnp.asarray(indices), jnp.asarray(row_grads)
-  if indices.shape[0] == 0:
-    # No rows: the step of a zero gradient. One dropped row keeps the
-    # shapes of the batch arithmetic non-empty.
-    indices = jnp.full([1], -1, jnp.int32)
-    row_grads = jnp.zeros((1, *table.shape[1:]), table.dtype)
   return fns.update(indices, row_grads, state, table)
 
 

@@ -25,7 +25,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.core
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -216,12 +215,7 @@ def batch_of(grad: Any, table: jax.Array, *, name: str) -> _batch.RowBatch:
   """
   if isinstance(grad, SparseGrad):
     check_sparse_grad(grad, tuple(table.shape[1:]), name=name)
-    indices, row_grads = grad.indices, grad.row_grads
-    if indices.shape[0] == 0:
-      # One dropped row keeps the batch arithmetic's shapes non-empty.
-      indices = jnp.full([1], -1, jnp.int32)
-      row_grads = jnp.zeros((1, *table.shape[1:]), table.dtype)
-    return _rows_of(indices, row_grads, table)
+    return _rows_of(grad.indices, grad.row_grads, table)
   if hasattr(grad, "shape") and tuple(grad.shape) == tuple(table.shape):
     return _batch.every_row(grad, table)
   shape = getattr(grad, "shape", None)
