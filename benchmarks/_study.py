@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 import optax_sm3
-from benchmarks import _optimizers, _runner, _workloads, recipes
+from benchmarks import _optimizers, _runner, _workloads
 
 POLYAK_DECAY = 0.95
 SEEDS = 3
@@ -40,7 +40,7 @@ class Candidate:
       ``1 - t**-0.8``.
     bias_correction: SM3's ``bias_correction``.
     schedule: ``"constant"``, ``"cooldown"`` or ``"cosine"`` (see
-      :func:`benchmarks.recipes.schedule`).
+      :meth:`schedule_fn`).
     warmup: warm-up length as a fraction of the steps.
     decay: the cool-down's length as a fraction of the steps.
     momentum: SM3's momentum (0: no buffer).
@@ -70,13 +70,30 @@ class Candidate:
   param_scale: bool = False
   factory: Callable[[Any, Any], optax.GradientTransformation] | None = None
 
+  def schedule_fn(self, peak, total_steps: int):
+    """The rate at each step, peaking at ``peak``.
+
+    ``"constant"``: the authors' quadratic warm-up, then ``peak``;
+    ``"cooldown"``: the same, then a linear decay to 0 over the last
+    ``decay`` of the steps; ``"cosine"``: optax's linear warm-up, then a
+    cosine decay to 0.
+    """
+    warmup = round(self.warmup * total_steps)
+    if self.schedule == "cosine" and warmup:
+      factor = optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup, total_steps)
+    elif self.schedule == "cosine":
+      factor = optax.cosine_decay_schedule(1.0, total_steps)
+    else:
+      decay = self.decay if self.schedule == "cooldown" else 0.0
+      factor = optax_sm3.warmup_schedule(
+        1.0, total_steps, warmup_fraction=self.warmup, decay_fraction=decay
+      )
+    return lambda count: peak * factor(count)
+
   def make(self, learning_rate, total_steps) -> optax.GradientTransformation:
     if self.factory is not None:
       return self.factory(learning_rate, total_steps)
-    config = recipes.Config(
-      schedule=self.schedule, warmup=self.warmup, decay=self.decay
-    )
-    lr = recipes.schedule(config, learning_rate, total_steps)
+    lr = self.schedule_fn(learning_rate, total_steps)
     if self.family == "adam":
       return optax.adam(lr)
     beta = _rising if self.beta == "rising" else self.beta
@@ -115,8 +132,9 @@ def _rising(count):
   return 1.0 - (count + 1.0) ** -0.8
 
 
-# The base every lever changes (the one-workload search's recipe), and the
-# setting the study chose in every fold, which ``optax_sm3.sm3_recipe`` is.
+# The base every lever changes (``sm3_recipe(..., beta=0.9,
+# bias_correction=False)``), and the setting the study chose in every fold,
+# which ``optax_sm3.sm3_recipe`` is.
 BASE = Candidate("beta 0.9")
 RECIPE = Candidate(
   "beta 0.99 + bias correction",

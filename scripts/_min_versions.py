@@ -33,7 +33,7 @@ EXTRAS = {
 }
 # Files no min-versions run reads: they need the benchmarks' data packages or the
 # built documentation site (scripts/test.sh runs them).
-NEVER = {"test_docs.py", "test_benchmarks.py", "test_benchmarks_recipes.py"}
+NEVER = {"test_docs.py", "test_benchmarks.py"}
 NEVER_PREFIX = "test_benchmarks_"
 
 

@@ -101,7 +101,6 @@ for set in $sets; do
       run_tests core tests optax_sm3 $(python scripts/_min_versions.py core-ignores) \
         --ignore=tests/test_brainstate.py \
         --ignore=tests/test_benchmarks.py \
-        --ignore=tests/test_benchmarks_recipes.py \
         --ignore=tests/test_benchmarks_workloads.py \
         --ignore=tests/test_checkpoint.py \
         --ignore=tests/test_examples_flax.py \

@@ -46,6 +46,29 @@ def test_recipe_candidate_is_the_library_recipe_bit_for_bit():
   jax.tree.map(np.testing.assert_array_equal, ours, library)
 
 
+def test_base_candidate_is_the_library_recipe_at_beta_0_9():
+  # The lever study's base: sm3_recipe at beta 0.9, without bias correction.
+  ours = _train(_study.BASE.make(3e-2, 20))
+  library = _train(optax_sm3.sm3_recipe(3e-2, 20, beta=0.9, bias_correction=False))
+  jax.tree.map(np.testing.assert_array_equal, ours, library)
+
+
+@pytest.mark.parametrize(
+  ("fields", "checks"),
+  [
+    ({"schedule": "constant", "warmup": 0.0}, {0: 1.0, 50: 1.0}),
+    ({"schedule": "constant", "warmup": 0.1}, {0: 0.0, 5: 0.25, 10: 1.0}),
+    ({"schedule": "cooldown"}, {50: 1.0, 95: 0.5, 100: 0.0}),
+    ({"schedule": "cosine", "warmup": 0.1}, {5: 0.5, 10: 1.0, 55: 0.5}),
+    ({"schedule": "cosine", "warmup": 0.0}, {0: 1.0, 50: 0.5, 100: 0.0}),
+  ],
+)
+def test_schedules(fields, checks):
+  schedule = _study.Candidate("c", **fields).schedule_fn(2.0, 100)
+  for step, factor in checks.items():
+    assert float(schedule(step)) == pytest.approx(2.0 * factor, abs=1e-6), step
+
+
 def _candidate(name):
   return next(c for c in _study.CANDIDATES if c.name == name)
 
