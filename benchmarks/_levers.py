@@ -36,7 +36,6 @@ keep as ``docs/_data/transfer.json``).
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Sequence
 
 from benchmarks._study import (
@@ -106,18 +105,8 @@ def choose(table: dict, held_out: str, budget: float) -> str:
 
 def _test(study: Study, name: str, row: dict, factor: float = 1.0) -> dict:
   candidate = next(c for c in CANDIDATES if c.name == row["candidate"])
-  field = "polyak_metric" if row["polyak"] else "metric"
-  runs = [
-    study.run(name, candidate, row["learning_rate"], seed, "final", factor)
-    for seed in range(SEEDS)
-  ]
-  metrics = [r[field] for r in runs]
-  return {
-    "mean": statistics.fmean(metrics),
-    "std": statistics.stdev(metrics) if len(metrics) > 1 else 0.0,
-    "metrics": metrics,
-    "losses": runs[0]["losses"],
-  }
+  lr, polyak = row["learning_rate"], row["polyak"]
+  return study.test(name, candidate, lr, SEEDS, factor, polyak)
 
 
 def leave_one_out(study: Study, table: dict) -> list[dict]:

@@ -49,18 +49,6 @@ def tree_bytes(tree) -> int:
   )
 
 
-def sparse_tables(tx: optax.GradientTransformation, tables: Any) -> Any:
-  """``tx`` on every leaf, the ``tables`` leaves trained row-sparsely.
-
-  The one place that builds the sparse path's optimizer:
-  :func:`optax_sm3.sparse_tables` with ``tx`` (made by
-  :func:`optax_sm3.sm3_recipe` or :func:`optax_sm3.sm3`) for the tables and
-  the rest alike, which equals ``tx`` with dense gradients to float
-  rounding.
-  """
-  return optax_sm3.sparse_tables(tx, tables=tables)
-
-
 class Trainer:
   """One compiled training loop for a workload and an optimizer.
 
@@ -70,8 +58,9 @@ class Trainer:
   ``polyak_bytes`` the average.
 
   With ``sparse`` and a workload with ``tables``, the tables train through
-  the sparse path (:func:`sparse_tables`); ``path`` says which path ran
-  (``"sparse"`` or ``"dense"``).
+  the sparse path (:func:`optax_sm3.sparse_tables` over the optimizer, which
+  equals it with dense gradients to float rounding); ``path`` says which
+  path ran (``"sparse"`` or ``"dense"``).
   """
 
   def __init__(
@@ -98,7 +87,7 @@ class Trainer:
     def make(lr):
       opt = optimizer.make(lr, steps)
       if self.path == "sparse":
-        return sparse_tables(opt, workload.tables)
+        return optax_sm3.sparse_tables(opt, tables=workload.tables)
       return opt if polyak is None else optax.chain(opt, polyak)
 
     def init(key, lr):

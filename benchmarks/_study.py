@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -226,6 +227,23 @@ class Study:
       self.save()
       self.progress(f"{key}: {out['metric']:.4f}")
     return self.record["runs"][key]
+
+  def test(self, name, candidate, lr, seeds, factor=1.0, polyak=False) -> dict:
+    """Seeds ``0 .. seeds - 1`` on the test split: the metric's mean and spread.
+
+    ``polyak``: scored with the Polyak average of the parameters.
+    """
+    runs = [self.run(name, candidate, lr, s, "final", factor) for s in range(seeds)]
+    metrics = [r["polyak_metric" if polyak else "metric"] for r in runs]
+    return {
+      "learning_rate": lr,
+      "mean": statistics.fmean(metrics),
+      "std": statistics.stdev(metrics) if len(metrics) > 1 else 0.0,
+      "metrics": metrics,
+      "losses": runs[0]["losses"],
+      "state_bytes": runs[0]["state_bytes"],
+      "path": runs[0].get("path", "dense"),
+    }
 
   def tune(self, name: str, candidate: Candidate, factor: float = 1.0) -> dict:
     """Validation metric by rate (seed 0), the grid followed past a best edge."""

@@ -42,12 +42,11 @@ import argparse
 import json
 import math
 import pathlib
-import statistics
 import sys
 import time
 from collections.abc import Sequence
 
-from benchmarks import _levers, _workloads
+from benchmarks import _levers, _report, _workloads
 from benchmarks._study import (
   CANDIDATES,
   RECIPE,
@@ -155,22 +154,6 @@ def choose_rate(table: dict, held_out: str | None = None) -> float:
   return RATES[min(range(len(RATES)), key=worst_first)]
 
 
-def _seed_runs(study, name, candidate, lr, seeds, factor=1.0) -> dict:
-  runs = [
-    study.run(name, candidate, lr, seed, "final", factor) for seed in range(seeds)
-  ]
-  metrics = [r["metric"] for r in runs]
-  return {
-    "learning_rate": lr,
-    "mean": statistics.fmean(metrics),
-    "std": statistics.stdev(metrics) if len(metrics) > 1 else 0.0,
-    "metrics": metrics,
-    "losses": runs[0]["losses"],
-    "state_bytes": runs[0]["state_bytes"],
-    "path": runs[0].get("path", "dense"),
-  }
-
-
 def _adam(name: str) -> Candidate:
   return next(c for c in ADAMS if c.name == name)
 
@@ -215,8 +198,8 @@ def score_rates(
     for name, plan in plans.items():
       for key in phase:
         candidate, lr = plan[key]
-        tests[name][key] = _seed_runs(
-          study, name, candidate, lr, _seeds(name, seeds), factor
+        tests[name][key] = study.test(
+          name, candidate, lr, _seeds(name, seeds), factor
         )
   out = []
   for name, by_key in tests.items():
@@ -243,10 +226,6 @@ def _cell(metric: str, test: dict) -> str:
   return (
     f"{_fmt(metric, test['mean'])} ± {_fmt(metric, test['std'])} ({test['gap']:+.2%})"
   )
-
-
-def _kib(n: int) -> str:
-  return f"{n / 1024:,.1f} KiB" if n < 2**20 else f"{n / 2**20:,.1f} MiB"
 
 
 def rate_markdown(report: dict) -> str:
@@ -286,8 +265,8 @@ def rate_markdown(report: dict) -> str:
     t = r["tests"]
     lines.append(
       f"| {r['workload']} | {r['metric']} | {r['seeds']} | "
-      f"{_kib(t['untuned recipe']['state_bytes'])} | "
-      f"{_kib(t['tuned adam']['state_bytes'])} | {r['state_ratio']:.1%} |"
+      f"{_report.format_bytes(t['untuned recipe']['state_bytes'])} | "
+      f"{_report.format_bytes(t['tuned adam']['state_bytes'])} | {r['state_ratio']:.1%} |"
     )
   lines += [
     "",

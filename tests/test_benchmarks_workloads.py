@@ -103,7 +103,7 @@ def test_loaders_name_bad_arguments(loader, kwargs, match):
 
 
 def test_wiki_hashed_trains_its_table_through_the_sparse_path():
-  """The sparse path (benchmarks._runner.sparse_tables) equals the dense one."""
+  """The sparse path (optax_sm3.sparse_tables in _runner.Trainer) equals the dense one."""
   assert inspect.signature(_workloads.wiki_hashed).parameters["rows"].default >= 2**18
   workload = _workloads.build("wiki-hashed", **_TINY["wiki-hashed"])
   recipe = _optimizers.Optimizer("recipe", optax_sm3.sm3_recipe, ())
