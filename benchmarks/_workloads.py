@@ -179,7 +179,7 @@ def shakespeare_word(
   context: int = 3, dim: int = 64, hidden: int = 128, batch_size: int = 128
 ) -> Workload:
   """A word-level neural n-gram LM; metric held-out cross-entropy."""
-  data = _data.load_shakespeare("word")
+  data = _data.load_text("shakespeare")
   vocab = data["vocab_size"]
   train, valid, num_valid = _carve({"tokens": data["train"]}, 0.1)
   valid = _lm_eval_rows(valid, 256)
@@ -329,17 +329,17 @@ def shakespeare_char(**sizes) -> Workload:
 
   ``sizes``: :func:`_language_model`'s model and batch sizes.
   """
-  return _language_model("shakespeare-char", _data.load_shakespeare("char"), **sizes)
+  return _language_model("shakespeare-char", _data.load_text("shakespeare", "char", vocab_size=None), **sizes)
 
 
 def code_char(**sizes) -> Workload:
   """A character-level transformer on SymPy's source; held-out cross-entropy."""
-  return _language_model("code-char", _data.load_code(), **sizes)
+  return _language_model("code-char", _data.load_text("code", "char", vocab_size=100), **sizes)
 
 
 def wiki_word(vocab_size: int = 2048, **sizes) -> Workload:
   """A word-level transformer on Wikipedia with tied input/output embeddings."""
-  data = _data.load_wikipedia(vocab_size=vocab_size)
+  data = _data.load_text("wikipedia", vocab_size=vocab_size)
   return _language_model("wiki-word", data, tied=True, **{"batch_size": 16} | sizes)
 
 
@@ -583,7 +583,7 @@ def wiki_hashed(
   through :func:`optax_sm3.sparse_lookup`, so SM3 may train it row-sparsely
   (``tables``).
   """
-  data = _data.load_wikipedia(vocab_size=vocab_size)
+  data = _data.load_text("wikipedia", vocab_size=vocab_size)
   width = data["train"].shape[1]
   train, valid, num_valid = _carve({"tokens": data["train"]}, 0.1)
   valid = _lm_eval_rows(valid, 128)

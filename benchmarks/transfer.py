@@ -198,9 +198,7 @@ def score_rates(
     for name, plan in plans.items():
       for key in phase:
         candidate, lr = plan[key]
-        tests[name][key] = study.test(
-          name, candidate, lr, _seeds(name, seeds), factor
-        )
+        tests[name][key] = study.test(name, candidate, lr, _seeds(name, seeds), factor)
   out = []
   for name, by_key in tests.items():
     workload = study.workload(name)

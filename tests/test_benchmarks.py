@@ -30,12 +30,12 @@ def test_movielens_ids_and_split():
 
 
 def test_shakespeare_tokens():
-  word = _data.load_shakespeare("word", window=64)
+  word = _data.load_text("shakespeare", window=64)
   assert word["vocab_size"] == 8000 and word["vocab"][0] == "<unk>"
   assert word["train"].shape[1] == 65 and word["train"].dtype == np.int32
   assert word["train"].max() < 8000 and word["train"].min() >= 0
   assert len(word["train"]) > 8 * len(word["test"]) > 0
-  char = _data.load_shakespeare("char", window=16)
+  char = _data.load_text("shakespeare", "char", vocab_size=None, window=16)
   text = "".join(char["vocab"][i] for i in char["train"][0])
   assert len(text) == 17 and "**" not in text
   assert "the" in _data.shakespeare_text().lower()

@@ -82,15 +82,20 @@ def test_corpora_are_real_text():
   wiki = _data.wikipedia_text()
   assert "Anarchism" in wiki and "<ref" not in wiki and wiki.count("[[") < 5
   assert wiki.count("{{") < 20  # a few templates that quote braces stay
-  data = _data.load_code(window=16)
+  data = _data.load_text("code", "char", vocab_size=100, window=16)
   assert data["train"].shape[1] == 17 and data["vocab_size"] <= 100
 
 
 @pytest.mark.parametrize(
   ("loader", "kwargs", "match"),
   [
-    (_data.load_code, {"window": 0}, "`window` must be >= 1"),
-    (_data.load_wikipedia, {"vocab_size": 1}, "`vocab_size` must be >= 2"),
+    (_data.load_text, {"corpus": "code", "window": 0}, "`window` must be >= 1"),
+    (
+      _data.load_text,
+      {"corpus": "wikipedia", "vocab_size": 1},
+      "`vocab_size` must be >= 2",
+    ),
+    (_data.load_text, {"corpus": "poems"}, "`corpus` must be one of"),
     (_data.load_cmudict, {"max_length": 0}, "`max_length` must be >= 1"),
     (_data.load_cmudict, {"test_fraction": 1.0}, "`test_fraction` must be in"),
     (_data.load_speeches, {"buckets": 1}, "`buckets` must be >= 2"),
