@@ -329,12 +329,16 @@ def shakespeare_char(**sizes) -> Workload:
 
   ``sizes``: :func:`_language_model`'s model and batch sizes.
   """
-  return _language_model("shakespeare-char", _data.load_text("shakespeare", "char", vocab_size=None), **sizes)
+  return _language_model(
+    "shakespeare-char", _data.load_text("shakespeare", "char", vocab_size=None), **sizes
+  )
 
 
 def code_char(**sizes) -> Workload:
   """A character-level transformer on SymPy's source; held-out cross-entropy."""
-  return _language_model("code-char", _data.load_text("code", "char", vocab_size=100), **sizes)
+  return _language_model(
+    "code-char", _data.load_text("code", "char", vocab_size=100), **sizes
+  )
 
 
 def wiki_word(vocab_size: int = 2048, **sizes) -> Workload:
@@ -357,12 +361,7 @@ def cmudict_syllables(
 ) -> Workload:
   """A non-causal transformer classifies words by syllable count; test accuracy."""
   data = _data.load_cmudict()
-  train, valid, num_valid = _carve(
-    {"words": data["train_words"], "labels": data["train_labels"]}, 0.05
-  )
-  # Whole evaluation chunks of 512 words (see `evaluate`).
-  valid = {k: v[: len(v) // 512 * 512] for k, v in valid.items()}
-  test = {k: data[f"test_{k}"][:4096] for k in ("words", "labels")}
+  data |= {k: data[k][:4096] for k in ("test_words", "test_labels")}
   length = data["train_words"].shape[1]
 
   def init(key):
@@ -379,41 +378,49 @@ def cmudict_syllables(
     )
     return pooled @ params["unembedding"]
 
-  def loss(params, batch):
-    return _cross_entropy(logits(params, batch["words"]), batch["labels"])
-
-  def sample(key, train):
-    rows = _rows(key, train, batch_size)
-    return {"words": train["words"][rows], "labels": train["labels"][rows]}
-
-  def evaluate(params, split):
-    def accuracy(chunk):
-      return jnp.mean(jnp.argmax(logits(params, chunk[:, :-1]), -1) == chunk[:, -1])
-
-    rows = jnp.concatenate([split["words"], split["labels"][:, None]], axis=1)
-    return _chunked_mean(accuracy, rows, size=512)
-
-  return Workload(
-    "cmudict-syllables", "test accuracy", True, init, loss, sample, evaluate,
-    train, valid, test, num_valid, steps=steps,
-  )  # fmt: skip
+  return _classifier(
+    "cmudict-syllables", data, "words", 0.05, init, logits, batch_size, steps, 512
+  )
 
 
-def _image_classifier(
-  name, train, valid, test, num_valid, init, logits, batch_size, steps
+def _classifier(
+  name, data, inputs, valid_fraction, init, logits, batch_size, steps, chunk=None
 ) -> Workload:
-  """An image classifier's workload from its ``logits(params, images)``."""
+  """A classifier's workload from its ``logits(params, inputs)``; test accuracy.
+
+  ``data`` holds ``train_{inputs}``, ``train_labels``, ``test_{inputs}`` and
+  ``test_labels``; ``valid_fraction`` of the training rows are the
+  validation split. With ``chunk``, the (integer) inputs are scored
+  ``chunk`` rows at a time, and both splits are cut to whole chunks.
+  """
+  keys = (inputs, "labels")
+  train, valid, num_valid = _carve(
+    {k: data[f"train_{k}"] for k in keys}, valid_fraction
+  )
+  test = {k: data[f"test_{k}"] for k in keys}
+  if chunk:
+    valid, test = (
+      {k: v[: len(v) // chunk * chunk] for k, v in split.items()}
+      for split in (valid, test)
+    )
 
   def loss(params, batch):
-    return _cross_entropy(logits(params, batch["images"]), batch["labels"])
+    return _cross_entropy(logits(params, batch[inputs]), batch["labels"])
 
   def sample(key, train):
     rows = _rows(key, train, batch_size)
-    return {"images": train["images"][rows], "labels": train["labels"][rows]}
+    return {k: train[k][rows] for k in keys}
 
   def evaluate(params, split):
-    predicted = jnp.argmax(logits(params, split["images"]), axis=-1)
-    return jnp.mean((predicted == split["labels"]).astype(jnp.float32))
+    if not chunk:
+      predicted = jnp.argmax(logits(params, split[inputs]), axis=-1)
+      return jnp.mean((predicted == split["labels"]).astype(jnp.float32))
+
+    def accuracy(rows):
+      return jnp.mean(jnp.argmax(logits(params, rows[:, :-1]), -1) == rows[:, -1])
+
+    rows = jnp.concatenate([split[inputs], split["labels"][:, None]], axis=1)
+    return _chunked_mean(accuracy, rows, size=chunk)
 
   return Workload(
     name, "test accuracy", True, init, loss, sample, evaluate,
@@ -427,10 +434,6 @@ def _image_classifier(
 def mnist(batch_size: int = 128) -> Workload:
   """A 784-512-256-10 ReLU MLP on the 5k MNIST subset; metric test accuracy."""
   data = _data.load_mnist()
-  train, valid, num_valid = _carve(
-    {"images": data["train_images"], "labels": data["train_labels"]}, 0.1
-  )
-  test = {"images": data["test_images"], "labels": data["test_labels"]}
   sizes = (784, 512, 256, 10)
 
   def init(key):
@@ -447,9 +450,7 @@ def mnist(batch_size: int = 128) -> Workload:
         x = jax.nn.relu(x)
     return x
 
-  return _image_classifier(
-    "mnist", train, valid, test, num_valid, init, logits, batch_size, 1000
-  )
+  return _classifier("mnist", data, "images", 0.1, init, logits, batch_size, 1000)
 
 
 # Scikit-learn's 8x8 digits: a small convolutional network.
@@ -466,10 +467,6 @@ def _conv(x, kernel):
 def digits_conv(channels: int = 16, batch_size: int = 64, steps: int = 600) -> Workload:
   """Two 3x3 convolutions, 2x2 pooling and a linear layer on 8x8 digits; test accuracy."""
   data = _data.load_digits()
-  train, valid, num_valid = _carve(
-    {"images": data["train_images"], "labels": data["train_labels"]}, 0.2
-  )
-  test = {"images": data["test_images"], "labels": data["test_labels"]}
 
   def init(key):
     k = jax.random.split(key, 3)
@@ -492,8 +489,8 @@ def digits_conv(channels: int = 16, batch_size: int = 64, steps: int = 600) -> W
     x = x.reshape(b, 4, 2, 4, 2, -1).mean(axis=(2, 4)).reshape(b, -1)
     return x @ params["dense"] + params["dense_bias"][None, :]
 
-  return _image_classifier(
-    "digits-conv", train, valid, test, num_valid, init, logits, batch_size, steps
+  return _classifier(
+    "digits-conv", data, "images", 0.2, init, logits, batch_size, steps
   )
 
 
@@ -510,10 +507,6 @@ def speeches_bow(
   """
   data = _data.load_speeches(**data)
   buckets = int(data["train_ids"].max())  # the padding id
-  train, valid, num_valid = _carve(
-    {"ids": data["train_ids"], "labels": data["train_labels"]}, 0.1
-  )
-  test = {"ids": data["test_ids"], "labels": data["test_labels"]}
   classes = data["num_classes"]
 
   def init(key):
@@ -530,27 +523,9 @@ def speeches_bow(
     x = jnp.sum(rows, axis=1) / jnp.maximum(jnp.sum(present, axis=1), 1)[:, None]
     return x @ params["out"] + params["out_bias"][None, :]
 
-  def loss(params, batch):
-    return _cross_entropy(logits(params, batch["ids"]), batch["labels"])
-
-  def sample(key, train):
-    rows = _rows(key, train, batch_size)
-    return {"ids": train["ids"][rows], "labels": train["labels"][rows]}
-
-  def evaluate(params, split):
-    def accuracy(chunk):
-      return jnp.mean(jnp.argmax(logits(params, chunk[:, :-1]), -1) == chunk[:, -1])
-
-    rows = jnp.concatenate([split["ids"], split["labels"][:, None]], axis=1)
-    return _chunked_mean(accuracy, rows, size=256)
-
-  # Whole evaluation chunks of 256 speeches (see `evaluate`).
-  valid = {k: v[: len(v) // 256 * 256] for k, v in valid.items()}
-  test = {k: v[: len(v) // 256 * 256] for k, v in test.items()}
-  return Workload(
-    "speeches-bow", "test accuracy", True, init, loss, sample, evaluate,
-    train, valid, test, num_valid, steps=steps,
-  )  # fmt: skip
+  return _classifier(
+    "speeches-bow", data, "ids", 0.1, init, logits, batch_size, steps, 256
+  )
 
 
 # Wikipedia, word level: a log-linear n-gram model whose contexts (the last
