@@ -21,6 +21,7 @@ Exit status 0 means the multi-process run matched the single-process one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import subprocess
@@ -113,15 +114,7 @@ def worker(process_id, port, steps, out):
 
   import optax_sm3
 
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(
-    coordinator_address=f"127.0.0.1:{port}",
-    num_processes=NUM_PROCESSES,
-    process_id=process_id,
-    initialization_timeout=60,
-  )
-  try:
-    assert jax.device_count() == NUM_PROCESSES * LOCAL_DEVICES
+  with joined(process_id, port):
     mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
     init, tx, step = build()
     key = jax.random.key(0)
@@ -167,6 +160,23 @@ def worker(process_id, port, steps, out):
         state_bytes=np.asarray(state_bytes),
         **flat(gathered),
       )
+
+
+@contextlib.contextmanager
+def joined(process_id, port):
+  """This process as member ``process_id`` of the cluster, for the ``with`` body."""
+  import jax
+
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(
+    coordinator_address=f"127.0.0.1:{port}",
+    num_processes=NUM_PROCESSES,
+    process_id=process_id,
+    initialization_timeout=60,
+  )
+  try:
+    assert jax.device_count() == NUM_PROCESSES * LOCAL_DEVICES
+    yield
   finally:
     jax.distributed.shutdown()
 
@@ -177,8 +187,15 @@ def free_port():
     return s.getsockname()[1]
 
 
-def launch(steps, timeout):
-  """Runs the cluster and the reference; returns the exit status."""
+def run_cluster(script, args, timeout, meanwhile):
+  """Runs ``script`` as the cluster's processes, and ``meanwhile()`` here.
+
+  Each process runs ``script --worker I --port PORT --out FILE *args``;
+  process 0 saves its results to FILE with ``np.savez``. Returns
+  ``meanwhile()``'s result and those arrays as a dict, or None in place of
+  the dict when a process failed or ran past ``timeout`` seconds (its log
+  goes to stderr); no process outlives the call.
+  """
   import numpy as np
 
   port = free_port()
@@ -193,12 +210,12 @@ def launch(steps, timeout):
     procs = []
     try:
       for i in range(NUM_PROCESSES):
-        command = [sys.executable, os.path.abspath(__file__), "--worker", str(i)]
-        command += ["--port", str(port), "--steps", str(steps), "--out", out]
+        command = [sys.executable, os.path.abspath(script), "--worker", str(i)]
+        command += ["--port", str(port), "--out", out, *args]
         procs.append(
           subprocess.Popen(command, env=env, stdout=logs[i], stderr=subprocess.STDOUT)
         )
-      expected, expected_losses = reference(steps)
+      expected = meanwhile()
       deadline = time.monotonic() + timeout
       for proc in procs:
         try:
@@ -219,9 +236,20 @@ def launch(steps, timeout):
     for log in logs:
       log.close()
     if failed:
-      return 1
+      return expected, None
     with np.load(out) as result:
-      got = {k: result[k] for k in result.files}
+      return expected, {k: result[k] for k in result.files}
+
+
+def launch(steps, timeout):
+  """Runs the cluster and the reference; returns the exit status."""
+  import numpy as np
+
+  (expected, expected_losses), got = run_cluster(
+    __file__, ["--steps", str(steps)], timeout, lambda: reference(steps)
+  )
+  if got is None:
+    return 1
   losses = got.pop("losses")
   per_device, replicated = got.pop("state_bytes")
   diff = max(float(np.max(np.abs(got[k] - v))) for k, v in expected.items())
@@ -244,10 +272,13 @@ def launch(steps, timeout):
   return 0 if same else 1
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(description, timeout, more=()):
+  """The launcher's options (``more``: ``(flags, kwargs)`` pairs) and the workers'."""
+  parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--steps", type=int, default=5)
-  parser.add_argument("--timeout", type=float, default=180.0)
+  parser.add_argument("--timeout", type=float, default=timeout)
+  for flags, kwargs in more:
+    parser.add_argument(*flags, **kwargs)
   parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
   parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
   parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -256,6 +287,11 @@ def main():
     parser.error("--steps must be >= 1")
   if args.timeout <= 0:
     parser.error("--timeout must be > 0")
+  return args
+
+
+def main():
+  args = parse_args(__doc__.splitlines()[0], timeout=180.0)
   if args.worker is not None:
     worker(args.worker, args.port, args.steps, args.out)
     return 0
