@@ -3,8 +3,10 @@
 The gradient of ``table[ids]`` is a table-sized array that is zero outside
 the ``k`` rows in the batch. :func:`rows_of` and :func:`every_row` hold it
 as the batch's distinct rows and their summed gradients (a
-:class:`RowBatch`); :func:`sm3_rows` takes the SM3 step of any cover on
-them, exactly as on the whole table, in ``O(k * D + V)``:
+:class:`RowBatch`); :func:`sm3_local` takes the SM3 step of any cover on
+them, exactly as on the whole table, in ``O(k * D)`` (:func:`sm3_rows`
+adds the ``O(V)`` pass that ages every row's accumulators with ``beta >
+0``, for a state kept current):
 
 * every accumulator of a cover is a maximum of the previous step's ``nu``
   over its slice, so for a slice whose gradient is zero, ``max over the
@@ -119,42 +121,51 @@ class SM3Settings(NamedTuple):
   variant: str
 
 
-def sm3_rows(
+def coefficients_at(settings: SM3Settings, count: jax.Array, dtype: Any) -> jax.Array:
+  """``c_old`` of the step after ``count`` steps: the factor of the old
+  accumulators (``beta``, or 1 when ``beta`` is 0)."""
+  beta: Any = settings.beta(count) if callable(settings.beta) else settings.beta
+  return _scale_by_sm3.coefficients(beta, dtype)[0]
+
+
+def ages(settings: SM3Settings) -> bool:
+  """Whether accumulators outside the batch change (``beta`` not 0)."""
+  return callable(settings.beta) or not _validation.is_static_zero(settings.beta)
+
+
+def sm3_local(
   settings: SM3Settings,
   cover: _cover.Cover,
   batch: RowBatch,
-  accumulators: tuple[jax.Array, ...],
+  local: tuple[jax.Array, ...],
   count: jax.Array,
 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-  """SM3 on the batch's rows: ``(the rows' updates, the new accumulators)``.
+  """SM3 on the batch's rows, given the accumulators as the batch sees them.
 
   Args:
     settings: the preconditioner's arguments.
     cover: the table's cover (as :func:`optax_sm3.scale_by_sm3` chose it).
     batch: the rows and their gradients.
-    accumulators: the table's accumulators, one per group of ``cover``.
+    local: one array per group of ``cover``: the batch's rows of a group
+      that indexes the rows (current, 0 in padding slots), a group that
+      does not whole.
     count: the step count before this step.
 
   Returns:
-    The updates of the batch's rows (zero in padding slots) and the
-    table's accumulators after the step.
+    The updates of the batch's rows (zero in padding slots) and the new
+    ``local``: the batch's rows of the row-indexed groups, the other groups
+    whole.
   """
   k = batch.unique.shape[0]
-  dtype = accumulators[0].dtype
+  dtype = local[0].dtype
   beta: Any = settings.beta(count) if callable(settings.beta) else settings.beta
   c_old, c_new = _scale_by_sm3.coefficients(beta, dtype)
   correction = None
   if settings.bias_correction:
     correction = _scale_by_sm3.bias_correction_factor(jnp.asarray(beta, dtype), count)
-  # The same cover on a table of the batch's k rows: the row-indexed
-  # accumulators gathered (padding rows read 0: their nu is 0, which no
-  # maximum keeps), the others whole.
+  # The same cover on a table of the batch's k rows (padding rows read 0:
+  # their nu is 0, which no maximum keeps).
   local_cover = dataclasses.replace(cover, shape=(k, *cover.shape[1:]))
-  by_rows = [indexes_rows(cover, group) for group in cover.groups]
-  local = tuple(
-    a.at[batch.unique].get(mode="fill", fill_value=0) if r else a
-    for a, r in zip(accumulators, by_rows, strict=True)
-  )
   updates, new_local = _scale_by_sm3.precondition(
     batch.grads,
     local,
@@ -166,16 +177,46 @@ def sm3_rows(
     0,
     correction,
   )
-  summed = not callable(settings.beta) and _validation.is_static_zero(settings.beta)
+  new = []
+  for group, a, a_new in zip(cover.groups, local, new_local, strict=True):
+    if indexes_rows(cover, group) or settings.variant == "I":
+      # SM3-I: c_old * a + c_new * max over the batch of g**2.
+      new.append(a_new)
+    else:
+      new.append(jnp.maximum(a_new, c_old * a))
+  return updates, tuple(new)
+
+
+def sm3_rows(
+  settings: SM3Settings,
+  cover: _cover.Cover,
+  batch: RowBatch,
+  accumulators: tuple[jax.Array, ...],
+  count: jax.Array,
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+  """SM3 on the batch's rows, the accumulators current and kept whole.
+
+  The arguments are :func:`sm3_local`'s, with ``accumulators`` the table's
+  (one per group of ``cover``, every row's) in place of ``local``.
+
+  Returns:
+    The updates of the batch's rows (zero in padding slots) and the
+    table's accumulators after the step: ``O(k D)`` with ``beta = 0``,
+    ``O(k D + V)`` otherwise (every row's accumulators age).
+  """
+  by_rows = [indexes_rows(cover, group) for group in cover.groups]
+  local = tuple(
+    a.at[batch.unique].get(mode="fill", fill_value=0) if r else a
+    for a, r in zip(accumulators, by_rows, strict=True)
+  )
+  updates, new_local = sm3_local(settings, cover, batch, local, count)
+  c_old = coefficients_at(settings, count, accumulators[0].dtype)
   new = []
   for a, a_new, r in zip(accumulators, new_local, by_rows, strict=True):
     if r:
       # Rows outside the batch: c_old * a (with beta = 0 exactly, a itself:
       # no pass over the V rows).
-      kept = a if summed else c_old * a
-      new.append(kept.at[batch.unique].set(a_new, mode="drop"))
-    elif settings.variant == "II":
-      new.append(jnp.maximum(a_new, c_old * a))
-    else:
-      new.append(a_new)  # c_old * a + c_new * max over the batch of g**2.
+      kept = c_old * a if ages(settings) else a
+      a_new = kept.at[batch.unique].set(a_new, mode="drop")
+    new.append(a_new)
   return updates, tuple(new)

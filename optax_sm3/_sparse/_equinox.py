@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import optax
 
 from optax_sm3._sparse._grad import sparse_lookup, sparse_value_and_grad
-from optax_sm3._sparse._row_step import DEFAULT_SWEEP_PERIOD
 from optax_sm3._sparse._tables import sparse_tables
 
 
@@ -243,7 +242,7 @@ class SparseOptimizer:
     tx: optax.GradientTransformation,
     table_tx: optax.GradientTransformation | None = None,
     *,
-    sweep_period: int = DEFAULT_SWEEP_PERIOD,
+    sweep_period: int | None = None,
   ):
     self.tx = tx
     self.table_tx = tx if table_tx is None else table_tx

@@ -7,8 +7,8 @@ silently leaves buffers the saved state lacks untouched. Our states'
 *structure* tells which hyperparameters differ: ``sm3``'s momentum buffers
 exist only with ``momentum != 0``, and a ``sparse_rows`` table state is the
 lazy :class:`~optax_sm3.SparseRowsState` (``count``, ``accumulators``,
-``momentum``, ``last``, ``coefficients``) with momentum or weight decay and
-``sm3``'s chain state (``0``, ``1``, ...) with neither.
+``momentum``, ``last``, ``coefficients``) with momentum, weight decay or
+``beta > 0`` and ``sm3``'s chain state (``0``, ``1``, ...) with none of them.
 :func:`state_mismatch` compares the optimizer-state subtrees (``opt_state``,
 ``sparse_state``) of a target and of a state leaf by leaf and says what
 differs and how to fix it; :func:`checked_update` is ``nnx.update`` that
@@ -73,15 +73,15 @@ def _hints(root: tuple, only_target: set[tuple], only_given: set[tuple]) -> list
     )
   if "lazy" in target and "dense-layout" in given:
     hints.append(
-      "the table state was saved with momentum=0 and weight_decay=0 (sm3's "
-      "chain state); this optimizer's has momentum or weight decay (a "
-      "SparseRowsState)"
+      "the table state was saved with momentum=0, weight_decay=0 and beta=0 "
+      "(sm3's chain state); this optimizer's has momentum, weight decay or "
+      "beta > 0 (a SparseRowsState)"
     )
   if "lazy" in given and "dense-layout" in target:
     hints.append(
-      "the table state was saved with momentum or weight decay (a "
-      "SparseRowsState); this optimizer has momentum=0 and weight_decay=0 "
-      "(sm3's chain state)"
+      "the table state was saved with momentum, weight decay or beta > 0 (a "
+      "SparseRowsState); this optimizer has momentum=0, weight_decay=0 and "
+      "beta=0 (sm3's chain state)"
     )
   return hints
 

@@ -207,7 +207,7 @@ class SparseOptimizer(nnx.Pytree):
     table_tx: optax.GradientTransformation | None = None,
     *,
     wrt: Any = nnx.Param,
-    sweep_period: int = _row_step.DEFAULT_SWEEP_PERIOD,
+    sweep_period: int | None = None,
   ):
     opts = _tables.optimizers(tx, table_tx, None, sweep_period)
     self.table_tx = tx if table_tx is None else table_tx

@@ -5,10 +5,11 @@ dense path: its :class:`optax_sm3._sm3.SM3Spec` names its arguments and holds
 its chain's stages. The batch's rows take those stages themselves (clipping,
 :mod:`optax_sm3._sparse._batch`'s SM3 on rows, momentum, decoupled weight
 decay, the learning rate); rows outside the batch have a zero gradient, so
-they move only by momentum and weight decay, which
-:mod:`optax_sm3._lazy_rows` composes in closed form: such rows are left
-behind and brought up to date when they are next read or updated, or by a
-round-robin sweep that bounds how far behind any row can fall.
+they move only by momentum and weight decay, and their SM3 accumulators only
+age by ``beta``, which :mod:`optax_sm3._lazy_rows` composes in closed form:
+such rows are left behind and brought up to date when they are next read or
+updated, or by a round-robin sweep of a fixed number of rows a step that
+bounds how far behind any row can fall.
 
 A stage with no exact row-sparse form (coupled weight decay, which gives
 every row a gradient) is refused when the sparse path is built.
@@ -37,7 +38,10 @@ from optax_sm3 import (
 )
 from optax_sm3._sparse import _batch, _ids
 
-DEFAULT_SWEEP_PERIOD = 1024
+SWEEP_ROWS = 256
+"""The most rows the default sweep brings up to date a step."""
+MIN_SWEEP_PERIOD = 1024
+"""The default sweep period of tables of fewer than ``1024 * SWEEP_ROWS`` rows."""
 
 MIGRATION = (
   "pass the optimizer itself, as built for the dense path: what "
@@ -50,37 +54,40 @@ MIGRATION = (
 
 
 class SparseRowsState(NamedTuple):
-  """State of :func:`optax_sm3.sparse_rows` with momentum or weight decay.
+  """State of :func:`optax_sm3.sparse_rows` with momentum, weight decay or
+  ``beta > 0``.
 
-  Row ``i`` of the table (and of ``momentum``) holds the dense optimizer's
-  values after ``last[i]`` updates, not ``count``; ``lookup`` and ``sync``
-  bring rows up to date with ``coefficients``.
+  Row ``i`` of the table, of ``momentum`` and of the row-indexed
+  accumulators holds the dense optimizer's values after ``last[i]``
+  updates, not ``count``; ``lookup`` and ``sync`` bring rows up to date
+  with ``coefficients``.
 
   Attributes:
     count: number of updates applied so far; shape ``()``, dtype ``int32``.
     accumulators: the SM3 accumulators, as in
       :class:`optax_sm3.ScaleBySM3State` for the table alone: a tuple of one
       array per group of the table's cover (by default one float32 vector
-      per axis; one array of the table's shape for a table of rank 1).
-      Always current.
+      per axis; one array of the table's shape for a table of rank 1). The
+      groups that index the rows are stored behind with the rows (with
+      ``beta > 0`` they age every step); the others are current.
     momentum: the EMA momentum buffer, dtype ``mu_dtype`` (or the table's),
       stored with a leading unit axis (shape ``(1, *table.shape)``) so that
       its shape is never the table's: ``jax.jit`` pairs donated inputs with
       outputs by shape, and a buffer paired with the table would cost two
       table-sized copies per step. ``None`` without momentum.
     last: shape ``(V,)``, dtype ``int32``: the step each row is current at;
-      always ``>= count - sweep_period``.
-    coefficients: the catch-up ring, a
-      :class:`optax_sm3._lazy_rows.Coefficients` of four vectors of shape
-      ``(sweep_period + 1,)`` in the catch-up dtype (the table's, at least
-      float32).
+      always ``>= count - W`` for the sweep period ``W``.
+    coefficients: the catch-up ring, a :class:`optax_sm3._lazy_rows.Ring`
+      of the maps from each of the last ``W + 1`` steps to now, in about
+      ``5 (W + 3 sqrt(W))`` numbers of the catch-up dtype (the table's, at
+      least float32).
   """
 
   count: jax.Array
   accumulators: tuple[jax.Array, ...]
   momentum: jax.Array | None
   last: jax.Array
-  coefficients: _lazy_rows.Coefficients
+  coefficients: _lazy_rows.Ring
 
 
 def _layout_specs(state: SparseRowsState, layout: _layout.ParamLayout) -> Any:
@@ -113,12 +120,13 @@ class TableRule(NamedTuple):
       its per-parameter options resolved for this table (``stacked_axes``
       an int, ``weight_decay_mask`` applied: the decay, or 0).
     spec: ``optimizer``'s :class:`optax_sm3._sm3.SM3Spec`.
-    period: ``sweep_period``, an int ``>= 1``.
+    period: ``sweep_period``: an int ``>= 1``, or ``None`` for
+      :func:`default_period` of the table's rows.
   """
 
   optimizer: optax.GradientTransformation
   spec: _sm3.SM3Spec
-  period: int
+  period: int | None
 
   @property
   def keeps_momentum(self) -> bool:
@@ -131,9 +139,30 @@ class TableRule(NamedTuple):
     return not _validation.is_static_zero(self.spec.weight_decay)
 
   @property
-  def lazy(self) -> bool:
+  def moves_rows(self) -> bool:
     """Whether rows outside the batch move (momentum or weight decay)."""
     return self.keeps_momentum or self.decays
+
+  @property
+  def ages(self) -> bool:
+    """Whether accumulators outside the batch change (``beta`` not 0)."""
+    return _batch.ages(_settings(self))
+
+  @property
+  def lazy(self) -> bool:
+    """Whether rows are stored behind (a :class:`SparseRowsState`)."""
+    return self.moves_rows or self.ages
+
+  def period_for(self, rows: int) -> int:
+    """The sweep period of a table of ``rows`` rows."""
+    return default_period(rows) if self.period is None else self.period
+
+
+def default_period(rows: int) -> int:
+  """The default sweep period: ``1024`` steps, or longer for tables of
+  over ``1024 * SWEEP_ROWS`` rows, so that a step sweeps at most
+  ``SWEEP_ROWS`` rows whatever the table's size."""
+  return max(MIN_SWEEP_PERIOD, -(-rows // SWEEP_ROWS))
 
 
 def optimizer_spec(optimizer: Any, name: str = "optimizer") -> _sm3.SM3Spec:
@@ -175,7 +204,7 @@ def optimizer_spec(optimizer: Any, name: str = "optimizer") -> _sm3.SM3Spec:
 
 
 def table_rule(
-  spec: _sm3.SM3Spec, *, stacked: int, decays: bool, period: int
+  spec: _sm3.SM3Spec, *, stacked: int, decays: bool, period: int | None
 ) -> TableRule:
   """The rule of one table: the optimizer's arguments with its options resolved."""
   fields = spec._asdict()
@@ -192,7 +221,7 @@ def table_rule(
 
 
 def table_rules(
-  spec: _sm3.SM3Spec, tree: Any, positions: list[int], period: int
+  spec: _sm3.SM3Spec, tree: Any, positions: list[int], period: int | None
 ) -> list[TableRule]:
   """The rule of each table leaf (at ``positions`` of ``tree``'s leaves).
 
@@ -218,14 +247,18 @@ def table_rules(
   ]
 
 
-def check_sweep_period(sweep_period: Any) -> int:
-  """``sweep_period`` as an int ``>= 1``, or a ``ValueError``."""
+def check_sweep_period(sweep_period: Any) -> int | None:
+  """``sweep_period`` as an int ``>= 1`` or ``None``, or a ``ValueError``."""
+  if sweep_period is None:
+    return None
   if (
     isinstance(sweep_period, bool)
     or not isinstance(sweep_period, (int, np.integer))
     or sweep_period < 1
   ):
-    raise ValueError(f"`sweep_period` must be an int >= 1, got {sweep_period!r}")
+    raise ValueError(
+      f"`sweep_period` must be an int >= 1 or None, got {sweep_period!r}"
+    )
   return int(sweep_period)
 
 
@@ -314,7 +347,9 @@ def init(rule: TableRule, table: jax.Array) -> Any:
     accumulators=_groups(the_sm3_state(state)),
     momentum=momentum,
     last=jnp.zeros(table.shape[:1], jnp.int32),
-    coefficients=_lazy_rows.identity(rule.period + 1, catch_up_dtype(table)),
+    coefficients=_lazy_rows.identity(
+      rule.period_for(table.shape[0]), catch_up_dtype(table)
+    ),
   )
 
 
@@ -394,45 +429,78 @@ def _sweep(count: jax.Array, unique: jax.Array, rows: int, period: int) -> jax.A
   return jnp.where(unique[found] == swept, rows, swept)
 
 
+def _gather(x: jax.Array, at: jax.Array) -> jax.Array:
+  return x.at[at].get(mode="fill", fill_value=0)
+
+
+def _scatter(
+  x: jax.Array, at: jax.Array, head: jax.Array, tail: jax.Array
+) -> jax.Array:
+  """``x`` with rows ``at`` set to ``head`` then ``tail`` (one scatter: an
+  in-place slice update beside a scatter makes XLA copy ``x`` whole)."""
+  return x.at[at].set(jnp.concatenate([head, tail]), mode="drop")
+
+
 def _lazy_rows_step(
   rule: TableRule,
-  unique: jax.Array,
-  updates: jax.Array,
+  cover: _cover.Cover,
+  batch: _batch.RowBatch,
   state: SparseRowsState,
   table: jax.Array,
-) -> tuple[jax.Array, jax.Array | None, jax.Array]:
-  """The batch's rows and the sweep's, caught up; the batch's then stepped.
+) -> tuple[jax.Array, jax.Array | None, tuple[jax.Array, ...], jax.Array]:
+  """The batch's rows and the sweep's caught up; the batch's then stepped.
 
   Returns:
-    ``(table, momentum buffer, last)`` after the step (the buffer unstored).
+    ``(table, momentum buffer, accumulators, last)`` after the step (the
+    buffer unstored).
   """
-  count, buffer, last = state.count, _load(state.momentum), state.last
+  count, unique = state.count, batch.unique
   k = unique.shape[0]
-  swept = _sweep(count, unique, table.shape[0], rule.period)
-  # One gather and one scatter per buffer for the batch and the sweep
-  # (an in-place slice update beside the scatter makes XLA copy the
-  # buffers whole).
+  swept = _sweep(count, unique, table.shape[0], rule.period_for(table.shape[0]))
   both = jnp.concatenate([unique, swept])
-  behind = last.at[both].get(mode="fill", fill_value=0)
-  current, current_buffer = _lazy_rows.catch_up(
-    state.coefficients,
-    behind,
-    table.at[both].get(mode="fill", fill_value=0),
-    None if buffer is None else buffer.at[both].get(mode="fill", fill_value=0),
+  behind = _gather(state.last, both)
+  maps = _lazy_rows.maps_at(state.coefficients, behind)
+  by_rows = [_batch.indexes_rows(cover, group) for group in cover.groups]
+  # The row-indexed accumulators of both, current (they age only with beta).
+  gathered = [
+    (_lazy_rows.scale_rows(maps, _gather(a, both)) if rule.ages else _gather(a, unique))
+    if r
+    else None
+    for a, r in zip(state.accumulators, by_rows, strict=True)
+  ]
+  local = tuple(
+    a if g is None else g[:k] for a, g in zip(state.accumulators, gathered, strict=True)
   )
-  # The batch's rows, now current, take the dense step.
-  new, new_buffer = _chain_rows(
-    rule,
-    updates,
-    current[:k],
-    None if current_buffer is None else current_buffer[:k],
-    count,
-  )
-  table = table.at[both].set(jnp.concatenate([new, current[k:]]), mode="drop")
-  if buffer is not None and current_buffer is not None and new_buffer is not None:
-    buffer = buffer.at[both].set(
-      jnp.concatenate([new_buffer, current_buffer[k:]]), mode="drop"
+  updates, new_local = _batch.sm3_local(_settings(rule), cover, batch, local, count)
+  accumulators = []
+  for a, g, new in zip(state.accumulators, gathered, new_local, strict=True):
+    if g is None:
+      accumulators.append(new)
+    elif rule.ages:
+      accumulators.append(_scatter(a, both, new, g[k:]))
+    else:
+      accumulators.append(a.at[unique].set(new, mode="drop"))
+  buffer = _load(state.momentum)
+  if rule.moves_rows:
+    current, current_buffer = _lazy_rows.catch_up(
+      maps,
+      _gather(table, both),
+      None if buffer is None else _gather(buffer, both),
     )
+    new, new_buffer = _chain_rows(
+      rule,
+      updates,
+      current[:k],
+      None if current_buffer is None else current_buffer[:k],
+      count,
+    )
+    table = _scatter(table, both, new, current[k:])
+    if buffer is not None and current_buffer is not None and new_buffer is not None:
+      buffer = _scatter(buffer, both, new_buffer, current_buffer[k:])
+  else:
+    # Rows outside the batch do not move: the table is always current.
+    new, _ = _chain_rows(rule, updates, _gather(table, unique), None, count)
+    table = table.at[unique].set(new, mode="drop")
   new_count = _validation.safe_increment(count)
   steps = jnp.concatenate(
     [jnp.full([k], new_count, jnp.int32), jnp.full([swept.shape[0]], count, jnp.int32)]
@@ -440,37 +508,41 @@ def _lazy_rows_step(
   # `behind <= count` always: the maximum changes nothing, but makes the
   # write wait for the read, so XLA updates `last` in place instead of
   # copying it (twice) to keep the read's input alive.
-  last = last.at[both].set(jnp.maximum(steps, behind), mode="drop")
-  return table, buffer, last
+  last = state.last.at[both].set(jnp.maximum(steps, behind), mode="drop")
+  return table, buffer, tuple(accumulators), last
 
 
 def _advance_ring(
   rule: TableRule, state: SparseRowsState, new_count: jax.Array, dtype: Any
-) -> _lazy_rows.Coefficients:
-  """The catch-up ring with this step's coefficients added."""
+) -> _lazy_rows.Ring:
+  """The catch-up ring with this step's map added."""
   spec = rule.spec
   lr = spec.learning_rate
   rate = jnp.asarray(lr(state.count) if callable(lr) else lr, dtype)
-  zero = jnp.zeros([], dtype)
+  zero, one = jnp.zeros([], dtype), jnp.ones([], dtype)
   mu = zero
   if spec.momentum is not None and rule.keeps_momentum:
     mu = _validation.complement(spec.momentum, dtype)[0]
   lam = jnp.asarray(spec.weight_decay, dtype) if rule.decays else zero
+  c_old = (
+    _batch.coefficients_at(_settings(rule), state.count, dtype) if rule.ages else one
+  )
   look_ahead = mu if spec.nesterov else None
-  return _lazy_rows.advance(state.coefficients, new_count, mu, rate, lam, look_ahead)
+  return _lazy_rows.advance(
+    state.coefficients, new_count, _lazy_rows.one_step(mu, rate, lam, c_old, look_ahead)
+  )
 
 
 def _lazy_step(
   rule: TableRule, batch: _batch.RowBatch, state: SparseRowsState, table: jax.Array
 ) -> tuple[jax.Array, SparseRowsState]:
-  """The step with momentum or weight decay: rows are left behind."""
+  """The step of a lazy state: rows outside the batch are left behind."""
   accumulators, buffer, last = state.accumulators, state.momentum, state.last
   new_count = _validation.safe_increment(state.count)
   if table.size:
-    updates, accumulators = _batch.sm3_rows(
-      _settings(rule), cover_of(rule, table.shape), batch, accumulators, state.count
+    table, buffer, accumulators, last = _lazy_rows_step(
+      rule, cover_of(rule, table.shape), batch, state, table
     )
-    table, buffer, last = _lazy_rows_step(rule, batch.unique, updates, state, table)
     buffer = _store(buffer)
   else:
     last = jnp.full_like(last, new_count)
@@ -494,13 +566,12 @@ def lookup(
   rows = table.shape[0]
   flat = _ids.in_range(indices.reshape(-1), rows)
   values = table.at[flat].get(mode="fill", fill_value=jnp.nan)
-  if rule.lazy:
+  if rule.moves_rows:
     buffer = _load(state.momentum)
     values, _ = _lazy_rows.catch_up(
-      state.coefficients,
-      state.last.at[flat].get(mode="fill", fill_value=0),
+      _lazy_rows.maps_at(state.coefficients, _gather(state.last, flat)),
       values,
-      None if buffer is None else buffer.at[flat].get(mode="fill", fill_value=0),
+      None if buffer is None else _gather(buffer, flat),
     )
   return values.reshape(*indices.shape, *table.shape[1:])
 
@@ -509,11 +580,22 @@ def sync(rule: TableRule, state: Any, table: jax.Array) -> tuple[jax.Array, Any]
   """Every row caught up to ``state.count`` (a no-op unless lazy)."""
   if not rule.lazy:
     return table, state
-  table, buffer = _lazy_rows.catch_up(
-    state.coefficients, state.last, table, _load(state.momentum)
+  maps = _lazy_rows.maps_at(state.coefficients, state.last)
+  buffer = _load(state.momentum)
+  if rule.moves_rows:
+    table, buffer = _lazy_rows.catch_up(maps, table, buffer)
+  accumulators = state.accumulators
+  if rule.ages:
+    cover = cover_of(rule, tuple(table.shape))
+    accumulators = tuple(
+      _lazy_rows.scale_rows(maps, a) if _batch.indexes_rows(cover, group) else a
+      for a, group in zip(accumulators, cover.groups, strict=True)
+    )
+  return table, state._replace(
+    accumulators=accumulators,
+    momentum=_store(buffer),
+    last=jnp.full_like(state.last, state.count),
   )
-  last = jnp.full_like(state.last, state.count)
-  return table, state._replace(momentum=_store(buffer), last=last)
 
 
 def expected_state(

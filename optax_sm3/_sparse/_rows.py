@@ -236,7 +236,7 @@ def _sync(
 def sparse_rows(
   optimizer: optax.GradientTransformation,
   *,
-  sweep_period: int = _row_step.DEFAULT_SWEEP_PERIOD,
+  sweep_period: int | None = None,
 ) -> SparseRows:
   r"""``optimizer`` for an embedding table, updating only the rows in the batch.
 
@@ -281,31 +281,36 @@ def sparse_rows(
     m_i \leftarrow \mu m_i + (1 - \mu) u_i, \qquad
     p_i \leftarrow p_i - \eta_t (m_i + \lambda p_i).
 
-  **Without momentum and weight decay** (``sm3_recipe``'s default) rows
-  outside :math:`B` do not move, the step costs :math:`O(k D)` for :math:`k`
-  indices of rows of :math:`D` entries with ``beta = 0``, :math:`O(k D +
-  V)` with ``beta > 0`` (against :math:`O(V D)` for the dense path), it
+  **Without momentum, weight decay and** ``beta`` (the paper's SM3:
+  ``sm3(learning_rate, momentum=0.0)``) rows outside :math:`B` do not
+  move, the step costs :math:`O(k D)` for :math:`k` indices of rows of
+  :math:`D` entries (against :math:`O(V D)` for the dense path), it
   matches the dense step bit for bit in practice, and ``init(table)``
   equals ``optimizer.init(table)``: states pass between the two paths.
 
-  **With momentum or decoupled weight decay** every row moves each step,
-  but a row outside :math:`B` only by :math:`m \leftarrow \mu m,\ p
-  \leftarrow p - \eta_s (m + \lambda p)`, which composes over steps
-  :math:`a+1..n` into :math:`m_n = M m_a,\ p_n = D p_a - E m_a` with
-  scalars :math:`M = \mu^{n-a}`, :math:`D = \prod_s (1 - \eta_s \lambda)`
-  and :math:`E` that depend only on :math:`(a, n)` and the learning rates
-  (Nesterov momentum changes :math:`E` only). So rows are updated lazily:
-  each row remembers the step ``last`` it is current at, a ring of
-  ``sweep_period + 1`` sets of these coefficients (one per recent step,
-  :math:`O(W)` to advance) brings any row up to date, rows in the batch are
-  brought up to date before their step, and each step also brings one
-  block of :math:`\lceil V / W \rceil` rows up to date, round robin
-  (:math:`W` = ``sweep_period``), so that no row is ever more than
-  :math:`W` steps behind. Cost per step: :math:`O(k D + V + V D / W + W)`,
-  the same every step (no branch, no spikes). The state is then a
-  :class:`SparseRowsState`, not the dense one; the table's rows are stored
-  behind, so read them through ``lookup`` (:math:`O(k D)`) or ``sync``
-  (:math:`O(V D)`, for evaluation and checkpoints). Rows read through
+  **With momentum, decoupled weight decay or** ``beta > 0`` (which
+  ``sm3_recipe`` has) every row moves each step, but a row outside
+  :math:`B` only by :math:`r \leftarrow c_{old}\, r,\ m \leftarrow \mu
+  m,\ p \leftarrow p - \eta_s (m + \lambda p)`, which composes over steps
+  :math:`a+1..n` into :math:`r_n = C r_a,\ m_n = M m_a,\ p_n = D p_a - E
+  m_a` with scalars :math:`C = \prod_s c_{old}`, :math:`M = \mu^{n-a}`,
+  :math:`D = \prod_s (1 - \eta_s \lambda)` and :math:`E` that depend only
+  on :math:`(a, n)`, the learning rates and the ``beta`` schedule (Nesterov
+  momentum changes :math:`E` only). So rows are updated lazily: each row
+  remembers the step ``last`` it is current at, a ring of these maps (one
+  per recent step, in two levels: :math:`O(\sqrt W)` to advance) brings
+  any row up to date, rows in the batch are brought up to date before
+  their step, and each step also brings one block of :math:`\lceil V / W
+  \rceil` rows up to date, round robin (:math:`W` = ``sweep_period``), so
+  that no row is ever more than :math:`W` steps behind. By default
+  :math:`W` grows with the table, so that block is at most 256 rows: the
+  cost per step, :math:`O(k D + \lceil V / W \rceil D + \sqrt W)`, does
+  not grow with :math:`V` (no pass over the rows, the same every step: no
+  branch, no spikes). The state is then a :class:`SparseRowsState`, not
+  the dense one; the table's rows (with momentum or weight decay) and the
+  rows' accumulators are stored behind, so read rows through ``lookup``
+  (:math:`O(k D)`) or ``sync`` (:math:`O(V D)`, for evaluation and
+  checkpoints; it makes the state current too). Rows read through
   either equal the dense path's up to float32 rounding: the catch-up rounds
   differently from the dense path's step-by-step arithmetic, and the two
   agree to ``1e-6`` of the table's largest entry over 200 steps and to
@@ -324,10 +329,12 @@ def sparse_rows(
     optimizer: an optimizer made by :func:`optax_sm3.sm3` or
       :func:`optax_sm3.sm3_recipe`.
     sweep_period: :math:`W \ge 1`, the most steps a row may stay behind
-      (used only with momentum or weight decay). Larger means a smaller
-      sweep per step (:math:`\lceil V / W \rceil` rows) and a longer ring
-      (:math:`4 (W + 1)` numbers). The default, 1024, sweeps 1024 rows a
-      step at a million rows.
+      (used only with momentum, weight decay or ``beta > 0``). Larger
+      means a smaller sweep per step (:math:`\lceil V / W \rceil` rows) and
+      a longer ring (about :math:`5 (W + 3 \sqrt W)` numbers, replicated
+      on every device). ``None`` (the default): :math:`\max(1024, \lceil V
+      / 256 \rceil)`, at most 256 rows a step whatever :math:`V`; a
+      ring of 1.3 MB at :math:`V = 2^{24}`, 78 MB at :math:`10^9`.
 
   Returns:
     A :class:`SparseRows` ``(init, update, lookup, sync)``. ``update`` is

@@ -360,7 +360,7 @@ def sparse_tables(
   table_tx: optax.GradientTransformation | None = None,
   *,
   tables: Any,
-  sweep_period: int = _row_step.DEFAULT_SWEEP_PERIOD,
+  sweep_period: int | None = None,
 ) -> SparseTables:
   """Exact row-sparse steps for the table leaves of a params tree, ``tx`` for the rest.
 
