@@ -13,13 +13,9 @@ import platform
 import sys
 import time
 
+import tqdm
+
 from benchmarks import _data, _optimizers, _report, _runner, _workloads
-
-
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # a short message and exit code 2, no traceback
-    self.print_usage(sys.stderr)
-    self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _names(allowed: tuple[str, ...], what: str):
@@ -39,50 +35,37 @@ def _names(allowed: tuple[str, ...], what: str):
 
 
 def _positive(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    value = 0
-  if value < 1:
+  if not text.isdigit() or int(text) < 1:
     raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-  return value
+  return int(text)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   """Parses the command line (``argv`` defaults to ``sys.argv[1:]``)."""
-  parser = _Parser(
+  parser = argparse.ArgumentParser(
     prog="python -m benchmarks",
     description="Compare optax-sm3 with optax optimizers on real data.",
   )
-  parser.add_argument(
+  add = parser.add_argument
+  workloads, optimizers = _workloads.WORKLOAD_NAMES, tuple(_optimizers.OPTIMIZERS)
+  add(
     "--workloads",
-    type=_names(_workloads.WORKLOAD_NAMES, "workload"),
+    type=_names(workloads, "workload"),
     default=["movielens"],
-    help=f"comma-separated, from {', '.join(_workloads.WORKLOAD_NAMES)}, or 'all' "
-    "(default: movielens)",
+    help=f"comma-separated, from {', '.join(workloads)}, or 'all' (movielens)",
   )
-  parser.add_argument(
+  add(
     "--optimizers",
-    type=_names(tuple(_optimizers.OPTIMIZERS), "optimizer"),
-    default=list(_optimizers.OPTIMIZERS),
-    help=f"comma-separated, from {', '.join(_optimizers.OPTIMIZERS)} (default: all)",
+    type=_names(optimizers, "optimizer"),
+    default=list(optimizers),
+    help=f"comma-separated, from {', '.join(optimizers)} (default: all)",
   )
-  parser.add_argument(
-    "--quick",
-    action="store_true",
-    help="a quarter of the steps, 2 seeds, 3 learning rates per optimizer",
-  )
-  parser.add_argument("--seeds", type=_positive, help="seeds per optimizer (3)")
-  parser.add_argument(
-    "--steps", type=_positive, help="training steps per run (default: per workload)"
-  )
-  parser.add_argument(
-    "--grid-size", type=_positive, help="learning rates tried per optimizer (4)"
-  )
-  parser.add_argument(
-    "--out", type=pathlib.Path, default=pathlib.Path("results"), help="(results)"
-  )
-  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  add("--quick", action="store_true", help="a quarter of the steps, 2 seeds, 3 rates")
+  add("--seeds", type=_positive, help="seeds per optimizer (3)")
+  add("--steps", type=_positive, help="training steps per run (default: per workload)")
+  add("--grid-size", type=_positive, help="learning rates tried per optimizer (4)")
+  add("--out", type=pathlib.Path, default=pathlib.Path("results"), help="(results)")
+  add("--no-progress", action="store_true", help="no progress bar")
   args = parser.parse_args(argv)
   args.seeds = args.seeds or (2 if args.quick else 3)
   args.grid_size = args.grid_size or (3 if args.quick else 4)
@@ -98,36 +81,32 @@ def main(argv=None) -> int:
     print(f"error: {error}", file=sys.stderr)
     return 1
   optimizers = [_optimizers.OPTIMIZERS[name] for name in args.optimizers]
-  steps = {
-    w.name: args.steps or (max(w.steps // 4, 1) if args.quick else w.steps)
-    for w in workloads
-  }
-  total = len(workloads) * sum(
+  runs = sum(
     args.seeds + len(_runner.subgrid(o.grid, args.grid_size)) for o in optimizers
   )
-  from tqdm import tqdm
-
+  flags = sys.argv[1:] if argv is None else argv
   results = {
-    "command": " ".join(["python -m benchmarks", *sys.argv[1:]])
-    if argv is None
-    else " ".join(["python -m benchmarks", *argv]),
+    "command": " ".join(["python -m benchmarks", *flags]),
     "seeds": args.seeds,
     "grid_size": args.grid_size,
     "machine": f"{platform.machine()} {platform.processor()} {platform.system()}",
     "workloads": {},
   }
   start = time.perf_counter()
-  with tqdm(total=total, unit="run", disable=args.no_progress) as bar:
+  with tqdm.tqdm(
+    total=len(workloads) * runs, unit="run", disable=args.no_progress
+  ) as bar:
 
     def progress(label):
       bar.set_postfix_str(label)
       bar.update()
 
     for workload in workloads:
+      quick_steps = max(workload.steps // 4, 1) if args.quick else workload.steps
       results["workloads"][workload.name] = _runner.run_workload(
         workload,
         optimizers,
-        steps=steps[workload.name],
+        steps=args.steps or quick_steps,
         seeds=args.seeds,
         grid_size=args.grid_size,
         progress=progress,

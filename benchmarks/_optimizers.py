@@ -57,25 +57,19 @@ def _warmup_cooldown(learning_rate, total_steps):
 # The grids are centred on each optimizer's usual rates: SM3 and AdaGrad sum
 # squared gradients, so their steps shrink over time and want larger rates;
 # Adafactor's rate is relative to the parameters' scale.
+_ADAM_GRID, _SUM_GRID = (3e-4, 1e-3, 3e-3, 1e-2), (0.03, 0.1, 0.3, 1.0)
 OPTIMIZERS = {
-  "sm3-recipe": Optimizer("sm3-recipe", optax_sm3.sm3_recipe, (1e-3, 3e-3, 1e-2, 3e-2)),
-  "sm3-m0": Optimizer("sm3-m0", _sm3_warmup(0.0), (0.03, 0.1, 0.3, 1.0)),
-  "sm3-m0.9": Optimizer("sm3-m0.9", _sm3_warmup(0.9), (0.03, 0.1, 0.3, 1.0)),
-  "adam": Optimizer("adam", lambda lr, _: optax.adam(lr), (3e-4, 1e-3, 3e-3, 1e-2)),
-  "adam-wsd": Optimizer(
-    "adam-wsd",
-    lambda lr, steps: optax.adam(_warmup_cooldown(lr, steps)),
-    (3e-4, 1e-3, 3e-3, 1e-2),
-  ),
-  "adagrad": Optimizer(
-    "adagrad", lambda lr, _: optax.adagrad(lr), (0.01, 0.03, 0.1, 0.3)
-  ),
-  "adafactor": Optimizer(
-    "adafactor",
-    lambda lr, _: optax.adafactor(lr),
-    (3e-3, 1e-2, 3e-2, 1e-1),
-  ),
-  "optax.sm3": Optimizer(
-    "optax.sm3", lambda lr, _: optax.sm3(lr), (0.03, 0.1, 0.3, 1.0)
-  ),
+  o.name: o
+  for o in (
+    Optimizer("sm3-recipe", optax_sm3.sm3_recipe, (1e-3, 3e-3, 1e-2, 3e-2)),
+    Optimizer("sm3-m0", _sm3_warmup(0.0), _SUM_GRID),
+    Optimizer("sm3-m0.9", _sm3_warmup(0.9), _SUM_GRID),
+    Optimizer("adam", lambda lr, _: optax.adam(lr), _ADAM_GRID),
+    Optimizer(
+      "adam-wsd", lambda lr, n: optax.adam(_warmup_cooldown(lr, n)), _ADAM_GRID
+    ),
+    Optimizer("adagrad", lambda lr, _: optax.adagrad(lr), (0.01, 0.03, 0.1, 0.3)),
+    Optimizer("adafactor", lambda lr, _: optax.adafactor(lr), (3e-3, 1e-2, 3e-2, 0.1)),
+    Optimizer("optax.sm3", lambda lr, _: optax.sm3(lr), _SUM_GRID),
+  )
 }

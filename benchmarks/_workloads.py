@@ -105,17 +105,9 @@ def movielens(dim: int = 128, batch_size: int = 1024, l2: float = 0.05) -> Workl
   """Matrix factorisation of MovieLens-100k ratings; metric test RMSE."""
   data = _data.load_movielens()
   mean = float(data["train_ratings"].mean())
-  split = {
-    "users": data["train_users"],
-    "items": data["train_items"],
-    "ratings": data["train_ratings"],
-  }
-  train, valid, num_valid = _carve(split, 0.1)
-  test = {
-    "users": data["test_users"],
-    "items": data["test_items"],
-    "ratings": data["test_ratings"],
-  }
+  keys = ("users", "items", "ratings")
+  train, valid, num_valid = _carve({k: data[f"train_{k}"] for k in keys}, 0.1)
+  test = {k: data[f"test_{k}"] for k in keys}
 
   def init(key):
     ku, ki = jax.random.split(key)
@@ -139,7 +131,7 @@ def movielens(dim: int = 128, batch_size: int = 1024, l2: float = 0.05) -> Workl
 
   def sample(key, train):
     rows = _rows(key, train, batch_size)
-    return {k: train[k][rows] for k in ("users", "items", "ratings")}
+    return {k: train[k][rows] for k in keys}
 
   def evaluate(params, split):
     pred, _, _ = predict(params, split["users"], split["items"])
@@ -175,16 +167,50 @@ def _lm_eval_rows(split: dict, limit: int, seed: int = 2) -> dict:
   return {"tokens": rows}
 
 
+def _ngram_model(
+  name, data, context, init, logits, batch_size, steps, eval_rows, tables=None
+) -> Workload:
+  """Next token from the ``context`` before it; metric held-out cross-entropy.
+
+  A batch is ``(batch_size, context + 1)`` windows at random positions of
+  random rows; ``logits(params, contexts)`` scores the last token of each.
+  Validation and test score every window of ``eval_rows`` (at most) rows.
+  """
+  width = data["train"].shape[1]
+  train, valid, num_valid = _carve({"tokens": data["train"]}, 0.1)
+  valid = _lm_eval_rows(valid, eval_rows)
+  test = _lm_eval_rows({"tokens": data["test"]}, 2 * eval_rows)
+  offsets = np.arange(-context, 1)[None, :]
+
+  def loss(params, windows):
+    return _cross_entropy(logits(params, windows[:, :-1]), windows[:, -1])
+
+  def sample(key, train):
+    kr, kp = jax.random.split(key)
+    rows = train["tokens"][_rows(kr, train, batch_size)]
+    pos = jax.random.randint(kp, (batch_size,), context, width)
+    return jnp.take_along_axis(rows, pos[:, None] + offsets, axis=1)
+
+  def evaluate(params, split):
+    windows = np.arange(context, width)[:, None] + offsets
+
+    def rows_loss(rows):
+      return loss(params, rows[:, windows].reshape(-1, context + 1))
+
+    return _chunked_mean(rows_loss, split["tokens"])
+
+  return Workload(
+    name, "test loss", False, init, loss, sample, evaluate,
+    train, valid, test, num_valid, steps=steps, tables=tables,
+  )  # fmt: skip
+
+
 def shakespeare_word(
   context: int = 3, dim: int = 64, hidden: int = 128, batch_size: int = 128
 ) -> Workload:
-  """A word-level neural n-gram LM; metric held-out cross-entropy."""
+  """A word-level neural n-gram LM (Bengio et al., 2003); held-out cross-entropy."""
   data = _data.load_text("shakespeare")
   vocab = data["vocab_size"]
-  train, valid, num_valid = _carve({"tokens": data["train"]}, 0.1)
-  valid = _lm_eval_rows(valid, 256)
-  test = _lm_eval_rows({"tokens": data["test"]}, 512)
-  width = data["train"].shape[1]
 
   def init(key):
     k = jax.random.split(key, 3)
@@ -201,30 +227,9 @@ def shakespeare_word(
     h = jnp.tanh(x @ params["hidden"] + params["hidden_bias"][None, :])
     return h @ params["softmax"] + params["softmax_bias"][None, :]
 
-  def loss(params, batch):
-    return _cross_entropy(logits(params, batch["context"]), batch["target"])
-
-  def sample(key, train):
-    kr, kp = jax.random.split(key)
-    rows = train["tokens"][_rows(kr, train, batch_size)]
-    pos = jax.random.randint(kp, (batch_size,), context, width)
-    window = pos[:, None] + jnp.arange(-context, 1)[None, :]
-    picked = jnp.take_along_axis(rows, window, axis=1)
-    return {"context": picked[:, :context], "target": picked[:, context]}
-
-  def evaluate_rows(params, rows):
-    pos = jnp.arange(context, width)
-    windows = rows[:, pos[:, None] + jnp.arange(-context, 1)[None, :]]
-    windows = windows.reshape(-1, context + 1)
-    return _cross_entropy(logits(params, windows[:, :context]), windows[:, context])
-
-  def evaluate(params, split):
-    return _chunked_mean(lambda r: evaluate_rows(params, r), split["tokens"])
-
-  return Workload(
-    "shakespeare-word", "test loss", False, init, loss, sample, evaluate,
-    train, valid, test, num_valid, steps=600,
-  )  # fmt: skip
+  return _ngram_model(
+    "shakespeare-word", data, context, init, logits, batch_size, 600, 256
+  )
 
 
 # Transformers: small pre-norm stacks, causal for the language models.
@@ -559,12 +564,7 @@ def wiki_hashed(
   (``tables``).
   """
   data = _data.load_text("wikipedia", vocab_size=vocab_size)
-  width = data["train"].shape[1]
-  train, valid, num_valid = _carve({"tokens": data["train"]}, 0.1)
-  valid = _lm_eval_rows(valid, 128)
-  test = _lm_eval_rows({"tokens": data["test"]}, 256)
   vocab = data["vocab_size"]
-  context = len(_SALTS)
 
   def init(key):
     k = jax.random.split(key)
@@ -578,57 +578,28 @@ def wiki_hashed(
     x = optax_sm3.sparse_lookup(params["table"], _hash_contexts(contexts, rows))
     return jnp.sum(x, axis=-2) @ params["out"] + params["out_bias"][None, :]
 
-  def loss(params, batch):
-    return _cross_entropy(logits(params, batch[:, :-1]), batch[:, -1])
-
-  def sample(key, train):
-    kr, kp = jax.random.split(key)
-    picked = train["tokens"][_rows(kr, train, batch_size)]
-    pos = jax.random.randint(kp, (batch_size,), context, width)
-    window = pos[:, None] + jnp.arange(-context, 1)[None, :]
-    return jnp.take_along_axis(picked, window, axis=1)
-
-  def evaluate_rows(params, tokens):
-    pos = jnp.arange(context, width)
-    windows = tokens[:, pos[:, None] + jnp.arange(-context, 1)[None, :]]
-    return loss(params, windows.reshape(-1, context + 1))
-
-  def evaluate(params, split):
-    return _chunked_mean(lambda r: evaluate_rows(params, r), split["tokens"])
-
   def tables(params):
     return {"table": True, "out": False, "out_bias": False}
 
-  return Workload(
-    "wiki-hashed", "test loss", False, init, loss, sample, evaluate,
-    train, valid, test, num_valid, steps=steps, tables=tables,
-  )  # fmt: skip
+  return _ngram_model(
+    "wiki-hashed", data, len(_SALTS), init, logits, batch_size, steps, 128, tables
+  )
 
 
 _BUILDERS = {
-  "movielens": movielens,
-  "shakespeare-word": shakespeare_word,
-  "shakespeare-char": shakespeare_char,
-  "mnist": mnist,
-  "code-char": code_char,
-  "wiki-word": wiki_word,
-  "cmudict-syllables": cmudict_syllables,
-  "digits-conv": digits_conv,
-  "speeches-bow": speeches_bow,
-  "wiki-hashed": wiki_hashed,
-}
+  f.__name__.replace("_", "-"): f
+  for f in (
+    movielens, shakespeare_word, shakespeare_char, mnist, code_char,
+    wiki_word, cmudict_syllables, digits_conv, speeches_bow, wiki_hashed,
+  )
+}  # fmt: skip
 
 
 def build(name: str, **sizes) -> Workload:
-  """The workload called ``name`` (in :data:`WORKLOAD_NAMES` or :data:`TRANSFER_NAMES`).
+  """The workload ``name``; ``sizes`` go to its builder (tests use small models).
 
-  Args:
-    name: the workload.
-    **sizes: model or batch sizes passed to its builder (tests use small ones).
-
-  Raises:
-    ValueError: for an unknown name.
-    benchmarks._data.MissingDataError: if its data package is missing.
+  Raises ``ValueError`` for an unknown name, and
+  :class:`benchmarks._data.MissingDataError` if its data package is missing.
   """
   if name not in _BUILDERS:
     allowed = ", ".join(_BUILDERS)
