@@ -48,14 +48,28 @@ def check(target: str, value: float, met: bool) -> dict:
   return {"target": target, "value": value, "met": bool(met)}
 
 
+def table(header, rows, align: str = "") -> list[str]:
+  """A Markdown table's lines: ``header`` and ``rows`` are lists of cells.
+
+  ``align`` has one of ``l``, ``r``, ``c`` per column (by default the first
+  column left, the others right).
+  """
+  rules = {"l": "---", "r": "---:", "c": ":-:"}
+  align = align or "l" + "r" * (len(header) - 1)
+
+  def line(cells):
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+  return [line(header), "|" + "|".join(rules[a] for a in align) + "|", *map(line, rows)]
+
+
 def targets_table(checks: list[dict], title: str = "Targets") -> str:
   """The :func:`check` results of a run as a Markdown table under ``title``."""
-  lines = [f"#### {title}", "", "| target | measured | met |", "|---|---:|:-:|"]
-  lines += [
-    f"| {c['target']} | {c['value']:.3g} | {'yes' if c['met'] else 'NO'} |"
-    for c in checks
+  rows = [
+    (c["target"], f"{c['value']:.3g}", "yes" if c["met"] else "NO") for c in checks
   ]
-  return "\n".join(lines)
+  body = table(("target", "measured", "met"), rows, "lrc")
+  return "\n".join([f"#### {title}", "", *body])
 
 
 def machine(backend: bool = True) -> dict:

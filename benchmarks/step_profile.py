@@ -1,25 +1,16 @@
 """Where SM3's step time goes: each pass of the step timed on its own.
 
-The step-time benchmark (``python -m benchmarks.step_time``) times whole train
-steps. This script takes one embedding-sized parameter (200000 x 128 float32
-by default) and times, round-robin in one run, the pieces a step is made of:
-
-* ``read``: ``g.sum()``, one read of a parameter-sized array: the floor for
-  any pass that must see every gradient entry;
-* ``sgd``: ``p - lr * g``, three parameter-sized streams (read ``p`` and
-  ``g``, write ``p``), the unit everything else is measured in;
-* ``sm3 update pass``: ``p - lr * g / sqrt(min(r, c) + g**2)`` from the *old*
-  accumulators, as XLA fuses it into ``optax.apply_updates``;
-* ``sm3 accumulator pass``: the new accumulators, with the blocked CPU loop
-  (the default) and without it (``block_size=0``);
-* ``row maxima alone`` / ``column maxima alone``: one of the two reductions
-  of ``nu = min(r, c) + g**2``, each a single fused pass with no temporary
-  (what the accumulator pass would cost if XLA fused both reductions into
-  one pass over ``g``; on the CPU it does not, see ``optax_sm3/_accumulate.py``);
-* whole steps of ``optax_sm3.sm3`` (momentum 0 and 0.9) and ``optax.adam``.
-
-Each time is also given in *stream-equivalents*: time / (sgd time / 3), the
-number of parameter-sized reads or writes at sgd's bandwidth it costs.
+``python -m benchmarks.step_time`` times whole train steps; this script times,
+round-robin in one run, the pieces a step is made of on one embedding-sized
+parameter (200000 x 128 float32 by default): a plain read (``g.sum()``, the
+floor for any pass over the gradient); sgd's ``p - lr * g`` (three
+parameter-sized streams, the unit of the table); SM3's update pass from the
+*old* accumulators, as XLA fuses it into ``optax.apply_updates``; its
+accumulator pass with the blocked CPU loop (the default) and without it
+(``block_size=0``); the row and the column maxima of ``nu = min(r, c) + g**2``
+alone, each one fused pass (see ``optax_sm3/_accumulate.py``); and whole steps
+of ``optax_sm3.sm3`` (momentum 0 and 0.9) and ``optax.adam``. Each time is also
+given in *stream-equivalents*: time / (sgd time / 3).
 
 Usage (from the repository root)::
 
@@ -96,25 +87,21 @@ def components(rows: int, cols: int, learning_rate: float = 1e-3):
 
     return fn
 
-  default_block = _accumulate.default_block_size(jnp.float32)
+  lr, gra = learning_rate, (g, *accumulators)
+  blocked = accumulator_pass(_accumulate.default_block_size(jnp.float32))
   steps = {
     "read: g.sum()": ((lambda g: g.sum()), (g,), (), 1),
-    "sgd: p - lr * g": ((lambda p, g: p - learning_rate * g), (p, g), (0,), 3),
-    "sm3 update pass (old accumulators)": (update_pass, (p, g, *accumulators), (0,), 3),
-    "sm3 accumulator pass, blocked": (
-      accumulator_pass(default_block),
-      (g, *accumulators),
-      (),
-      1,
-    ),
-    "sm3 accumulator pass, direct": (accumulator_pass(0), (g, *accumulators), (), 1),
-    "row maxima of nu alone (fused)": (one_reduction(1), (g, *accumulators), (), 1),
-    "column maxima of nu alone (fused)": (one_reduction(0), (g, *accumulators), (), 1),
+    "sgd: p - lr * g": ((lambda p, g: p - lr * g), (p, g), (0,), 3),
+    "sm3 update pass (old accumulators)": (update_pass, (p, *gra), (0,), 3),
+    "sm3 accumulator pass, blocked": (blocked, gra, (), 1),
+    "sm3 accumulator pass, direct": (accumulator_pass(0), gra, (), 1),
+    "row maxima of nu alone (fused)": (one_reduction(1), gra, (), 1),
+    "column maxima of nu alone (fused)": (one_reduction(0), gra, (), 1),
   }
   for name, tx, streams in (
-    ("optax_sm3.sm3 (m=0) step", optax_sm3.sm3(learning_rate, momentum=0.0), 4),
-    ("optax_sm3.sm3 (m=0.9) step", optax_sm3.sm3(learning_rate, momentum=0.9), 7),
-    ("optax.adam step", optax.adam(learning_rate), 10),
+    ("optax_sm3.sm3 (m=0) step", optax_sm3.sm3(lr, momentum=0.0), 4),
+    ("optax_sm3.sm3 (m=0.9) step", optax_sm3.sm3(lr, momentum=0.9), 7),
+    ("optax.adam step", optax.adam(lr), 10),
   ):
     steps[name] = (*train_step(tx), streams)
   return steps
@@ -144,28 +131,33 @@ def profile(rows: int, cols: int, rounds: int, steps: int) -> dict[str, dict]:
 
 
 def table(result, rows: int, cols: int) -> str:
-  lines = [
-    f"Parameter {rows} x {cols} float32 ({_report.format_bytes(rows * cols * 4, 'MiB', 0)}); "
-    "one stream = one parameter-sized read or write at sgd's speed.",
-    "",
-    "| pass | median (ms) | stream-equivalents | parameter-sized streams moved "
-    "| XLA temp (MiB) |",
-    "|---|---:|---:|---:|---:|",
-  ]
-  for name, r in result.items():
-    lines.append(
-      f"| {name} | {r['median_ms']:.2f} | {r['stream_equivalents']:.1f} "
-      f"| {r['streams_moved']} | {_report.format_bytes(r['temp_bytes'], 'MiB', label=False)} |"
+  size = _report.format_bytes(rows * cols * 4, "MiB", 0)
+  header = ["pass", "median (ms)", "stream-equivalents"]
+  header += ["parameter-sized streams moved", "XLA temp (MiB)"]
+  body = [
+    (
+      name,
+      f"{r['median_ms']:.2f}",
+      f"{r['stream_equivalents']:.1f}",
+      r["streams_moved"],
+      _report.format_bytes(r["temp_bytes"], "MiB", label=False),
     )
-  return "\n".join(lines)
+    for name, r in result.items()
+  ]
+  return "\n".join(
+    [
+      f"Parameter {rows} x {cols} float32 ({size}); "
+      "one stream = one parameter-sized read or write at sgd's speed.",
+      "",
+      *_report.table(header, body),
+    ]
+  )
 
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--rows", type=int, default=200_000)
-  parser.add_argument("--cols", type=int, default=128)
-  parser.add_argument("--rounds", type=int, default=11, help="timed rounds")
-  parser.add_argument("--steps", type=int, default=5, help="calls per round")
+  for flag, default in (("rows", 200_000), ("cols", 128), ("rounds", 11), ("steps", 5)):
+    parser.add_argument(f"--{flag}", type=int, default=default)
   args = parser.parse_args(argv)
   if min(args.rows, args.cols, args.rounds, args.steps) < 1:
     parser.error("--rows, --cols, --rounds and --steps must be >= 1")

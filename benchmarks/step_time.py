@@ -1,32 +1,28 @@
 """Step time and memory of SM3 next to optax's optimizers.
 
 One jitted train step (``update`` + ``optax.apply_updates``, parameters and
-state donated) per optimizer, on a 34.6 M-parameter tree: an embedding
-(200000, 128), dense kernels (1024, 4096) and (4096, 1024), a conv kernel
-(3, 3, 256, 256) and a bias (4096,). Two modes:
+state donated) per optimizer, on a 34.6 M-parameter tree (:data:`BASE_SHAPES`)
+or, with ``--tree transformer``, a stack of mid-sized matrices. Two modes
+(docs/guides/performance.md has their tables):
 
-* in one process (the default): every optimizer's step is compiled once,
-  then all are timed round-robin, ``--repeats`` rounds of ``--steps`` steps in
-  an order shuffled every round (seeded), so machine noise hits all of them
-  alike. More optimizers, and a size sweep (about 1 M to 100 M parameters)
-  shows how the step time grows.
-* ``--isolated`` (the figures the README quotes): every measurement is a
-  fresh process that builds one optimizer, compiles its step (the compile
-  time is recorded), warms up and times ``--rounds`` rounds of ``--steps``
-  steps; the parent runs each optimizer once per pass, shuffled, for
-  ``--repeats`` passes. In one process the optimizers share an allocator and
-  caches: a step that runs after another pays for what that one left behind.
+* in one process (the default): every step compiled, then all timed
+  round-robin, ``--repeats`` rounds of ``--steps`` steps in an order shuffled
+  every round (seeded), so machine noise hits all of them alike; more
+  optimizers, and a size sweep (about 1 M to 100 M parameters) that fits how
+  the step time grows;
+* ``--isolated`` (the figures the docs quote): every measurement is a fresh
+  process that builds one optimizer, compiles its step (timed), warms up and
+  times ``--rounds`` rounds of ``--steps`` steps; the parent runs each
+  optimizer once per pass, shuffled, for ``--repeats`` passes. In one process
+  a step that runs after another pays for what that one left behind.
 
-Ratios are medians of per-round (per-pass) ratios (:func:`add_ratios`). The
-report also gives the state's and XLA's temporary bytes, and the targets of the
-performance issue, met or not (:data:`TARGETS`, :data:`ISOLATED_TARGETS`).
-
-With ``--devices N`` (implies ``--isolated``) every child process starts JAX
-with N CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N``) on
-a one-axis mesh ``("x",)`` and shards the tree as the sharding tests do
-(:func:`mesh_spec`); the state is placed by :func:`optax_sm3.state_shardings`.
-Bytes are then per device (device 0's shards), and the table also counts the
-all-gathers in the compiled step.
+Ratios are medians of per-round (per-pass) ratios (:func:`add_ratios`); the
+report also gives the state's and XLA's temporary bytes and checks the
+performance issue's targets (:data:`TARGETS` and those after it). With
+``--devices N`` (implies ``--isolated``) each child has N CPU devices on a
+mesh ``("x",)``, the tree sharded by :func:`mesh_spec` and the state by
+:func:`optax_sm3.state_shardings`; bytes are then device 0's, and the table
+counts the step's all-gathers.
 
 Usage (from the repository root)::
 
@@ -36,9 +32,8 @@ Usage (from the repository root)::
   python -m benchmarks.step_time --isolated --tree transformer
   python -m benchmarks.step_time --devices 8 --repeats 3 --with-direct
 
-Writes ``step_time.md`` and ``.json`` (``step_isolated.md`` and ``.json`` when
-isolated) under ``--out`` (``results/step_time`` by default) and prints the
-Markdown.
+Writes ``step_time.md`` and ``.json`` (``step_isolated.*`` when isolated)
+under ``--out`` (``results/step_time`` by default) and prints the Markdown.
 """
 
 from __future__ import annotations
@@ -71,67 +66,55 @@ BASE_SHAPES = {
   "conv": (3, 3, 256, 256),
   "bias": (4096,),
 }
+# A transformer-like stack: many mid-sized matrices instead of one big table.
+LAYERS, WIDTH = 12, 512
 
 LEARNING_RATE = 1e-3
+M0, M9 = "optax_sm3.sm3 (m=0)", "optax_sm3.sm3 (m=0.9)"
 # SM3 without the CPU loop, timed with --with-direct.
 DIRECT = "optax_sm3.sm3 (m=0, block_size=0)"
 # The optimizers of an isolated run and of the size sweep.
-ISOLATED_NAMES = (
-  "optax.sgd",
-  "optax.adam",
-  "optax_sm3.sm3 (m=0)",
-  "optax_sm3.sm3 (m=0.9)",
-)
-SWEEP_NAMES = (*ISOLATED_NAMES[:2], "optax.sm3 (m=0)", *ISOLATED_NAMES[2:])
+ISOLATED_NAMES = ("optax.sgd", "optax.adam", M0, M9)
+SWEEP_NAMES = (*ISOLATED_NAMES[:2], "optax.sm3 (m=0)", M0, M9)
 
 
 def optimizers(with_direct: bool = False) -> dict[str, optax.GradientTransformation]:
   """The optimizers timed; ``with_direct`` adds SM3 without the CPU loop."""
+  lr = LEARNING_RATE
   txs = {
-    "optax.sgd": optax.sgd(LEARNING_RATE),
-    "optax.adam": optax.adam(LEARNING_RATE),
-    "optax.adafactor": optax.adafactor(LEARNING_RATE),
-    "optax.sm3 (m=0)": optax.sm3(LEARNING_RATE, momentum=0.0),
-    "optax.sm3 (m=0.9)": optax.sm3(LEARNING_RATE, momentum=0.9),
-    "optax_sm3.sm3 (m=0)": optax_sm3.sm3(LEARNING_RATE, momentum=0.0),
-    "optax_sm3.sm3 (m=0.9)": optax_sm3.sm3(LEARNING_RATE, momentum=0.9),
+    "optax.sgd": optax.sgd(lr),
+    "optax.adam": optax.adam(lr),
+    "optax.adafactor": optax.adafactor(lr),
+    **{f"optax.sm3 (m={m:g})": optax.sm3(lr, momentum=m) for m in (0.0, 0.9)},
+    **{f"optax_sm3.sm3 (m={m:g})": optax_sm3.sm3(lr, momentum=m) for m in (0.0, 0.9)},
   }
   if with_direct:
-    txs[DIRECT] = optax_sm3.sm3(LEARNING_RATE, momentum=0.0, block_size=0)
+    txs[DIRECT] = optax_sm3.sm3(lr, momentum=0.0, block_size=0)
   return txs
 
 
-# A transformer-like stack: many mid-sized matrices instead of one big table.
-LAYERS, WIDTH = 12, 512
-
-
-def transformer_shapes(layers: int, width: int = WIDTH) -> dict[str, tuple[int, ...]]:
-  """Attention (4 x (d, d)) and MLP ((d, 4d), (4d, d)) kernels per layer."""
-  shapes = {}
-  for layer in range(layers):
-    for name in ("q", "k", "v", "o"):
-      shapes[f"{layer}/{name}"] = (width, width)
-    shapes[f"{layer}/up"] = (width, 4 * width)
-    shapes[f"{layer}/down"] = (4 * width, width)
-  return shapes
-
-
 def scaled_shapes(scale: float, tree: str = "embedding") -> dict[str, tuple[int, ...]]:
-  """The tree with its leading (or, for the conv, last) axes scaled.
+  """The tree with its leading (for the conv, last) axes scaled.
 
-  For the transformer tree, the number of layers is scaled instead.
+  The transformer tree (per layer, attention kernels 4 x (d, d) and MLP
+  kernels (d, 4d), (4d, d)) scales its number of layers instead.
   """
   if tree == "transformer":
-    return transformer_shapes(max(1, round(LAYERS * scale)))
-  shapes = {}
+    d = WIDTH
+    kernels = {**dict.fromkeys("qkvo", (d, d)), "up": (d, 4 * d), "down": (4 * d, d)}
+    layers = max(1, round(LAYERS * scale))
+    return {f"{i}/{k}": shape for i in range(layers) for k, shape in kernels.items()}
+  shapes = dict(BASE_SHAPES)
   for name, shape in BASE_SHAPES.items():
-    if name == "bias":
-      shapes[name] = shape
-    elif name == "conv":
+    if name == "conv":
       shapes[name] = (*shape[:3], max(1, round(shape[3] * scale)))
-    else:
+    elif name != "bias":
       shapes[name] = (max(1, round(shape[0] * scale)), *shape[1:])
   return shapes
+
+
+def num_params(shapes) -> int:
+  return sum(math.prod(s) for s in shapes.values())
 
 
 def make_tree(shapes, dtype, seed):
@@ -150,8 +133,7 @@ def mesh_spec(name: str, shape: tuple[int, ...], devices: int) -> P:
   """How the tree is sharded on the ``("x",)`` mesh, as the sharding tests do.
 
   Embedding and down-projection matrices by rows, other kernels by their
-  last axis (columns, output channels); vectors and axes that ``devices``
-  does not divide stay replicated.
+  last axis; vectors and axes that ``devices`` does not divide stay replicated.
   """
   if len(shape) < 2:
     return P()
@@ -207,7 +189,7 @@ class Case:
 
     start = time.perf_counter()
     self.step = step.lower(self.params, self.state, self.grads).compile()
-    self.info = {
+    info = {
       # Lowering and compiling the donated train step.
       "compile_s": time.perf_counter() - start,
       "param_bytes": device_bytes(self.params),
@@ -218,8 +200,11 @@ class Case:
         " all-gather(" in line or " all-gather-start(" in line
         for line in self.step.as_text().splitlines()
       ),
-      "num_params": sum(math.prod(s) for s in shapes.values()),
+      "num_params": num_params(shapes),
     }
+    for key in ("temp", "state"):
+      info[f"{key}_fraction"] = info[f"{key}_bytes"] / info["param_bytes"]
+    self.info = info
     self.run(2)  # warm-up
 
   def run(self, steps: int) -> float:
@@ -236,8 +221,8 @@ def round_robin(names, sample, repeats: int, seed: int, progress) -> dict[str, d
 
   ``sample(name)`` returns ``{"ms": ..., **Case.info}``. The order is shuffled
   every round (seeded): a step that runs right after another optimizer's pays
-  for what that one left behind (its temporaries freed, the caches filled with
-  its buffers), and no optimizer should always follow the same neighbour.
+  for what that one left behind, and no optimizer should always follow the
+  same neighbour.
   """
   order = random.Random(seed)
   samples = {name: [] for name in names}
@@ -281,10 +266,8 @@ def run_child(args, name: str, dtype: str, scale: float) -> dict:
   if args.devices > 1:
     # Read when JAX starts its CPU backend: set before the child imports JAX.
     env["JAX_PLATFORMS"] = "cpu"
-    env["XLA_FLAGS"] = (
-      env.get("XLA_FLAGS", "")
-      + f" --xla_force_host_platform_device_count={args.devices}"
-    )
+    flag = f" --xla_force_host_platform_device_count={args.devices}"
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + flag
   result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
   if result.returncode != 0:
     raise RuntimeError(f"{name} ({dtype}) failed:\n{result.stderr[-3000:]}")
@@ -305,7 +288,6 @@ def measure(args, names, dtype: str, scale: float, progress) -> dict[str, dict]:
 
   rows = round_robin(names, sample, args.repeats, args.seed, progress)
   add_ratios(rows)
-  add_fractions(rows)
   return rows
 
 
@@ -333,39 +315,28 @@ def add_ratios(rows):
         )
 
 
-def add_fractions(rows):
-  for row in rows.values():
-    row["temp_fraction"] = row["temp_bytes"] / row["param_bytes"]
-    row["state_fraction"] = row["state_bytes"] / row["param_bytes"]
-
-
-# The targets of the performance issue, checked in one process on the float32
-# tree: (what, optimizer row, metric of the row, upper bound).
+# The performance issue's targets, (what, optimizer row, metric of the row,
+# upper bound). In one process, on the float32 tree:
 TARGETS = (
-  ("step time / optax.adam", "optax_sm3.sm3 (m=0)", "vs_adam", 0.6),
-  ("step time / optax.sm3 (m=0)", "optax_sm3.sm3 (m=0)", "vs_optax_sm3_m0", 0.3),
-  ("step time / optax.adam", "optax_sm3.sm3 (m=0.9)", "vs_adam", 0.8),
-  ("XLA temporary / parameter bytes", "optax_sm3.sm3 (m=0)", "temp_fraction", 0.05),
-  ("XLA temporary / parameter bytes", "optax_sm3.sm3 (m=0.9)", "temp_fraction", 0.05),
-  ("optimizer state / parameter bytes", "optax_sm3.sm3 (m=0)", "state_fraction", 0.01),
+  ("step time / optax.adam", M0, "vs_adam", 0.6),
+  ("step time / optax.sm3 (m=0)", M0, "vs_optax_sm3_m0", 0.3),
+  ("step time / optax.adam", M9, "vs_adam", 0.8),
+  ("XLA temporary / parameter bytes", M0, "temp_fraction", 0.05),
+  ("XLA temporary / parameter bytes", M9, "temp_fraction", 0.05),
+  ("optimizer state / parameter bytes", M0, "state_fraction", 0.01),
 )
-# Isolated, on the float32 and bfloat16 trees.
+# Isolated, on the float32 and bfloat16 trees:
 ISOLATED_TARGETS = (
-  ("step time / optax.adam", "optax_sm3.sm3 (m=0)", "vs_adam", 0.6),
-  ("step time / optax.sgd", "optax_sm3.sm3 (m=0)", "vs_sgd", 1.6),
-  ("step time / optax.adam", "optax_sm3.sm3 (m=0.9)", "vs_adam", 0.9),
+  ("step time / optax.adam", M0, "vs_adam", 0.6),
+  ("step time / optax.sgd", M0, "vs_sgd", 1.6),
+  ("step time / optax.adam", M9, "vs_adam", 0.9),
 )
-# Isolated, on the transformer tree (float32).
-COMPILE_TARGET = (
-  "compile time / optax.adam",
-  "optax_sm3.sm3 (m=0)",
-  "compile_vs_adam",
-  2.0,
-)
-# Isolated with --devices N > 1, instead of ISOLATED_TARGETS.
+# Isolated, on the transformer tree (float32):
+COMPILE_TARGET = ("compile time / optax.adam", M0, "compile_vs_adam", 2.0)
+# Isolated with --devices N > 1, instead of ISOLATED_TARGETS:
 DEVICE_TARGETS = tuple(
   target
-  for name in ("optax_sm3.sm3 (m=0)", "optax_sm3.sm3 (m=0.9)")
+  for name in (M0, M9)
   for target in (
     ("XLA temporary / parameter bytes, per device", name, "temp_fraction", 0.05),
     ("step time / optax.adam", name, "vs_adam", 1.0),
@@ -387,15 +358,12 @@ def growth_exponent(sizes, times) -> float:
   """
   if len(set(sizes)) < 2:
     return math.nan
-  x = [math.log(n) for n in sizes]
-  y = [math.log(t) for t in times]
-  mx, my = statistics.fmean(x), statistics.fmean(y)
-  return sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True)) / sum(
-    (a - mx) ** 2 for a in x
-  )
+  logs = [math.log(n) for n in sizes], [math.log(t) for t in times]
+  return statistics.linear_regression(*logs).slope
 
 
 def growth_exponents(sweep, min_params: int = GROWTH_FROM_PARAMS) -> dict[str, float]:
+  """Each optimizer's :func:`growth_exponent` on the sweep's large points."""
   points = [p for p in sweep.values() if p["num_params"] >= min_params]
   if len(points) < 2:
     points = list(sweep.values())
@@ -421,14 +389,11 @@ def _checks(rows, targets, prefix: str = "") -> list[dict]:
 def check_targets(result) -> list[dict]:
   """Each target of a run in one process, its value and whether it is met."""
   checks = _checks(result["float32"], TARGETS)
-  exponents = result.get("growth_exponents", {})
-  for name in ("optax_sm3.sm3 (m=0)", "optax_sm3.sm3 (m=0.9)"):
-    if name in exponents:
-      bound = 1 + GROWTH_TOLERANCE
-      what = f"step time ~ n^b over the sweep, b <= {bound:g} (at most linear)"
-      checks.append(
-        _report.check(f"{name}: {what}", exponents[name], exponents[name] <= bound)
-      )
+  bound = 1 + GROWTH_TOLERANCE
+  what = f"step time ~ n^b over the sweep, b <= {bound:g} (at most linear)"
+  for name, b in result.get("growth_exponents", {}).items():
+    if name in (M0, M9):
+      checks.append(_report.check(f"{name}: {what}", b, b <= bound))
   return checks
 
 
@@ -486,40 +451,27 @@ DEVICE_COLUMNS += ["all-gathers"]
 
 def table(rows, title: str, columns=ISOLATED_COLUMNS) -> str:
   """One row per optimizer, one column per header in ``columns``."""
-  lines = [
-    f"#### {title}",
-    "",
-    "| optimizer | " + " | ".join(columns) + " |",
-    "|---|" + "---:|" * len(columns),
+  body = [
+    [name, *(CELLS[c.removesuffix(", per device")](r) for c in columns)]
+    for name, r in rows.items()
   ]
-  for name, r in rows.items():
-    cells = [CELLS[c.removesuffix(", per device")](r) for c in columns]
-    lines.append(f"| {name} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+  return "\n".join([f"#### {title}", "", *_report.table(["optimizer", *columns], body)])
 
 
 def sweep_table(sweep, exponents) -> str:
+  """The size sweep's step times, and the growth exponents fitted on it."""
   names = list(next(iter(sweep.values()))["rows"])
-  lines = [
-    "#### Size sweep (float32): median step time in ms (ns per parameter)",
-    "",
-    "| parameters | " + " | ".join(names) + " |",
-    "|---:|" + "---:|" * len(names),
-  ]
+  rows = []
   for point in sweep.values():
     n = point["num_params"]
-    cells = [
-      f"{point['rows'][k]['median_ms']:.1f} ({1e6 * point['rows'][k]['median_ms'] / n:.2f})"
-      for k in names
-    ]
-    lines.append(f"| {n / 1e6:.1f} M | " + " | ".join(cells) + " |")
+    times = [point["rows"][k]["median_ms"] for k in names]
+    rows.append([f"{n / 1e6:.1f} M", *(f"{t:.1f} ({1e6 * t / n:.2f})" for t in times)])
   if len(sweep) > 1:
-    lines.append(
-      f"| growth exponent b (time ~ n^b, n >= {GROWTH_FROM_PARAMS / 1e6:g} M) | "
-      + " | ".join(f"{exponents[k]:.2f}" for k in names)
-      + " |"
-    )
-  return "\n".join(lines)
+    label = f"growth exponent b (time ~ n^b, n >= {GROWTH_FROM_PARAMS / 1e6:g} M)"
+    rows.append([label, *(f"{exponents[k]:.2f}" for k in names)])
+  title = "#### Size sweep (float32): median step time in ms (ns per parameter)"
+  lines = _report.table(["parameters", *names], rows, "r" * (len(names) + 1))
+  return "\n".join([title, "", *lines])
 
 
 def parse_args(argv):
@@ -538,72 +490,28 @@ def parse_args(argv):
   add("--devices", type=int, default=1, help="> 1: a mesh of CPU devices, isolated")
   add("--seed", type=int, default=0, help="seed of the round orders")
   add("--out", default="results/step_time", help="output folder")
-  add("--child", help=argparse.SUPPRESS)
+  add("--child", choices=optimizers(with_direct=True), help=argparse.SUPPRESS)
   add("--dtype", default="float32", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   args.isolated = args.isolated or args.devices > 1
   # --quick: 5 rounds instead of 11, a 3-point sweep; isolated, 3 passes
   # instead of 7 on a quarter-size tree.
-  quick_repeats, repeats = (3, 7) if args.isolated else (5, 11)
   if args.repeats is None:
-    args.repeats = quick_repeats if args.quick else repeats
+    args.repeats = (
+      (3 if args.quick else 7) if args.isolated else (5 if args.quick else 11)
+    )
   if args.scale is None:
     args.scale = 0.25 if args.quick and args.isolated else 1.0
   if min(args.repeats, args.rounds, args.steps, args.devices) < 1:
     parser.error("--repeats, --rounds, --steps and --devices must be >= 1")
   if not args.scale > 0:
     parser.error("--scale must be > 0")
-  if args.child is not None and args.child not in optimizers(with_direct=True):
-    parser.error(f"--child must be one of {tuple(optimizers(with_direct=True))}")
   return args
 
 
-def main(argv=None) -> dict:
-  args = parse_args(argv)
-  if args.child is not None:
-    child(args)
-    return {}
-  started = time.perf_counter()
-  if args.isolated:
-    names = [*ISOLATED_NAMES, DIRECT] if args.with_direct else list(ISOLATED_NAMES)
-  else:
-    names = list(optimizers(args.with_direct))
-  dtypes = ["float32"] + ([] if args.no_bf16 else ["bfloat16"])
+def markdown(args, result, wall_s: float) -> str:
+  """The run's tables under a line that says what ran where."""
   shapes = scaled_shapes(args.scale, args.tree)
-  scales = [1 / 32, 1 / 4, 1] if args.quick else [1 / 32, 1 / 8, 1 / 4, 1 / 2, 1, 2, 3]
-  # One tree per size: small scales of the transformer tree round to the same
-  # number of layers.
-  sweep_scales = {}
-  for scale in [] if args.no_sweep or args.isolated else scales:
-    tree = scaled_shapes(scale * args.scale, args.tree)
-    sweep_scales.setdefault(sum(math.prod(s) for s in tree.values()), scale)
-  total = args.repeats * (
-    len(names) * len(dtypes) + len(SWEEP_NAMES) * len(sweep_scales)
-  )
-
-  result = {
-    # The parent of isolated runs leaves the devices to its children.
-    "machine": _report.machine(backend=not args.isolated),
-    "isolated": args.isolated,
-    **{k: getattr(args, k) for k in ("tree", "scale", "repeats", "steps", "seed")},
-    **({"rounds": args.rounds, "devices": args.devices} if args.isolated else {}),
-  }
-  with tqdm.tqdm(total=total, desc="timing", unit="round", file=sys.stderr) as bar:
-    for dtype in dtypes:
-      result[dtype] = measure(args, names, dtype, args.scale, bar)
-    if sweep_scales:
-      result["sweep"] = {
-        f"{scale:g}": {
-          "num_params": n,
-          "rows": measure(args, SWEEP_NAMES, "float32", scale * args.scale, bar),
-        }
-        for n, scale in sweep_scales.items()
-      }
-  if "sweep" in result:
-    result["growth_exponents"] = growth_exponents(result["sweep"])
-  result["targets"] = (isolated_targets if args.isolated else check_targets)(result)
-
-  n = sum(math.prod(s) for s in shapes.values())
   if args.isolated:
     how = (
       f"one optimizer per process, {args.repeats} passes in shuffled order, each "
@@ -618,27 +526,71 @@ def main(argv=None) -> dict:
       "per-round ratios"
     )
     columns = IN_PROCESS_COLUMNS
-  where = (
-    f"{args.devices} CPU devices (one-axis mesh, tree sharded by `step_time.mesh_spec`)"
-    if args.devices > 1
-    else "1 device"
-  )
+  where = "1 device"
+  if args.devices > 1:
+    where = f"{args.devices} CPU devices (one-axis mesh, tree sharded by `step_time.mesh_spec`)"
   machine = result["machine"]
   parts = [
-    f"Tree: {args.tree} x {args.scale:g} ({n / 1e6:.1f} M parameters in "
-    f"{len(shapes)} arrays) on {where}; {how}; jax {machine['jax']}, optax "
-    f"{machine['optax']}, {machine['cpus']} CPUs; wall time "
-    f"{time.perf_counter() - started:.0f} s."
+    f"Tree: {args.tree} x {args.scale:g} ({num_params(shapes) / 1e6:.1f} M parameters "
+    f"in {len(shapes)} arrays) on {where}; {how}; jax {machine['jax']}, optax "
+    f"{machine['optax']}, {machine['cpus']} CPUs; wall time {wall_s:.0f} s."
   ]
-  for dtype in dtypes:
-    parts += ["", table(result[dtype], f"{dtype} parameters", columns)]
+  for dtype in ("float32", "bfloat16"):
+    if dtype in result:
+      parts += ["", table(result[dtype], f"{dtype} parameters", columns)]
   if "sweep" in result:
     parts += ["", sweep_table(result["sweep"], result["growth_exponents"])]
   if args.isolated or args.tree == "embedding":
     title = "Targets" if args.isolated else "Targets (float32 tree)"
     parts += ["", _report.targets_table(result["targets"], title)]
-  stem = "step_isolated" if args.isolated else "step_time"
-  _report.save(args.out, stem, "\n".join(parts) + "\n", result)
+  return "\n".join(parts) + "\n"
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  if args.child is not None:
+    child(args)
+    return {}
+  started = time.perf_counter()
+  names = list(ISOLATED_NAMES if args.isolated else optimizers())
+  names += [DIRECT] if args.with_direct else []
+  dtypes = ["float32"] + ([] if args.no_bf16 else ["bfloat16"])
+  scales = [1 / 32, 1 / 4, 1] if args.quick else [1 / 32, 1 / 8, 1 / 4, 1 / 2, 1, 2, 3]
+  # One point per tree size: small scales of the transformer tree round to
+  # the same number of layers.
+  sweep_scales = {}
+  for scale in [] if args.no_sweep or args.isolated else scales:
+    n = num_params(scaled_shapes(scale * args.scale, args.tree))
+    sweep_scales.setdefault(n, scale)
+  runs = len(names) * len(dtypes) + len(SWEEP_NAMES) * len(sweep_scales)
+  result = {
+    # The parent of isolated runs leaves the devices to its children.
+    "machine": _report.machine(backend=not args.isolated),
+    "isolated": args.isolated,
+    **{k: getattr(args, k) for k in ("tree", "scale", "repeats", "steps", "seed")},
+    **({"rounds": args.rounds, "devices": args.devices} if args.isolated else {}),
+  }
+  bar = tqdm.tqdm(
+    total=args.repeats * runs, desc="timing", unit="round", file=sys.stderr
+  )
+  with bar:
+    for dtype in dtypes:
+      result[dtype] = measure(args, names, dtype, args.scale, bar)
+    if sweep_scales:
+      result["sweep"] = {
+        f"{scale:g}": {
+          "num_params": n,
+          "rows": measure(args, SWEEP_NAMES, "float32", scale * args.scale, bar),
+        }
+        for n, scale in sweep_scales.items()
+      }
+  if "sweep" in result:
+    result["growth_exponents"] = growth_exponents(result["sweep"])
+  result["targets"] = (isolated_targets if args.isolated else check_targets)(result)
+  text = markdown(args, result, time.perf_counter() - started)
+  _report.save(
+    args.out, "step_isolated" if args.isolated else "step_time", text, result
+  )
   return result
 
 
