@@ -1,7 +1,7 @@
 """A drop-in that needs no tuning: the recipe's default rate, chosen by leaving workloads out.
 
 :func:`optax_sm3.sm3_recipe`'s settings were chosen by the lever study
-(``--levers``, :mod:`benchmarks._levers`); this study chooses its peak rate,
+(``--levers``, :mod:`benchmarks._study`); this study chooses its peak rate,
 the one number a user would otherwise tune, by the same protocol:
 
 1. On every workload of :data:`RATE_WORKLOADS` the recipe trains at each
@@ -18,9 +18,7 @@ the one number a user would otherwise tune, by the same protocol:
 4. The syllable classifier again at 5x the steps, 5 seeds, every setting (and
    every rate a fold chose) at its 1x rate.
 
-Gaps are relative: the loss ratio minus 1 for the language models, the
-error-rate ratio minus 1 (error = 1 - accuracy) for the classifiers, so a
-positive gap is worse than Adam.
+Gaps are relative, as :mod:`benchmarks._study` defines them.
 
 Usage (from the repository root)::
 
@@ -46,17 +44,17 @@ import sys
 import time
 from collections.abc import Sequence
 
-from benchmarks import _levers, _report, _workloads
+from benchmarks import _report, _study, _workloads
 from benchmarks._study import (
   CANDIDATES,
   RECIPE,
   SEEDS,
   Candidate,
   Study,
-  _fmt,
   _gap,
-  _nan_max,
+  _mean_std,
   _score,
+  gap_table,
 )
 
 RATE_WORKLOADS = ("shakespeare-char", *_workloads.TRANSFER_NAMES)
@@ -86,7 +84,7 @@ def _committed_adam(study: Study, name: str) -> dict | None:
   (fold,) = [
     r
     for r in levers["leave_one_out"]
-    if r["workload"] == name and r["budget"] == _levers.BUDGETS[0]
+    if r["workload"] == name and r["budget"] == _study.BUDGETS[0]
   ]
   steps = study.steps(name)
   for seed, metric in enumerate(fold["adam_test"]["metrics"]):
@@ -221,15 +219,13 @@ def score_rates(
 
 
 def _cell(metric: str, test: dict) -> str:
-  return (
-    f"{_fmt(metric, test['mean'])} ± {_fmt(metric, test['std'])} ({test['gap']:+.2%})"
-  )
+  return f"{_mean_std(metric, test)} ({test['gap']:+.2%})"
 
 
 def rate_markdown(report: dict) -> str:
   """The default rate's tables: per workload, and per held-out fold."""
-  default = report["default"]
-  others = report["scores"][0]["other_rates"]
+  default, scores = report["default"], report["scores"]
+  others = scores[0]["other_rates"]
   lines = [
     f"Default rate {default:g}, chosen on {len(report['workloads'])} workloads "
     f"({report['wall_s'] / 60:.0f} min wall, `{report['command']}`). Test metric, "
@@ -241,16 +237,14 @@ def rate_markdown(report: dict) -> str:
     + "tuned recipe (rate) | tuned Adam (schedule, rate) | `adam(1e-3)` |",
     "|---|---:|" + "---:|" * (3 + len(others)),
   ]
-  for r in report["scores"]:
+  for r in scores:
     t, m = r["tests"], r["metric"]
-    adam = t["tuned adam"]
     lines.append(
       f"| {r['workload']} | {_cell(m, t['untuned recipe'])} | "
       + "".join(f"{_cell(m, t[f'recipe at {lr:g}'])} | " for lr in others)
       + f"{_cell(m, t['tuned recipe'])} ({t['tuned recipe']['learning_rate']:g}) | "
-      f"{_fmt(m, adam['mean'])} ± {_fmt(m, adam['std'])} "
-      f"({r['tuned_adam'].removeprefix('adam ')}, {adam['learning_rate']:g}) | "
-      f"{_cell(m, t['adam(1e-3)'])} |"
+      f"{_mean_std(m, t['tuned adam'])} ({r['tuned_adam'].removeprefix('adam ')}, "
+      f"{t['tuned adam']['learning_rate']:g}) | {_cell(m, t['adam(1e-3)'])} |"
     )
   lines += [
     "",
@@ -259,13 +253,13 @@ def rate_markdown(report: dict) -> str:
     "| workload | metric | seeds | recipe state | Adam state | ratio |",
     "|---|---|---:|---:|---:|---:|",
   ]
-  for r in report["scores"]:
-    t = r["tests"]
-    lines.append(
-      f"| {r['workload']} | {r['metric']} | {r['seeds']} | "
-      f"{_report.format_bytes(t['untuned recipe']['state_bytes'])} | "
-      f"{_report.format_bytes(t['tuned adam']['state_bytes'])} | {r['state_ratio']:.1%} |"
-    )
+  lines += [
+    f"| {r['workload']} | {r['metric']} | {r['seeds']} | "
+    f"{_report.format_bytes(r['tests']['untuned recipe']['state_bytes'])} | "
+    f"{_report.format_bytes(r['tests']['tuned adam']['state_bytes'])} | "
+    f"{r['state_ratio']:.1%} |"
+    for r in scores
+  ]
   lines += [
     "",
     "Leave one workload out: the rate chosen on the others, scored on the held-out one.",
@@ -273,30 +267,20 @@ def rate_markdown(report: dict) -> str:
     "| held-out workload | rate chosen on the others | test | gap to tuned Adam |",
     "|---|---:|---:|---:|",
   ]
-  for r in report["scores"]:
-    test = r["tests"]["held-out choice"]
-    lines.append(
-      f"| {r['workload']} | {r['fold_choice']:g} | "
-      f"{_fmt(r['metric'], test['mean'])} ± {_fmt(r['metric'], test['std'])} | "
-      f"{test['gap']:+.2%} |"
-    )
-  names = report["workloads"]
   lines += [
-    "",
-    "The recipe's validation gap to the tuned Adam at each rate (seed 0):",
-    "",
-    "| rate | " + " | ".join(names) + " | worst |",
-    "|---:|" + "---:|" * (len(names) + 1),
+    f"| {r['workload']} | {r['fold_choice']:g} | "
+    f"{_mean_std(r['metric'], r['tests']['held-out choice'])} | "
+    f"{r['tests']['held-out choice']['gap']:+.2%} |"
+    for r in scores
   ]
-  for i, lr in enumerate(RATES):
-    gaps = [report["table"][n]["gaps"][i] for n in names]
-    lines.append(
-      f"| {lr:g} | "
-      + " | ".join(f"{g:+.2%}" for g in gaps)
-      + f" | {_nan_max(gaps):+.2%} |"
-    )
+  names = report["workloads"]
+  rows = [
+    (f"{lr:g}", [report["table"][n]["gaps"][i] for n in names])
+    for i, lr in enumerate(RATES)
+  ]
+  title = "The recipe's validation gap to the tuned Adam at each rate (seed 0):"
+  lines += gap_table(title, "rate", names, rows)
   for long in report.get("long", []):
-    t, m = long["tests"], long["metric"]
     lines += [
       "",
       f"{long['workload']} at {long['steps']} steps ({long['seeds']} seeds):",
@@ -304,11 +288,11 @@ def rate_markdown(report: dict) -> str:
       "| setting | rate | test | gap to tuned Adam |",
       "|---|---:|---:|---:|",
     ]
-    for key, test in t.items():
-      lines.append(
-        f"| {key} | {test['learning_rate']:g} | {_fmt(m, test['mean'])} ± "
-        f"{_fmt(m, test['std'])} | {test['gap']:+.2%} |"
-      )
+    lines += [
+      f"| {key} | {test['learning_rate']:g} | {_mean_std(long['metric'], test)} | "
+      f"{test['gap']:+.2%} |"
+      for key, test in long["tests"].items()
+    ]
   return "\n".join(lines)
 
 
@@ -358,7 +342,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  default_names = _levers.WORKLOADS if args.levers else RATE_WORKLOADS
+  default_names = _study.WORKLOADS if args.levers else RATE_WORKLOADS
   names = tuple(args.workloads.split(",")) if args.workloads else default_names
   long = args.long if args.long is not None else (0.0 if args.levers else 5.0)
   out = args.out or pathlib.Path(
@@ -382,14 +366,14 @@ def main(argv=None) -> dict:
     extend = 0 if args.quick else 3
   study = Study(scale, grid_size, extend, record, save, progress, polyak=args.levers)
   if args.levers:
-    table = _levers.tuned_table(study, names)
+    table = _study.tuned_table(study, names)
     report = {
       "workloads": names,
       "table": table,
-      "leave_one_out": _levers.leave_one_out(study, table),
+      "leave_one_out": _study.leave_one_out(study, table),
     }
     if long:
-      report["long"] = _levers.long_runs(study, table, long)
+      report["long"] = _study.long_runs(study, table, long)
   else:
     report = default_rate_study(study, names, args.seeds, long)
   record["wall_s"] += time.perf_counter() - start
@@ -401,7 +385,7 @@ def main(argv=None) -> dict:
   )
   record["report"] = report
   save()
-  text = _levers.markdown(report) if args.levers else rate_markdown(report)
+  text = _study.markdown(report) if args.levers else rate_markdown(report)
   (out / "transfer.md").write_text(text + "\n")
   # The report without the per-run records: what the docs quote and plot.
   (out / "summary.json").write_text(json.dumps(report, indent=1) + "\n")

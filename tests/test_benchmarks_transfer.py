@@ -1,4 +1,4 @@
-"""The transfer studies' logic (benchmarks/transfer.py, _levers.py, _study.py), no training."""
+"""The transfer studies' logic (benchmarks/transfer.py, _study.py), no training."""
 
 import dataclasses
 import inspect
@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import optax_sm3
-from benchmarks import _levers, _runner, _study, transfer
+from benchmarks import _runner, _study, transfer
 
 # Above merge_axes_up_to=2048 entries, so the recipe keeps factored state.
 PARAMS = {
@@ -133,17 +133,17 @@ def test_choose_minimises_the_worst_gap_on_the_other_workloads_only():
   }
   table = _table(gaps, memory)
   # Held out w3: on w1, w2 the worst gaps are a 4%, b 3%.
-  assert _levers.choose(table, "w3", 0.03) == "b"
+  assert _study.choose(table, "w3", 0.03) == "b"
   # The held-out workload's own gaps never count.
   gaps["w3"]["b"] = 9.0
-  assert _levers.choose(_table(gaps, memory), "w3", 0.03) == "b"
+  assert _study.choose(_table(gaps, memory), "w3", 0.03) == "b"
   # Held out w1: on w2, w3 a's worst is 50%, b's 2%.
-  assert _levers.choose(table, "w1", 0.03) == "b"
+  assert _study.choose(table, "w1", 0.03) == "b"
   # A larger budget admits the momentum setting; a diverged run never wins.
-  assert _levers.choose(table, "w1", 0.30) == "heavy"
+  assert _study.choose(table, "w1", 0.30) == "heavy"
   gaps["w3"]["b"] = 0.0
   gaps["w2"]["heavy"] = math.nan
-  assert _levers.choose(_table(gaps, memory), "w1", 0.30) == "b"
+  assert _study.choose(_table(gaps, memory), "w1", 0.30) == "b"
 
 
 def test_tune_follows_a_best_edge_outwards():
@@ -194,26 +194,26 @@ class _FakeStudy(_study.Study):
 def test_study_end_to_end_on_fake_runs():
   names = ("lm", "code", "classifier")
   study = _FakeStudy(1.0, 3, 1, {"runs": {}}, lambda: None, lambda _: None)
-  table = _levers.tuned_table(study, names)
+  table = _study.tuned_table(study, names)
   for name in names:
     rows = table[name]["rows"]
     assert rows[table[name]["tuned_adam"]]["gap"] == 0.0
     assert rows[_study.RECIPE.name + _study.POLYAK]["memory"] == 0.27
-  results = _levers.leave_one_out(study, table)
-  assert len(results) == len(_levers.BUDGETS) * len(names)
+  results = _study.leave_one_out(study, table)
+  assert len(results) == len(_study.BUDGETS) * len(names)
   for r in results:
-    assert r["chosen"] == _levers.choose(table, r["workload"], r["budget"])
+    assert r["chosen"] == _study.choose(table, r["workload"], r["budget"])
     assert r["memory"] <= r["budget"]
     assert len(r["sm3"]["metrics"]) == _study.SEEDS
   report = {
     "workloads": names,
     "table": table,
     "leave_one_out": results,
-    "long": _levers.long_runs(study, table, 5.0),
+    "long": _study.long_runs(study, table, 5.0),
     "wall_s": 60.0,
     "command": "python -m benchmarks.transfer",
   }
-  text = _levers.markdown(report)
+  text = _study.markdown(report)
   for r in results:
     assert f"| {r['workload']} | {r['chosen']} |" in text
   assert text.count("| lm | 100 |") == 3 and text.count("| lm | 500 |") == 3
@@ -304,12 +304,12 @@ def test_rate_study_reuses_the_lever_studys_adam():
       return workload
 
   study = _Seeded(1.0, 3, 3, {"runs": {}}, lambda: None, lambda _: None)
-  for name in _levers.WORKLOADS:
+  for name in _study.WORKLOADS:
     adams = transfer._committed_adam(study, name)
     (fold,) = [
       r
       for r in levers["leave_one_out"]
-      if r["workload"] == name and r["budget"] == _levers.BUDGETS[0]
+      if r["workload"] == name and r["budget"] == _study.BUDGETS[0]
     ]
     assert adams[fold["adam"]][1] == fold["adam_lr"]
     runs = _study.Study.run.__get__(study)  # the record answers, no training
