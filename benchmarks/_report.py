@@ -102,33 +102,28 @@ def save(folder: pathlib.Path | str, stem: str, table: str, result) -> None:
   print(table)
 
 
-def _validation(opt: dict, higher_is_better: bool) -> float:
-  metric = opt["validation"][repr(opt["learning_rate"])]
-  return -metric if higher_is_better else metric
-
-
 def tuned_adam(result: dict) -> str | None:
   """The Adam variant (of :data:`ADAMS`) with the best validation metric.
 
   The choice uses the validation split only, like the learning rates: each
   variant's metric at its chosen rate. ``None`` if no variant ran.
   """
-  opts = result["optimizers"]
+  opts, sign = result["optimizers"], -1 if result["higher_is_better"] else 1
   present = [name for name in ADAMS if name in opts]
-  if not present:
-    return None
-  higher = result["higher_is_better"]
-  return min(present, key=lambda name: _validation(opts[name], higher))
+
+  def validation(name):
+    return sign * opts[name]["validation"][repr(opts[name]["learning_rate"])]
+
+  return min(present, key=validation) if present else None
 
 
 def goal(result: dict, name: str = RECIPE) -> dict | None:
   """``name`` against the tuned Adam on one workload (``None`` if either is absent).
 
-  Returns:
-    A dict with ``adam`` (the tuned variant's name), ``gap`` (how much worse
-    ``name``'s mean test metric is, as a fraction of Adam's; negative when it
-    is better), ``memory`` (its state bytes over Adam's) and ``met`` (within
-    2% with at most 3% of the memory).
+  Returns ``adam`` (the tuned variant's name), ``gap`` (how much worse
+  ``name``'s mean test metric is, as a fraction of Adam's; negative when it
+  is better), ``memory`` (its state bytes over Adam's) and ``met`` (within
+  2% with at most 3% of the memory).
   """
   opts = result["optimizers"]
   adam_name = tuned_adam(result)

@@ -169,15 +169,6 @@ class Trainer:
     return out
 
 
-def _better(workload, a: float, b: float) -> bool:
-  """Whether metric ``a`` beats ``b`` (NaN never wins)."""
-  if math.isnan(a):
-    return False
-  if math.isnan(b):
-    return True
-  return a > b if workload.higher_is_better else a < b
-
-
 def run_workload(
   workload: _workloads.Workload,
   optimizers: Sequence[_optimizers.Optimizer],
@@ -187,19 +178,12 @@ def run_workload(
   grid_size: int,
   progress: Callable[[str], None] = lambda _: None,
 ) -> dict:
-  """Runs the protocol on one workload.
+  """Runs the protocol on one workload: ``steps`` per run, ``seeds`` final runs.
 
-  Args:
-    workload: the workload.
-    optimizers: the optimizers to compare.
-    steps: training steps of every run.
-    seeds: number of seeds of the final runs (seeds ``0 .. seeds - 1``).
-    grid_size: learning rates tried per optimizer (the middle of its grid).
-    progress: called with a short label after every run.
-
-  Returns:
-    A JSON-ready dict of the settings and, per optimizer, the validation
-    metric of each rate, the chosen rate, the state's bytes, and the runs.
+  Each optimizer tries the ``grid_size`` middle rates of its grid;
+  ``progress`` is called with a short label after every run. Returns a
+  JSON-ready dict of the settings and, per optimizer, the validation metric
+  of each rate, the chosen rate, the state's bytes, and the runs.
   """
   out = {
     "metric": workload.metric,
@@ -212,19 +196,20 @@ def run_workload(
     trainer = Trainer(workload, optimizer, steps)
     out["param_bytes"] = trainer.param_bytes
     tuning = {}
-    best_lr, best = None, math.nan
     for lr in subgrid(optimizer.grid, grid_size):
-      tuning[repr(lr)] = metric = trainer.run(lr, 0, "tune")["metric"]
+      tuning[lr] = trainer.run(lr, 0, "tune")["metric"]
       progress(f"{workload.name} {optimizer.name} lr={lr:g}")
-      if best_lr is None or _better(workload, metric, best):
-        best_lr, best = lr, metric
+    # The best finite metric (the first of equals); the first rate if none is.
+    sign = -1 if workload.higher_is_better else 1
+    finite = [lr for lr, m in tuning.items() if not math.isnan(m)] or list(tuning)
+    best_lr = min(finite, key=lambda lr: sign * tuning[lr])
     runs = []
     for seed in range(seeds):
       runs.append({"seed": seed, **trainer.run(best_lr, seed, "final")})
       progress(f"{workload.name} {optimizer.name} seed={seed}")
     metrics = [r["metric"] for r in runs]
     out["optimizers"][optimizer.name] = {
-      "validation": tuning,
+      "validation": {repr(lr): m for lr, m in tuning.items()},
       "learning_rate": best_lr,
       "state_bytes": trainer.state_bytes,
       "state_ratio": trainer.state_bytes / trainer.param_bytes,

@@ -2,34 +2,25 @@
 
 One jitted train step (``update`` + ``optax.apply_updates``, parameters and
 state donated) per optimizer, on a 34.6 M-parameter tree (:data:`BASE_SHAPES`)
-or, with ``--tree transformer``, a stack of mid-sized matrices. Two modes
-(docs/guides/performance.md has their tables):
-
-* in one process (the default): every step compiled, then all timed
-  round-robin, ``--repeats`` rounds of ``--steps`` steps in an order shuffled
-  every round (seeded), so machine noise hits all of them alike; more
-  optimizers, and a size sweep (about 1 M to 100 M parameters) that fits how
-  the step time grows;
-* ``--isolated`` (the figures the docs quote): every measurement is a fresh
-  process that builds one optimizer, compiles its step (timed), warms up and
-  times ``--rounds`` rounds of ``--steps`` steps; the parent runs each
-  optimizer once per pass, shuffled, for ``--repeats`` passes. In one process
-  a step that runs after another pays for what that one left behind.
-
-Ratios are medians of per-round (per-pass) ratios (:func:`add_ratios`); the
-report also gives the state's and XLA's temporary bytes and checks the
-performance issue's targets (:data:`TARGETS` and those after it). With
-``--devices N`` (implies ``--isolated``) each child has N CPU devices on a
-mesh ``("x",)``, the tree sharded by :func:`mesh_spec` and the state by
-:func:`optax_sm3.state_shardings`; bytes are then device 0's, and the table
-counts the step's all-gathers.
+or, with ``--tree transformer``, a stack of mid-sized matrices. In one process
+(the default) every step is compiled, then all are timed round-robin in an
+order shuffled every round (seeded), with more optimizers and a size sweep
+(about 1 M to 100 M parameters) that fits how the step time grows. With
+``--isolated`` (the figures the docs quote) every measurement is a fresh
+process that builds one optimizer, compiles its step (timed) and times
+``--rounds`` rounds; the parent runs each optimizer once per pass, shuffled.
+With ``--devices N`` (implies ``--isolated``) each child has N CPU devices,
+the tree sharded by :func:`mesh_spec` and the state by
+:func:`optax_sm3.state_shardings`; bytes are then device 0's. Ratios are
+medians of per-round ratios (:func:`add_ratios`); the report checks the
+performance issue's targets (:data:`TARGETS` and those after it).
+docs/guides/performance.md describes the modes and quotes their tables.
 
 Usage (from the repository root)::
 
   python -m benchmarks.step_time                        # one process, minutes
   python -m benchmarks.step_time --quick                # about a minute
-  python -m benchmarks.step_time --isolated             # one optimizer per process
-  python -m benchmarks.step_time --isolated --tree transformer
+  python -m benchmarks.step_time --isolated [--tree transformer]
   python -m benchmarks.step_time --devices 8 --repeats 3 --with-direct
 
 Writes ``step_time.md`` and ``.json`` (``step_isolated.*`` when isolated)
