@@ -334,10 +334,15 @@ def catch_up_dtype(table: Any) -> jnp.dtype:
 
 
 def init(rule: TableRule, table: jax.Array) -> Any:
-  """The optimizer's own state, or a :class:`SparseRowsState` if lazy."""
-  state = rule.optimizer.init(table)
+  """The optimizer's own state, or a :class:`SparseRowsState` if lazy.
+
+  A lazy state is made from the stages it keeps (the preconditioner's and
+  the momentum's), never through the whole chain's state, which would hold
+  a second table-sized momentum buffer for a moment.
+  """
   if not rule.lazy:
-    return state
+    return rule.optimizer.init(table)
+  state = rule.spec.stages.preconditioner.init(table)
   momentum = None
   if rule.keeps_momentum:
     buffer: Any = rule.spec.stages.momentum.init(table)
@@ -505,10 +510,15 @@ def _lazy_rows_step(
   steps = jnp.concatenate(
     [jnp.full([k], new_count, jnp.int32), jnp.full([swept.shape[0]], count, jnp.int32)]
   )
-  # `behind <= count` always: the maximum changes nothing, but makes the
-  # write wait for the read, so XLA updates `last` in place instead of
-  # copying it (twice) to keep the read's input alive.
-  last = state.last.at[both].set(jnp.maximum(steps, behind), mode="drop")
+  # XLA updates `last` in place only if every read of it comes before the
+  # write in the data flow; otherwise it copies `last` whole, twice. The
+  # maxima change nothing (`behind <= count`, `tie < 0`) but make the write
+  # wait for this step's read (`behind`) and, in a train step, for the
+  # lookups' reads in the forward pass, which the gradient, so `updates`,
+  # follows.
+  tie = jnp.where(jnp.sum(updates) > 0, -1, -2).astype(jnp.int32)
+  written = jnp.maximum(jnp.maximum(steps, behind), tie)
+  last = state.last.at[both].set(written, mode="drop")
   return table, buffer, tuple(accumulators), last
 
 

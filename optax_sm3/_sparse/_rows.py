@@ -304,9 +304,10 @@ def sparse_rows(
   \rceil` rows up to date, round robin (:math:`W` = ``sweep_period``), so
   that no row is ever more than :math:`W` steps behind. By default
   :math:`W` grows with the table, so that block is at most 256 rows: the
-  cost per step, :math:`O(k D + \lceil V / W \rceil D + \sqrt W)`, does
+  work per step, :math:`O(k D + \lceil V / W \rceil D + \sqrt W)`, does
   not grow with :math:`V` (no pass over the rows, the same every step: no
-  branch, no spikes). The state is then a :class:`SparseRowsState`, not
+  branch, no spikes; reading rows at random from a bigger table still
+  costs more cache misses, which the performance guide measures). The state is then a :class:`SparseRowsState`, not
   the dense one; the table's rows (with momentum or weight decay) and the
   rows' accumulators are stored behind, so read rows through ``lookup``
   (:math:`O(k D)`) or ``sync`` (:math:`O(V D)`, for evaluation and
