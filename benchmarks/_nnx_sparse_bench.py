@@ -63,8 +63,8 @@ EQUALITY_TOLERANCE = 1e-5
 class Model(nnx.Module):
   """Bag-of-ids regression: mean of the bag's rows, then a linear head."""
 
-  def __init__(self, embed, rows: int, rngs: nnx.Rngs):
-    self.items = embed(rows, DIM, rngs=rngs)
+  def __init__(self, embed, rows: int, rngs: nnx.Rngs, param_dtype=jnp.float32, **kw):
+    self.items = embed(rows, DIM, param_dtype=param_dtype, rngs=rngs, **kw)
     self.head = nnx.Linear(DIM, 1, rngs=rngs)
 
   def __call__(self, ids):  # ids: (bags, bag) ints
@@ -93,10 +93,11 @@ def dense_tx(momentum: float) -> optax.GradientTransformation:
   )
 
 
-def build(kind: str, rows: int, momentum: float):
-  """``(model, optimizer, train_step)`` of the ``"sparse"`` or ``"dense"`` path."""
+def build(kind: str, rows: int, momentum: float, param_dtype=jnp.float32, **kw):
+  """``(model, optimizer, train_step)`` of the ``"sparse"`` or ``"dense"`` path
+  (the table in ``param_dtype``; ``kw`` to the embedding, e.g. its init)."""
   if kind == "sparse":
-    model = Model(optax_sm3.nnx.SparseEmbed, rows, nnx.Rngs(0))
+    model = Model(optax_sm3.nnx.SparseEmbed, rows, nnx.Rngs(0), param_dtype, **kw)
     optimizer = optax_sm3.nnx.SparseOptimizer(
       model,
       optax.adam(HEAD_LEARNING_RATE),
@@ -104,7 +105,7 @@ def build(kind: str, rows: int, momentum: float):
     )
     value_and_grad = optax_sm3.nnx.value_and_grad
   elif kind == "dense":
-    model = Model(nnx.Embed, rows, nnx.Rngs(0))
+    model = Model(nnx.Embed, rows, nnx.Rngs(0), param_dtype, **kw)
     optimizer = nnx.Optimizer(model, dense_tx(momentum), wrt=nnx.Param)
     value_and_grad = nnx.value_and_grad
   else:

@@ -154,6 +154,33 @@ def _recipe(data, out):
   plt.close(fig)
 
 
+def _sparse_scale(data, out):
+  """The sparse step's time against the table's rows, per optimizer and id law."""
+  fig, ax = plt.subplots(figsize=(7.0, 3.8), dpi=120)
+  names = list(dict.fromkeys(r["optimizer"] for r in data["records"]))
+  for i, name in enumerate(names):
+    for law, style in (("uniform", "-"), ("zipf", ":"), ("sequential", "--")):
+      mine = [r for r in data["records"] if r["optimizer"] == name and r["ids"] == law]
+      ax.plot(
+        [r["rows"] for r in mine],
+        [1e3 * r["median_s"] for r in mine],
+        style,
+        marker="o",
+        color=f"C{i}",
+        label=f"{name} ({law})",
+      )
+  ax.set_xscale("log", base=2)
+  ax.set_ylim(bottom=0)
+  ax.set_xlabel("table rows V (x 64 float32)")
+  ax.set_ylabel("median step time (ms)")
+  ax.set_title(f"sparse_rows update, {data['batch']} ids a step, jitted, donated")
+  ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
+  ax.grid(alpha=0.3, which="both")
+  fig.tight_layout()
+  fig.savefig(out / "sparse_scale.png")
+  plt.close(fig)
+
+
 def draw(app):
   if app.builder.format != "html":
     return
@@ -166,6 +193,7 @@ def draw(app):
   _loss_curves(data, out)
   _transfer(json.loads((src / "_data" / "transfer.json").read_text()), out)
   _recipe(json.loads((src / "_data" / "recipe.json").read_text()), out)
+  _sparse_scale(json.loads((src / "_data" / "sparse_scale.json").read_text()), out)
 
 
 def setup(app):
