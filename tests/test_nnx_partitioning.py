@@ -207,9 +207,9 @@ def _sparse(momentum, rows=64):
 
 def test_sparse_table_layout_mismatch_is_explained():
   message = _state_check.state_mismatch(_sparse(0.0), nnx.state(_sparse(0.9)))
-  assert "saved with momentum or weight decay (a SparseRowsState)" in message
+  assert "saved with momentum, weight decay or beta > 0 (a SparseRowsState)" in message
   message = _state_check.state_mismatch(_sparse(0.9), nnx.state(_sparse(0.0)))
-  assert "saved with momentum=0 and weight_decay=0" in message
+  assert "saved with momentum=0, weight_decay=0 and beta=0" in message
   with pytest.raises(ValueError, match="sparse_state"):
     _state_check.checked_update(_sparse(0.9), nnx.state(_sparse(0.0)))
   # Flax's own message for the same update names neither.
