@@ -13,8 +13,6 @@ import platform
 import sys
 import time
 
-import tqdm
-
 from benchmarks import _data, _optimizers, _report, _runner, _workloads
 
 
@@ -92,6 +90,8 @@ def main(argv=None) -> int:
     "machine": f"{platform.machine()} {platform.processor()} {platform.system()}",
     "workloads": {},
   }
+  import tqdm  # (the bench extra: `import benchmarks.__main__` runs without it)
+
   start = time.perf_counter()
   with tqdm.tqdm(
     total=len(workloads) * runs, unit="run", disable=args.no_progress
