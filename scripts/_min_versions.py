@@ -169,19 +169,11 @@ def multi_extra_files():
 def core_ignores():
   """``--ignore=`` for each test file that imports an extra's module at its top
   level (its collection would fail without the extra; importorskip needs none)."""
-  modules = {m for mods, _ in EXTRAS.values() for m in mods}
-  out = []
-  for p in sorted((ROOT / "tests").glob("test_*.py")):
-    for node in ast.parse(p.read_text()).body:
-      names = []
-      if isinstance(node, ast.Import):
-        names = [alias.name for alias in node.names]
-      elif isinstance(node, ast.ImportFrom) and not node.level:
-        names = [node.module or ""]
-      if any(name.split(".")[0] in modules for name in names):
-        out.append(f"--ignore={p.relative_to(ROOT)}")
-        break
-  return out
+  return [
+    f"--ignore={p.relative_to(ROOT)}"
+    for p in sorted((ROOT / "tests").glob("test_*.py"))
+    if _top_level_extras(p)
+  ]
 
 
 if __name__ == "__main__":

@@ -121,11 +121,15 @@ class SM3Settings(NamedTuple):
   variant: str
 
 
+def _beta_at(settings: SM3Settings, count: jax.Array) -> Any:
+  """``beta`` of the step after ``count`` steps (a schedule evaluated)."""
+  return settings.beta(count) if callable(settings.beta) else settings.beta
+
+
 def coefficients_at(settings: SM3Settings, count: jax.Array, dtype: Any) -> jax.Array:
   """``c_old`` of the step after ``count`` steps: the factor of the old
   accumulators (``beta``, or 1 when ``beta`` is 0)."""
-  beta: Any = settings.beta(count) if callable(settings.beta) else settings.beta
-  return _scale_by_sm3.coefficients(beta, dtype)[0]
+  return _scale_by_sm3.coefficients(_beta_at(settings, count), dtype)[0]
 
 
 def ages(settings: SM3Settings) -> bool:
@@ -158,7 +162,7 @@ def sm3_local(
   """
   k = batch.unique.shape[0]
   dtype = local[0].dtype
-  beta: Any = settings.beta(count) if callable(settings.beta) else settings.beta
+  beta = _beta_at(settings, count)
   c_old, c_new = _scale_by_sm3.coefficients(beta, dtype)
   correction = None
   if settings.bias_correction:
