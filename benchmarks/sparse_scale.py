@@ -1,47 +1,27 @@
 """How the sparse step's cost grows with the table, up to ``2**24`` and ``2**25`` rows.
 
-Two sections, each writing ``results/sparse_scale_<section>.md`` and ``.json``:
+Three sections, each writing ``results/sparse_scale_<section>.md`` and ``.json``;
+docs/guides/performance.md and scaling_out.md say what each measures:
 
 * ``curve``: ``optax_sm3.sparse_rows(optimizer).update``, jitted with the
-  table and state donated (as the guides teach it), on ``V x 64`` float32
-  tables from ``2**16`` to ``2**24`` rows, 4,096 ids a step drawn uniformly,
-  from Zipf(1.2) (hashed across the table, so the hot rows are spread) or
-  as a window of consecutive rows that slides each step (the same
-  arithmetic with few cache and TLB misses: it tells the cost of the step
-  from the cost of reading rows at random from a big table), for each
-  optimizer in ``CURVE``: the median step time and XLA's temporary buffers
-  of the compiled step (``memory_analysis()``). The same run times
-  ``sweep_period=1024``, the sweep of the release before (``V / 1024`` rows
-  a step), as the baseline. ``--docs`` also writes the figures to
-  ``docs/_data/sparse_scale.json``, from which the performance guide's plot
-  is drawn.
-* ``nnx``: the Flax NNX train step of ``benchmarks._nnx_sparse_bench``'s
-  bag-of-ids model (``SparseEmbed`` + ``optax_sm3.nnx.value_and_grad`` +
-  ``SparseOptimizer``, ``nnx.jit`` with donation) on a ``2**24 x 64``
-  float32 table with momentum 0 and 0.9 and a ``2**25 x 64`` bfloat16 one,
-  and the dense ``nnx.Embed`` + ``nnx.Optimizer`` step of the same model,
-  each in its own process: the median step time (200 sparse float32
-  steps; 10 dense steps, and 10 steps of a bfloat16 table, whose row writes
-  XLA's CPU backend makes O(V) by converting the whole table to float32
-  around a bfloat16 scatter), the process's peak resident memory while it builds the model and
-  while it trains (``VmHWM``, reset after the first step) and the optimizer
-  state's bytes per table row. The table is made without a random
-  generator (which needs 16 bytes an entry for a moment). A process the machine cannot hold (killed, or out of memory) is
-  reported as not fitting.
-* ``plan``: a ``10**9 x 128`` float32 table on 8, 64 and 512 devices, its
-  rows split over all of them, computed, not run: each state leaf's bytes
-  from ``jax.eval_shape`` of ``sparse_rows(optimizer).init`` on that table
-  (a leaf with the table's rows is split, any other replicated), and the
-  bytes a step moves from the collectives the compiled sharded step issues
-  (``examples/multiprocess_sparse.py``, ``tests/test_sparse_sharding.py``):
-  an all-gather of the batch's ids and all-reduces of the rows the lookup
-  and the step read (each device contributes the rows it holds), which a
-  ring all-reduce moves ``2 (N - 1) / N`` times per device.
+  table and state donated, on ``V x 64`` float32 tables of ``2**16`` to
+  ``2**24`` rows, 4,096 ids a step (uniform, Zipf(1.2) hashed across the
+  table, or a sliding window of consecutive rows), for each optimizer in
+  ``CURVE``: the median step time and XLA's temporaries of the compiled step.
+  ``--docs`` also writes ``docs/_data/sparse_scale.json`` (the guide's plot).
+* ``nnx``: ``benchmarks._bags``' NNX train step, sparse and dense, on a
+  ``2**24 x 64`` float32 table and a ``2**25 x 64`` bfloat16 one, each case in
+  its own process: the median step time, the peak resident memory while the
+  model is built and while it trains, and the optimizer state's bytes per row.
+  A case the machine cannot hold (killed, or out of memory) did not fit.
+* ``plan``: a ``10**9 x 128`` float32 table on 8, 64 and 512 devices, computed,
+  not run: the state's bytes from ``jax.eval_shape`` and the bytes a step moves
+  from the collectives of the compiled sharded step.
 
 Run from the repository root::
 
   python -m benchmarks.sparse_scale --section curve --docs   # about 9 min
-  python -m benchmarks.sparse_scale --section nnx            # about 10 min
+  python -m benchmarks.sparse_scale --section nnx            # about 13 min
   python -m benchmarks.sparse_scale --section plan           # seconds
   python -m benchmarks.sparse_scale --quick                  # all, small
 """
@@ -55,8 +35,6 @@ import pathlib
 import re
 import resource
 import statistics
-import subprocess
-import sys
 import time
 
 import jax
@@ -64,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import optax_sm3
-from benchmarks import _report
+from benchmarks import _report, _timing
 
 DIM, BATCH = 64, 4096
 ROWS = tuple(1 << p for p in (16, 18, 20, 22, 24))
@@ -111,7 +89,6 @@ def time_update(name: str, rows: int, law: str, steps: int) -> dict:
   grads = jax.random.normal(jax.random.key(1), (BATCH, DIM), jnp.float32)
   batches = ids(rows, steps + 2, law)
   compiled = update.lower(batches[0], grads, state, table).compile()
-  temp = int(compiled.memory_analysis().temp_size_in_bytes)
   times = []
   for i, batch in enumerate(batches):
     start = time.perf_counter()
@@ -123,71 +100,51 @@ def time_update(name: str, rows: int, law: str, steps: int) -> dict:
     "rows": rows,
     "ids": law,
     "median_s": statistics.median(times),
-    "temp_bytes": temp,
+    "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes),
     "steps": steps,
   }
 
 
-def curve(
-  rows: tuple[int, ...],
-  steps: int,
-  docs: bool,
-  out: str,
-  laws: tuple[str, ...] = LAWS,
-  repeats: int = 1,
-) -> list[dict]:
-  """The ``curve`` section: every optimizer, size and id law, in one process,
-  ``repeats`` passes over all of them (each case's time: the median of its
-  passes' medians)."""
+def curve(rows: tuple[int, ...], steps: int, docs: bool, out: str) -> list[dict]:
+  """The ``curve`` section: every optimizer, size and id law, in one process."""
   import tqdm  # (the plan, which the tests read, runs without it)
 
-  cases = [(n, r, law) for r in rows for n in CURVE for law in laws]
-  passes = [
-    [time_update(*case, steps) for case in tqdm.tqdm(cases, desc=f"curve {i + 1}")]
-    for i in range(repeats)
-  ]
-  records = []
-  for runs in zip(*passes, strict=True):
-    medians = [r["median_s"] for r in runs]
-    records.append(
-      {**runs[0], "median_s": statistics.median(medians), "passes_s": medians}
-    )
-  table = curve_markdown(records, steps, repeats)
+  cases = [(n, r, law) for r in rows for n in CURVE for law in LAWS]
+  records = [time_update(*case, steps) for case in tqdm.tqdm(cases, desc="curve")]
   result = {**_report.machine(), "dim": DIM, "batch": BATCH, "records": records}
-  _report.save(out, "sparse_scale_curve", table, result)
+  _report.save(out, "sparse_scale_curve", curve_markdown(records, steps), result)
   if docs:
     DOCS.write_text(json.dumps(result, indent=1) + "\n")
   return records
 
 
-def curve_markdown(records: list[dict], steps: int, repeats: int = 1) -> str:
+def curve_markdown(records: list[dict], steps: int) -> str:
   """The ``curve`` section's table: a row per optimizer and id law."""
   rows = sorted({r["rows"] for r in records})
   power = [f"2^{n.bit_length() - 1}" for n in rows]
   lines = [
     f"`sparse_rows(...).update`, V x {DIM} float32, {BATCH} ids a step (median of "
-    f"{steps} steps, jitted, donated; "
-    + (f"median of {repeats} passes; " if repeats > 1 else "")
-    + f"{jax.devices()[0].device_kind}, jax {jax.__version__}): step time (ms), "
-    "then XLA temporaries",
+    f"{steps} steps, jitted, donated; {jax.devices()[0].device_kind}, jax "
+    f"{jax.__version__}): step time (ms), then XLA temporaries",
     "",
-    f"| optimizer | ids | {' | '.join(power)} | {power[-1]} / {power[0]} | temporaries |",
-    "|---|---|" + "---:|" * (len(rows) + 2),
+    *_report.table(
+      ["optimizer", "ids", *power, f"{power[-1]} / {power[0]}", "temporaries"],
+      [_curve_row(records, name, law) for name in CURVE for law in LAWS],
+      "ll" + "r" * (len(rows) + 2),
+    ),
   ]
-  for name in dict.fromkeys(r["optimizer"] for r in records):
-    for law in dict.fromkeys(r["ids"] for r in records):
-      mine = sorted(
-        (r for r in records if r["optimizer"] == name and r["ids"] == law),
-        key=lambda r: r["rows"],
-      )
-      ms = [1e3 * r["median_s"] for r in mine]
-      temps = [r["temp_bytes"] for r in mine]
-      span = dict.fromkeys(_report.format_bytes(f(temps), "MiB") for f in (min, max))
-      lines.append(
-        f"| {name} | {law} | {' | '.join(f'{t:.2f}' for t in ms)} "
-        f"| {ms[-1] / ms[0]:.2f}x | {' to '.join(span)} |"
-      )
   return "\n".join(lines) + "\n"
+
+
+def _curve_row(records, name, law):
+  mine = [r for r in records if r["optimizer"] == name and r["ids"] == law]
+  mine.sort(key=lambda r: r["rows"])
+  ms = [1e3 * r["median_s"] for r in mine]
+  temps = [r["temp_bytes"] for r in mine]
+  span = " to ".join(
+    dict.fromkeys(_report.format_bytes(f(temps), "MiB") for f in (min, max))
+  )
+  return [name, law, *(f"{t:.2f}" for t in ms), f"{ms[-1] / ms[0]:.2f}x", span]
 
 
 def _cheap_init(key, shape, dtype):
@@ -198,37 +155,37 @@ def _cheap_init(key, shape, dtype):
   return (0.01 * (rows % 17 - 8)).astype(dtype)
 
 
+def _peak_rss() -> int:
+  """The process's peak resident bytes since it started or since the last reset."""
+  status = pathlib.Path("/proc/self/status").read_text()
+  return 1024 * int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1))
+
+
 def nnx_child(kind: str, rows: int, momentum: float, dtype: str, steps: int) -> dict:
   """One NNX train step, timed in this process (run as a child process)."""
   from flax import nnx
 
-  from benchmarks import _nnx_sparse_bench as bench
+  from benchmarks import _bags
 
-  model, optimizer, train_step = bench.build(
+  model, optimizer, train_step = _bags.build(
     kind, rows, momentum, jnp.dtype(dtype), embedding_init=_cheap_init
   )
-  state_bytes = sum(
-    x.nbytes for x in jax.tree.leaves(nnx.state(optimizer, nnx.OptState))
-  )
+  state = [nnx.state(optimizer, nnx.OptState)]
   if kind == "sparse":
-    state_bytes += sum(
-      x.nbytes for x in jax.tree.leaves(nnx.state(model, optax_sm3.nnx.SparseState))
-    )
-  data = bench.batches(rows, steps + 2, seed=0)
+    state.append(nnx.state(model, optax_sm3.nnx.SparseState))
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+  data = _bags.batches(rows, steps + 2, seed=0)
   setup_peak = 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   jax.block_until_ready(train_step(model, optimizer, *data[0]))  # compiles
   # The peak from here on: Linux resets VmHWM on "5" to clear_refs.
   pathlib.Path("/proc/self/clear_refs").write_text("5")
-  times = bench.step_seconds(
-    lambda ids, y: train_step(model, optimizer, ids, y), data[1:], untimed=1
-  )
-  status = pathlib.Path("/proc/self/status").read_text()
-  training_peak = 1024 * int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1))
+  step = functools.partial(train_step, model, optimizer)
+  times = _timing.step_seconds(step, data[1:], untimed=1)
   return {
     "median_s": statistics.median(times),
     "state_bytes_per_row": state_bytes / rows,
     "setup_peak_rss_bytes": setup_peak,
-    "training_peak_rss_bytes": training_peak,
+    "training_peak_rss_bytes": _peak_rss(),
   }
 
 
@@ -250,29 +207,22 @@ def nnx(cases: list, steps: dict, out: str) -> list[dict]:
     # A bfloat16 table's row writes cost O(V) on the CPU (XLA converts the
     # whole table to float32 around a bfloat16 scatter): dense-step counts.
     record["steps"] = steps["dense" if dtype == "bfloat16" else kind]
-    argv = [
-      sys.executable,
-      "-m",
-      "benchmarks.sparse_scale",
-      "--child",
-      json.dumps([kind, rows, momentum, dtype, record["steps"]]),
-    ]
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if done.returncode == 0:
-      record.update(json.loads(done.stdout.strip().splitlines()[-1]))
-    else:  # Killed (-9) or out of memory: the machine cannot hold it.
-      record["failed"] = f"exit {done.returncode}: {done.stderr.strip()[-300:]}"
+    case = json.dumps([kind, rows, momentum, dtype, record["steps"]])
+    try:
+      record.update(_timing.in_child("benchmarks.sparse_scale", "--child", case))
+    except RuntimeError as error:  # Killed or out of memory: it does not fit.
+      record["failed"] = str(error)[-300:]
     records.append(record)
   lines = [
     f"NNX train step, V x {DIM} table, {BATCH} ids a step (median of "
     f"{steps['sparse']} sparse float32 steps, {steps['dense']} others, nnx.jit, "
-    "donated; "
-    f"one process each; {jax.devices()[0].device_kind}, jax {jax.__version__})",
+    f"donated; one process each; {jax.devices()[0].device_kind}, jax {jax.__version__})",
     "",
     "| path | table | momentum | step | peak memory: setup | training "
     "| state bytes per row |",
     "|---|---|---:|---:|---:|---:|---:|",
   ]
+  gib = functools.partial(_report.format_bytes, unit="GiB")
   for r in records:
     table = f"2^{r['rows'].bit_length() - 1} {r['dtype']}"
     if "failed" in r:
@@ -280,16 +230,12 @@ def nnx(cases: list, steps: dict, out: str) -> list[dict]:
       continue
     lines.append(
       f"| {r['kind']} | {table} | {r['momentum']} | {1e3 * r['median_s']:.1f} ms "
-      f"| {_report.format_bytes(r['setup_peak_rss_bytes'], 'GiB')} "
-      f"| {_report.format_bytes(r['training_peak_rss_bytes'], 'GiB')} "
+      f"| {gib(r['setup_peak_rss_bytes'])} | {gib(r['training_peak_rss_bytes'])} "
       f"| {r['state_bytes_per_row']:.1f} |"
     )
-  _report.save(
-    out,
-    "sparse_scale_nnx",
-    "\n".join(lines) + "\n",
-    {**_report.machine(), "steps": steps, "records": records},
-  )
+  table = "\n".join(lines) + "\n"
+  result = {**_report.machine(), "steps": steps, "records": records}
+  _report.save(out, "sparse_scale_nnx", table, result)
   return records
 
 
@@ -369,42 +315,26 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   add = parser.add_argument
   add("--section", choices=("all", "curve", "nnx", "plan"), default="all")
-  add("--quick", action="store_true", help="2**14 and 2**16 rows, 5 steps")
-  add("--steps", type=int, help="timed steps (default 50 curve, 200 nnx; 5 quick)")
-  add("--dense-steps", type=int, help="nnx: timed dense steps (default 10; 5 quick)")
+  add("--quick", action="store_true", help="tables 1024 times smaller, 5 steps")
   add("--docs", action="store_true", help="also write docs/_data/sparse_scale.json")
-  add("--rows", type=int, action="append", help="curve: table sizes (2**16..2**24)")
-  add("--ids", choices=LAWS, action="append", help="curve: id laws (all)")
-  add("--repeats", type=int, default=1, help="curve: passes over every case")
   add("--out", default="results", help="output folder")
   add("--child", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.child:
     print(json.dumps(nnx_child(*json.loads(args.child))))
     return {}
-  for flag in ("steps", "dense_steps", "repeats"):
-    if (getattr(args, flag) or 1) < 1:
-      name = flag.replace("_", "-")
-      parser.error(f"--{name} must be >= 1, got {getattr(args, flag)}")
-  if args.rows and min(args.rows) < 1:
-    parser.error(f"--rows must be >= 1, got {min(args.rows)}")
   results = {}
   if args.section in ("all", "plan"):
     results["plan"] = plan(args.out)
   if args.section in ("all", "curve"):
-    rows = tuple(args.rows or ((1 << 14, 1 << 16) if args.quick else ROWS))
-    steps = args.steps or (5 if args.quick else 50)
-    laws = tuple(args.ids or LAWS)
+    rows = (1 << 14, 1 << 16) if args.quick else ROWS
     docs = args.docs and not args.quick
-    results["curve"] = curve(rows, steps, docs, args.out, laws, args.repeats)
+    results["curve"] = curve(rows, 5 if args.quick else 50, docs, args.out)
   if args.section in ("all", "nnx"):
     cases = NNX_CASES
     if args.quick:
       cases = [(k, r >> 10, m, d) for k, r, m, d in NNX_CASES]
-    steps = {
-      "sparse": args.steps or (5 if args.quick else 200),
-      "dense": args.dense_steps or (5 if args.quick else 10),
-    }
+    steps = {"sparse": 5, "dense": 5} if args.quick else {"sparse": 200, "dense": 10}
     results["nnx"] = nnx(cases, steps, args.out)
   return results
 

@@ -1,50 +1,33 @@
 """The sparse train steps the README and the guides teach, against dense SM3.
 
-Each route's train step below is the code the docs show, line for line
-(``tests/test_docs_donation.py`` fails when a doc's step and this file's
-drift apart), run on a bag-of-ids model: a ``V x 64`` float32 table averaged
-over bags of 4 ids and a linear head, 1024 bags (4096 ids) per step:
+Each route's sparse step below is the docs' code, line for line
+(``tests/test_docs_donation.py`` fails when they drift apart), on the
+bag-of-ids model of ``benchmarks._bags`` (a ``V x 64`` float32 table, 1024
+bags of 4 ids a step, a linear head trained with adam):
 
-* NNX: ``optax_sm3.nnx.SparseEmbed`` + ``value_and_grad`` + ``SparseOptimizer``
-  in ``nnx.jit(donate_argnums=(0, 1))`` called through ``nnx.cached_partial``
-  (``nnx``), the same step called directly (``nnx_plain``), and the same
-  step as ``jax.jit`` over ``nnx.split`` / ``nnx.merge``, the state donated
-  (``nnx_split_merge``: the computation without ``nnx.jit``'s per-call walk
-  over the model and optimizer graphs);
-* linen: ``optax_sm3.linen.SparseEmbed`` + ``sparse_tables`` in
-  ``jax.jit(donate_argnums=(0, 1))``;
-* linen with Flax's ``TrainState`` idiom (``linen_state``):
-  ``optax_sm3.linen.SparseTrainState`` in ``jax.jit(donate_argnums=0)``;
-* Equinox: ``optax_sm3.equinox.SparseEmbedding`` + ``SparseOptimizer`` in
+* ``nnx``: ``optax_sm3.nnx.SparseEmbed`` + ``value_and_grad`` +
+  ``SparseOptimizer`` in ``nnx.jit(donate_argnums=(0, 1))``, called through
+  ``nnx.cached_partial``; ``nnx_plain``: the same step called directly;
+* ``linen``: ``optax_sm3.linen.SparseEmbed`` + ``sparse_tables`` in
+  ``jax.jit(donate_argnums=(0, 1))``; ``linen_state``: Flax's ``TrainState``
+  idiom, ``optax_sm3.linen.SparseTrainState`` in ``jax.jit(donate_argnums=0)``;
+* ``equinox``: ``optax_sm3.equinox.SparseEmbedding`` + ``SparseOptimizer`` in
   ``eqx.filter_jit(donate="all")``.
 
-Beside them, the parts of a step: the bare update
-(``optax_sm3.sparse_rows(optax_sm3.sm3(0.1, momentum=m)).update`` on the
-step's 4096 ids, jitted with the table and state donated) and each
-framework's forward and backward alone (its sparse ``value_and_grad`` of
-the loss, jitted, no optimizer step). A step's overhead is its time over
-their sum; the issue's bound is 1.3x, and 1.3x for ``nnx_plain`` over
-``nnx_split_merge``.
-
-The dense baseline of each route is the same step with the framework's dense
-pieces (``nnx.Embed`` + ``nnx.Optimizer``; ``jax.value_and_grad`` + optax;
-``eqx.filter_value_and_grad`` + optax; Flax's ``TrainState``),
-``optax_sm3.sm3(0.1, momentum=m)``
-on the table and ``optax.adam(1e-3)`` on the head through
-``optax.multi_transform``, jitted and donated (and, for the NNX routes,
-called) the same way. Every step is built once (2 warm-up steps each, the
-sparse and dense losses checked to agree); one run times the blocks of
-``time_group``, ``--runs`` times over; every figure is the median over the
-runs, of step times or of each run's ratios.
+Each route's dense twin is the same step with the framework's dense pieces
+and ``_bags.dense_tx`` (``optax_sm3.sm3(0.1, momentum=m)`` on the table),
+jitted, donated and called the same way. Every step is built once; its first
+``WARMUP`` losses must agree with its twin's. One run times, route group by
+route group, every sparse step, then every dense step, in blocks (a dense step
+evicts the caches the next sparse step would find warm); every figure is the
+median over ``--runs`` runs.
 
 Run from the repository root::
 
-  python -m benchmarks.sparse_taught                 # 2**20 rows, 5 runs
-  python -m benchmarks.sparse_taught --quick         # 2**16 rows, 1 run
-  python -m benchmarks.sparse_taught --profile       # nnx.jit's per-call cost
+  python -m benchmarks.sparse_taught           # 2**20 rows, 5 runs
+  python -m benchmarks.sparse_taught --quick   # 2**16 rows, 1 run
 
-Writes ``results/sparse_taught[_quick].md`` and ``.json`` (``--profile``:
-``results/sparse_taught_profile``) and prints the table.
+Writes ``results/sparse_taught[_quick].md`` and ``.json`` and prints the table.
 """
 
 from __future__ import annotations
@@ -68,31 +51,16 @@ import optax_sm3
 import optax_sm3.equinox
 import optax_sm3.linen
 import optax_sm3.nnx
+from benchmarks import _bags, _report
+from benchmarks._bags import BAG, BAGS, DIM, HEAD_LEARNING_RATE, LEARNING_RATE, MOMENTA
+from benchmarks._timing import carried, step_seconds
 
-# The workload of benchmarks.sparse_rows' NNX section: the same model, table,
-# bags, rates and dense twin (dense_tx: sm3 on the table, adam on the head).
-from benchmarks import _nnx_sparse_bench as nnx_bench
-from benchmarks import _report
-from benchmarks import sparse_rows as sparse_rows_bench
-from benchmarks._nnx_sparse_bench import (
-  BAG,
-  BAGS,
-  DIM,
-  HEAD_LEARNING_RATE,
-  LEARNING_RATE,
-  MOMENTA,
-  batches,
-  carried,
-  dense_tx,
-)
-
-ROUTES = ("nnx", "nnx_plain", "nnx_split_merge", "linen", "linen_state", "equinox")
+ROUTES = ("nnx", "nnx_plain", "linen", "linen_state", "equinox")
+# Routes timed together, block after block in each run.
+GROUPS = (("nnx", "nnx_plain"), ("linen", "linen_state"), ("equinox",))
 WARMUP = 2
-# The issue's targets: (momentum, rows) -> least speed-up over the dense step;
-# the most a step may cost over its parts (the bare update plus the model's
-# forward and backward), and nnx_plain over nnx_split_merge.
-TARGETS = {(momentum, rows): bound for momentum, rows, bound in nnx_bench.TARGETS}
-OVERHEAD_BOUND = 1.3
+# The issue's targets: (momentum, rows) -> least speed-up over the dense step.
+TARGETS = {(0.0, 1 << 20): 50.0, (0.9, 1 << 20): 25.0}
 LOSS_RTOL = 1e-4
 
 
@@ -109,29 +77,21 @@ def _tables(params):
 def nnx_route(rows, momentum, sparse, call="cached_partial"):
   """``step(ids, y) -> loss`` of the taught NNX code (or its dense twin).
 
-  ``call``: ``"cached_partial"`` (as taught), ``"plain"`` (the same
-  ``nnx.jit`` step called directly) or ``"split_merge"`` (the same step as
-  ``jax.jit`` over ``nnx.split`` / ``nnx.merge``, without ``nnx.jit``'s
-  per-call graph traversal).
+  ``call``: ``"cached_partial"`` (as taught) or ``"plain"`` (the same
+  ``nnx.jit`` step called directly).
   """
   if not sparse:
-    model, optimizer, dense_step = nnx_bench.build("dense", rows, momentum)
-    if call == "split_merge":
-      step, state = nnx_bench.functional_step(model, optimizer, nnx.value_and_grad)
-      return carried(step, state, loss=0)
+    model, optimizer, dense_step = _bags.build("dense", rows, momentum)
     if call == "plain":
       return functools.partial(dense_step, model, optimizer)
     return nnx.cached_partial(dense_step, model, optimizer)
 
-  model = nnx_bench.Model(optax_sm3.nnx.SparseEmbed, rows, nnx.Rngs(0))
+  model = _bags.Model(optax_sm3.nnx.SparseEmbed, rows, nnx.Rngs(0))
   optimizer = optax_sm3.nnx.SparseOptimizer(
     model,
     optax.adam(HEAD_LEARNING_RATE),
     optax_sm3.sm3(LEARNING_RATE, momentum=momentum),
   )
-  if call == "split_merge":
-    step, state = nnx_bench.functional_step(model, optimizer)
-    return carried(step, state, loss=0)
 
   # The README's step:
   @nnx.jit(donate_argnums=(0, 1))  # model and optimizer are updated in place
@@ -145,13 +105,6 @@ def nnx_route(rows, momentum, sparse, call="cached_partial"):
     return functools.partial(train_step, model, optimizer)
   step = nnx.cached_partial(train_step, model, optimizer)  # walks the graphs once
   return step
-
-
-def nnx_forward_backward(rows, momentum):
-  """``(ids, y) -> (loss, grads)``: the NNX model's forward and backward alone."""
-  model, optimizer, _ = nnx_bench.build("sparse", rows, momentum)  # the same model
-  forward_backward, state = nnx_bench.functional_forward_backward(model, optimizer)
-  return functools.partial(forward_backward, state)
 
 
 # --- linen ------------------------------------------------------------------
@@ -199,7 +152,7 @@ def linen_route(rows, momentum, sparse):
       return params, opt_state, loss
 
   else:
-    tx = dense_tx(momentum)
+    tx = _bags.dense_tx(momentum)
     opt_state = tx.init(params)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
@@ -238,7 +191,7 @@ def linen_state_route(rows, momentum, sparse):
     state = train_state.TrainState.create(
       apply_fn=linen_model.apply,
       params=params,
-      tx=dense_tx(momentum),
+      tx=_bags.dense_tx(momentum),
     )
 
     @functools.partial(jax.jit, donate_argnums=0)
@@ -247,18 +200,6 @@ def linen_state_route(rows, momentum, sparse):
       return state.apply_gradients(grads=grads), loss
 
   return carried(state_step, state)
-
-
-def linen_forward_backward(rows, momentum):
-  """``(ids, y) -> (loss, grads)``: the linen model's forward and backward alone."""
-  _, params, linen_loss = _linen_setup(rows, True)
-  opt = optax_sm3.linen.sparse_tables(
-    optax.adam(HEAD_LEARNING_RATE),
-    optax_sm3.sm3(LEARNING_RATE, momentum=momentum),
-    tables=_tables,
-  )
-  forward_backward = jax.jit(opt.value_and_grad(linen_loss))
-  return functools.partial(forward_backward, params, opt.init(params))
 
 
 # --- Equinox ----------------------------------------------------------------
@@ -300,7 +241,7 @@ def equinox_route(rows, momentum, sparse):
       return loss, model, state
 
   else:
-    tx = dense_tx(momentum)
+    tx = _bags.dense_tx(momentum)
     state = tx.init(eqx.filter(model, eqx.is_inexact_array))
 
     @eqx.filter_jit(donate="all")
@@ -310,66 +251,18 @@ def equinox_route(rows, momentum, sparse):
       updates, state = tx.update(grads, state, params)
       return loss, eqx.apply_updates(model, updates), state
 
-  return carried(eqx_step, model, state, loss=0)
+  return carried(eqx_step, model, state, out=0)
 
 
-def equinox_forward_backward(rows, momentum):
-  """``(ids, y) -> (loss, grads)``: the Equinox model's forward and backward alone."""
-  model = EqxModel(rows, jax.random.key(0))
-  opt = optax_sm3.equinox.SparseOptimizer(
-    optax.adam(HEAD_LEARNING_RATE), optax_sm3.sm3(LEARNING_RATE, momentum=momentum)
-  )
-
-  @eqx.filter_jit
-  def forward_backward(model, state, ids, y):
-    return opt.filter_value_and_grad(eqx_loss)(model, state, ids, y)
-
-  return functools.partial(forward_backward, model, opt.init(model))
-
-
-# --- The bare update and the timing -----------------------------------------
+# --- The timing ---------------------------------------------------------------
 
 BUILDERS = {
   "nnx": nnx_route,
   "nnx_plain": functools.partial(nnx_route, call="plain"),
-  "nnx_split_merge": functools.partial(nnx_route, call="split_merge"),
   "linen": linen_route,
   "linen_state": linen_state_route,
   "equinox": equinox_route,
 }
-# Routes timed together, block after block in each run (so that a ratio
-# between two of them sees one load), with their model's forward and backward.
-GROUPS = {
-  ("nnx", "nnx_plain", "nnx_split_merge"): nnx_forward_backward,
-  ("linen", "linen_state"): linen_forward_backward,
-  ("equinox",): equinox_forward_backward,
-}
-
-
-@functools.cache
-def _sparse_path(momentum):
-  """``benchmarks.sparse_rows``' sparse path (one compiled update per momentum)."""
-  return sparse_rows_bench.functional_paths({"momentum": momentum})["sparse"]
-
-
-def bare_update(rows, momentum):
-  """``(ids, y) -> (table, state)``: ``sparse_rows(sm3).update`` on the batch's ids.
-
-  The table's row-sparse step alone, jitted with the table and state donated,
-  on the step's 4,096 ids (row gradients drawn once).
-  """
-  path = _sparse_path(momentum)
-  table = jax.random.normal(jax.random.key(0), (rows, DIM), jnp.float32)
-  row_grads = jax.random.normal(jax.random.key(1), (BAGS * BAG, DIM), jnp.float32)
-  carry = [path.init(table), table]
-  del table
-
-  def update(ids, y):
-    table, state = path.update(ids.reshape(-1), row_grads, *carry)
-    carry[:] = state, table
-    return table, state
-
-  return update
 
 
 def _losses(step, data) -> list[float]:
@@ -379,18 +272,12 @@ def _losses(step, data) -> list[float]:
 def time_group(routes, rows, momentum, steps, dense_steps, runs) -> list[dict]:
   """Routes of one group at one size and momentum: ``runs`` records per route.
 
-  Every route's sparse and dense steps, the group's forward and backward
-  and the bare update are built once; each route's sparse and dense losses
-  over ``WARMUP`` steps (on the same batches) must agree. Each run times, in
-  blocks of ``steps + 1`` (``dense_steps + 1``) calls, the first untimed:
-  every route's sparse step, the forward and backward, the bare update,
-  then every route's dense step. Blocks, not alternating calls, since a
-  dense step evicts the caches the next sparse step would find warm; one
-  run's blocks close in time, so that the ratios of a run (each route's step
-  over the bare update plus the forward and backward; ``nnx_plain`` over
-  ``nnx_split_merge``; dense over sparse) see one load on a shared machine.
+  Each run times, in blocks of ``steps + 1`` (``dense_steps + 1``) calls, the
+  first untimed, every route's sparse step, then every route's dense step:
+  one run's blocks are close in time, so that its ratios see one load on a
+  shared machine.
   """
-  data = batches(rows, WARMUP + max(steps, dense_steps) + 1, seed=rows)
+  data = _bags.batches(rows, WARMUP + max(steps, dense_steps) + 1, seed=rows)
   sparse = {r: BUILDERS[r](rows, momentum, True) for r in routes}
   dense = {r: BUILDERS[r](rows, momentum, False) for r in routes}
   losses = {r: _losses(sparse[r], data[:WARMUP]) for r in routes}
@@ -398,50 +285,33 @@ def time_group(routes, rows, momentum, steps, dense_steps, runs) -> list[dict]:
   for r in routes:
     a, b = np.array(losses[r]), np.array(_losses(dense[r], data[:WARMUP]))
     difference[r] = float(np.max(np.abs(a - b) / np.abs(b)))
-  group = next(g for g in GROUPS if routes[0] in g)
-  parts = {
-    "forward_backward": GROUPS[group](rows, momentum),
-    "bare_update": bare_update(rows, momentum),
-  }
-  for part in parts.values():  # compiled and warm
-    nnx_bench.step_seconds(part, data[:WARMUP], untimed=WARMUP)
-  timed, dense_timed = (
-    data[WARMUP : WARMUP + steps + 1],
-    data[WARMUP:][: dense_steps + 1],
-  )
+  timed = data[WARMUP : WARMUP + steps + 1]
+  dense_timed = data[WARMUP : WARMUP + dense_steps + 1]
   records = []
   for number in range(runs):
-    median = {
-      r: statistics.median(nnx_bench.step_seconds(sparse[r], timed)) for r in routes
-    }
-    part = {
-      k: statistics.median(nnx_bench.step_seconds(f, timed)) for k, f in parts.items()
-    }
+    median = {r: statistics.median(step_seconds(sparse[r], timed)) for r in routes}
     dense_median = {
-      r: statistics.median(nnx_bench.step_seconds(dense[r], dense_timed))
-      for r in routes
+      r: statistics.median(step_seconds(dense[r], dense_timed)) for r in routes
     }
     for route in routes:
-      record = {"route": route, "rows": rows, "momentum": momentum, "run": number}
-      record["sparse_median_s"] = median[route]
-      record["dense_median_s"] = dense_median[route]
-      record["forward_backward_median_s"] = part["forward_backward"]
-      record["bare_update_median_s"] = part["bare_update"]
-      record["max_loss_rel_diff"] = difference[route]
-      record["warmup_losses"] = losses[route]
-      record["speedup"] = dense_median[route] / median[route]
-      record["overhead"] = median[route] / (
-        part["forward_backward"] + part["bare_update"]
+      records.append(
+        {
+          "route": route,
+          "rows": rows,
+          "momentum": momentum,
+          "run": number,
+          "sparse_median_s": median[route],
+          "dense_median_s": dense_median[route],
+          "speedup": dense_median[route] / median[route],
+          "max_loss_rel_diff": difference[route],
+          "warmup_losses": losses[route],
+        }
       )
-      if route == "nnx_plain" and "nnx_split_merge" in routes:
-        record["vs_split_merge"] = median[route] / median["nnx_split_merge"]
-      records.append(record)
     print(
       f"momentum {momentum:g} run {number}: "
       + ", ".join(f"{r['route']} {r['speedup']:.0f}x" for r in records[-len(routes) :]),
       file=sys.stderr,
     )
-  del sparse, dense, parts
   return records
 
 
@@ -453,28 +323,21 @@ def summarize(records: list[dict]) -> list[dict]:
     for key in [k for k in keys if k[0] == route]:
       runs = [r for r in records if (r["route"], r["momentum"], r["rows"]) == key]
       speedups = [r["speedup"] for r in runs]
-      row = {"route": route, "momentum": key[1], "rows": key[2], "runs": len(runs)}
-      for field in (
-        "sparse_median_s",
-        "dense_median_s",
-        "forward_backward_median_s",
-        "bare_update_median_s",
-        "overhead",
-        "vs_split_merge",
-      ):
-        if field in runs[0]:
-          row[field] = statistics.median(r[field] for r in runs)
-      row["speedup"] = statistics.median(speedups)
-      row["speedup_min"] = min(speedups)
-      row["speedup_max"] = max(speedups)
-      row["max_loss_rel_diff"] = max(r["max_loss_rel_diff"] for r in runs)
-      rows.append(row)
+      rows.append(
+        {
+          "route": route,
+          "momentum": key[1],
+          "rows": key[2],
+          "runs": len(runs),
+          "sparse_median_s": statistics.median(r["sparse_median_s"] for r in runs),
+          "dense_median_s": statistics.median(r["dense_median_s"] for r in runs),
+          "speedup": statistics.median(speedups),
+          "speedup_min": min(speedups),
+          "speedup_max": max(speedups),
+          "max_loss_rel_diff": max(r["max_loss_rel_diff"] for r in runs),
+        }
+      )
   return rows
-
-
-def _bound(value: float, bound: float, at_most: bool) -> str:
-  met = value <= bound if at_most else value >= bound
-  return f"{'<=' if at_most else '>='} {bound:g}x {'met' if met else 'NOT met'}"
 
 
 def markdown(summary: list[dict], steps: int, dense_steps: int, command: str) -> str:
@@ -482,82 +345,46 @@ def markdown(summary: list[dict], steps: int, dense_steps: int, command: str) ->
   lines = [
     f"The taught train steps (donated): {sizes} x {DIM} float32 table, {BAGS} bags "
     f"of {BAG} ids per step, linear head (adam); per run, the median of {steps} "
-    f"sparse steps of each route, {steps} forward and backward passes, {steps} "
-    f"bare updates, then {dense_steps} dense steps of each route; every figure "
-    f"the median over runs (of times, or of each run's ratio); "
+    f"sparse steps, then of {dense_steps} dense steps, of each route; every "
+    f"figure the median over runs (of times, or of each run's speed-up); "
     f"{jax.devices()[0].device_kind}, jax {jax.__version__}. `{command}`",
     "",
-    "| route | momentum | sparse step | bare update | fwd + bwd "
-    "| step / (update + fwd + bwd) | target | dense step | speed-up "
-    "| min - max | target | loss rel. diff. |",
-    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    "| route | momentum | sparse step | dense step | speed-up | min - max "
+    "| target | loss rel. diff. |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|",
   ]
-  ms = lambda seconds: f"{1e3 * seconds:.2f} ms"
   for r in summary:
     target = TARGETS.get((r["momentum"], r["rows"]))
-    speedup = "" if target is None else _bound(r["speedup"], target, at_most=False)
+    met = "" if target is None else "met" if r["speedup"] >= target else "NOT met"
     lines.append(
-      f"| {r['route']} | {r['momentum']:g} "
-      f"| {ms(r['sparse_median_s'])} | {ms(r['bare_update_median_s'])} "
-      f"| {ms(r['forward_backward_median_s'])} | {r['overhead']:.2f}x "
-      f"| {_bound(r['overhead'], OVERHEAD_BOUND, at_most=True)} "
-      f"| {1e3 * r['dense_median_s']:.1f} ms "
-      f"| {r['speedup']:.0f}x | {r['speedup_min']:.0f}x - {r['speedup_max']:.0f}x "
-      f"| {speedup} | {r['max_loss_rel_diff']:.1e} |"
+      f"| {r['route']} | {r['momentum']:g} | {1e3 * r['sparse_median_s']:.2f} ms "
+      f"| {1e3 * r['dense_median_s']:.1f} ms | {r['speedup']:.0f}x "
+      f"| {r['speedup_min']:.0f}x - {r['speedup_max']:.0f}x "
+      f"| {'' if target is None else f'>= {target:g}x {met}'} "
+      f"| {r['max_loss_rel_diff']:.1e} |"
     )
-  plain = [r for r in summary if "vs_split_merge" in r]
-  if plain:
-    lines += [
-      "",
-      "| momentum | nnx_plain / nnx_split_merge (nnx.jit's per-call cost) | target |",
-      "|---:|---:|---:|",
-    ]
-    lines += [
-      f"| {r['momentum']:g} | {r['vs_split_merge']:.2f}x "
-      f"| {_bound(r['vs_split_merge'], OVERHEAD_BOUND, at_most=True)} |"
-      for r in plain
-    ]
   return "\n".join(lines) + "\n"
-
-
-def profile(rows: int, out: str, calls: int = 200) -> dict:
-  """``nnx_bench.profile_overhead``: the NNX step's per-call cost, and why."""
-  load = os.getloadavg()[0]
-  result = nnx_bench.profile_overhead(rows, calls)
-  table = nnx_bench.profile_markdown(result, rows, calls)
-  table += f"\nLoad average (1 min) {load:.1f} at the start.\n"
-  _report.save(out, "sparse_taught_profile", table, {**_report.machine(), **result})
-  return result
 
 
 def main(argv=None) -> list[dict]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true", help="2**16 rows, 1 run")
-  parser.add_argument("--rows", type=int, default=None, help="table rows")
-  parser.add_argument("--runs", type=int, default=None, help="runs of every case")
-  parser.add_argument("--steps", type=int, default=8, help="timed sparse steps")
-  parser.add_argument("--dense-steps", type=int, default=4, help="timed dense steps")
-  parser.add_argument("--route", action="append", choices=ROUTES, help="routes")
-  parser.add_argument("--momentum", type=float, action="append", help="momenta")
-  parser.add_argument("--out", default="results", help="output folder")
-  parser.add_argument(
-    "--profile",
-    action="store_true",
-    help="only where the NNX step's per-call time goes (64 rows, 200 calls)",
-  )
+  add = parser.add_argument
+  add("--quick", action="store_true", help="2**16 rows, 1 run")
+  add("--rows", type=int, help="table rows (2**20)")
+  add("--runs", type=int, help="runs of every case (5)")
+  add("--steps", type=int, default=8, help="timed sparse steps")
+  add("--dense-steps", type=int, default=4, help="timed dense steps")
+  add("--route", action="append", choices=ROUTES, help="routes (all)")
+  add("--out", default="results", help="output folder")
   args = parser.parse_args(argv)
-  if args.profile:
-    return profile(args.rows or 64, args.out)
   rows = args.rows or (1 << 16 if args.quick else 1 << 20)
   runs = args.runs or (1 if args.quick else 5)
-  routes = args.route or ROUTES
-  momenta = args.momentum or MOMENTA
   load = os.getloadavg()
   start = time.perf_counter()
   records = []
   for group in GROUPS:
-    chosen = tuple(r for r in group if r in routes)
-    for momentum in momenta if chosen else ():
+    chosen = tuple(r for r in group if r in (args.route or ROUTES))
+    for momentum in MOMENTA if chosen else ():
       records += time_group(chosen, rows, momentum, args.steps, args.dense_steps, runs)
   summary = summarize(records)
   given = sys.argv[1:] if argv is None else list(argv)
@@ -566,9 +393,8 @@ def main(argv=None) -> list[dict]:
   command = " ".join(["python -m benchmarks.sparse_taught", *given])
   wall = time.perf_counter() - start
   loads = f"{load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
-  table = markdown(summary, args.steps, args.dense_steps, command.strip())
+  table = markdown(summary, args.steps, args.dense_steps, command)
   table += f"\nWall time {wall:.0f} s; load average (1 min) {loads}.\n"
-  stem = "sparse_taught" + ("_quick" if args.quick else "")
   meta = {
     **_report.machine(),
     "wall_s": wall,
@@ -576,6 +402,7 @@ def main(argv=None) -> list[dict]:
     "records": records,
     "summary": summary,
   }
+  stem = "sparse_taught" + ("_quick" if args.quick else "")
   _report.save(args.out, stem, table, meta)
   return summary
 

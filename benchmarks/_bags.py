@@ -1,0 +1,95 @@
+"""The bag-of-ids workload of the sparse benchmarks, and its NNX train steps.
+
+A ``V x 64`` embedding table averaged over bags of 4 ids and a linear head,
+1024 bags (4096 ids) a step, regressed on random targets. The sparse model
+trains its table with ``optax_sm3.sm3(0.1, momentum=m)``'s row-sparse step and
+the head with ``optax.adam(1e-3)``; its dense twin, :func:`dense_tx`, is the
+same optimizer through ``optax.multi_transform``. Flax is imported here only.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import optax_sm3
+import optax_sm3.nnx
+
+DIM, BAGS, BAG = 64, 1024, 4
+LEARNING_RATE, HEAD_LEARNING_RATE = 0.1, 1e-3
+MOMENTA = (0.0, 0.9)
+
+
+class Model(nnx.Module):
+  """Bag-of-ids regression: mean of the bag's rows, then a linear head."""
+
+  def __init__(self, embed, rows: int, rngs: nnx.Rngs, param_dtype=jnp.float32, **kw):
+    self.items = embed(rows, DIM, param_dtype=param_dtype, rngs=rngs, **kw)
+    self.head = nnx.Linear(DIM, 1, rngs=rngs)
+
+  def __call__(self, ids):  # ids: (bags, bag) ints
+    return self.head(self.items(ids).mean(axis=1))[:, 0]
+
+
+def mse(model, ids, y):
+  return jnp.mean((model(ids) - y) ** 2)
+
+
+def dense_tx(momentum: float) -> optax.GradientTransformation:
+  """The sparse optimizers' dense twin: ``sm3`` on the table (``items``), adam on the rest."""
+  return optax.multi_transform(
+    {
+      "table": optax_sm3.sm3(LEARNING_RATE, momentum=momentum),
+      "head": optax.adam(HEAD_LEARNING_RATE),
+    },
+    lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: "table" if "items" in jax.tree_util.keystr(path) else "head",
+      params,
+    ),
+  )
+
+
+def build(kind: str, rows: int, momentum: float, param_dtype=jnp.float32, **kw):
+  """``(model, optimizer, train_step)`` of the ``"sparse"`` or ``"dense"`` NNX model.
+
+  The table in ``param_dtype``; ``kw`` goes to the embedding (its init, say).
+  ``train_step(model, optimizer, ids, y) -> loss`` is an ``nnx.jit`` with the
+  model and the optimizer donated.
+  """
+  if kind == "sparse":
+    model = Model(optax_sm3.nnx.SparseEmbed, rows, nnx.Rngs(0), param_dtype, **kw)
+    optimizer = optax_sm3.nnx.SparseOptimizer(
+      model,
+      optax.adam(HEAD_LEARNING_RATE),
+      optax_sm3.sm3(LEARNING_RATE, momentum=momentum),
+    )
+    value_and_grad = optax_sm3.nnx.value_and_grad
+  elif kind == "dense":
+    model = Model(nnx.Embed, rows, nnx.Rngs(0), param_dtype, **kw)
+    optimizer = nnx.Optimizer(model, dense_tx(momentum), wrt=nnx.Param)
+    value_and_grad = nnx.value_and_grad
+  else:
+    raise ValueError(f"`kind` must be 'sparse' or 'dense', got {kind!r}")
+
+  @nnx.jit(donate_argnums=(0, 1))
+  def train_step(model, optimizer, ids, y):
+    loss, grads = value_and_grad(mse)(model, ids, y)
+    optimizer.update(model, grads)
+    return loss
+
+  return model, optimizer, train_step
+
+
+def batches(rows: int, count: int, seed: int) -> list:
+  """``count`` batches of ``(ids (BAGS, BAG) int32, targets (BAGS,) float32)``."""
+  rng = np.random.default_rng(seed)
+  return [
+    (
+      jnp.asarray(rng.integers(0, rows, (BAGS, BAG), dtype=np.int32)),
+      jnp.asarray(rng.standard_normal(BAGS, dtype=np.float32)),
+    )
+    for _ in range(count)
+  ]

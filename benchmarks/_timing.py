@@ -1,0 +1,67 @@
+"""What the step benchmarks share: timing loops and a measurement in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+
+
+def carried(jitted, *carry, out: int = -1):
+  """``step(*args)`` that calls ``jitted(*carry, *args)`` and keeps the carry.
+
+  ``jitted`` returns the new carry with one more value at position ``out``,
+  which ``step`` returns (a loss, say).
+  """
+  carry = list(carry)
+
+  def step(*args):
+    new = list(jitted(*carry, *args))
+    value = new.pop(out)
+    carry[:] = new
+    return value
+
+  return step
+
+
+def step_seconds(step, data, untimed: int = 1) -> list[float]:
+  """Seconds of each ``step(*batch)`` over ``data``, all but the first ``untimed``."""
+  times = []
+  for i, batch in enumerate(data):
+    start = time.perf_counter()
+    jax.block_until_ready(step(*batch))
+    if i >= untimed:
+      times.append(time.perf_counter() - start)
+  return times
+
+
+def seconds_per_call(call, calls: int) -> float:
+  """Seconds per call of ``calls`` calls of ``call()``, waited for at the end."""
+  start = time.perf_counter()
+  for _ in range(calls):
+    out = call()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / calls
+
+
+def in_child(module: str, *argv: str, devices: int = 1) -> dict:
+  """Runs ``python -m module *argv`` and reads its last line of output as JSON.
+
+  ``devices > 1`` gives the child that many CPU devices (set before it imports
+  JAX). Raises ``RuntimeError`` with the exit status and the end of its stderr
+  when it fails (killed for memory: ``exit -9``).
+  """
+  env = dict(os.environ)
+  if devices > 1:
+    env["JAX_PLATFORMS"] = "cpu"
+    flag = f" --xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + flag
+  argv = [sys.executable, "-m", module, *argv]
+  done = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
+  if done.returncode != 0:
+    raise RuntimeError(f"exit {done.returncode}: {done.stderr.strip()[-2000:]}")
+  return json.loads(done.stdout.strip().splitlines()[-1])
