@@ -1,8 +1,8 @@
 """Reporting: the Markdown tables, the goal check, the JSON files and the plots.
 
-The helpers every benchmark shares come first: :func:`format_bytes`,
-:func:`check` and :func:`targets_table` for the targets met or not in a run,
-:func:`machine` and :func:`save` for the files next to a table.
+The helpers every benchmark shares come first: :func:`format_bytes` and
+:func:`table` for the tables, :func:`machine` and :func:`save` for the files
+next to a table.
 """
 
 from __future__ import annotations
@@ -43,11 +43,6 @@ def format_bytes(
   return f"{text} {unit}" if label else text
 
 
-def check(target: str, value: float, met: bool) -> dict:
-  """One target of a benchmark, the value measured in the run and whether it is met."""
-  return {"target": target, "value": value, "met": bool(met)}
-
-
 def table(header, rows, align: str = "") -> list[str]:
   """A Markdown table's lines: ``header`` and ``rows`` are lists of cells.
 
@@ -61,15 +56,6 @@ def table(header, rows, align: str = "") -> list[str]:
     return "| " + " | ".join(map(str, cells)) + " |"
 
   return [line(header), "|" + "|".join(rules[a] for a in align) + "|", *map(line, rows)]
-
-
-def targets_table(checks: list[dict], title: str = "Targets") -> str:
-  """The :func:`check` results of a run as a Markdown table under ``title``."""
-  rows = [
-    (c["target"], f"{c['value']:.3g}", "yes" if c["met"] else "NO") for c in checks
-  ]
-  body = table(("target", "measured", "met"), rows, "lrc")
-  return "\n".join([f"#### {title}", "", *body])
 
 
 def machine(backend: bool = True) -> dict:

@@ -2,26 +2,18 @@
 
 One jitted train step (``update`` + ``optax.apply_updates``, parameters and
 state donated) per optimizer, on a 34.6 M-parameter tree (:data:`BASE_SHAPES`)
-or, with ``--tree transformer``, a stack of mid-sized matrices. In one process
-(the default) every step is compiled, then all are timed round-robin in an
-order shuffled every round (seeded), with more optimizers and a size sweep
-(about 1 M to 100 M parameters) that fits how the step time grows. With
-``--isolated`` (the figures the docs quote) every measurement is a fresh
-process that builds one optimizer, compiles its step (timed) and times
-``--rounds`` rounds; the parent runs each optimizer once per pass, shuffled.
-With ``--devices N`` (implies ``--isolated``) each child has N CPU devices,
-the tree sharded by :func:`mesh_spec` and the state by
-:func:`optax_sm3.state_shardings`; bytes are then device 0's. Ratios are
-medians of per-round ratios (:func:`add_ratios`); the report checks the
-performance issue's targets (:data:`TARGETS` and those after it).
-docs/guides/performance.md describes the modes and quotes their tables.
+or, with ``--tree transformer``, a stack of mid-sized matrices. By default all
+optimizers share one process and are timed round-robin, with a size sweep;
+with ``--isolated`` each measurement is a fresh process (the figures the docs
+quote); ``--devices N`` shards the tree over N CPU devices. Ratios are medians
+of per-round ratios (:func:`add_ratios`). docs/guides/performance.md describes
+the modes and quotes their tables.
 
 Usage (from the repository root)::
 
-  python -m benchmarks.step_time                        # one process, minutes
-  python -m benchmarks.step_time --quick                # about a minute
+  python -m benchmarks.step_time [--tree transformer] [--with-direct]
   python -m benchmarks.step_time --isolated [--tree transformer]
-  python -m benchmarks.step_time --devices 8 --repeats 3 --with-direct
+  python -m benchmarks.step_time --isolated --devices 8 --repeats 3 --with-direct
 
 Writes ``step_time.md`` and ``.json`` (``step_isolated.*`` when isolated)
 under ``--out`` (``results/step_time`` by default) and prints the Markdown.
@@ -33,22 +25,19 @@ import argparse
 import functools
 import json
 import math
-import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import optax
-import tqdm
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_sm3
-from benchmarks import _report
+from benchmarks import _report, _timing
 
 BASE_SHAPES = {
   "embedding": (200000, 128),
@@ -59,6 +48,8 @@ BASE_SHAPES = {
 }
 # A transformer-like stack: many mid-sized matrices instead of one big table.
 LAYERS, WIDTH = 12, 512
+ROUNDS = 5  # isolated: timed rounds per process
+SWEEP = (1 / 32, 1 / 8, 1 / 4, 1 / 2, 1, 2, 3)  # the size sweep's scales
 
 LEARNING_RATE = 1e-3
 M0, M9 = "optax_sm3.sm3 (m=0)", "optax_sm3.sm3 (m=0.9)"
@@ -200,14 +191,15 @@ class Case:
 
   def run(self, steps: int) -> float:
     """Runs ``steps`` steps; returns seconds per step."""
-    start = time.perf_counter()
-    for _ in range(steps):
+
+    def call():
       self.params, self.state = self.step(self.params, self.state, self.grads)
-    jax.block_until_ready(self.params)
-    return (time.perf_counter() - start) / steps
+      return self.params
+
+    return _timing.seconds_per_call(call, steps)
 
 
-def round_robin(names, sample, repeats: int, seed: int, progress) -> dict[str, dict]:
+def round_robin(names, sample, repeats: int, progress) -> dict[str, dict]:
   """Each name's ``sample`` once per round, ``repeats`` rounds; a row per name.
 
   ``sample(name)`` returns ``{"ms": ..., **Case.info}``. The order is shuffled
@@ -215,7 +207,7 @@ def round_robin(names, sample, repeats: int, seed: int, progress) -> dict[str, d
   for what that one left behind, and no optimizer should always follow the
   same neighbour.
   """
-  order = random.Random(seed)
+  order = random.Random(0)
   samples = {name: [] for name in names}
   for _ in range(repeats):
     for name in order.sample(list(names), len(names)):
@@ -237,38 +229,25 @@ def round_robin(names, sample, repeats: int, seed: int, progress) -> dict[str, d
   return rows
 
 
-def child(args) -> None:
-  """Runs in its own process: one optimizer, prints one JSON line."""
-  if jax.device_count() != args.devices:
-    raise RuntimeError(f"expected {args.devices} devices, JAX has {jax.device_count()}")
-  tx = optimizers(with_direct=True)[args.child]
-  shapes = scaled_shapes(args.scale, args.tree)
-  case = Case(tx, shapes, jnp.dtype(args.dtype), args.devices)
-  times = [case.run(args.steps) for _ in range(args.rounds)]
-  print(json.dumps({"ms": 1e3 * statistics.median(times), **case.info}))
-
-
-def run_child(args, name: str, dtype: str, scale: float) -> dict:
-  """One optimizer in a fresh process (:func:`child`); its JSON line."""
-  command = [sys.executable, "-m", "benchmarks.step_time", "--child", name]
-  command += [f"--tree={args.tree}", f"--scale={scale}", f"--dtype={dtype}"]
-  command += [f"--{k}={getattr(args, k)}" for k in ("steps", "rounds", "devices")]
-  env = dict(os.environ)
-  if args.devices > 1:
-    # Read when JAX starts its CPU backend: set before the child imports JAX.
-    env["JAX_PLATFORMS"] = "cpu"
-    flag = f" --xla_force_host_platform_device_count={args.devices}"
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + flag
-  result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
-  if result.returncode != 0:
-    raise RuntimeError(f"{name} ({dtype}) failed:\n{result.stderr[-3000:]}")
-  return json.loads(result.stdout.strip().splitlines()[-1])
+def child(name, tree, scale, dtype, steps, devices) -> dict:
+  """One optimizer, measured in its own process (``--child``)."""
+  if jax.device_count() != devices:
+    raise RuntimeError(f"expected {devices} devices, JAX has {jax.device_count()}")
+  tx = optimizers(with_direct=True)[name]
+  case = Case(tx, scaled_shapes(scale, tree), jnp.dtype(dtype), devices)
+  times = [case.run(steps) for _ in range(ROUNDS)]
+  return {"ms": 1e3 * statistics.median(times), **case.info}
 
 
 def measure(args, names, dtype: str, scale: float, progress) -> dict[str, dict]:
   """The rows of ``names`` on the tree at ``scale``, by the mode of ``args``."""
   if args.isolated:
-    sample = functools.partial(run_child, args, dtype=dtype, scale=scale)
+
+    def sample(name):
+      case = [name, args.tree, scale, dtype, args.steps, args.devices]
+      module = "benchmarks.step_time"
+      return _timing.in_child(module, "--child", json.dumps(case), devices=args.devices)
+
   else:
     txs = optimizers(args.with_direct)
     shapes = scaled_shapes(scale, args.tree)
@@ -277,7 +256,7 @@ def measure(args, names, dtype: str, scale: float, progress) -> dict[str, dict]:
     def sample(name):
       return {"ms": 1e3 * cases[name].run(args.steps), **cases[name].info}
 
-  rows = round_robin(names, sample, args.repeats, args.seed, progress)
+  rows = round_robin(names, sample, args.repeats, progress)
   add_ratios(rows)
   return rows
 
@@ -306,39 +285,9 @@ def add_ratios(rows):
         )
 
 
-# The performance issue's targets, (what, optimizer row, metric of the row,
-# upper bound). In one process, on the float32 tree:
-TARGETS = (
-  ("step time / optax.adam", M0, "vs_adam", 0.6),
-  ("step time / optax.sm3 (m=0)", M0, "vs_optax_sm3_m0", 0.3),
-  ("step time / optax.adam", M9, "vs_adam", 0.8),
-  ("XLA temporary / parameter bytes", M0, "temp_fraction", 0.05),
-  ("XLA temporary / parameter bytes", M9, "temp_fraction", 0.05),
-  ("optimizer state / parameter bytes", M0, "state_fraction", 0.01),
-)
-# Isolated, on the float32 and bfloat16 trees:
-ISOLATED_TARGETS = (
-  ("step time / optax.adam", M0, "vs_adam", 0.6),
-  ("step time / optax.sgd", M0, "vs_sgd", 1.6),
-  ("step time / optax.adam", M9, "vs_adam", 0.9),
-)
-# Isolated, on the transformer tree (float32):
-COMPILE_TARGET = ("compile time / optax.adam", M0, "compile_vs_adam", 2.0)
-# Isolated with --devices N > 1, instead of ISOLATED_TARGETS:
-DEVICE_TARGETS = tuple(
-  target
-  for name in (M0, M9)
-  for target in (
-    ("XLA temporary / parameter bytes, per device", name, "temp_fraction", 0.05),
-    ("step time / optax.adam", name, "vs_adam", 1.0),
-  )
-)
-# Step time ~ n ** b over the size sweep: at most linear growth means
-# b <= 1 + GROWTH_TOLERANCE (b < 1: fixed per-step costs still amortising).
-GROWTH_TOLERANCE = 0.1
-# The exponent is fitted on sweep points with at least this many parameters
-# (32 MiB of float32: past the last-level cache of the machines we run on), so
-# fixed per-step costs and cache-resident small trees do not bend it.
+# The size sweep's growth exponent is fitted on points with at least this many
+# parameters (32 MiB of float32: past the last-level cache of the machines we
+# run on), so fixed per-step costs and cache-resident small trees do not bend it.
 GROWTH_FROM_PARAMS = 8_000_000
 
 
@@ -365,44 +314,7 @@ def growth_exponents(sweep, min_params: int = GROWTH_FROM_PARAMS) -> dict[str, f
   }
 
 
-def _checks(rows, targets, prefix: str = "") -> list[dict]:
-  return [
-    _report.check(
-      f"{prefix}{name}: {what} <= {bound:g}",
-      rows[name][metric],
-      rows[name][metric] <= bound,
-    )
-    for what, name, metric, bound in targets
-    if name in rows and metric in rows[name]
-  ]
-
-
-def check_targets(result) -> list[dict]:
-  """Each target of a run in one process, its value and whether it is met."""
-  checks = _checks(result["float32"], TARGETS)
-  bound = 1 + GROWTH_TOLERANCE
-  what = f"step time ~ n^b over the sweep, b <= {bound:g} (at most linear)"
-  for name, b in result.get("growth_exponents", {}).items():
-    if name in (M0, M9):
-      checks.append(_report.check(f"{name}: {what}", b, b <= bound))
-  return checks
-
-
-def isolated_targets(result) -> list[dict]:
-  """Each target of an isolated run, its value and whether it is met."""
-  devices = result.get("devices", 1)
-  targets = ISOLATED_TARGETS if devices == 1 else DEVICE_TARGETS
-  where = "" if devices == 1 else f"{devices} devices, "
-  checks = []
-  for dtype in ("float32", "bfloat16"):
-    if dtype in result:
-      checks += _checks(result[dtype], targets, f"{where}{dtype}: ")
-  if result["tree"] == "transformer":
-    checks += _checks(result["float32"], (COMPILE_TARGET,))
-  return checks
-
-
-def _fraction(key):
+def _percent(key):
   return lambda r: f"{r[key] / r['param_bytes']:.2%}"
 
 
@@ -423,21 +335,23 @@ CELLS = {
   "compile (s)": lambda r: f"{r['compile_s']:.2f}",
   "compile vs adam": _ratio("compile_vs_adam"),
   "state (MiB)": _mib("state_bytes"),
-  "state / params": _fraction("state_bytes"),
+  "state / params": _percent("state_bytes"),
   "XLA temp (MiB)": _mib("temp_bytes"),
-  "temp / params": _fraction("temp_bytes"),
-  "XLA temp / params": _fraction("temp_bytes"),
+  "temp / params": _percent("temp_bytes"),
+  "XLA temp / params": _percent("temp_bytes"),
   "all-gathers": lambda r: str(r.get("all_gathers", 0)),
 }
-_TIMES, _BYTES = (
-  ["median step (ms)", "vs adam"],
-  ["state / params", "XLA temp / params"],
-)
-IN_PROCESS_COLUMNS = [*_TIMES, "vs optax.sm3 (m=0)", "vs sgd", "state (MiB)"]
-IN_PROCESS_COLUMNS += ["state / params", "XLA temp (MiB)", "temp / params"]
-ISOLATED_COLUMNS = [*_TIMES, "vs sgd", "compile (s)", "compile vs adam", *_BYTES]
-DEVICE_COLUMNS = [*ISOLATED_COLUMNS[:5], *(f"{c}, per device" for c in _BYTES)]
-DEVICE_COLUMNS += ["all-gathers"]
+IN_PROCESS_COLUMNS = ["median step (ms)", "vs adam", "vs optax.sm3 (m=0)", "vs sgd"]
+IN_PROCESS_COLUMNS += [
+  "state (MiB)",
+  "state / params",
+  "XLA temp (MiB)",
+  "temp / params",
+]
+ISOLATED_COLUMNS = ["median step (ms)", "vs adam", "vs sgd", "compile (s)"]
+ISOLATED_COLUMNS += ["compile vs adam", "state / params", "XLA temp / params"]
+DEVICE_COLUMNS = [*ISOLATED_COLUMNS[:5], "state / params, per device"]
+DEVICE_COLUMNS += ["XLA temp / params, per device", "all-gathers"]
 
 
 def table(rows, title: str, columns=ISOLATED_COLUMNS) -> str:
@@ -469,32 +383,23 @@ def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   add = parser.add_argument
   add("--isolated", action="store_true", help="one optimizer per process")
-  add("--quick", action="store_true", help="fewer repeats, a shorter sweep or tree")
   add("--repeats", type=int, help="rounds per optimizer (isolated: processes)")
-  add("--rounds", type=int, default=5, help="isolated: timed rounds per process")
   add("--steps", type=int, default=3, help="steps per timed round")
   add("--no-sweep", action="store_true", help="skip the size sweep (in-process only)")
   add("--no-bf16", action="store_true", help="skip the bfloat16 run")
   add("--tree", choices=("embedding", "transformer"), default="embedding")
-  add("--scale", type=float, help="scale the tree's sizes (and the sweep's)")
+  add(
+    "--scale", type=float, default=1.0, help="scale the tree's sizes (and the sweep's)"
+  )
   add("--with-direct", action="store_true", help=f"also time {DIRECT!r}")
   add("--devices", type=int, default=1, help="> 1: a mesh of CPU devices, isolated")
-  add("--seed", type=int, default=0, help="seed of the round orders")
   add("--out", default="results/step_time", help="output folder")
-  add("--child", choices=optimizers(with_direct=True), help=argparse.SUPPRESS)
-  add("--dtype", default="float32", help=argparse.SUPPRESS)
+  add("--child", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   args.isolated = args.isolated or args.devices > 1
-  # --quick: 5 rounds instead of 11, a 3-point sweep; isolated, 3 passes
-  # instead of 7 on a quarter-size tree.
-  if args.repeats is None:
-    args.repeats = (
-      (3 if args.quick else 7) if args.isolated else (5 if args.quick else 11)
-    )
-  if args.scale is None:
-    args.scale = 0.25 if args.quick and args.isolated else 1.0
-  if min(args.repeats, args.rounds, args.steps, args.devices) < 1:
-    parser.error("--repeats, --rounds, --steps and --devices must be >= 1")
+  args.repeats = args.repeats or (7 if args.isolated else 11)
+  if min(args.repeats, args.steps, args.devices) < 1:
+    parser.error("--repeats, --steps and --devices must be >= 1")
   if not args.scale > 0:
     parser.error("--scale must be > 0")
   return args
@@ -506,7 +411,7 @@ def markdown(args, result, wall_s: float) -> str:
   if args.isolated:
     how = (
       f"one optimizer per process, {args.repeats} passes in shuffled order, each "
-      f"process the median of {args.rounds} rounds of {args.steps} steps; ratios "
+      f"process the median of {ROUNDS} rounds of {args.steps} steps; ratios "
       "are medians of per-pass ratios"
     )
     columns = ISOLATED_COLUMNS if args.devices == 1 else DEVICE_COLUMNS
@@ -531,26 +436,24 @@ def markdown(args, result, wall_s: float) -> str:
       parts += ["", table(result[dtype], f"{dtype} parameters", columns)]
   if "sweep" in result:
     parts += ["", sweep_table(result["sweep"], result["growth_exponents"])]
-  if args.isolated or args.tree == "embedding":
-    title = "Targets" if args.isolated else "Targets (float32 tree)"
-    parts += ["", _report.targets_table(result["targets"], title)]
   return "\n".join(parts) + "\n"
 
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
   if args.child is not None:
-    child(args)
+    print(json.dumps(child(*json.loads(args.child))))
     return {}
+  import tqdm
+
   started = time.perf_counter()
   names = list(ISOLATED_NAMES if args.isolated else optimizers())
   names += [DIRECT] if args.with_direct else []
   dtypes = ["float32"] + ([] if args.no_bf16 else ["bfloat16"])
-  scales = [1 / 32, 1 / 4, 1] if args.quick else [1 / 32, 1 / 8, 1 / 4, 1 / 2, 1, 2, 3]
   # One point per tree size: small scales of the transformer tree round to
   # the same number of layers.
   sweep_scales = {}
-  for scale in [] if args.no_sweep or args.isolated else scales:
+  for scale in () if args.no_sweep or args.isolated else SWEEP:
     n = num_params(scaled_shapes(scale * args.scale, args.tree))
     sweep_scales.setdefault(n, scale)
   runs = len(names) * len(dtypes) + len(SWEEP_NAMES) * len(sweep_scales)
@@ -558,8 +461,8 @@ def main(argv=None) -> dict:
     # The parent of isolated runs leaves the devices to its children.
     "machine": _report.machine(backend=not args.isolated),
     "isolated": args.isolated,
-    **{k: getattr(args, k) for k in ("tree", "scale", "repeats", "steps", "seed")},
-    **({"rounds": args.rounds, "devices": args.devices} if args.isolated else {}),
+    **{k: getattr(args, k) for k in ("tree", "scale", "repeats", "steps")},
+    **({"rounds": ROUNDS, "devices": args.devices} if args.isolated else {}),
   }
   bar = tqdm.tqdm(
     total=args.repeats * runs, desc="timing", unit="round", file=sys.stderr
@@ -577,7 +480,6 @@ def main(argv=None) -> dict:
       }
   if "sweep" in result:
     result["growth_exponents"] = growth_exponents(result["sweep"])
-  result["targets"] = (isolated_targets if args.isolated else check_targets)(result)
   text = markdown(args, result, time.perf_counter() - started)
   _report.save(
     args.out, "step_isolated" if args.isolated else "step_time", text, result

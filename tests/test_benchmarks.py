@@ -204,7 +204,7 @@ def test_transformer_tree():
   assert len(step_time.scaled_shapes(0.25, "transformer")) == 6 * 3
 
 
-def test_step_time_cli_writes_tables_and_targets(tmp_path):
+def test_step_time_cli_writes_tables(tmp_path):
   from benchmarks import step_time
 
   flags = ["--scale", "0.002", "--repeats", "1", "--steps", "1", "--no-sweep"]
@@ -219,12 +219,11 @@ def test_step_time_cli_writes_tables_and_targets(tmp_path):
     1 + rows["optax_sm3.sm3 (m=0)"]["state_fraction"], rel=1e-3
   )
   assert rows["optax.adam"]["state_fraction"] == pytest.approx(2.0, rel=1e-3)
-  assert len(result["targets"]) == len(step_time.TARGETS)
-  assert {type(c["met"]) for c in result["targets"]} == {bool}
   saved = json.loads((tmp_path / "step_time.json").read_text())
-  assert saved["targets"] == result["targets"]
+  assert saved["float32"]["optax.adam"]["median_ms"] == rows["optax.adam"]["median_ms"]
   markdown = (tmp_path / "step_time.md").read_text()
-  assert "#### Targets" in markdown and "optax_sm3.sm3 (m=0.9)" in markdown
+  assert "#### float32 parameters" in markdown
+  assert "| optax_sm3.sm3 (m=0.9) |" in markdown
 
 
 def test_ratios_cancel_drift_between_rounds():
@@ -242,63 +241,30 @@ def test_ratios_cancel_drift_between_rounds():
   assert rows["optax.adam"]["vs_adam"] == 1.0
 
 
-def test_step_isolated_targets_and_table():
+def test_step_isolated_table():
   from benchmarks import step_time
 
-  def row(ms, compile_s):
-    return {
-      "median_ms": ms,
-      "compile_s": compile_s,
-      "param_bytes": 100,
-      "state_bytes": 1,
-      "temp_bytes": 2,
-    }
-
-  rows = {
-    "optax.sgd": row(1.0, 0.1),
-    "optax.adam": row(3.0, 0.2),
-    "optax_sm3.sm3 (m=0)": row(1.5, 0.5),
-    "optax_sm3.sm3 (m=0.9)": row(2.8, 0.5),
+  row = {
+    "median_ms": 1.5,
+    "compile_s": 0.5,
+    "param_bytes": 100,
+    "state_bytes": 1,
+    "temp_bytes": 2,
+    "vs_adam": 0.5,
+    "vs_sgd": 1.5,
+    "compile_vs_adam": 2.5,
   }
-  for r in rows.values():
-    r["vs_adam"] = r["median_ms"] / 3.0
-    r["vs_sgd"] = r["median_ms"] / 1.0
-    r["compile_vs_adam"] = r["compile_s"] / 0.2
-  checks = step_time.isolated_targets({"tree": "transformer", "float32": rows})
-  met = {c["target"]: c["met"] for c in checks}
-  assert met == {
-    "float32: optax_sm3.sm3 (m=0): step time / optax.adam <= 0.6": True,
-    "float32: optax_sm3.sm3 (m=0): step time / optax.sgd <= 1.6": True,
-    "float32: optax_sm3.sm3 (m=0.9): step time / optax.adam <= 0.9": False,
-    "optax_sm3.sm3 (m=0): compile time / optax.adam <= 2": False,
-  }
-  assert "| optax_sm3.sm3 (m=0) | 1.5 | 0.50 | 1.50 | 0.50 | 2.50 |" in (
-    step_time.table(rows, "float32 parameters")
+  table = step_time.table({"optax_sm3.sm3 (m=0)": row}, "float32 parameters")
+  assert (
+    "| optax_sm3.sm3 (m=0) | 1.5 | 0.50 | 1.50 | 0.50 | 2.50 | 1.00% | 2.00% |" in table
   )
 
 
-def test_step_isolated_device_targets_and_mesh_specs():
+def test_mesh_specs():
   from jax.sharding import PartitionSpec as P
 
   from benchmarks import step_time
 
-  rows = {
-    "optax.adam": {"vs_adam": 1.0, "temp_fraction": 0.0},
-    "optax_sm3.sm3 (m=0)": {"vs_adam": 0.8, "temp_fraction": 0.03},
-    "optax_sm3.sm3 (m=0.9)": {"vs_adam": 1.1, "temp_fraction": 0.2},
-  }
-  checks = step_time.isolated_targets(
-    {"tree": "embedding", "devices": 8, "float32": rows}
-  )
-  met = {c["target"]: c["met"] for c in checks}
-  prefix = "8 devices, float32: optax_sm3.sm3"
-  per_device = "XLA temporary / parameter bytes, per device <= 0.05"
-  assert met == {  # the one-device targets are not checked on a mesh
-    f"{prefix} (m=0): {per_device}": True,
-    f"{prefix} (m=0): step time / optax.adam <= 1": True,
-    f"{prefix} (m=0.9): {per_device}": False,
-    f"{prefix} (m=0.9): step time / optax.adam <= 1": False,
-  }
   spec = step_time.mesh_spec
   assert spec("embedding", (200000, 128), 8) == P("x", None)
   assert spec("dense_in", (1024, 4096), 8) == P(None, "x")
