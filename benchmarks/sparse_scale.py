@@ -315,7 +315,7 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   add = parser.add_argument
   add("--section", choices=("all", "curve", "nnx", "plan"), default="all")
-  add("--quick", action="store_true", help="tables 1024 times smaller, 5 steps")
+  add("--quick", action="store_true", help="small tables, 5 steps")
   add("--docs", action="store_true", help="also write docs/_data/sparse_scale.json")
   add("--out", default="results", help="output folder")
   add("--child", help=argparse.SUPPRESS)

@@ -1,33 +1,19 @@
 """The sparse train steps the README and the guides teach, against dense SM3.
 
 Each route's sparse step below is the docs' code, line for line
-(``tests/test_docs_donation.py`` fails when they drift apart), on the
-bag-of-ids model of ``benchmarks._bags`` (a ``V x 64`` float32 table, 1024
-bags of 4 ids a step, a linear head trained with adam):
-
-* ``nnx``: ``optax_sm3.nnx.SparseEmbed`` + ``value_and_grad`` +
-  ``SparseOptimizer`` in ``nnx.jit(donate_argnums=(0, 1))``, called through
-  ``nnx.cached_partial``; ``nnx_plain``: the same step called directly;
-* ``linen``: ``optax_sm3.linen.SparseEmbed`` + ``sparse_tables`` in
-  ``jax.jit(donate_argnums=(0, 1))``; ``linen_state``: Flax's ``TrainState``
-  idiom, ``optax_sm3.linen.SparseTrainState`` in ``jax.jit(donate_argnums=0)``;
-* ``equinox``: ``optax_sm3.equinox.SparseEmbedding`` + ``SparseOptimizer`` in
-  ``eqx.filter_jit(donate="all")``.
-
-Each route's dense twin is the same step with the framework's dense pieces
-and ``_bags.dense_tx`` (``optax_sm3.sm3(0.1, momentum=m)`` on the table),
-jitted, donated and called the same way. Every step is built once; its first
-``WARMUP`` losses must agree with its twin's. One run times, route group by
-route group, every sparse step, then every dense step, in blocks (a dense step
-evicts the caches the next sparse step would find warm); every figure is the
-median over ``--runs`` runs.
+(``tests/test_docs_donation.py`` checks it), on the bag-of-ids model of
+``benchmarks._bags``: ``nnx`` (called through ``nnx.cached_partial``, as
+taught) and ``nnx_plain`` (the same step called directly), ``linen``
+(``sparse_tables``) and ``linen_state`` (``SparseTrainState``), and
+``equinox``. Each route's dense twin is the same step with the framework's
+dense pieces and ``_bags.dense_tx``, jitted, donated and called the same way;
+their first losses must agree. docs/guides/sparse_embeddings.md describes the
+protocol and quotes the table.
 
 Run from the repository root::
 
   python -m benchmarks.sparse_taught           # 2**20 rows, 5 runs
   python -m benchmarks.sparse_taught --quick   # 2**16 rows, 1 run
-
-Writes ``results/sparse_taught[_quick].md`` and ``.json`` and prints the table.
 """
 
 from __future__ import annotations

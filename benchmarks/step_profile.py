@@ -21,33 +21,31 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import optax
 
 import optax_sm3
-from benchmarks import _report
+from benchmarks import _report, _timing
 from optax_sm3 import _accumulate, _blocks, _cover
 
 
 def _timer(fn, args, donate, steps):
-  """A compiled ``fn`` and a closure timing ``steps`` calls of it."""
+  """A compiled ``fn`` and a closure timing ``steps`` calls of it (seconds per call).
+
+  The outputs replace the donated arguments, in order, for the next call.
+  """
   compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
   state = [jax.tree.map(lambda x: jnp.array(x, copy=True), a) for a in args]
 
-  def run() -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-      out = compiled(*state)
-      outs = out if isinstance(out, tuple) else (out,)
-      for position, index in enumerate(donate):
-        state[index] = outs[position]
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / steps
+  def call():
+    out = compiled(*state)
+    for position, index in enumerate(donate):
+      state[index] = out[position] if isinstance(out, tuple) else out
+    return out
 
-  return compiled, run
+  return compiled, lambda: _timing.seconds_per_call(call, steps)
 
 
 def components(rows: int, cols: int, learning_rate: float = 1e-3):

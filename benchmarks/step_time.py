@@ -341,13 +341,9 @@ CELLS = {
   "XLA temp / params": _percent("temp_bytes"),
   "all-gathers": lambda r: str(r.get("all_gathers", 0)),
 }
-IN_PROCESS_COLUMNS = ["median step (ms)", "vs adam", "vs optax.sm3 (m=0)", "vs sgd"]
-IN_PROCESS_COLUMNS += [
-  "state (MiB)",
-  "state / params",
-  "XLA temp (MiB)",
-  "temp / params",
-]
+_TIMES = ["median step (ms)", "vs adam", "vs optax.sm3 (m=0)", "vs sgd"]
+_MEMORY = ["state (MiB)", "state / params", "XLA temp (MiB)", "temp / params"]
+IN_PROCESS_COLUMNS = [*_TIMES, *_MEMORY]
 ISOLATED_COLUMNS = ["median step (ms)", "vs adam", "vs sgd", "compile (s)"]
 ISOLATED_COLUMNS += ["compile vs adam", "state / params", "XLA temp / params"]
 DEVICE_COLUMNS = [*ISOLATED_COLUMNS[:5], "state / params, per device"]
@@ -388,9 +384,7 @@ def parse_args(argv):
   add("--no-sweep", action="store_true", help="skip the size sweep (in-process only)")
   add("--no-bf16", action="store_true", help="skip the bfloat16 run")
   add("--tree", choices=("embedding", "transformer"), default="embedding")
-  add(
-    "--scale", type=float, default=1.0, help="scale the tree's sizes (and the sweep's)"
-  )
+  add("--scale", type=float, default=1.0, help="scale the tree (and the sweep)")
   add("--with-direct", action="store_true", help=f"also time {DIRECT!r}")
   add("--devices", type=int, default=1, help="> 1: a mesh of CPU devices, isolated")
   add("--out", default="results/step_time", help="output folder")
