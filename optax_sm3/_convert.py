@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +12,10 @@ import optax
 
 from optax_sm3 import _momentum, _scale_by_sm3, _tree
 
+T = TypeVar("T")
 
-def _find(tree: Any, kind: type, what: str) -> Any:
+
+def _find(tree: optax.OptState, kind: type[T], what: str) -> T:
   nodes = [
     node
     for node in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, kind))
@@ -25,7 +28,9 @@ def _find(tree: Any, kind: type, what: str) -> Any:
   return nodes[0]
 
 
-def _replace(tree: Any, kind: type, make: Any) -> Any:
+def _replace(
+  tree: optax.OptState, kind: type[T], make: Callable[[T], object]
+) -> optax.OptState:
   return jax.tree.map(
     lambda node: make(node) if isinstance(node, kind) else node,
     tree,

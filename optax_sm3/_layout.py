@@ -14,16 +14,26 @@ Every other leaf (counters, injected hyperparameters) is replicated.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeAlias
 
 import jax
 from jax.sharding import PartitionSpec
 
 REPLICATED = PartitionSpec()
 
-# state type -> rule(state, layout) -> the state's specs.
-Rule = Callable[[Any, "ParamLayout"], Any]
+# A pytree with a PartitionSpec (or None: replicated) at each leaf, as
+# jax.jit's shardings take; keys are anything hashable, as in chex.ArrayTree.
+PartitionSpecTree: TypeAlias = (
+  PartitionSpec
+  | Iterable["PartitionSpecTree"]
+  | Mapping[Any, "PartitionSpecTree"]
+  | None
+)
+
+# state type -> rule(state, layout) -> the state's specs. The state is Any:
+# each rule takes its own state type (a registry of rules of any state).
+Rule = Callable[[Any, "ParamLayout"], PartitionSpecTree]
 _RULES: dict[type, Rule] = {}
 
 
@@ -40,14 +50,14 @@ def register(state_type: type, rule: Rule) -> None:
   _RULES[state_type] = rule
 
 
-def _rule(node: Any) -> Rule | None:
+def _rule(node: object) -> Rule | None:
   for cls in type(node).__mro__:
     if cls in _RULES:
       return _RULES[cls]
   return None
 
 
-def replicated(tree: Any) -> Any:
+def replicated(tree: Any) -> PartitionSpecTree:
   """``tree`` with every leaf replicated."""
   return jax.tree.map(lambda _: REPLICATED, tree)
 
@@ -129,7 +139,7 @@ class ParamLayout:
   shapes: list[tuple[int, ...]]
   specs: list[PartitionSpec]
 
-  def is_params_like(self, node: Any) -> bool:
+  def is_params_like(self, node: object) -> bool:
     """Whether ``node`` is a tree of the parameters' structure."""
     return jax.tree.structure(node) == self.treedef
 

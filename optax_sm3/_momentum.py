@@ -21,8 +21,7 @@ class ScaleByMomentumState(NamedTuple):
       ``momentum`` is ``None`` or a Python or NumPy 0 (no buffer is kept).
   """
 
-  # optax.Updates or None; optax's OptState (an array tree) has no None.
-  momentum: Any
+  momentum: optax.Updates | None
 
 
 def scale_by_momentum(
@@ -131,7 +130,10 @@ def scale_by_momentum(
     )
     return outputs, ScaleByMomentumState(momenta)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  # The state's `momentum` may be None, which chex.ArrayTree (optax.OptState)
+  # does not admit; optax types its own optional state trees the same way
+  # (contrib's SAMState.cache: Optional[Params]).
+  return optax.GradientTransformation(init_fn, update_fn)  # pyright: ignore[reportArgumentType]
 
 
 def _momentum_specs(state: Any, layout: _layout.ParamLayout) -> Any:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -190,7 +190,7 @@ def _weights(
   return 1 - rate, rate
 
 
-def polyak_params(opt_state: Any) -> optax.Params:
+def polyak_params(opt_state: optax.OptState) -> optax.Params:
   """The averaged parameters kept by :func:`polyak_averaging` in a state.
 
   Searches any optimizer state tree (a chain, :func:`optax.inject_hyperparams`,

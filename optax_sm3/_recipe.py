@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import jax
 import optax
 
-from optax_sm3 import _schedules, _sm3, _validation
+from optax_sm3 import _schedules, _sm3, _tree, _validation
 
 
 def sm3_recipe(
@@ -22,7 +19,7 @@ def sm3_recipe(
   merge_axes_up_to: int | None = 2048,
   eps: jax.typing.ArrayLike = 1e-8,
   weight_decay: jax.typing.ArrayLike | None = 0.0,
-  weight_decay_mask: Any | Callable[[Any], Any] | None = None,
+  weight_decay_mask: _tree.TreeOrFunction | None = None,
   grad_clip_norm: jax.typing.ArrayLike | None = None,
   accumulator_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:

@@ -27,7 +27,7 @@ PARAMETERS = (  # The keyword arguments, in order.
   "block_size",
 )
 
-PerParam = int | Any | Callable[[Any], Any]
+PerParam = int | _tree.TreeOrFunction
 
 
 class ScaleBySM3State(NamedTuple):
@@ -62,7 +62,9 @@ def _static_int(value: Any, name: str) -> int:
   return int(value)
 
 
-def per_param(option: PerParam, tree: Any, name: str) -> Any:
+def per_param(
+  option: PerParam | None, tree: optax.Params, name: str
+) -> _tree.ArrayTree:
   """Broadcasts a per-parameter option to a tree with ``tree``'s structure."""
   if option is None:
     option = 0
@@ -109,7 +111,7 @@ def _reject_optax_style(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
   )
 
 
-def _reject_complex(params: Any) -> None:
+def _reject_complex(params: optax.Params) -> None:
   _validation.check_float_leaves(params, "scale_by_sm3")
 
 

@@ -26,7 +26,8 @@ state types declare beside themselves (:mod:`optax_sm3._layout`):
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeAlias
 
 import jax
 import optax
@@ -38,12 +39,18 @@ from optax_sm3._sparse import _rows, _tables
 # The cover matching, under the name tests/test_sharding.py reads.
 _accumulator_axes = _layout.accumulator_axes
 
+# A pytree with a NamedSharding at each leaf; keys are anything hashable, as
+# in chex.ArrayTree.
+NamedShardingTree: TypeAlias = (
+  NamedSharding | Iterable["NamedShardingTree"] | Mapping[Any, "NamedShardingTree"]
+)
+
 
 def state_partition_specs(
   tx: optax.GradientTransformation | _rows.SparseRows | _tables.SparseTables,
-  params: Any,
-  param_specs: Any,
-) -> Any:
+  params: optax.Params,
+  param_specs: _layout.PartitionSpecTree,
+) -> _layout.PartitionSpecTree:
   """The ``PartitionSpec`` of every leaf of ``tx.init(params)``.
 
   The specs to give the optimizer's state so that it follows the parameters'
@@ -154,9 +161,9 @@ def state_partition_specs(
 
 def state_shardings(
   tx: optax.GradientTransformation | _rows.SparseRows | _tables.SparseTables,
-  params: Any,
-  param_shardings: Any,
-) -> Any:
+  params: optax.Params,
+  param_shardings: NamedShardingTree,
+) -> NamedShardingTree:
   """The :class:`~jax.sharding.NamedSharding` of every leaf of ``tx.init(params)``.
 
   :func:`state_partition_specs` on the specs of ``param_shardings``, on their

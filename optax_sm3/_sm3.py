@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_sm3 import _momentum, _scale_by_sm3, _validation, _weight_decay
+from optax_sm3 import _momentum, _scale_by_sm3, _tree, _validation, _weight_decay
 
 _WEIGHT_DECAY_MODES = ("decoupled", "coupled")
 
@@ -68,11 +68,13 @@ class SM3Spec(NamedTuple):
   mu_dtype: jax.typing.DTypeLike | None
   weight_decay: jax.typing.ArrayLike | None
   weight_decay_mode: str
-  weight_decay_mask: Any
+  weight_decay_mask: _tree.TreeOrFunction | None
   grad_clip_norm: jax.typing.ArrayLike | None
   grad_clip_value: jax.typing.ArrayLike | None
   variant: str
   accumulator_dtype: jax.typing.DTypeLike | None
+  # As given to sm3 (a PerParam or None); in a table rule's spec, the
+  # table's own resolved int (sparse._row_step.table_rules).
   stacked_axes: Any
   merge_axes_up_to: int | None
   skip_unit_axes: bool
@@ -88,7 +90,7 @@ _ARGUMENTS = frozenset(SM3Spec._fields) - {"stages"}
 _SPECS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def spec_of(tx: Any) -> SM3Spec | None:
+def spec_of(tx: object) -> SM3Spec | None:
   """The :class:`SM3Spec` of an optimizer made by :func:`sm3`, else ``None``.
 
   :func:`optax_sm3.sm3_recipe` returns :func:`sm3`'s optimizer, so it has
@@ -113,7 +115,7 @@ def sm3(
   mu_dtype: jax.typing.DTypeLike | None = None,
   weight_decay: jax.typing.ArrayLike | None = 0.0,
   weight_decay_mode: str = "decoupled",
-  weight_decay_mask: Any | Callable[[Any], Any] | None = None,
+  weight_decay_mask: _tree.TreeOrFunction | None = None,
   grad_clip_norm: jax.typing.ArrayLike | None = None,
   grad_clip_value: jax.typing.ArrayLike | None = None,
   variant: str = "II",

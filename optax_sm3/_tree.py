@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeAlias
 
 import jax
+import optax
+
+# A pytree of arrays and numbers (chex.ArrayTree): optax names it Params,
+# Updates or OptState after its role; this name is for trees of options.
+ArrayTree: TypeAlias = optax.Params
+
+# A per-parameter option: a tree with the parameters' structure (or a prefix
+# of it), or a function from the parameters to one, told apart by
+# `is_function` (optax.masked's `mask`).
+TreeOrFunction: TypeAlias = ArrayTree | Callable[[optax.Params], ArrayTree]
 
 
 def unzip_pairs(like: Any, pairs: Any) -> tuple[Any, Any]:
@@ -40,7 +51,7 @@ def flatten_like(treedef: Any, tree: Any, message: str) -> list[Any]:
     raise ValueError(f"{message}: {error}") from None
 
 
-def is_function(option: Any) -> bool:
+def is_function(option: object) -> bool:
   """Whether a tree-or-callable argument is a function (optax's rule).
 
   ``optax.masked`` calls a mask only if every leaf of it is callable (a

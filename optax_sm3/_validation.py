@@ -9,7 +9,6 @@ no Python branch ever depends on a traced value.
 from __future__ import annotations
 
 import numbers
-from typing import Any
 
 import jax
 import jax.core
@@ -18,7 +17,7 @@ import numpy as np
 import optax
 
 
-def concrete_value(value: Any) -> float | None:
+def concrete_value(value: object) -> float | None:
   """Returns ``value`` as a Python float if it is a known real scalar.
 
   Args:
@@ -87,7 +86,7 @@ def check_range(
     )
 
 
-def check_bool(name: str, value: Any) -> bool:
+def check_bool(name: str, value: object) -> bool:
   """Returns ``value`` as a Python bool, or raises ``TypeError``.
 
   Only ``True``/``False`` (Python or NumPy) are accepted: a string such as
@@ -98,7 +97,7 @@ def check_bool(name: str, value: Any) -> bool:
   raise TypeError(f"`{name}` must be a bool, got {value!r}")
 
 
-def float_dtype(name: str, dtype: Any) -> np.dtype | None:
+def float_dtype(name: str, dtype: jax.typing.DTypeLike | None) -> np.dtype | None:
   """``dtype`` as a real floating NumPy dtype (``None`` passes through).
 
   Raises:
@@ -117,7 +116,7 @@ def float_dtype(name: str, dtype: Any) -> np.dtype | None:
   return result
 
 
-def check_float_leaves(tree: Any, what: str) -> None:
+def check_float_leaves(tree: optax.Params, what: str) -> None:
   """Raises ``TypeError`` naming the path of any leaf that is not real floating.
 
   Args:

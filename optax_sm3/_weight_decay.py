@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
-from typing import Any, NamedTuple, cast
+from typing import NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_sm3 import _validation
+from optax_sm3 import _tree, _validation
 
 
 class WeightDecayState(NamedTuple):
@@ -32,7 +31,7 @@ class WeightDecayState(NamedTuple):
 
 def add_decayed_weights(
   weight_decay: jax.typing.ArrayLike | None,
-  mask: Any | Callable[[Any], Any] | None = None,
+  mask: _tree.TreeOrFunction | None = None,
 ) -> optax.GradientTransformation:
   """``optax.add_decayed_weights`` that needs no ``params`` for a static 0.
 

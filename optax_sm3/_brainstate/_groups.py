@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any, Self
+from typing import Any, Self, TypedDict, Unpack
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +14,8 @@ from optax_sm3 import _validation
 from optax_sm3._brainstate._rates import is_scheduler
 from optax_sm3._brainstate._states import (
   Box,
+  Holder,
+  ParamTree,
   check_unique_states,
   has_tracer,
   leaf_kind,
@@ -22,6 +24,13 @@ from optax_sm3._brainstate._states import (
 )
 
 _GROUP_OPTIONS = ("lr", "weight_decay")
+
+
+class GroupOptions(TypedDict, total=False):
+  """The keywords of :meth:`SM3.add_param_group`."""
+
+  lr: float | optax.Schedule
+  weight_decay: float
 
 
 class ParamGroups:
@@ -33,11 +42,13 @@ class ParamGroups:
   its constructor and gives each group its transformation (:meth:`_group_tx`).
   """
 
-  param_states: Any
+  param_states: ParamTree | None
+  # As braintools types it: a group's entries are of different kinds (a
+  # tree, a rate holder or an optax schedule, a float).
   param_groups: list[dict[str, Any]]
-  opt_state: Any
-  param_groups_opt_states: list[Any]
-  step_count: Any
+  opt_state: Holder[optax.OptState] | None
+  param_groups_opt_states: list[Holder[optax.OptState]]
+  step_count: Holder[jax.Array]
   weight_decay: float
   _uses_states: bool
   _is_state: Callable[[Any], bool]
@@ -68,7 +79,7 @@ class ParamGroups:
         return index
     return None
 
-  def register_trainable_weights(self, param_states: Any) -> Self:
+  def register_trainable_weights(self, param_states: ParamTree) -> Self:
     """Registers the parameters to train (group 0) and initialises its state.
 
     Args:
@@ -100,7 +111,12 @@ class ParamGroups:
       taken = [k for k in param_states if (self._group_of(k) or 0) > 0]
       if taken:
         raise ValueError(f"parameters {taken} are already in other groups")
-      group0 = {**(group0 if isinstance(group0, Mapping) else {}), **param_states}
+      # pyright narrows the recursive tree to a Mapping of unknown values
+      # here, and then rejects the unpacking of it.
+      group0 = {
+        **(group0 if isinstance(group0, Mapping) else {}),
+        **param_states,  # pyright: ignore[reportGeneralTypeIssues]
+      }
     else:
       if len(self.param_groups) > 1:
         raise TypeError("with parameter groups, `param_states` must be a mapping")
@@ -126,7 +142,9 @@ class ParamGroups:
     self.param_states = self._all_params()
     return self
 
-  def add_param_group(self, params: Mapping[Any, Any], **kwargs: Any) -> None:
+  def add_param_group(
+    self, params: Mapping[Any, ParamTree], **kwargs: Unpack[GroupOptions]
+  ) -> None:
     """Adds a group of parameters with its own learning rate and weight decay.
 
     The group runs its own SM3 chain (own accumulators, momentum and step

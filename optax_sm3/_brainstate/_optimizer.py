@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -11,11 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_sm3 import _sm3, _validation
+from optax_sm3 import _sm3, _tree, _validation
 from optax_sm3._brainstate import _checkpoint
 from optax_sm3._brainstate._groups import ParamGroups
 from optax_sm3._brainstate._rates import (
   ConstantLR,
+  LRScheduler,
   attach,
   is_schedule,
   is_scheduler,
@@ -158,7 +159,7 @@ class SM3(ParamGroups):
 
   def __init__(
     self,
-    lr: Any = 1.0,
+    lr: float | optax.Schedule | LRScheduler = 1.0,
     momentum: float = 0.9,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
@@ -167,6 +168,10 @@ class SM3(ParamGroups):
   ):
     self._schedule = None
     self._current_lr = None
+    # A scheduler, or the optax schedule (then also `_schedule`): the methods
+    # that drive it as a scheduler check `_schedule` first, which pyright
+    # cannot follow.
+    scheduler: Any
     if is_scheduler(lr):
       scheduler = lr
     elif callable(lr):
@@ -214,12 +219,12 @@ class SM3(ParamGroups):
   # Learning rate ------------------------------------------------------------
 
   @property
-  def lr(self) -> Any:
+  def lr(self) -> LRScheduler | optax.Schedule:
     """The learning-rate scheduler (as braintools: same as :attr:`lr_scheduler`)."""
     return self._lr_scheduler
 
   @property
-  def lr_scheduler(self) -> Any:
+  def lr_scheduler(self) -> LRScheduler | optax.Schedule:
     """The scheduler driving group 0's rate.
 
     The braintools scheduler given as ``lr``; for a float ``lr``, a constant
@@ -230,11 +235,11 @@ class SM3(ParamGroups):
     return self._lr_scheduler
 
   @property
-  def schedulers(self) -> list[Any]:
+  def schedulers(self) -> list[LRScheduler]:
     """The schedulers added with :meth:`add_scheduler`."""
     return self._schedulers
 
-  def add_scheduler(self, scheduler: Any) -> None:
+  def add_scheduler(self, scheduler: LRScheduler) -> None:
     """Adds a scheduler whose rates :meth:`get_last_lr` reports (as braintools).
 
     As in braintools, an added scheduler does not drive the rate applied:
@@ -268,13 +273,13 @@ class SM3(ParamGroups):
     rates[0] = float(np.asarray(value))
     self._lr_scheduler.current_lrs.value = rates
 
-  def get_last_lr(self) -> list[Any]:
+  def get_last_lr(self) -> Sequence[float | jax.Array]:
     """The rates of the last added scheduler, else ``[current_lr]``."""
     if self._schedulers:
       return self._schedulers[-1].get_last_lr()
     return [nice_float(self.current_lr)]
 
-  def lr_apply(self, apply_fn: Callable[[Any], Any]) -> None:
+  def lr_apply(self, apply_fn: Callable[[float], float]) -> None:
     """Sets the rate to ``apply_fn`` of the scheduled rate (``lr.apply``).
 
     Raises:
@@ -354,7 +359,8 @@ class SM3(ParamGroups):
       raise ValueError(f"`grads` lacks gradients for registered parameters {missing}")
     return {key: grads[key] for key in params}
 
-  def step(self, grads: Any, **extra_args: Any) -> Any:
+  # Any: extra_args go to the optax `update` as they are (optax types them so).
+  def step(self, grads: optax.Updates, **extra_args: Any) -> optax.Params:
     """Applies one SM3 update to every group and writes the new values back.
 
     Args:
@@ -404,17 +410,15 @@ class SM3(ParamGroups):
       holder.value = new_state
     self.param_states = self._all_params()
     self.step_count.value = self.step_count.value + 1
-    if self._uses_states:
-      return self._values(self.param_states)
-    return self.param_states
+    return self._values(self.param_states)  # in plain mode, param_states itself
 
-  def update(self, grads: Any, **extra_args: Any) -> Any:
+  def update(self, grads: optax.Updates, **extra_args: Any) -> optax.Params:
     """Same as :meth:`step` (the braintools ``Optimizer.update`` name)."""
     return self.step(grads, **extra_args)
 
   # Checkpoints ---------------------------------------------------------------
 
-  def state_dict(self) -> dict[str, Any]:
+  def state_dict(self) -> dict[str, _tree.ArrayTree | None]:
     """The optimizer's state, in braintools' layout.
 
     Returns:
@@ -427,6 +431,8 @@ class SM3(ParamGroups):
     """
     return _checkpoint.state_dict(self)
 
+  # Any: a restored checkpoint, as braintools types it; every entry is
+  # checked here before anything changes.
   def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
     """Restores what :meth:`state_dict` returned.
 

@@ -8,15 +8,58 @@ braintools: a scheduler is recognised by its attributes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jax
 import jax.core
 import jax.numpy as jnp
 import numpy as np
 
+from optax_sm3 import _tree
 from optax_sm3._brainstate._states import Box
+
+if TYPE_CHECKING:
+  from typing_extensions import TypeIs
+
+
+class RateHolder(Protocol):
+  """A ``.value`` holder of the rates, one per group (a brainstate State)."""
+
+  @property
+  def value(self) -> Sequence[float]:
+    """The rates."""
+    ...
+
+  @value.setter
+  def value(self, rates: list[float], /) -> None: ...
+
+
+class LRScheduler(Protocol):
+  """A learning-rate scheduler as :class:`SM3` drives one.
+
+  A braintools ``LRScheduler``, or :class:`ConstantLR` (what a float ``lr``
+  becomes). Recognised by these attributes (:func:`is_scheduler`), so
+  braintools is not imported.
+  """
+
+  @property
+  def base_lrs(self) -> Sequence[float]:
+    """The initial rate of each group."""
+    ...
+
+  @property
+  def current_lrs(self) -> RateHolder:
+    """The rates the groups use now."""
+    ...
+
+  def get_last_lr(self) -> list[float]:
+    """The current rates."""
+    ...
+
+  def apply(self, apply_fn: Callable[[float], float]) -> None:
+    """Sets the rates to ``apply_fn`` of the scheduled ones."""
+    ...
 
 
 def is_schedule(lr: Any) -> bool:
@@ -31,7 +74,7 @@ def nice_float(value: jax.typing.ArrayLike) -> float | jax.Array:
   return float(str(np.float32(np.asarray(value))))
 
 
-def is_scheduler(lr: Any) -> bool:
+def is_scheduler(lr: object) -> TypeIs[LRScheduler]:
   """Whether ``lr`` looks like a braintools ``LRScheduler`` (duck-typed)."""
   return all(
     hasattr(lr, name) for name in ("current_lrs", "base_lrs", "get_lr", "apply")
@@ -69,7 +112,7 @@ class ConstantLR:
     base_lr: the rate.
   """
 
-  def __init__(self, base_lr: jax.typing.ArrayLike):
+  def __init__(self, base_lr: float):
     self.optimizer = None
     self.base_lrs = [base_lr]
     self.last_epoch = Box(0)
@@ -78,7 +121,7 @@ class ConstantLR:
   def __repr__(self) -> str:
     return f"ConstantLR(base_lr={self.base_lrs[0]!r})"
 
-  def get_lr(self) -> list[Any]:
+  def get_lr(self) -> list[float]:
     """The scheduled rates: ``base_lrs``."""
     return list(self.base_lrs)
 
@@ -91,7 +134,7 @@ class ConstantLR:
     """Same as :meth:`step`."""
     self.step()
 
-  def apply(self, apply_fn: Callable[[Any], Any]) -> None:
+  def apply(self, apply_fn: Callable[[float], float]) -> None:
     """Sets the rates to ``apply_fn(base_lr)`` and pushes them to the optimizer."""
     rates = [apply_fn(rate) for rate in self.get_lr()]
     self.current_lrs.value = rates
@@ -101,7 +144,7 @@ class ConstantLR:
       # The attribute braintools' own schedulers write the rate to.
       self.optimizer._current_lr.value = rates[0]
 
-  def get_last_lr(self) -> list[Any]:
+  def get_last_lr(self) -> list[float]:
     """The current rates."""
     return list(self.current_lrs.value)
 
@@ -110,7 +153,7 @@ class ConstantLR:
     del count
     return -jnp.asarray(self.current_lrs.value[0])
 
-  def state_dict(self) -> dict[str, Any]:
+  def state_dict(self) -> dict[str, _tree.ArrayTree]:
     """``last_epoch``, ``base_lrs`` and ``current_lrs``, as braintools saves them."""
     return {
       "last_epoch": self.last_epoch.value,
@@ -118,6 +161,7 @@ class ConstantLR:
       "current_lrs": list(self.current_lrs.value),
     }
 
+  # Any: a checkpoint as braintools types it, its entries read by key.
   def load_state_dict(self, state_dict: dict[str, Any]) -> None:
     """Restores what :meth:`state_dict` returned."""
     self.last_epoch.value = state_dict["last_epoch"]

@@ -9,12 +9,33 @@ brainstate: a tree can only hold States once brainstate is imported.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar, Union
 
 import jax
 import jax.core
 import numpy as np
+import optax
+
+if TYPE_CHECKING:  # an extra: never imported here at run time
+  import brainstate
+
+T = TypeVar("T")
+
+# A pytree of brainstate States; keys are anything hashable, as in
+# chex.ArrayTree.
+StateTree: TypeAlias = Union[
+  "brainstate.State", Iterable["StateTree"], Mapping[Any, "StateTree"]
+]
+# What SM3 trains: a tree of States, or of arrays (plain mode).
+ParamTree: TypeAlias = optax.Params | StateTree
+
+
+class Holder(Protocol[T]):
+  """A mutable ``.value``: a brainstate State, or a :class:`Box` in plain mode."""
+
+  value: T
+
 
 _INSTALL_HINT = "pip install 'optax-sm3[brainstate]'"
 

@@ -15,16 +15,27 @@ from __future__ import annotations
 import functools
 import operator
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
+import optax
 
-from optax_sm3._sparse._tables import NOT_A_TRANSFORMATION, SparseTables
+from optax_sm3._sparse._tables import (
+  NOT_A_TRANSFORMATION,
+  SparseTables,
+  SparseTablesState,
+  StepFn,
+  SyncFn,
+)
 from optax_sm3._sparse._types import SparseGrad, check_sparse_grad, is_sparse_grad
 
+# A gradient tree: a pytree, nnx.State or Equinox module whose table leaves
+# may be SparseGrads; the sum and mean have the type of their terms.
+GradsT = TypeVar("GradsT")
 
-def _densify(grad: SparseGrad, like: Any) -> jax.Array:
+
+def _densify(grad: SparseGrad, like: jax.typing.ArrayLike) -> jax.Array:
   dense = jnp.zeros(jnp.shape(like), jnp.result_type(like))
   return dense.at[grad.indices].add(grad.row_grads.astype(dense.dtype))
 
@@ -44,7 +55,7 @@ def _sum_leaf(parts: list[Any]) -> Any:
   return total
 
 
-def sparse_grad_sum(*grads: Any) -> Any:
+def sparse_grad_sum(*grads: GradsT) -> GradsT:
   """The sum of gradient trees whose table leaves may be :class:`SparseGrad`.
 
   Arrays are added; the :class:`SparseGrad`\\ s at a leaf are concatenated
@@ -100,7 +111,7 @@ def _scale_leaf(leaf: Any, scale: Any) -> Any:
   return (leaf * scale).astype(leaf.dtype)
 
 
-def scale_tree(grads: Any, scale: jax.typing.ArrayLike) -> Any:
+def scale_tree(grads: GradsT, scale: jax.typing.ArrayLike) -> GradsT:
   """``grads`` times a scalar: arrays scaled, each SparseGrad's ``row_grads`` too.
 
   Args:
@@ -113,7 +124,7 @@ def scale_tree(grads: Any, scale: jax.typing.ArrayLike) -> Any:
   return jax.tree.map(lambda g: _scale_leaf(g, scale), grads, is_leaf=is_sparse_grad)
 
 
-def sparse_grad_mean(*grads: Any) -> Any:
+def sparse_grad_mean(*grads: GradsT) -> GradsT:
   """``sparse_grad_sum(*grads)`` divided by ``len(grads)``.
 
   The gradient of the mean of the microbatches' mean losses (the full
@@ -204,8 +215,8 @@ class SparseMultiStepsState(NamedTuple):
 
   mini_step: jax.Array  # () int32.
   gradient_step: jax.Array  # () int32.
-  inner_state: Any  # SparseTablesState.
-  grads: Any  # grads_like's structure: sums, and SparseGrad buffers.
+  inner_state: SparseTablesState
+  grads: optax.Updates  # grads_like's structure: sums, and SparseGrad buffers.
 
 
 class SparseMultiSteps:
@@ -227,12 +238,19 @@ class SparseMultiSteps:
 
   __slots__ = ("every_k_schedule", "init", "step", "sync", "value_and_grad")
 
+  init: Callable[[optax.Params, optax.Updates], SparseMultiStepsState]
+  step: StepFn[SparseMultiStepsState]
+  sync: SyncFn[SparseMultiStepsState]
+  # The function's value (or `(value, aux)`) is the loss's own: anything.
+  value_and_grad: Callable[..., Callable[..., tuple[Any, optax.Updates]]]
+  every_k_schedule: int
+
   def __init__(self, init, step, sync, value_and_grad, every_k_schedule):
-    self.init: Callable[[Any, Any], SparseMultiStepsState] = init
-    self.step: Callable[..., tuple[Any, SparseMultiStepsState]] = step
-    self.sync: Callable[..., tuple[Any, SparseMultiStepsState]] = sync
-    self.value_and_grad: Callable[..., Callable[..., Any]] = value_and_grad
-    self.every_k_schedule: int = every_k_schedule
+    self.init = init
+    self.step = step
+    self.sync = sync
+    self.value_and_grad = value_and_grad
+    self.every_k_schedule = every_k_schedule
 
   def update(self, *args, **kwargs):
     """Raises ``TypeError``: this is not an optax ``GradientTransformation``."""
@@ -240,7 +258,7 @@ class SparseMultiSteps:
     raise TypeError(f"optax_sm3.sparse_multi_steps(...) {NOT_A_TRANSFORMATION}")
 
 
-def check_every_k(every_k_schedule: Any) -> int:
+def check_every_k(every_k_schedule: object) -> int:
   """``every_k_schedule`` if it is an int >= 1 (buffer shapes depend on it).
 
   Raises:
@@ -264,7 +282,7 @@ def _empty(every_k: int, grads_like: Any) -> Any:
 
 
 def _init(
-  opt: SparseTables, every_k: int, params: Any, grads_like: Any
+  opt: SparseTables, every_k: int, params: optax.Params, grads_like: optax.Updates
 ) -> SparseMultiStepsState:
   return SparseMultiStepsState(
     mini_step=jnp.zeros([], jnp.int32),
@@ -274,7 +292,9 @@ def _init(
   )
 
 
-def _added(every_k: int, grads: Any, state: SparseMultiStepsState) -> Any:
+def _added(
+  every_k: int, grads: optax.Updates, state: SparseMultiStepsState
+) -> optax.Updates:
   """``state.grads`` with ``grads`` added (in this microbatch's slots)."""
   leaves, treedef = jax.tree.flatten(state.grads, is_leaf=is_sparse_grad)
   paths = [

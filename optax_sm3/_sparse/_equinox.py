@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import equinox as eqx
 import jax
@@ -25,7 +25,11 @@ import jax.numpy as jnp
 import optax
 
 from optax_sm3._sparse._grad import sparse_lookup, sparse_value_and_grad
-from optax_sm3._sparse._tables import sparse_tables
+from optax_sm3._sparse._tables import SparseTablesState, sparse_tables
+
+# A model, or a part of one (eqx.filter keeps the module types): the same
+# type comes back.
+ModelT = TypeVar("ModelT")
 
 
 class SparseEmbedding(eqx.Module):
@@ -106,7 +110,7 @@ def _is_sparse_embedding(node: Any) -> bool:
   return isinstance(node, SparseEmbedding)
 
 
-def table_mask(params: Any) -> Any:
+def table_mask(params: ModelT) -> ModelT:
   """``True`` at the ``weight`` of every :class:`SparseEmbedding` in ``params``.
 
   ``params`` is a model or a part of one (``eqx.filter`` keeps the module
@@ -132,7 +136,11 @@ def _of_params(fun: Callable[..., Any], model: Any, kwargs: dict):
 
 
 def filter_value_and_grad(
-  fun: Callable[..., Any], *, has_aux: bool = False
+  # Any: the caller's loss, of any arguments and value; the gradients have
+  # the structure of its first argument (a model), as Equinox's.
+  fun: Callable[..., Any],
+  *,
+  has_aux: bool = False,
 ) -> Callable[..., Any]:
   """``eqx.filter_value_and_grad`` with row-sparse gradients for SparseEmbeddings.
 
@@ -250,7 +258,7 @@ class SparseOptimizer:
       tx, table_tx, tables=table_mask, sweep_period=sweep_period
     )
 
-  def init(self, model: Any) -> Any:
+  def init(self, model: eqx.Module) -> SparseTablesState:
     """The state for ``model`` (a :class:`optax_sm3.SparseTablesState`)."""
     return self._tables.init(eqx.filter(model, eqx.is_inexact_array))
 
@@ -278,7 +286,9 @@ class SparseOptimizer:
 
     return wrapper
 
-  def step(self, model: Any, grads: Any, state: Any) -> tuple[Any, Any]:
+  def step(
+    self, model: ModelT, grads: optax.Updates, state: SparseTablesState
+  ) -> tuple[ModelT, SparseTablesState]:
     """One step: SM3 on the tables' rows, ``tx`` on the rest.
 
     Args:
@@ -296,7 +306,9 @@ class SparseOptimizer:
     params, state = self._tables.step(params, grads, state)
     return eqx.combine(params, static), state
 
-  def sync(self, model: Any, state: Any) -> tuple[Any, Any]:
+  def sync(
+    self, model: ModelT, state: SparseTablesState
+  ) -> tuple[ModelT, SparseTablesState]:
     """``(model, state)`` with every table current (for evaluation and export).
 
     ``O(V * D)``; a no-op on the values without momentum and weight decay.

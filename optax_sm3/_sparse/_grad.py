@@ -30,9 +30,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from optax_sm3._sparse import _capture, _ids
-from optax_sm3._sparse._types import SparseGrad  # noqa: F401 - re-exported
+from optax_sm3._sparse._types import SparseGrad  # also re-exported
 
 
 @jax.custom_jvp
@@ -151,8 +152,12 @@ def current_table(table: jax.Array) -> jax.Array:
 
 
 def sparse_value_and_grad(
-  fun: Callable[..., Any], argnums: int | Sequence[int] = 0, *, has_aux: bool = False
-) -> Callable[..., Any]:
+  # Any: the loss is the caller's function, of any arguments and value.
+  fun: Callable[..., Any],
+  argnums: int | Sequence[int] = 0,
+  *,
+  has_aux: bool = False,
+) -> Callable[..., tuple[Any, optax.Updates]]:
   """``jax.value_and_grad`` with row-sparse gradients for looked-up tables.
 
   Every leaf of the differentiated arguments gets the gradient
@@ -260,16 +265,18 @@ def routed_value_and_grad(
     by_leaf = _capture.assemble(
       plan, slot_grads, lambda j: jnp.shape(flat[floats[j]])[0]
     )
-    grads = [None] * len(flat)
+    leaf_grads: list[jax.Array | SparseGrad | None] = [None] * len(flat)
     for p, g in zip(diff, diff_grads, strict=True):
-      grads[p] = g
+      leaf_grads[p] = g
     for p in sparse:
       j = floats.index(p)
       if j in by_leaf:
-        grads[p] = by_leaf[j]
+        leaf_grads[p] = by_leaf[j]
       else:  # A table the loss does not read: its gradient is zero.
-        grads[p] = _capture.empty_grad(jnp.shape(flat[p]), jnp.result_type(flat[p]))
-    grads = jax.tree.unflatten(treedef, grads)
+        leaf_grads[p] = _capture.empty_grad(
+          jnp.shape(flat[p]), jnp.result_type(flat[p])
+        )
+    grads = jax.tree.unflatten(treedef, leaf_grads)
     grads = grads[0] if isinstance(argnums, int) else tuple(grads)
     return ((value, aux) if has_aux else value), grads
 

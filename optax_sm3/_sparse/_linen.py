@@ -16,13 +16,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import linen as nn
 from flax import struct
 from flax.linen.dtypes import promote_dtype
 
 from optax_sm3._sparse import _embed, _grad, _ids
-from optax_sm3._sparse._accumulate import SparseMultiSteps
-from optax_sm3._sparse._tables import SparseTables
+from optax_sm3._sparse._accumulate import SparseMultiSteps, SparseMultiStepsState
+from optax_sm3._sparse._tables import SparseTables, SparseTablesState
 
 
 class SparseEmbed(nn.Module):
@@ -61,10 +62,10 @@ class SparseEmbed(nn.Module):
 
   num_embeddings: int
   features: int
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-  embedding_init: Any = _embed.default_embed_init
-  promote_dtype: Any = promote_dtype
+  dtype: jax.typing.DTypeLike | None = None
+  param_dtype: jax.typing.DTypeLike = jnp.float32
+  embedding_init: Callable[..., jax.Array] = _embed.default_embed_init
+  promote_dtype: Callable[..., list[jax.Array]] = promote_dtype
   padding_id: int | None = None
 
   def setup(self):
@@ -157,12 +158,15 @@ class SparseTrainState(struct.PyTreeNode):
   """
 
   step: int | jax.Array
+  # Any: the model's apply, whose outputs are the model's (as Flax's TrainState).
   apply_fn: Callable[..., Any] = struct.field(pytree_node=False)
-  params: Any = struct.field(pytree_node=True)
+  params: optax.Params = struct.field(pytree_node=True)
   tx: SparseTables | SparseMultiSteps = struct.field(pytree_node=False)
-  opt_state: Any = struct.field(pytree_node=True)
+  # `tx.init`'s (see create): pyright cannot pair it with tx's kind, hence the
+  # ignores where tx takes it.
+  opt_state: SparseTablesState | SparseMultiStepsState = struct.field(pytree_node=True)
 
-  def apply_gradients(self, *, grads: Any, **kwargs) -> SparseTrainState:
+  def apply_gradients(self, *, grads: optax.Updates, **kwargs) -> SparseTrainState:
     """One step of ``tx``; ``step`` advances by one.
 
     Args:
@@ -174,14 +178,14 @@ class SparseTrainState(struct.PyTreeNode):
     Returns:
       The new state.
     """
-    params, opt_state = self.tx.step(self.params, grads, self.opt_state)
+    params, opt_state = self.tx.step(self.params, grads, self.opt_state)  # pyright: ignore[reportArgumentType]
     return self.replace(
       step=self.step + 1, params=params, opt_state=opt_state, **kwargs
     )
 
   def value_and_grad(
     self, fun: Callable[..., Any], *, has_aux: bool = False
-  ) -> Callable[..., Any]:
+  ) -> Callable[..., tuple[Any, optax.Updates]]:
     """``jax.value_and_grad(fun)`` at ``params``, tables' gradients row-sparse.
 
     Args:
@@ -203,7 +207,7 @@ class SparseTrainState(struct.PyTreeNode):
     For evaluation through ``apply_fn`` outside :meth:`value_and_grad`, and
     for export. A no-op on the values without momentum and weight decay.
     """
-    params, opt_state = self.tx.sync(self.params, self.opt_state)
+    params, opt_state = self.tx.sync(self.params, self.opt_state)  # pyright: ignore[reportArgumentType]
     return self.replace(params=params, opt_state=opt_state)
 
   @classmethod
@@ -211,9 +215,9 @@ class SparseTrainState(struct.PyTreeNode):
     cls,
     *,
     apply_fn: Callable[..., Any],
-    params: Any,
+    params: optax.Params,
     tx: SparseTables | SparseMultiSteps,
-    grads_like: Any = None,
+    grads_like: optax.Updates | None = None,
     **kwargs,
   ) -> SparseTrainState:
     """A new state with ``step = 0`` and ``opt_state = tx.init(params)``.

@@ -20,9 +20,9 @@ current.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,9 @@ from flax import nnx
 from flax.nnx.nn import dtypes
 
 from optax_sm3._sparse import _capture, _embed, _grad, _ids, _rows
+
+if TYPE_CHECKING:  # for the annotation only
+  from flax.typing import PromoteDtypeFn
 
 
 class SparseState(nnx.Variable):
@@ -83,10 +86,11 @@ class SparseEmbed(nnx.Module):
     dtype: jax.typing.DTypeLike | None = None,
     param_dtype: jax.typing.DTypeLike = jnp.float32,
     embedding_init: Callable[..., jax.Array] = _embed.default_embed_init,
-    promote_dtype: Callable[..., Any] = dtypes.promote_dtype,
+    promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
     padding_id: int | None = None,
     rngs: nnx.Rngs,
-    embedding_metadata: Any = MappingProxyType({}),
+    # As nnx.Embed's: Variable metadata, whose values are anything.
+    embedding_metadata: Mapping[str, Any] = MappingProxyType({}),
   ):
     _embed.check_embed(num_embeddings, features, padding_id)
     init = _embed.padded_init(embedding_init, padding_id)

@@ -10,7 +10,7 @@ table-sized array) and steps the wrapped optimizer with their mean every
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,9 @@ from optax_sm3._sparse._accumulate import (
   scale_tree,
 )
 from optax_sm3._sparse._nnx_check import path_str
+
+if TYPE_CHECKING:  # for the annotation only
+  from optax_sm3._sparse._nnx_optimizer import SparseOptimizer
 
 
 class AccumulatedGrad(nnx.Variable):
@@ -82,7 +85,12 @@ class MultiSteps(nnx.Pytree):
     1 [False  True  True False]
   """
 
-  def __init__(self, optimizer: Any, every_k_schedule: int, grads_like: Any):
+  def __init__(
+    self,
+    optimizer: SparseOptimizer | nnx.Optimizer,
+    every_k_schedule: int,
+    grads_like: nnx.State,
+  ):
     self.optimizer = optimizer
     self.every_k_schedule = check_every_k(every_k_schedule)
     flat = list(nnx.to_flat_state(grads_like))

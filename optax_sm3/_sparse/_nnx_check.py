@@ -17,9 +17,15 @@ raises a ``ValueError`` with that message first.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
+
+if TYPE_CHECKING:  # an extra: imported where used
+  from flax import nnx
+
+# A graph node (a model, an optimizer) or an nnx.State of one.
+NodeOrState: TypeAlias = "nnx.Pytree | nnx.State"
 
 # The attributes under which our optimizers keep their state: nnx.Optimizer
 # and SparseOptimizer (`opt_state`), SparseEmbed (`sparse_state`).
@@ -91,7 +97,7 @@ def path_str(path: tuple) -> str:
   return "/".join(str(p) for p in path)
 
 
-def state_mismatch(target: Any, state: Any) -> str | None:
+def state_mismatch(target: NodeOrState, state: NodeOrState) -> str | None:
   """Why ``state`` does not fit ``target``'s optimizer state; ``None`` if it does.
 
   Only the optimizer-state subtrees (``opt_state`` of an ``nnx.Optimizer``
@@ -158,7 +164,7 @@ def state_mismatch(target: Any, state: Any) -> str | None:
   )
 
 
-def checked_update(target: Any, *states: Any) -> None:
+def checked_update(target: NodeOrState, *states: NodeOrState) -> None:
   """``nnx.update(target, *states)``, after :func:`state_mismatch` on each state.
 
   Raises:

@@ -100,8 +100,12 @@ def _with_sparse(
 
 
 def value_and_grad(
-  f: Callable[..., Any], argnums: int | Sequence[int] = 0, *, has_aux: bool = False
-) -> Callable[..., Any]:
+  # Any: the loss is the caller's function, of any arguments and value.
+  f: Callable[..., Any],
+  argnums: int | Sequence[int] = 0,
+  *,
+  has_aux: bool = False,
+) -> Callable[..., tuple[Any, nnx.State | tuple[nnx.State, ...]]]:
   """``nnx.value_and_grad`` with row-sparse gradients for SparseEmbed tables.
 
   The gradient of every ``nnx.Param`` is what ``nnx.value_and_grad`` gives,
@@ -198,7 +202,11 @@ def value_and_grad(
 
 
 def grad(
-  f: Callable[..., Any], argnums: int | Sequence[int] = 0, *, has_aux: bool = False
+  # Any: the caller's loss; `grads`, or `(grads, aux)` with its own aux.
+  f: Callable[..., Any],
+  argnums: int | Sequence[int] = 0,
+  *,
+  has_aux: bool = False,
 ) -> Callable[..., Any]:
   """:func:`value_and_grad` without the value: ``grads`` (or ``(grads, aux)``).
 

@@ -206,7 +206,7 @@ class SparseOptimizer(nnx.Pytree):
     tx: optax.GradientTransformation,
     table_tx: optax.GradientTransformation | None = None,
     *,
-    wrt: Any = nnx.Param,
+    wrt: nnx.filterlib.Filter = nnx.Param,
     sweep_period: int | None = None,
   ):
     opts = _tables.optimizers(tx, table_tx, None, sweep_period)

@@ -374,7 +374,9 @@ def _chain_rows(
   momentum_state: Any
   out: Any
   out, momentum_state = stages.momentum.update(
-    updates, _momentum.ScaleByMomentumState(rows_momentum)
+    updates,
+    # A momentum of None is no OptState to pyright (see _momentum).
+    _momentum.ScaleByMomentumState(rows_momentum),  # pyright: ignore[reportArgumentType]
   )
   if stages.decoupled_decay is not None:
     decay = stages.decoupled_decay

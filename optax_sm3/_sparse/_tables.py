@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import jax
 import jax.core
@@ -47,6 +47,24 @@ class SparseTablesState(NamedTuple):
 
 
 _layout.register(SparseTablesState, _table_layout.specs)
+
+ParamsT = TypeVar("ParamsT")  # The params' own type comes back (a dict, a module).
+StateT = TypeVar("StateT")
+
+
+class StepFn(Protocol[StateT]):
+  """``step(params, grads, state) -> (new_params, new_state)``."""
+
+  def __call__(
+    self, params: ParamsT, grads: optax.Updates, state: StateT, /
+  ) -> tuple[ParamsT, StateT]: ...
+
+
+class SyncFn(Protocol[StateT]):
+  """``sync(params, state) -> (params, state)``."""
+
+  def __call__(self, params: ParamsT, state: StateT, /) -> tuple[ParamsT, StateT]: ...
+
 
 NOT_A_TRANSFORMATION = (
   "is not an optax GradientTransformation: its `step(params, grads, state)` "
@@ -79,11 +97,17 @@ class SparseTables:
 
   __slots__ = ("init", "step", "sync", "value_and_grad")
 
+  init: Callable[[optax.Params], SparseTablesState]
+  step: StepFn[SparseTablesState]
+  sync: SyncFn[SparseTablesState]
+  # The function's value (or `(value, aux)`) is the loss's own: anything.
+  value_and_grad: Callable[..., Callable[..., tuple[Any, optax.Updates]]]
+
   def __init__(self, init, step, sync, value_and_grad):
-    self.init: Callable[[Any], Any] = init
-    self.step: Callable[[Any, Any, Any], tuple[Any, Any]] = step
-    self.sync: Callable[[Any, Any], tuple[Any, Any]] = sync
-    self.value_and_grad: Callable[..., Callable[..., Any]] = value_and_grad
+    self.init = init
+    self.step = step
+    self.sync = sync
+    self.value_and_grad = value_and_grad
 
   def update(self, *args, **kwargs):
     """Raises ``TypeError``: this is not an optax ``GradientTransformation``.
@@ -101,11 +125,11 @@ class _Split(NamedTuple):
   leaves: list  # The params' leaves, in jax.tree.leaves order.
   treedef: Any  # The params' structure.
   mask: list[bool]  # True at each table leaf.
-  rest: Any  # The params with the tables set to None (tx's params).
+  rest: optax.Params  # The params with the tables set to None (tx's params).
   tables: list  # The table leaves, in order.
 
 
-def _mask_of(tables: Any, params: Any) -> list[bool]:
+def _mask_of(tables: _tree.TreeOrFunction | None, params: optax.Params) -> list[bool]:
   """``tables`` resolved against ``params``: a boolean per leaf."""
   flags = _tree.flatten_like(
     jax.tree.structure(params),
@@ -126,7 +150,7 @@ def _mask_of(tables: Any, params: Any) -> list[bool]:
   return [bool(f) for f in flags]
 
 
-def _split(tables: Any, params: Any) -> _Split:
+def _split(tables: _tree.TreeOrFunction | None, params: optax.Params) -> _Split:
   leaves, treedef = jax.tree.flatten(params)
   mask = _mask_of(tables, params)
   rest = [None if m else leaf for leaf, m in zip(leaves, mask, strict=True)]
@@ -134,7 +158,7 @@ def _split(tables: Any, params: Any) -> _Split:
   return _Split(leaves, treedef, mask, jax.tree.unflatten(treedef, rest), table_leaves)
 
 
-def _merge(split: _Split, rest: list, tables: list) -> Any:
+def _merge(split: _Split, rest: list, tables: list) -> optax.Params:
   """The params tree of ``rest`` leaves and ``tables``, in ``split``'s layout."""
   rest_iter, table_iter = iter(rest), iter(tables)
   leaves = [next(table_iter) if m else next(rest_iter) for m in split.mask]
@@ -164,11 +188,15 @@ class Optimizers(NamedTuple):
   tx: optax.GradientTransformation
   rules: _rows.Rules
   joint: bool
-  tables: Any
+  tables: _tree.TreeOrFunction | None
 
 
 def optimizers(
-  tx: Any, table_tx: Any, tables: Any, sweep_period: Any, name: str = "table_tx"
+  tx: optax.GradientTransformation,
+  table_tx: optax.GradientTransformation | None,
+  tables: _tree.TreeOrFunction | None,
+  sweep_period: int | None,
+  name: str = "table_tx",
 ) -> Optimizers:
   """Checks and binds the arguments of :func:`sparse_tables` (and its kin)."""
   if table_tx is None:
@@ -186,7 +214,7 @@ def optimizers(
   return Optimizers(tx, rules, table_tx is None or table_tx is tx, tables)
 
 
-def _init(opts: Optimizers, params: Any) -> SparseTablesState:
+def _init(opts: Optimizers, params: optax.Params) -> SparseTablesState:
   split = _split(opts.tables, params)
   fns = opts.rules.of_tree(params, _positions(split))
   return SparseTablesState(
@@ -269,8 +297,8 @@ def step_tables(
 
 
 def _step(
-  opts: Optimizers, params: Any, grads: Any, state: SparseTablesState
-) -> tuple[Any, SparseTablesState]:
+  opts: Optimizers, params: optax.Params, grads: optax.Updates, state: SparseTablesState
+) -> tuple[optax.Params, SparseTablesState]:
   split = _split(opts.tables, params)
   _check_state(state, split.tables)
   grad_leaves = _tree.flatten_like(
@@ -309,8 +337,8 @@ def _step(
 
 
 def _sync(
-  opts: Optimizers, params: Any, state: SparseTablesState
-) -> tuple[Any, SparseTablesState]:
+  opts: Optimizers, params: optax.Params, state: SparseTablesState
+) -> tuple[optax.Params, SparseTablesState]:
   split = _split(opts.tables, params)
   _check_state(state, split.tables)
   fns = opts.rules.of_tree(params, _positions(split))
@@ -359,7 +387,7 @@ def sparse_tables(
   tx: optax.GradientTransformation,
   table_tx: optax.GradientTransformation | None = None,
   *,
-  tables: Any,
+  tables: _tree.TreeOrFunction,
   sweep_period: int | None = None,
 ) -> SparseTables:
   """Exact row-sparse steps for the table leaves of a params tree, ``tx`` for the rest.

@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # The marker is a PRNG-key-typed scalar: JAX's arithmetic rejects key dtypes,
 # so elementwise arithmetic over a gradient tree (jax.tree.map(jnp.add, g1,
@@ -69,7 +70,12 @@ class SparseGrad:
 
   __slots__ = ("indices", "marker", "row_grads")
 
-  def __init__(self, indices: Any, row_grads: Any, marker: Any = None):
+  def __init__(
+    self,
+    indices: jax.Array | np.ndarray,
+    row_grads: jax.Array | np.ndarray,
+    marker: jax.Array | None = None,
+  ):
     self.indices = indices  # (k,) int32: looked-up rows, repeats allowed.
     self.row_grads = row_grads  # (k, *table.shape[1:]): gradient per row.
     # A key-typed scalar (see the module's comment); made here when omitted.
@@ -82,7 +88,7 @@ class SparseGrad:
   def __repr__(self) -> str:
     return f"SparseGrad(indices={self.indices!r}, row_grads={self.row_grads!r})"
 
-  def __add__(self, other: Any) -> SparseGrad:
+  def __add__(self, other: object) -> SparseGrad:
     """The concatenation: its dense gradient is the sum of the two."""
     if not isinstance(other, SparseGrad):
       return NotImplemented
@@ -100,7 +106,7 @@ class SparseGrad:
       self.marker,
     )
 
-  def __radd__(self, other: Any) -> SparseGrad:
+  def __radd__(self, other: object) -> SparseGrad:
     # `sum([g1, g2])` starts from 0.
     if isinstance(other, int) and not isinstance(other, bool) and other == 0:
       return self
@@ -154,18 +160,18 @@ jax.tree_util.register_pytree_with_keys(
 )
 
 
-def is_sparse_grad(x: Any) -> bool:
+def is_sparse_grad(x: object) -> bool:
   """Whether ``x`` is a :class:`SparseGrad` (an ``is_leaf`` for tree maps)."""
   return isinstance(x, SparseGrad)
 
 
-def _is_marker(x: Any) -> bool:
+def _is_marker(x: object) -> bool:
   dtype = getattr(x, "dtype", None)
   return dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 def check_sparse_grad(
-  grad: Any, row_shape: tuple[int, ...] | None = None, *, name: str = "the gradient"
+  grad: object, row_shape: tuple[int, ...] | None = None, *, name: str = "the gradient"
 ) -> None:
   """Raises unless ``grad`` is a :class:`SparseGrad` an optimizer can apply.
 
