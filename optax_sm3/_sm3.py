@@ -74,7 +74,7 @@ class SM3Spec(NamedTuple):
   variant: str
   accumulator_dtype: jax.typing.DTypeLike | None
   # As given to sm3 (a PerParam or None); in a table rule's spec, the
-  # table's own resolved int (sparse._row_step.table_rules).
+  # table's own resolved int (sparse._table_rule.table_rules).
   stacked_axes: Any
   merge_axes_up_to: int | None
   skip_unit_axes: bool

@@ -5,10 +5,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from optax_sm3._sparse import _row_step
+from optax_sm3._sparse import _row_step, _table_rule
 
 
-class _StaleRule(_row_step.TableRule):
+class _StaleRule(_table_rule.TableRule):
   """The real rule, reported lazy: the front ends then sync and look up."""
 
   @property

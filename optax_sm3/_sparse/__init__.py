@@ -6,10 +6,12 @@ The modules, lowest layer first (each imports only modules above it):
 * ``_ids``: checking row ids, and reading a table's rows by them.
 * ``_batch``: a table's gradient as its distinct rows, and SM3 (any cover,
   SM3-I or -II) on them, exactly the dense step.
-* ``_row_step``: the row-sparse step of an optimizer made by
-  :func:`optax_sm3.sm3`, derived from its spec (its stages on the batch's
-  rows; rows outside the batch caught up lazily with momentum or weight
-  decay).
+* ``_table_rule``: a table's rule, derived from the spec of an optimizer
+  made by :func:`optax_sm3.sm3` (its options resolved per table, the sweep
+  period, the cover, the clipping; stages with no row-sparse form refused).
+* ``_row_step``: the row-sparse step of a table by its rule (the
+  optimizer's stages on the batch's rows; rows outside the batch caught up
+  lazily with momentum or weight decay).
 * ``_rows``: :func:`sparse_rows`, one table, and each table's jitted
   functions.
 * ``_capture``: lookups captured as row gradients under any JAX transform.

@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 from flax.nnx.training.optimizer import OptState, to_opt_state
 
-from optax_sm3._sparse import _nnx, _nnx_state, _row_step, _rows, _tables
+from optax_sm3._sparse import _nnx, _nnx_state, _rows, _table_rule, _tables
 from optax_sm3._sparse._nnx import SparseEmbed, SparseState
 from optax_sm3._sparse._nnx_check import path_str
 
@@ -249,7 +249,7 @@ class SparseOptimizer(nnx.Pytree):
     paths = sorted(tables)
     new_tables, new_states, clipped = _tables.step_tables(
       [table_fns[p] for p in paths],
-      _row_step.optimizer_spec(self.table_tx),
+      _table_rule.optimizer_spec(self.table_tx),
       [_table_grad(flat_grads, p) for p in paths],
       tuple(nnx.as_pure(tables[p].sparse_state) for p in paths),
       [tables[p].embedding[...] for p in paths],

@@ -3,8 +3,9 @@
 The gradient of ``table[ids]`` is zero outside the ``k`` rows in the batch,
 so the dense optimizer spends ``O(V * D)`` per step on a table of ``V`` rows
 where :func:`sparse_rows` spends ``O(k * D + V)``. The step is derived from
-the optimizer the user built for the dense path
-(:mod:`optax_sm3._sparse._row_step`).
+the optimizer the user built for the dense path: each table's rule
+(:mod:`optax_sm3._sparse._table_rule`), stepped by
+:mod:`optax_sm3._sparse._row_step`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_sm3._sparse import _batch, _ids, _row_step
+from optax_sm3._sparse import _batch, _ids, _row_step, _table_rule
 from optax_sm3._sparse._row_step import SparseRowsState
 
 __all__ = ["SparseRows", "SparseRowsState", "sparse_rows"]
@@ -95,7 +96,7 @@ def _table_shape(accumulators: Any, cover: Any) -> tuple[int, ...] | None:
 
 
 def _update_rows(
-  rule: _row_step.TableRule,
+  rule: _table_rule.TableRule,
   indices: jax.Array,
   row_grads: jax.Array,
   state: optax.OptState,
@@ -103,7 +104,7 @@ def _update_rows(
 ) -> tuple[jax.Array, optax.OptState]:
   """The step of one table from its looked-up rows (clipped on their own)."""
   batch = _batch.rows_of(indices, row_grads, table)
-  batch = batch._replace(grads=_row_step.clip(rule.spec, batch.grads))
+  batch = batch._replace(grads=_table_rule.clip(rule.spec, batch.grads))
   return _row_step.step(rule, batch, state, table)
 
 
@@ -114,7 +115,7 @@ class Table:
   can sit in a Flax module's static attributes.
 
   Attributes:
-    rule: the table's :class:`optax_sm3._sparse._row_step.TableRule`.
+    rule: the table's :class:`optax_sm3._sparse._table_rule.TableRule`.
     init: ``init(table) -> state``.
     step: ``step(batch, state, table) -> (table, state)`` from a clipped
       :class:`optax_sm3._sparse._batch.RowBatch`.
@@ -127,7 +128,7 @@ class Table:
 
   __slots__ = ("expected_state", "init", "lookup", "rule", "step", "sync", "update")
 
-  def __init__(self, rule: _row_step.TableRule):
+  def __init__(self, rule: _table_rule.TableRule):
     self.rule = rule
     self.init = functools.partial(_row_step.init, rule)
     self.step = jax.jit(functools.partial(_row_step.step, rule))
@@ -146,7 +147,7 @@ def check_state(table_fns: Table, state: Any, table: jax.Array) -> None:
     if isinstance(state, SparseRowsState)
     else getattr(_row_step.sm3_state(state), "accumulators", None)
   )
-  cover = _row_step.cover_of(table_fns.rule, tuple(table.shape))
+  cover = _table_rule.cover_of(table_fns.rule, tuple(table.shape))
   shape = _table_shape(accumulators, cover)
   if shape is not None and shape != tuple(table.shape):
     raise ValueError(
@@ -172,13 +173,13 @@ class Rules:
   """The tables' rules of one optimizer, made once per resolved option."""
 
   def __init__(self, optimizer: Any, sweep_period: Any, name: str = "optimizer"):
-    self.spec = _row_step.optimizer_spec(optimizer, name)
-    self.period = _row_step.check_sweep_period(sweep_period)
+    self.spec = _table_rule.optimizer_spec(optimizer, name)
+    self.period = _table_rule.check_sweep_period(sweep_period)
     self._made: dict[tuple[int, bool], Table] = {}
 
   def of_tree(self, tree: Any, positions: list[int]) -> list[Table]:
     """The functions of the tables at ``positions`` of ``tree``'s leaves."""
-    rules = _row_step.table_rules(self.spec, tree, positions, self.period)
+    rules = _table_rule.table_rules(self.spec, tree, positions, self.period)
     out = []
     for rule in rules:
       key = (rule.spec.stacked_axes, rule.decays)

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 from optax_sm3 import _layout, _sm3, _tree
-from optax_sm3._sparse import _batch, _grad, _row_step, _rows, _table_layout
+from optax_sm3._sparse import _batch, _grad, _rows, _table_layout, _table_rule
 from optax_sm3._sparse._types import SparseGrad, check_sparse_grad
 
 
@@ -288,7 +288,7 @@ def step_tables(
   ]
   for f, state, table in zip(fns, states, tables, strict=True):
     _rows.check_state(f, state, table)
-  rest_grads, clipped = _row_step.clip(spec, (rest_grads, [b.grads for b in batches]))
+  rest_grads, clipped = _table_rule.clip(spec, (rest_grads, [b.grads for b in batches]))
   stepped = [
     f.step(b._replace(grads=g), state, table)
     for f, b, g, state, table in zip(fns, batches, clipped, states, tables, strict=True)
