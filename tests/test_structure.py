@@ -98,3 +98,14 @@ def test_module_level_imports_form_no_cycle():
   for module in sorted(graph):
     visit(module)
   assert "optax_sm3._blocks" in done and len(done) == len(MODULES)
+
+
+MAX_LINES = 600  # Past ~600 lines a module is probably two concerns (STYLE.md).
+
+
+def test_no_module_is_over_max_lines():
+  counts = {
+    module: len(path.read_text().splitlines()) for module, path in MODULES.items()
+  }
+  long = {module: n for module, n in counts.items() if n > MAX_LINES}
+  assert not long, f"modules over {MAX_LINES} lines (split each by concern): {long}"
