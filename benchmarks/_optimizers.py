@@ -41,7 +41,7 @@ def _sm3_warmup(momentum: float):
 
 
 # The recipe's schedule, read from optax_sm3.sm3_recipe's defaults (quadratic
-# warm-up over 2%, linear cool-down over the last 10%), so that Adam gets
+# warm-up over 2%, linear cool-down over the last 30%), so that Adam gets
 # whatever the schedule is worth to SM3.
 _RECIPE_SCHEDULE = {
   name: inspect.signature(optax_sm3.sm3_recipe).parameters[name].default

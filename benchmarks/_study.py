@@ -35,6 +35,7 @@ positive gap is worse than Adam.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -154,14 +155,17 @@ def _rising(count):
 
 
 # The base every lever changes (``sm3_recipe(..., beta=0.9,
-# bias_correction=False)``), and the setting the study chose in every fold,
-# which ``optax_sm3.sm3_recipe`` is.
+# bias_correction=False, decay_fraction=0.1)``), and the setting the study
+# chose in every fold, ``optax_sm3.sm3_recipe``'s second-moment settings at
+# the 10% cool-down this study ran with (the rate study chose the recipe's
+# cool-down afterwards, :data:`benchmarks.transfer.COOLDOWNS`).
 BASE = Candidate("beta 0.9")
 RECIPE = Candidate(
   "beta 0.99 + bias correction",
   beta=0.99,
   bias_correction=True,
-  factory=optax_sm3.sm3_recipe,
+  decay=0.1,
+  factory=functools.partial(optax_sm3.sm3_recipe, decay_fraction=0.1),
 )
 CANDIDATES = (
   Candidate("adam constant", "adam", schedule="constant", warmup=0.0),

@@ -1,22 +1,26 @@
-"""A drop-in that needs no tuning: the recipe's default rate, chosen by leaving workloads out.
+"""A drop-in that needs no tuning: the recipe's default rate and cool-down, chosen by leaving workloads out.
 
-:func:`optax_sm3.sm3_recipe`'s settings were chosen by the lever study
-(``--levers``, :mod:`benchmarks._study`); this study chooses its peak rate,
-the one number a user would otherwise tune, by the same protocol:
+:func:`optax_sm3.sm3_recipe`'s second-moment settings were chosen by the
+lever study (``--levers``, :mod:`benchmarks._study`); this study chooses
+its peak rate, the one number a user would otherwise tune, together with
+the length of its cool-down, by the same protocol:
 
-1. On every workload of :data:`RATE_WORKLOADS` the recipe trains at each
-   rate of :data:`RATES` (seed 0, validation split), and Adam with each of
-   three schedules on its own grid (3 rates a factor 2 apart, a best edge
-   followed outwards); the tuned Adam is the best of the three.
-2. For each workload in turn, the rate is chosen on the *other* workloads:
-   the one whose worst validation gap to the tuned Adam is smallest; it is
-   scored on the held-out workload's test split. The default is the rate
-   the same rule picks on all workloads.
+1. On every workload of :data:`RATE_WORKLOADS` the recipe trains with each
+   cool-down of :data:`COOLDOWNS` at each rate of :data:`RATES` (the
+   settings of :data:`GRID`; seed 0, validation split), and Adam with each
+   of three schedules on its own grid (3 rates a factor 2 apart, a best
+   edge followed outwards); the tuned Adam is the best of the three.
+2. For each workload in turn, the setting is chosen on the *other*
+   workloads: the one whose worst validation gap to the tuned Adam is
+   smallest; it is scored on the held-out workload's test split. The
+   default is the setting the same rule picks on all workloads.
 3. On every workload's test split (3 seeds; 5 on the syllable classifier):
-   the recipe at the default rate (untuned), at its own best validation rate
-   (tuned), the tuned Adam, and ``optax.adam(1e-3)`` (a user's habit).
-4. The syllable classifier again at 5x the steps, 5 seeds, every setting (and
-   every rate a fold chose) at its 1x rate.
+   the recipe at the default setting (untuned), at every other setting a
+   fold chose and at :data:`PREVIOUS_DEFAULT`, at its own best validation
+   setting (tuned), the tuned Adam, and ``optax.adam(1e-3)`` (a user's
+   habit).
+4. The syllable classifier again at 5x the steps, 5 seeds, every setting at
+   its 1x rate.
 
 Gaps are relative, as :mod:`benchmarks._study` defines them.
 
@@ -37,6 +41,8 @@ and ``docs/_data/transfer.json`` for ``--levers``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -44,6 +50,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+import optax_sm3
 from benchmarks import _report, _study, _workloads
 from benchmarks._study import (
   CANDIDATES,
@@ -58,7 +65,16 @@ from benchmarks._study import (
 )
 
 RATE_WORKLOADS = ("shakespeare-char", *_workloads.TRANSFER_NAMES)
-RATES = tuple(2e-3 * 2.0**k for k in range(5))  # the recipe's grid: 2e-3 to 3.2e-2
+# The recipe's rates: 2e-3 to 3.2e-2, a factor sqrt(2) apart.
+RATES = tuple(2e-3 * 2.0 ** (k / 2) for k in range(9))
+# The recipe's cool-down lengths, as fractions of the steps, chosen among
+# with the rate: the lever study's 10%, 30%, 50%, and every step after the
+# 2% warm-up (98%).
+COOLDOWNS = (0.1, 0.3, 0.5, 0.98)
+GRID = tuple((cooldown, lr) for cooldown in COOLDOWNS for lr in RATES)
+# sm3_recipe's default before this study chose the cool-down with the rate
+# (scored beside the new default, for the changelog's numbers).
+PREVIOUS_DEFAULT = (0.1, 4e-3)
 ADAMS = CANDIDATES[:3]  # Adam's three schedules
 HABIT = 1e-3  # optax.adam(1e-3): "adam constant" at 1e-3
 LONG_WORKLOAD = "cmudict-syllables"
@@ -98,18 +114,35 @@ def _committed_adam(study: Study, name: str) -> dict | None:
   return {c.name: (rows[c.name]["valid"], rows[c.name]["learning_rate"]) for c in ADAMS}
 
 
+def recipe(cooldown: float) -> Candidate:
+  """The recipe (:data:`RECIPE`'s settings) cooling down over ``cooldown`` of the steps."""
+  if cooldown == RECIPE.decay:
+    return RECIPE  # the lever study's own setting, whose runs this study shares
+  return dataclasses.replace(
+    RECIPE,
+    name=f"recipe, cool-down {cooldown:.0%}",
+    decay=cooldown,
+    factory=functools.partial(optax_sm3.sm3_recipe, decay_fraction=cooldown),
+  )
+
+
 def _seeds(name: str, seeds: int) -> int:
   # The syllable classifier's spread was as large as its gap: more seeds.
   return max(seeds, 5) if name == LONG_WORKLOAD else seeds
 
 
-def rate_table(study: Study, names: Sequence[str]) -> dict:
-  """Per workload: the recipe's validation metric at each rate and the tuned Adam.
+def rate_table(study: Study, names: Sequence[str], long: float = 0.0) -> dict:
+  """Per workload: the recipe's validation metric at each setting of :data:`GRID`, and the tuned Adam.
 
-  The recipe trains at every rate of :data:`RATES` (seed 0), followed past a
-  best edge (for its own tuned rate); each of Adam's three schedules on its
+  The recipe trains with each cool-down of :data:`COOLDOWNS` at every rate
+  of :data:`RATES` (seed 0), each cool-down's rates followed past a best
+  edge (for its own tuned setting); each of Adam's three schedules on its
   own grid, followed past a best edge. ``gaps[i]`` is the recipe's
-  validation gap at ``RATES[i]`` to the best Adam.
+  validation gap at ``GRID[i]`` to the best Adam; ``tuned`` is the
+  workload's own best ``[cool-down, rate]``. With ``long``, the
+  :data:`LONG_WORKLOAD` also trains every setting, and the tuned Adam at its
+  rate, at ``long`` x the steps: ``long_gaps[i]``, which the choice weighs
+  as one more workload (so a default that only suits short runs loses).
   """
   table = {}
   for name in names:
@@ -119,7 +152,11 @@ def rate_table(study: Study, names: Sequence[str]) -> dict:
       c.name: _score(study.tune(name, c), False, higher) for c in ADAMS
     }
     best = _score({k: {"metric": v[0]} for k, v in adams.items()}, False, higher)[1]
-    recipe = study.sweep(name, RECIPE, RATES)
+    valid = {
+      (cooldown, lr): run
+      for cooldown in COOLDOWNS
+      for lr, run in study.sweep(name, recipe(cooldown), RATES).items()
+    }
     table[name] = {
       "metric": workload.metric,
       "higher_is_better": higher,
@@ -129,27 +166,45 @@ def rate_table(study: Study, names: Sequence[str]) -> dict:
       "adam_schedules": {
         k: {"valid": v[0], "learning_rate": v[1]} for k, v in adams.items()
       },
-      "recipe_valid": {f"{lr:g}": r["metric"] for lr, r in sorted(recipe.items())},
-      "gaps": [_gap(workload, recipe[lr]["metric"], adams[best][0]) for lr in RATES],
-      "tuned_lr": _score(recipe, False, higher)[1],
+      "recipe_valid": [[*s, r["metric"]] for s, r in sorted(valid.items())],
+      "gaps": [_gap(workload, valid[s]["metric"], adams[best][0]) for s in GRID],
+      "tuned": list(_score(valid, False, higher)[1]),
     }
+    if long and name == LONG_WORKLOAD:
+      adam = study.run(name, _adam(best), adams[best][1], 0, "tune", long)["metric"]
+      table[name]["long_gaps"] = [
+        _gap(workload, study.run(name, recipe(c), lr, 0, "tune", long)["metric"], adam)
+        for c, lr in GRID
+      ]
   return table
 
 
-def choose_rate(table: dict, held_out: str | None = None) -> float:
-  """The rate of :data:`RATES` whose worst validation gap, on all workloads but ``held_out``, is smallest.
+def choose_rate(table: dict, held_out: str | None = None) -> tuple[float, float]:
+  """The ``(cool-down, rate)`` of :data:`GRID` whose worst validation gap, on all workloads but ``held_out``, is smallest.
+
+  A workload's ``long_gaps`` (at more steps), where it has them, count as
+  one more workload's.
 
   Ties of the worst gap (a small classifier's validation split has a few
-  errors, so equal counts at several rates) go to the smaller second-worst
-  gap, and so on; a diverged run counts as an infinite gap.
+  errors, so equal counts at several settings) go to the smaller
+  second-worst gap, and so on, then to the earlier setting; a diverged run
+  counts as an infinite gap.
   """
   others = [n for n in table if n != held_out]
 
   def worst_first(i):
-    gaps = [table[n]["gaps"][i] for n in others]
+    gaps = [
+      table[n][k][i] for n in others for k in ("gaps", "long_gaps") if k in table[n]
+    ]
     return sorted((math.inf if g != g else g for g in gaps), reverse=True)
 
-  return RATES[min(range(len(RATES)), key=worst_first)]
+  return GRID[min(range(len(GRID)), key=worst_first)]
+
+
+def label(setting: Sequence[float]) -> str:
+  """``"30% cool-down, 0.008"``: a ``(cool-down, rate)`` setting in tables."""
+  cooldown, lr = setting
+  return f"{cooldown:.0%} cool-down, {lr:g}"
 
 
 def _adam(name: str) -> Candidate:
@@ -161,42 +216,47 @@ def score_rates(
   table: dict,
   seeds: int,
   factor: float = 1.0,
-  default: float | None = None,
-  other_rates: Sequence[float] = (),
+  other_settings: Sequence[Sequence[float]] = (),
+  only: Sequence[str] | None = None,
 ) -> list[dict]:
   """Test runs per workload: the untuned recipe, each fold's choice, the tuned ones.
 
-  At ``factor`` x the steps every setting keeps its 1x rate. The runs go in
-  order of importance across the workloads (the untuned recipe and the
-  tuned Adam first), so that an interrupted study has those for all.
+  Settings are ``(cool-down, rate)`` pairs of :data:`GRID`, chosen on
+  ``table`` (the 1x validation runs). At ``factor`` x the steps every
+  setting keeps its 1x rate, and ``only`` names the workloads scored (all
+  by default). The runs go in order of importance across the workloads (the
+  untuned recipe and the tuned Adam first), so that an interrupted study
+  has those for all.
   """
-  default = choose_rate(table) if default is None else default
-  # Each fold's choice (at ``factor`` x, one workload has no others).
-  folds = {
-    name: choose_rate(table, name) if len(table) > 1 else default for name in table
-  }
-  # Every other rate a fold chose (and ``other_rates``) is scored on every
-  # workload too.
-  others = sorted({*folds.values(), *other_rates} - {default})
+  default = choose_rate(table)
+  folds = {name: choose_rate(table, name) for name in table}
+  # Every other setting a fold chose (and ``other_settings``) is scored on
+  # every workload too.
+  others = sorted({*folds.values(), *map(tuple, other_settings)} - {default})
   plans = {}
-  for name, row in table.items():
+  for name in table if only is None else only:
+    row = table[name]
     plans[name] = {
-      "untuned recipe": (RECIPE, default),
+      "untuned recipe": default,
       "tuned adam": (_adam(row["tuned_adam"]), row["adam_lr"]),
-      "held-out choice": (RECIPE, folds[name]),
-      "tuned recipe": (RECIPE, row["tuned_lr"]),
+      "held-out choice": folds[name],
+      "tuned recipe": tuple(row["tuned"]),
       "adam(1e-3)": (ADAMS[0], HABIT),
-    } | {f"recipe at {lr:g}": (RECIPE, lr) for lr in others}
-  tests = {name: {} for name in table}
+    } | {f"recipe at {label(s)}": s for s in others}
+  tests = {name: {} for name in plans}
   for phase in (
     ("untuned recipe", "tuned adam"),
     ("held-out choice", "tuned recipe", "adam(1e-3)"),
-    tuple(f"recipe at {lr:g}" for lr in others),
+    tuple(f"recipe at {label(s)}" for s in others),
   ):
     for name, plan in plans.items():
       for key in phase:
-        candidate, lr = plan[key]
-        tests[name][key] = study.test(name, candidate, lr, _seeds(name, seeds), factor)
+        first, lr = plan[key]
+        candidate = recipe(first) if isinstance(first, float) else first
+        test = study.test(name, candidate, lr, _seeds(name, seeds), factor)
+        if candidate.family == "sm3":
+          test["cooldown"] = candidate.decay
+        tests[name][key] = test
   out = []
   for name, by_key in tests.items():
     workload = study.workload(name)
@@ -208,9 +268,9 @@ def score_rates(
       "metric": workload.metric,
       "steps": study.steps(name, factor),
       "seeds": _seeds(name, seeds),
-      "default": default,
-      "fold_choice": folds[name],
-      "other_rates": others,
+      "default": list(default),
+      "fold_choice": list(folds[name]),
+      "other_settings": [list(s) for s in others],
       "tuned_adam": table[name]["tuned_adam"],
       "tests": by_key,
       "state_ratio": by_key["untuned recipe"]["state_bytes"] / by_key["tuned adam"]["state_bytes"],
@@ -222,33 +282,45 @@ def _cell(metric: str, test: dict) -> str:
   return f"{_mean_std(metric, test)} ({test['gap']:+.2%})"
 
 
+def _setting(test: dict) -> str:
+  """A test's ``(cool-down, rate)``, or Adam's rate alone."""
+  if "cooldown" in test:
+    return label((test["cooldown"], test["learning_rate"]))
+  return f"{test['learning_rate']:g}"
+
+
 def rate_markdown(report: dict) -> str:
-  """The default rate's tables: per workload, and per held-out fold."""
+  """The default setting's tables: per workload, and per held-out fold."""
   default, scores = report["default"], report["scores"]
-  others = scores[0]["other_rates"]
+  others = scores[0]["other_settings"]
+  folds = [r["fold_choice"] for r in scores]
+
+  def why(s):
+    return "a fold's choice" if s in folds else "the previous default"
+
   lines = [
-    f"Default rate {default:g}, chosen on {len(report['workloads'])} workloads "
+    f"Default {label(default)}, chosen on {len(report['workloads'])} workloads "
     f"({report['wall_s'] / 60:.0f} min wall, `{report['command']}`). Test metric, "
     "mean ± std over the seeds (gap to the tuned Adam: relative loss, or relative "
     "error rate for the classifiers; positive is worse).",
     "",
     "| workload | `sm3_recipe(total_steps)` (untuned) | "
-    + "".join(f"untuned at {lr:g} (a fold's choice) | " for lr in others)
-    + "tuned recipe (rate) | tuned Adam (schedule, rate) | `adam(1e-3)` |",
+    + "".join(f"untuned at {label(s)} ({why(s)}) | " for s in others)
+    + "tuned recipe (cool-down, rate) | tuned Adam (schedule, rate) | `adam(1e-3)` |",
     "|---|---:|" + "---:|" * (3 + len(others)),
   ]
   for r in scores:
     t, m = r["tests"], r["metric"]
     lines.append(
       f"| {r['workload']} | {_cell(m, t['untuned recipe'])} | "
-      + "".join(f"{_cell(m, t[f'recipe at {lr:g}'])} | " for lr in others)
-      + f"{_cell(m, t['tuned recipe'])} ({t['tuned recipe']['learning_rate']:g}) | "
+      + "".join(f"{_cell(m, t[f'recipe at {label(s)}'])} | " for s in others)
+      + f"{_cell(m, t['tuned recipe'])} ({_setting(t['tuned recipe'])}) | "
       f"{_mean_std(m, t['tuned adam'])} ({r['tuned_adam'].removeprefix('adam ')}, "
       f"{t['tuned adam']['learning_rate']:g}) | {_cell(m, t['adam(1e-3)'])} |"
     )
   lines += [
     "",
-    "Each workload's metric, seeds and optimizer state (the recipe's, at any rate):",
+    "Each workload's metric, seeds and optimizer state (the recipe's, at any setting):",
     "",
     "| workload | metric | seeds | recipe state | Adam state | ratio |",
     "|---|---|---:|---:|---:|---:|",
@@ -262,37 +334,63 @@ def rate_markdown(report: dict) -> str:
   ]
   lines += [
     "",
-    "Leave one workload out: the rate chosen on the others, scored on the held-out one.",
+    "Leave one workload out: the setting chosen on the others, scored on the "
+    "held-out one.",
     "",
-    "| held-out workload | rate chosen on the others | test | gap to tuned Adam |",
+    "| held-out workload | chosen on the others | test | gap to tuned Adam |",
     "|---|---:|---:|---:|",
   ]
   lines += [
-    f"| {r['workload']} | {r['fold_choice']:g} | "
+    f"| {r['workload']} | {label(r['fold_choice'])} | "
     f"{_mean_std(r['metric'], r['tests']['held-out choice'])} | "
     f"{r['tests']['held-out choice']['gap']:+.2%} |"
     for r in scores
   ]
-  names = report["workloads"]
+  table = report["table"]
+  columns = [(n, "gaps") for n in report["workloads"]]
+  columns += [(n, "long_gaps") for n in report["workloads"] if "long_gaps" in table[n]]
   rows = [
-    (f"{lr:g}", [report["table"][n]["gaps"][i] for n in names])
-    for i, lr in enumerate(RATES)
+    (label(s), [table[n][key][i] for n, key in columns])
+    for i, s in enumerate(report["grid"])
   ]
-  title = "The recipe's validation gap to the tuned Adam at each rate (seed 0):"
-  lines += gap_table(title, "rate", names, rows)
+  title = "The recipe's validation gap to the tuned Adam at each setting (seed 0):"
+  names = [n if key == "gaps" else f"{n} ({report['long_factor']:g}x steps)"
+           for n, key in columns]  # fmt: skip
+  lines += gap_table(title, "cool-down, rate", names, rows)
   for long in report.get("long", []):
     lines += [
       "",
-      f"{long['workload']} at {long['steps']} steps ({long['seeds']} seeds):",
+      f"{long['workload']} at {long['steps']} steps ({long['seeds']} seeds; every "
+      "setting as chosen at the 1x steps):",
       "",
-      "| setting | rate | test | gap to tuned Adam |",
+      "| setting | cool-down, rate | test | gap to tuned Adam |",
       "|---|---:|---:|---:|",
     ]
     lines += [
-      f"| {key} | {test['learning_rate']:g} | {_mean_std(long['metric'], test)} | "
+      f"| {key} | {_setting(test)} | {_mean_std(long['metric'], test)} | "
       f"{test['gap']:+.2%} |"
       for key, test in long["tests"].items()
     ]
+  return "\n".join(lines)
+
+
+def headline_markdown(report: dict) -> str:
+  """The README's table: per workload (and at ``long`` x), the untuned recipe against the tuned Adam."""
+  lines = [
+    "| workload | metric | untuned `sm3_recipe` | tuned Adam | gap | `adam(1e-3)`'s gap "
+    "| state / Adam's |",
+    "|---|---|---:|---:|---:|---:|---:|",
+  ]
+  for r in report["scores"] + report.get("long", []):
+    t, m = r["tests"], r["metric"]
+    name = (
+      r["workload"] if r in report["scores"] else f"{r['workload']}, {r['steps']} steps"
+    )
+    lines.append(
+      f"| {name} | {m} | {_mean_std(m, t['untuned recipe'])} | "
+      f"{_mean_std(m, t['tuned adam'])} | {t['untuned recipe']['gap']:+.1%} | "
+      f"{t['adam(1e-3)']['gap']:+.1%} | {r['state_ratio']:.1%} |"
+    )
   return "\n".join(lines)
 
 
@@ -300,18 +398,19 @@ def default_rate_study(
   study: Study, names: Sequence[str], seeds: int, long: float
 ) -> dict:
   """The tables of :func:`rate_markdown`: tune, choose, score (and ``long`` x steps)."""
-  table = rate_table(study, names)
+  table = rate_table(study, names, long)
   report = {
     "workloads": list(names),
-    "rates": list(RATES),
+    "grid": [list(s) for s in GRID],
+    "long_factor": long,
     "table": table,
-    "default": choose_rate(table),
-    "scores": score_rates(study, table, seeds),
+    "default": list(choose_rate(table)),
+    "scores": score_rates(study, table, seeds, other_settings=[PREVIOUS_DEFAULT]),
   }
   if long and LONG_WORKLOAD in table:
-    sub = {LONG_WORKLOAD: table[LONG_WORKLOAD]}
-    others = report["scores"][0]["other_rates"]
-    report["long"] = score_rates(study, sub, seeds, long, report["default"], others)
+    report["long"] = score_rates(
+      study, table, seeds, long, [PREVIOUS_DEFAULT], only=[LONG_WORKLOAD]
+    )
   return report
 
 

@@ -28,7 +28,7 @@ def train_step(params, state):
   return optax.apply_updates(params, updates), state, loss
 
 
-for step in range(21):
+for step in range(9):
   params, state, loss = train_step(params, state)
   if step % 4 == 0:
     print(f"step {step:3d}  loss {loss:.4f}")

@@ -39,17 +39,24 @@ def _train(tx, steps=20):
   return params
 
 
-def test_recipe_candidate_is_the_library_recipe_bit_for_bit():
-  # The candidate's fields spell the library's recipe (which it calls).
-  ours = _train(dataclasses.replace(_study.RECIPE, factory=None).make(3e-2, 20))
-  library = _train(optax_sm3.sm3_recipe(3e-2, 20))
+@pytest.mark.parametrize("cooldown", transfer.COOLDOWNS)
+def test_recipe_candidate_is_the_library_recipe_bit_for_bit(cooldown):
+  # The candidates' fields spell the library's recipe (which they call) at
+  # each cool-down: the lever study's RECIPE is the recipe at 10%.
+  candidate = transfer.recipe(cooldown)
+  assert (candidate is _study.RECIPE) == (cooldown == 0.1)
+  ours = _train(dataclasses.replace(candidate, factory=None).make(3e-2, 20))
+  library = _train(optax_sm3.sm3_recipe(3e-2, 20, decay_fraction=cooldown))
   jax.tree.map(np.testing.assert_array_equal, ours, library)
+  jax.tree.map(np.testing.assert_array_equal, _train(candidate.make(3e-2, 20)), library)
 
 
 def test_base_candidate_is_the_library_recipe_at_beta_0_9():
   # The lever study's base: sm3_recipe at beta 0.9, without bias correction.
   ours = _train(_study.BASE.make(3e-2, 20))
-  library = _train(optax_sm3.sm3_recipe(3e-2, 20, beta=0.9, bias_correction=False))
+  library = _train(
+    optax_sm3.sm3_recipe(3e-2, 20, beta=0.9, bias_correction=False, decay_fraction=0.1)
+  )
   jax.tree.map(np.testing.assert_array_equal, ours, library)
 
 
@@ -222,32 +229,44 @@ def test_study_end_to_end_on_fake_runs():
   assert len(long_runs) == 3 * (2 + _study.SEEDS)
 
 
-def _rate_table(gaps):
-  """A rate table: ``gaps[workload]``, one gap per rate of transfer.RATES."""
-  return {name: {"gaps": list(values)} for name, values in gaps.items()}
+def _rate_table(gaps, rest=9.0):
+  """A rate table: ``gaps[workload]`` maps settings of transfer.GRID to gaps (else ``rest``)."""
+  return {
+    name: {"gaps": [values.get(s, rest) for s in transfer.GRID]}
+    for name, values in gaps.items()
+  }
 
 
 def test_choose_rate_minimises_the_worst_gap_on_the_other_workloads_only():
-  assert len(transfer.RATES) == 5
-  nan = math.nan
+  rates, nan = transfer.RATES, math.nan
+  assert len(rates) == 9 and rates[::2] == tuple(2e-3 * 2.0**k for k in range(5))
+  assert transfer.GRID == tuple((c, lr) for c in transfer.COOLDOWNS for lr in rates)
+  a, b, c, d = (0.1, rates[1]), (0.3, rates[2]), (0.5, rates[2]), (0.98, rates[3])
   table = _rate_table({
-    "lm": [0.05, 0.01, 0.00, 0.02, 0.10],
-    "classifier": [0.30, 0.20, 0.08, 0.03, 0.01],
-    "code": [0.04, 0.00, 0.01, nan, 0.20],
+    "lm": {a: 0.01, b: 0.00, c: 0.02, d: 0.10},
+    "classifier": {a: 0.20, b: 0.08, c: 0.03, d: 0.01},
+    "code": {a: 0.00, b: 0.01, c: nan, d: 0.20},
   })  # fmt: skip
-  rates = transfer.RATES
-  # Worst over all: 0.30, 0.20, 0.08, inf (a diverged run), 0.20.
-  assert transfer.choose_rate(table) == rates[2]
-  # Held out the classifier: 0.05, 0.01, 0.01, inf, 0.20; ties go to the lower.
-  assert transfer.choose_rate(table, "classifier") == rates[1]
-  # Held out code: 0.30, 0.20, 0.08, 0.03, 0.10.
-  assert transfer.choose_rate(table, "code") == rates[3]
+  # Worst over all: a 0.20, b 0.08, c inf (a diverged run), d 0.20.
+  assert transfer.choose_rate(table) == b
+  # Held out the classifier: a and b tie at (0.01, 0.00): the earlier setting.
+  assert transfer.choose_rate(table, "classifier") == a
+  # Held out code: a 0.20, b 0.08, c 0.03, d 0.10.
+  assert transfer.choose_rate(table, "code") == c
   # A tie of the worst gap (a few validation errors) goes to the second-worst.
   tied = _rate_table({
-    "digits": [1.5, 1.5, 1.5, 2.0, 1.5],
-    "lm": [0.10, 0.02, 0.01, 0.00, 0.03],
+    "digits": {a: 1.5, b: 1.5, c: 1.5, d: 2.0},
+    "lm": {a: 0.02, b: 0.01, c: 0.03, d: 0.00},
   })  # fmt: skip
-  assert transfer.choose_rate(tied) == rates[2]
+  assert transfer.choose_rate(tied) == b
+  assert transfer.label(b) == f"30% cool-down, {rates[2]:g}"
+  # A workload's gaps at more steps count as one more workload's, and leave
+  # with it.
+  table["classifier"]["long_gaps"] = _rate_table({"x": {c: 0.05, d: 0.02}})["x"]["gaps"]
+  # Worst over all: a 9, b 9, c inf, d 0.20.
+  assert transfer.choose_rate(table) == d
+  assert transfer.choose_rate(table, "classifier") == a
+  assert transfer.choose_rate(table, "code") == c
 
 
 def test_rate_study_end_to_end_on_fake_runs(monkeypatch):
@@ -256,29 +275,34 @@ def test_rate_study_end_to_end_on_fake_runs(monkeypatch):
   study = _FakeStudy(1.0, 3, 3, {"runs": {}}, lambda: None, lambda _: None)
   report = transfer.default_rate_study(study, names, seeds=3, long=5.0)
   table = report["table"]
-  assert report["default"] == transfer.choose_rate(table)
+  assert report["default"] == list(transfer.choose_rate(table))
+
+  def setting(test):
+    return [test["cooldown"], test["learning_rate"]]
+
   for r in report["scores"]:
     tests = r["tests"]
     assert tests["tuned adam"]["gap"] == 0.0
-    assert tests["untuned recipe"]["learning_rate"] == report["default"]
-    assert tests["held-out choice"]["learning_rate"] == transfer.choose_rate(
-      table, r["workload"]
-    )
-    assert tests["tuned recipe"]["learning_rate"] == table[r["workload"]]["tuned_lr"]
+    assert setting(tests["untuned recipe"]) == report["default"]
+    held_out = transfer.choose_rate(table, r["workload"])
+    assert setting(tests["held-out choice"]) == list(held_out)
+    assert setting(tests["tuned recipe"]) == table[r["workload"]]["tuned"]
     assert tests["adam(1e-3)"]["learning_rate"] == 1e-3
     # More seeds on the classifier whose gap was unresolved.
     assert len(tests["untuned recipe"]["metrics"]) == r["seeds"]
     assert r["seeds"] == (5 if r["workload"] == "classifier" else 3)
     assert r["state_ratio"] == 20 / 1000
-    # Every rate a fold chose is scored on every workload.
-    folds = {transfer.choose_rate(table, n) for n in names} - {report["default"]}
-    assert r["other_rates"] == sorted(folds)
-    for lr in folds:
-      assert tests[f"recipe at {lr:g}"]["learning_rate"] == lr
+    # Every setting a fold chose, and the previous default, is scored on
+    # every workload.
+    others = {transfer.choose_rate(table, n) for n in names}
+    others = sorted({*others, transfer.PREVIOUS_DEFAULT} - {tuple(report["default"])})
+    assert r["other_settings"] == [list(s) for s in others]
+    for s in others:
+      assert setting(tests[f"recipe at {transfer.label(s)}"]) == list(s)
   # The fake setting is best at the middle of its grid: every rate was run,
   # and the best Adam is interior (no edge followed).
   for name in names:
-    assert len(table[name]["gaps"]) == len(transfer.RATES)
+    assert len(table[name]["gaps"]) == len(transfer.GRID)
     for adam in transfer.ADAMS:
       lrs = {k[3] for k in study.record["runs"] if k[:2] == (name, adam.name)}
       assert (
@@ -286,11 +310,19 @@ def test_rate_study_end_to_end_on_fake_runs(monkeypatch):
       )
   (long,) = report["long"]
   assert long["steps"] == 500 and long["seeds"] == 5
+  # At 5x the steps every setting is the one chosen at 1x: the fold's choice
+  # is the one made without the classifier, the default the one made with it.
+  assert long["workload"] == "classifier"
+  assert setting(long["tests"]["held-out choice"]) == list(
+    transfer.choose_rate(table, "classifier")
+  )
+  assert setting(long["tests"]["untuned recipe"]) == report["default"]
+  assert long["other_settings"] == report["scores"][0]["other_settings"]
   assert {k[2] for k in study.record["runs"] if k[0] == "classifier"} == {1.0, 5.0}
   text = transfer.rate_markdown(report | {"wall_s": 60.0, "command": "c"})
   for name in names:  # a row in the results, the state and the leave-one-out tables
     assert sum(line.startswith(f"| {name} |") for line in text.splitlines()) == 3
-  assert "classifier at 500 steps (5 seeds)" in text
+  assert "classifier at 500 steps (5 seeds; every setting as chosen at the 1x" in text
 
 
 def test_rate_study_reuses_the_lever_studys_adam():
@@ -319,30 +351,35 @@ def test_rate_study_reuses_the_lever_studys_adam():
   assert transfer._committed_adam(study, "digits-conv") is None
 
 
-def test_every_folds_rate_is_scored_on_every_workload():
-  rates = transfer.RATES
+def test_every_folds_setting_is_scored_on_every_workload():
+  grid, previous = transfer.GRID, transfer.PREVIOUS_DEFAULT
+  a, b = grid[3], grid[6]
+  assert previous in grid and previous not in (a, b)
   table = {
     name: {
-      "gaps": gaps,
+      "gaps": [gaps.get(s, 0.9) for s in grid],
       "tuned_adam": "adam constant",
       "adam_lr": 4e-3,
-      "tuned_lr": rates[1],
+      "tuned": list(grid[1]),
     }
     for name, gaps in {
-      "lm": [0.05, 0.00, 0.01, 0.02, 0.09],
-      "classifier": [0.50, 0.10, 0.03, 0.00, 0.40],
+      "lm": {a: 0.00, b: 0.02},
+      "classifier": {a: 0.50, b: 0.10},
     }.items()
   }
   study = _FakeStudy(1.0, 3, 3, {"runs": {}}, lambda: None, lambda _: None)
-  scores = transfer.score_rates(study, table, seeds=3)
-  # Worst gaps: 0.50, 0.10, 0.03, 0.02, 0.40; each fold picks the other's best.
-  assert [r["fold_choice"] for r in scores] == [rates[3], rates[1]]
-  assert {r["default"] for r in scores} == {rates[3]}
+  scores = transfer.score_rates(study, table, seeds=3, other_settings=[previous])
+  # Worst gaps: a 0.50, b 0.10, the rest 0.9; each fold picks the other's best.
+  assert [r["fold_choice"] for r in scores] == [list(b), list(a)]
+  assert {tuple(r["default"]) for r in scores} == {b}
   for r in scores:
-    assert r["other_rates"] == [rates[1]]
-    assert r["tests"][f"recipe at {rates[1]:g}"]["learning_rate"] == rates[1]
+    assert r["other_settings"] == [list(previous), list(a)]
+    for s in (a, previous):
+      test = r["tests"][f"recipe at {transfer.label(s)}"]
+      assert (test["cooldown"], test["learning_rate"]) == s
   report = {
-    "default": rates[3],
+    "default": list(b),
+    "grid": [list(s) for s in grid],
     "workloads": list(table),
     "table": table,
     "scores": scores,
@@ -351,11 +388,12 @@ def test_every_folds_rate_is_scored_on_every_workload():
   }
   header, rule, *_ = transfer.rate_markdown(report).split("\n\n")[1].splitlines()
   assert header.count("|") == rule.count("|")
-  assert f"untuned at {rates[1]:g} (a fold's choice)" in header
+  assert f"untuned at {transfer.label(a)} (a fold's choice)" in header
+  assert f"untuned at {transfer.label(previous)} (the previous default)" in header
 
 
 def test_guide_tables_are_the_committed_rate_study():
-  """The recipe guide shows docs/_data/recipe.json's tables, and sm3_recipe its rate."""
+  """The recipe guide shows docs/_data/recipe.json's tables; sm3_recipe its default."""
   docs = pathlib.Path(__file__).parents[1] / "docs"
   data = json.loads((docs / "_data" / "recipe.json").read_text())
   guide = (docs / "guides" / "recipe.md").read_text()
@@ -365,6 +403,20 @@ def test_guide_tables_are_the_committed_rate_study():
   assert len(rows) > 2 * len(data["workloads"])
   for line in rows:
     assert line in guide, line
-  default = inspect.signature(optax_sm3.sm3_recipe).parameters["learning_rate"].default
-  assert default == data["default"]
+  parameters = inspect.signature(optax_sm3.sm3_recipe).parameters
+  defaults = [parameters[k].default for k in ("decay_fraction", "learning_rate")]
+  assert defaults == data["default"]
   assert data["workloads"] == list(transfer.RATE_WORKLOADS)
+  assert data["grid"] == [list(s) for s in transfer.GRID]
+
+
+def test_readme_table_is_the_committed_rate_study():
+  """The README's recipe table: every row of headline_markdown(recipe.json), with its time."""
+  root = pathlib.Path(__file__).parents[1]
+  data = json.loads((root / "docs" / "_data" / "recipe.json").read_text())
+  readme = (root / "README.md").read_text()
+  rows = transfer.headline_markdown(data).splitlines()
+  assert len(rows) == 2 + len(data["scores"]) + len(data["long"])
+  for line in rows:
+    assert line in readme, line
+  assert f"`{data['command']}`, {data['wall_s'] / 60:.0f} min" in readme

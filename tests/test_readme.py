@@ -131,7 +131,8 @@ def test_readme_says_what_the_main_job_prints():
   # rows of the results page's (the full run's) table.
   section = readme[readme.index(f"### {title}\n") :].split("\n## ")[0]
   header = next(line for line in printed if line.startswith("| optimizer |"))
-  table = [line for line in section.splitlines() if line.startswith("| ")]
+  (table,) = re.findall(r"^\| .*(?:\n\|.*)*", section, re.M)[:1]
+  table = [line for line in table.splitlines() if line.startswith("| ")]
   assert table[0] == header
   assert [line.split("|")[1].strip() for line in table[1:]] == args.optimizers
   results = (ROOT / "docs" / "guides" / "results.md").read_text()

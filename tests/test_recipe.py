@@ -38,7 +38,7 @@ def _train(opt, steps):
 def test_equals_the_spelled_out_chain():
   steps = 30
   schedule = optax_sm3.warmup_schedule(
-    3e-3, steps, warmup_fraction=0.02, decay_fraction=0.1
+    3e-3, steps, warmup_fraction=0.02, decay_fraction=0.3
   )
   explicit = optax_sm3.sm3(
     schedule, momentum=0.0, beta=0.99, bias_correction=True, merge_axes_up_to=2048
@@ -66,11 +66,11 @@ def test_schedule_warms_up_holds_and_cools_down():
   # A constant gradient of 1 gives nu = 1 - 0.99**t after t steps, which the
   # bias correction divides by 1 - 0.99**t, so |u| = rate(t) / sqrt(1 + eps):
   # 2 warm-up steps (quadratic), constant, then the linear cool-down over the
-  # last 10.
-  rate = [min(1.0, (t / 2) ** 2, (steps - t) / 10) for t in range(steps)]
+  # last 30.
+  rate = [min(1.0, (t / 2) ** 2, (steps - t) / 30) for t in range(steps)]
   expected = [r / np.sqrt(1 + 1e-8) for r in rate]
   np.testing.assert_allclose(sizes, expected, rtol=2e-5)
-  assert sizes[0] == 0.0 and sizes[95] == pytest.approx(0.5, rel=1e-4)
+  assert sizes[0] == 0.0 and sizes[85] == pytest.approx(0.5, rel=1e-4)
 
 
 def test_traced_learning_rate():
@@ -155,12 +155,23 @@ def test_traced_cover_bound_says_to_make_it_static():
 
 
 def test_default_rate_and_required_total_steps():
-  default = inspect.signature(optax_sm3.sm3_recipe).parameters["learning_rate"].default
-  assert default == 4e-3
+  parameters = inspect.signature(optax_sm3.sm3_recipe).parameters
+  assert parameters["learning_rate"].default == 8e-3
+  assert parameters["decay_fraction"].default == 0.3
+  # The defaults are the docstring's and the recipe guide's spelled-out chain.
   ours, _ = _train(optax_sm3.sm3_recipe(total_steps=30), 30)
-  theirs, _ = _train(optax_sm3.sm3_recipe(4e-3, 30), 30)
+  schedule = optax_sm3.warmup_schedule(
+    8e-3, 30, warmup_fraction=0.02, decay_fraction=0.3
+  )
+  explicit = optax_sm3.sm3(
+    schedule, momentum=0.0, beta=0.99, bias_correction=True, merge_axes_up_to=2048
+  )
+  theirs, _ = _train(explicit, 30)
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
     np.testing.assert_array_equal(a, b)
+  # The previous default, as the changelog's migration line spells it.
+  old, _ = _train(optax_sm3.sm3_recipe(4e-3, 30, decay_fraction=0.1), 30)
+  assert not np.array_equal(old["kernel"], ours["kernel"])
   with pytest.raises(TypeError, match="needs `total_steps`"):
     optax_sm3.sm3_recipe()
   with pytest.raises(TypeError, match="needs `total_steps`"):

@@ -132,8 +132,9 @@ def _recipe(data, out):
     dpi=120,
   )
   axes = axes.ravel()
+  cooldown, rate = data["default"]
   labels = {
-    "untuned recipe": f"sm3_recipe (default {data['default']:g})",
+    "untuned recipe": f"sm3_recipe (default: {rate:g}, {cooldown:.0%} cool-down)",
     "tuned adam": "tuned Adam",
     "adam(1e-3)": "adam(1e-3)",
   }
