@@ -1,35 +1,18 @@
 """The transfer studies' candidates, their resumable record of runs, and the lever study.
 
-A :class:`Candidate` is one optimizer setting (SM3 with one lever changed,
-or Adam with a schedule); a :class:`Study` trains candidates on workloads
-and remembers every run (keyed by workload, setting, steps, rate, seed and
-split), so that an interrupted study resumes. :mod:`benchmarks.transfer`
-runs two studies with them: the recipe's default rate, and the lever study
-(``--levers``, below) that chose the recipe's settings.
+A :class:`Candidate` is one optimizer setting; a :class:`Study` trains
+candidates on workloads and remembers every run (keyed by workload, setting,
+steps, rate, seed and split), so that an interrupted study resumes.
 
-The lever study: every candidate trains on every workload of
-:data:`WORKLOADS` with each rate of a small grid (seed 0, validation split; a
-best rate on the grid's edge is followed one rate outwards). Then, for each
-workload in turn, the settings are chosen on the *other* workloads only: the
-candidate, within a memory budget, whose worst validation gap to the tuned
-Adam over those workloads is smallest. On the held-out workload that
-candidate's rate is tuned on its validation split, and it trains with 3
-seeds on the whole training split, scored on the test split against the
-tuned Adam (the best of Adam's three schedules on that workload's
-validation split), also with 3 seeds. This runs for two budgets (state at
-most 3% of Adam's, no momentum; at most 30%, bfloat16 momentum).
-
-Every SM3 run of the lever study also keeps a Polyak average of the
-parameters (:func:`optax_sm3.polyak_averaging`, decay 0.95, float32) and is
-scored with it too: ``+polyak`` candidates reuse the runs, and their state
-counts the average. (In bfloat16, or at decay 0.99, the average scored worse
-than the last parameters on the character transformer's validation split:
-2.227 and 2.150 against 2.164 with a constant rate, where 0.95 in float32
-gave 2.106.)
-
-Gaps are relative: the loss ratio minus 1 for the language models, the
-error-rate ratio minus 1 (error = 1 - accuracy) for the classifiers, so a
-positive gap is worse than Adam.
+The lever study (``python -m benchmarks.transfer --levers``; the recipe
+guide gives its protocol): every candidate trains on every workload of
+:data:`WORKLOADS` over a small rate grid (seed 0, validation split); for each
+held-out workload, the SM3 setting within a memory budget (:data:`BUDGETS`)
+with the smallest worst validation gap to the tuned Adam on the *other*
+workloads is scored on its test split (3 seeds). SM3 runs also keep a Polyak
+average of the parameters (decay 0.95, float32; ``+polyak`` candidates).
+Gaps are relative: the loss ratio minus 1, or the error-rate ratio minus 1
+for the classifiers; positive is worse than Adam.
 """
 
 from __future__ import annotations
@@ -53,29 +36,13 @@ SEEDS = 3
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-  """One optimizer setting of the study.
+  """One optimizer setting of the study (``family`` ``"sm3"`` or ``"adam"``).
 
-  Attributes:
-    name: the label in tables.
-    family: ``"sm3"`` or ``"adam"``.
-    beta: SM3's second-moment decay, or ``"rising"`` for Adafactor's
-      ``1 - t**-0.8``.
-    bias_correction: SM3's ``bias_correction``.
-    schedule: ``"constant"``, ``"cooldown"`` or ``"cosine"`` (see
-      :meth:`schedule_fn`).
-    warmup: warm-up length as a fraction of the steps.
-    decay: the cool-down's length as a fraction of the steps.
-    momentum: SM3's momentum (0: no buffer).
-    mu_dtype: the momentum's dtype name.
-    merge_axes_up_to: SM3's cover option.
-    clip_rms: clip each parameter's update to this RMS (Adafactor's update
-      clipping, :func:`optax.clip_by_block_rms`), or ``None``.
-    param_scale: scale each update by its parameter's RMS (Adafactor's
-      relative step, :func:`optax.scale_by_param_block_rms`).
-    factory: where the setting is a library optimizer, its
-      ``factory(learning_rate, total_steps)``, which ``make`` calls (the
-      sparse path takes only optimizers that ``optax_sm3`` made); the
-      fields above still describe it.
+  ``beta`` may be ``"rising"`` (Adafactor's ``1 - t**-0.8``); ``warmup`` and
+  ``decay`` are fractions of the steps; ``clip_rms`` and ``param_scale`` are
+  Adafactor's update clipping and relative step. ``factory``, where set, is
+  the library optimizer ``make`` calls (the sparse path takes only
+  ``optax_sm3``'s); the other fields still describe it.
   """
 
   name: str
@@ -93,13 +60,9 @@ class Candidate:
   factory: Callable[[Any, Any], optax.GradientTransformation] | None = None
 
   def schedule_fn(self, peak, total_steps: int):
-    """The rate at each step, peaking at ``peak``.
-
-    ``"constant"``: the authors' quadratic warm-up, then ``peak``;
-    ``"cooldown"``: the same, then a linear decay to 0 over the last
-    ``decay`` of the steps; ``"cosine"``: optax's linear warm-up, then a
-    cosine decay to 0.
-    """
+    """The rate at each step: a quadratic warm-up, then ``peak`` (``"constant"``),
+    cooling down linearly over ``decay`` (``"cooldown"``); or optax's warm-up
+    and cosine decay (``"cosine"``)."""
     warmup = round(self.warmup * total_steps)
     if self.schedule == "cosine" and warmup:
       factor = optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup, total_steps)
@@ -154,11 +117,8 @@ def _rising(count):
   return 1.0 - (count + 1.0) ** -0.8
 
 
-# The base every lever changes (``sm3_recipe(..., beta=0.9,
-# bias_correction=False, decay_fraction=0.1)``), and the setting the study
-# chose in every fold, ``optax_sm3.sm3_recipe``'s second-moment settings at
-# the 10% cool-down this study ran with (the rate study chose the recipe's
-# cool-down afterwards, :data:`benchmarks.transfer.COOLDOWNS`).
+# The base every lever changes, and the setting every fold chose:
+# ``sm3_recipe``'s second-moment settings at this study's 10% cool-down.
 BASE = Candidate("beta 0.9")
 RECIPE = Candidate(
   "beta 0.99 + bias correction",
@@ -301,12 +261,9 @@ def _score(runs: dict, polyak: bool, higher: bool) -> tuple[float, float]:
   return finite[best], best
 
 
-def _fmt(workload_metric: str, value: float) -> str:
-  return f"{value:.2%}" if "accuracy" in workload_metric else f"{value:.4f}"
-
-
 def _mean_std(metric: str, test: dict) -> str:
-  return f"{_fmt(metric, test['mean'])} ± {_fmt(metric, test['std'])}"
+  fmt = "{:.2%}" if "accuracy" in metric else "{:.4f}"
+  return f"{fmt.format(test['mean'])} ± {fmt.format(test['std'])}"
 
 
 def gap_table(title: str, first: str, names, rows, *extra: str) -> list[str]:

@@ -1,28 +1,13 @@
 """A drop-in that needs no tuning: the recipe's default rate and cool-down, chosen by leaving workloads out.
 
-:func:`optax_sm3.sm3_recipe`'s second-moment settings were chosen by the
-lever study (``--levers``, :mod:`benchmarks._study`); this study chooses
-its peak rate, the one number a user would otherwise tune, together with
-the length of its cool-down, by the same protocol:
-
-1. On every workload of :data:`RATE_WORKLOADS` the recipe trains with each
-   cool-down of :data:`COOLDOWNS` at each rate of :data:`RATES` (the
-   settings of :data:`GRID`; seed 0, validation split), and Adam with each
-   of three schedules on its own grid (3 rates a factor 2 apart, a best
-   edge followed outwards); the tuned Adam is the best of the three.
-2. For each workload in turn, the setting is chosen on the *other*
-   workloads: the one whose worst validation gap to the tuned Adam is
-   smallest; it is scored on the held-out workload's test split. The
-   default is the setting the same rule picks on all workloads.
-3. On every workload's test split (3 seeds; 5 on the syllable classifier):
-   the recipe at the default setting (untuned), at every other setting a
-   fold chose and at :data:`PREVIOUS_DEFAULT`, at its own best validation
-   setting (tuned), the tuned Adam, and ``optax.adam(1e-3)`` (a user's
-   habit).
-4. The syllable classifier again at 5x the steps, 5 seeds, every setting at
-   its 1x rate.
-
-Gaps are relative, as :mod:`benchmarks._study` defines them.
+:func:`optax_sm3.sm3_recipe` (its second-moment settings chosen by the lever
+study, ``--levers``, :mod:`benchmarks._study`) trains at every ``(cool-down,
+rate)`` of :data:`GRID` on every workload (seed 0, validation split), Adam at
+each of three schedules. The default is the setting whose worst validation
+gap to the tuned Adam is smallest; each fold chooses without its held-out
+workload. All are scored on the test splits (3 seeds; 5 on the syllable
+classifier, which also trains at ``--long`` x the steps). The recipe guide
+(docs/guides/recipe.md) gives the protocol and the tables.
 
 Usage (from the repository root)::
 
@@ -31,11 +16,10 @@ Usage (from the repository root)::
   python -m benchmarks.transfer --levers     # the settings' study
   python -m benchmarks.transfer --quick      # a smoke run: 1/10 of the steps
 
-Results go to ``--out`` (default ``results/recipe``, ``results/transfer``
-for ``--levers``): ``transfer.json`` (every run; an interrupted study
-resumes from it), ``transfer.md`` and ``summary.json`` (the tables and the
-test runs' loss curves, which the docs keep as ``docs/_data/recipe.json``,
-and ``docs/_data/transfer.json`` for ``--levers``).
+Results go to ``--out`` (``results/recipe``; ``results/transfer`` with
+``--levers``): ``transfer.json`` (every run; a study resumes from it),
+``transfer.md`` and ``summary.json`` (kept as ``docs/_data/recipe.json``, or
+``docs/_data/transfer.json`` for ``--levers``).
 """
 
 from __future__ import annotations
@@ -52,45 +36,28 @@ from collections.abc import Sequence
 
 import optax_sm3
 from benchmarks import _report, _study, _workloads
-from benchmarks._study import (
-  CANDIDATES,
-  RECIPE,
-  SEEDS,
-  Candidate,
-  Study,
-  _gap,
-  _mean_std,
-  _score,
-  gap_table,
-)
+from benchmarks._study import RECIPE, Candidate, Study, _gap, _mean_std, _score
 
 RATE_WORKLOADS = ("shakespeare-char", *_workloads.TRANSFER_NAMES)
 # The recipe's rates: 2e-3 to 3.2e-2, a factor sqrt(2) apart.
 RATES = tuple(2e-3 * 2.0 ** (k / 2) for k in range(9))
-# The recipe's cool-down lengths, as fractions of the steps, chosen among
-# with the rate: the lever study's 10%, 30%, 50%, and every step after the
-# 2% warm-up (98%).
+# The cool-downs (fractions of the steps): the lever study's 10%, 30%, 50%,
+# and every step after the 2% warm-up.
 COOLDOWNS = (0.1, 0.3, 0.5, 0.98)
 GRID = tuple((cooldown, lr) for cooldown in COOLDOWNS for lr in RATES)
-# sm3_recipe's default before this study chose the cool-down with the rate
-# (scored beside the new default, for the changelog's numbers).
+# sm3_recipe's default before this study (scored beside the new one).
 PREVIOUS_DEFAULT = (0.1, 4e-3)
-ADAMS = CANDIDATES[:3]  # Adam's three schedules
+ADAMS = _study.CANDIDATES[:3]  # Adam's three schedules
 HABIT = 1e-3  # optax.adam(1e-3): "adam constant" at 1e-3
 LONG_WORKLOAD = "cmudict-syllables"
-# The lever study's results (``--levers``), whose Adam runs the rate study
-# reuses: the same code, workloads and seeds (the runs are deterministic: a
-# rerun of "adam constant" at 0.004 on shakespeare-char gave its 2.1293).
+# The lever study's results, whose Adam runs the rate study reuses (same code,
+# workloads and seeds; a rerun of one gave the same metric).
 LEVERS = pathlib.Path(__file__).parents[1] / "docs" / "_data" / "transfer.json"
 
 
 def _committed_adam(study: Study, name: str) -> dict | None:
-  """Adam's tuning on ``name`` from :data:`LEVERS`, its test runs put in the record.
-
-  ``None`` where the lever study did not run ``name`` at these steps. Its
-  grids were the same (3 rates, a best edge followed outwards), and each
-  best rate it found lies inside its grid.
-  """
+  """Adam's tuning on ``name`` from :data:`LEVERS` (``None`` if it lacks ``name``
+  at these steps), its test runs put in the record."""
   if study.steps_scale != 1.0 or not LEVERS.exists():
     return None
   levers = json.loads(LEVERS.read_text())
@@ -132,17 +99,12 @@ def _seeds(name: str, seeds: int) -> int:
 
 
 def rate_table(study: Study, names: Sequence[str], long: float = 0.0) -> dict:
-  """Per workload: the recipe's validation metric at each setting of :data:`GRID`, and the tuned Adam.
+  """Per workload: the recipe's validation gap to the tuned Adam at each setting.
 
-  The recipe trains with each cool-down of :data:`COOLDOWNS` at every rate
-  of :data:`RATES` (seed 0), each cool-down's rates followed past a best
-  edge (for its own tuned setting); each of Adam's three schedules on its
-  own grid, followed past a best edge. ``gaps[i]`` is the recipe's
-  validation gap at ``GRID[i]`` to the best Adam; ``tuned`` is the
-  workload's own best ``[cool-down, rate]``. With ``long``, the
-  :data:`LONG_WORKLOAD` also trains every setting, and the tuned Adam at its
-  rate, at ``long`` x the steps: ``long_gaps[i]``, which the choice weighs
-  as one more workload (so a default that only suits short runs loses).
+  ``gaps[i]`` is at ``GRID[i]`` (each cool-down's rates followed past a best
+  edge); ``tuned`` is the workload's own best ``[cool-down, rate]``. With
+  ``long``, :data:`LONG_WORKLOAD` also trains every setting at ``long`` x the
+  steps (``long_gaps``), which the choice weighs as one more workload.
   """
   table = {}
   for name in names:
@@ -182,13 +144,9 @@ def rate_table(study: Study, names: Sequence[str], long: float = 0.0) -> dict:
 def choose_rate(table: dict, held_out: str | None = None) -> tuple[float, float]:
   """The ``(cool-down, rate)`` of :data:`GRID` whose worst validation gap, on all workloads but ``held_out``, is smallest.
 
-  A workload's ``long_gaps`` (at more steps), where it has them, count as
-  one more workload's.
-
-  Ties of the worst gap (a small classifier's validation split has a few
-  errors, so equal counts at several settings) go to the smaller
-  second-worst gap, and so on, then to the earlier setting; a diverged run
-  counts as an infinite gap.
+  ``long_gaps`` count as one more workload's. Ties (a small classifier's few
+  validation errors) go to the smaller second-worst gap, and so on, then to
+  the earlier setting; a diverged run's gap is infinite.
   """
   others = [n for n in table if n != held_out]
 
@@ -221,17 +179,12 @@ def score_rates(
 ) -> list[dict]:
   """Test runs per workload: the untuned recipe, each fold's choice, the tuned ones.
 
-  Settings are ``(cool-down, rate)`` pairs of :data:`GRID`, chosen on
-  ``table`` (the 1x validation runs). At ``factor`` x the steps every
-  setting keeps its 1x rate, and ``only`` names the workloads scored (all
-  by default). The runs go in order of importance across the workloads (the
-  untuned recipe and the tuned Adam first), so that an interrupted study
-  has those for all.
+  Settings are chosen on ``table`` (1x) and keep their rate at ``factor`` x
+  the steps; ``only`` names the workloads scored. The most important runs go
+  first on every workload, so that an interrupted study has those for all.
   """
   default = choose_rate(table)
   folds = {name: choose_rate(table, name) for name in table}
-  # Every other setting a fold chose (and ``other_settings``) is scored on
-  # every workload too.
   others = sorted({*folds.values(), *map(tuple, other_settings)} - {default})
   plans = {}
   for name in table if only is None else only:
@@ -356,7 +309,7 @@ def rate_markdown(report: dict) -> str:
   title = "The recipe's validation gap to the tuned Adam at each setting (seed 0):"
   names = [n if key == "gaps" else f"{n} ({report['long_factor']:g}x steps)"
            for n, key in columns]  # fmt: skip
-  lines += gap_table(title, "cool-down, rate", names, rows)
+  lines += _study.gap_table(title, "cool-down, rate", names, rows)
   for long in report.get("long", []):
     lines += [
       "",
@@ -418,25 +371,15 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
     prog="python -m benchmarks.transfer", description=__doc__.split("\n")[0]
   )
-  parser.add_argument("--quick", action="store_true", help="a smoke run")
-  parser.add_argument(
-    "--levers",
-    action="store_true",
-    help="the lever study that chose the recipe's settings (not its rate)",
-  )
-  parser.add_argument(
-    "--long",
-    type=float,
-    default=None,
-    metavar="FACTOR",
-    help="also run at FACTOR x the steps (default 5 for the rate study, "
-    "none for --levers)",
-  )
-  parser.add_argument("--seeds", type=int, default=SEEDS, help="test seeds")
-  parser.add_argument("--workloads", default=None, help="comma-separated names")
-  parser.add_argument("--out", type=pathlib.Path, default=None)
-  parser.add_argument("--no-progress", action="store_true")
-  return parser.parse_args(argv)  # fmt: skip
+  add = parser.add_argument
+  add("--quick", action="store_true", help="a smoke run")
+  add("--levers", action="store_true", help="the study of the recipe's settings")
+  add("--long", type=float, metavar="FACTOR", help="FACTOR x steps too (5, --levers 0)")
+  add("--seeds", type=int, default=_study.SEEDS, help="test seeds")
+  add("--workloads", default=None, help="comma-separated names")
+  add("--out", type=pathlib.Path, default=None)
+  add("--no-progress", action="store_true")
+  return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
@@ -444,9 +387,7 @@ def main(argv=None) -> dict:
   default_names = _study.WORKLOADS if args.levers else RATE_WORKLOADS
   names = tuple(args.workloads.split(",")) if args.workloads else default_names
   long = args.long if args.long is not None else (0.0 if args.levers else 5.0)
-  out = args.out or pathlib.Path(
-    "results/transfer" if args.levers else "results/recipe"
-  )
+  out = args.out or pathlib.Path("results", "transfer" if args.levers else "recipe")
   out.mkdir(parents=True, exist_ok=True)
   path = out / "transfer.json"
   record = json.loads(path.read_text()) if path.exists() else {"runs": {}}
@@ -460,9 +401,8 @@ def main(argv=None) -> dict:
       print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
   start = time.perf_counter()
-  scale, grid_size, extend = (0.1, 2, 0) if args.quick else (1.0, 3, 1)
-  if not args.levers:
-    extend = 0 if args.quick else 3
+  scale, grid_size = (0.1, 2) if args.quick else (1.0, 3)
+  extend = 0 if args.quick else 1 if args.levers else 3
   study = Study(scale, grid_size, extend, record, save, progress, polyak=args.levers)
   if args.levers:
     table = _study.tuned_table(study, names)
@@ -477,11 +417,8 @@ def main(argv=None) -> dict:
     report = default_rate_study(study, names, args.seeds, long)
   record["wall_s"] += time.perf_counter() - start
   report["wall_s"] = record["wall_s"]
-  report["command"] = (
-    "python -m benchmarks.transfer"
-    + (" --levers" if args.levers else "")
-    + (f" --long {long:g}" if args.levers and long else "")
-  )
+  flags = " --levers" + (f" --long {long:g}" if long else "") if args.levers else ""
+  report["command"] = "python -m benchmarks.transfer" + flags
   record["report"] = report
   save()
   text = _study.markdown(report) if args.levers else rate_markdown(report)
