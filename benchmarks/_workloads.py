@@ -35,25 +35,12 @@ TRANSFER_NAMES = (
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-  """A training problem.
-
-  Attributes:
-    name: its name in :data:`WORKLOAD_NAMES` or :data:`TRANSFER_NAMES`.
-    metric: the metric's name, e.g. ``"test RMSE"``.
-    higher_is_better: whether a larger metric is better.
-    init: ``init(key)`` returns the parameters.
-    loss: ``loss(params, batch)`` returns the scalar training loss.
-    sample: ``sample(key, train)`` draws a batch from the first
-      ``train["pool"]`` rows of ``train``.
-    evaluate: ``evaluate(params, split)`` returns the metric on a split.
-    train: the training arrays (validation rows last) and the scalar ``pool``.
-    valid: the validation split (the last ``num_valid`` training rows).
-    test: the test split, used only for the final runs.
-    num_valid: the number of validation rows.
-    steps: the default number of training steps.
-    tables: ``None``, or a function of the parameters giving the boolean
-      mask of the embedding tables that ``loss`` reads only through
-      :func:`optax_sm3.sparse_lookup` (which SM3 may train row-sparsely).
+  """A training problem: ``init(key)``, ``loss(params, batch)``,
+  ``sample(key, train)`` (a batch from the first ``train["pool"]`` rows) and
+  ``evaluate(params, split)`` (the ``metric``) on its splits; ``valid`` is the
+  last ``num_valid`` rows of ``train``. ``tables``, if set, maps the
+  parameters to the mask of the tables ``loss`` reads only through
+  :func:`optax_sm3.sparse_lookup` (which SM3 may train row-sparsely).
   """
 
   name: str
@@ -63,22 +50,26 @@ class Workload:
   loss: Callable[[Any, Any], jax.Array]
   sample: Callable[[jax.Array, dict], Any]
   evaluate: Callable[[Any, dict], jax.Array]
+  steps: int  # the default number of training steps
+  tables: Callable[[Any], Any] | None = None
+  _: dataclasses.KW_ONLY
   train: dict
   valid: dict
   test: dict
   num_valid: int
-  steps: int
-  tables: Callable[[Any], Any] | None = None
 
 
-def _carve(train: dict, valid_fraction: float, seed: int = 1):
-  """Shuffles the training rows; the last ones become the validation split."""
+def _carve(data: dict, keys, valid_fraction: float, seed: int = 1) -> dict:
+  """The splits of ``data``'s ``train_<key>`` rows, shuffled (the last ones
+  the validation split), and its ``test_<key>`` rows."""
+  train = {k: data[f"train_{k}"] for k in keys}
   size = len(next(iter(train.values())))
   order = np.random.default_rng(seed).permutation(size)
   num_valid = round(valid_fraction * size)
   train = {k: v[order] for k, v in train.items()}
   valid = {k: v[size - num_valid :] for k, v in train.items()}
-  return train, valid, num_valid
+  test = {k: data[f"test_{k}"] for k in keys}
+  return {"train": train, "valid": valid, "test": test, "num_valid": num_valid}
 
 
 def _normal(key, shape, scale):
@@ -98,16 +89,12 @@ def _cross_entropy(logits, labels):
   return -jnp.mean(jnp.take_along_axis(logp, labels[..., None], axis=-1))
 
 
-# MovieLens: biased matrix factorisation.
-
-
 def movielens(dim: int = 128, batch_size: int = 1024, l2: float = 0.05) -> Workload:
   """Matrix factorisation of MovieLens-100k ratings; metric test RMSE."""
   data = _data.load_movielens()
   mean = float(data["train_ratings"].mean())
   keys = ("users", "items", "ratings")
-  train, valid, num_valid = _carve({k: data[f"train_{k}"] for k in keys}, 0.1)
-  test = {k: data[f"test_{k}"] for k in keys}
+  splits = _carve(data, keys, 0.1)
 
   def init(key):
     ku, ki = jax.random.split(key)
@@ -139,12 +126,8 @@ def movielens(dim: int = 128, batch_size: int = 1024, l2: float = 0.05) -> Workl
     return jnp.sqrt(jnp.mean((pred - split["ratings"]) ** 2))
 
   return Workload(
-    "movielens", "test RMSE", False, init, loss, sample, evaluate,
-    train, valid, test, num_valid, steps=3000,
-  )  # fmt: skip
-
-
-# Shakespeare, word level: a neural n-gram model (Bengio et al., 2003).
+    "movielens", "test RMSE", False, init, loss, sample, evaluate, 3000, **splits
+  )
 
 
 def _chunked_mean(fn, rows, size: int = 32):
@@ -160,11 +143,17 @@ def _chunked_mean(fn, rows, size: int = 32):
   return jnp.mean(jax.lax.map(fn, chunks))
 
 
-def _lm_eval_rows(split: dict, limit: int, seed: int = 2) -> dict:
-  rows = split["tokens"]
-  if len(rows) > limit:
-    rows = rows[np.random.default_rng(seed).choice(len(rows), limit, replace=False)]
-  return {"tokens": rows}
+def _lm_splits(data: dict, eval_rows: int) -> dict:
+  """10% of the rows for validation; at most ``eval_rows`` of them (twice as
+  many test rows) evaluated."""
+  tokens = {"train_tokens": data["train"], "test_tokens": data["test"]}
+  splits = _carve(tokens, ("tokens",), 0.1)
+  for split, limit in (("valid", eval_rows), ("test", 2 * eval_rows)):
+    rows = splits[split]["tokens"]
+    if len(rows) > limit:
+      rows = rows[np.random.default_rng(2).choice(len(rows), limit, replace=False)]
+    splits[split] = {"tokens": rows}
+  return splits
 
 
 def _ngram_model(
@@ -177,9 +166,7 @@ def _ngram_model(
   Validation and test score every window of ``eval_rows`` (at most) rows.
   """
   width = data["train"].shape[1]
-  train, valid, num_valid = _carve({"tokens": data["train"]}, 0.1)
-  valid = _lm_eval_rows(valid, eval_rows)
-  test = _lm_eval_rows({"tokens": data["test"]}, 2 * eval_rows)
+  splits = _lm_splits(data, eval_rows)
   offsets = np.arange(-context, 1)[None, :]
 
   def loss(params, windows):
@@ -200,9 +187,8 @@ def _ngram_model(
     return _chunked_mean(rows_loss, split["tokens"])
 
   return Workload(
-    name, "test loss", False, init, loss, sample, evaluate,
-    train, valid, test, num_valid, steps=steps, tables=tables,
-  )  # fmt: skip
+    name, "test loss", False, init, loss, sample, evaluate, steps, tables, **splits
+  )
 
 
 def shakespeare_word(
@@ -230,9 +216,6 @@ def shakespeare_word(
   return _ngram_model(
     "shakespeare-word", data, context, init, logits, batch_size, 600, 256
   )
-
-
-# Transformers: small pre-norm stacks, causal for the language models.
 
 
 def _layer_norm(x, scale):
@@ -263,7 +246,7 @@ def _transformer_init(key, vocab, dim, layers, length, outputs):
 
 
 def _transformer(params, tokens, mask, layers, heads):
-  """The final normalised features, ``(batch, length, dim)``.
+  """A pre-norm transformer's final normalised features, ``(batch, length, dim)``.
 
   ``mask`` is ``(batch or 1, length, length)``: which keys each query sees.
   """
@@ -302,9 +285,7 @@ def _language_model(
   # Rows are cut to `length + 1` tokens to keep attention cheap on a CPU.
   data = data | {k: data[k][:, : length + 1] for k in ("train", "test")}
   vocab = data["vocab_size"]
-  train, valid, num_valid = _carve({"tokens": data["train"]}, 0.1)
-  valid = _lm_eval_rows(valid, 256)
-  test = _lm_eval_rows({"tokens": data["test"]}, 512)
+  splits = _lm_splits(data, 256)
   mask = np.tril(np.ones((1, length, length), bool))
 
   def init(key):
@@ -324,9 +305,8 @@ def _language_model(
     return _chunked_mean(lambda r: loss(params, r), split["tokens"])
 
   return Workload(
-    name, "test loss", False, init, loss, sample, evaluate,
-    train, valid, test, num_valid, steps=steps,
-  )  # fmt: skip
+    name, "test loss", False, init, loss, sample, evaluate, steps, **splits
+  )
 
 
 def shakespeare_char(**sizes) -> Workload:
@@ -351,8 +331,6 @@ def wiki_word(vocab_size: int = 2048, **sizes) -> Workload:
   data = _data.load_text("wikipedia", vocab_size=vocab_size)
   return _language_model("wiki-word", data, tied=True, **{"batch_size": 16} | sizes)
 
-
-# CMU dictionary: a bidirectional encoder counts a word's syllables.
 
 _SYLLABLE_CLASSES = 10  # 0 to 9 syllables; the dictionary's words have at most 8
 
@@ -399,15 +377,9 @@ def _classifier(
   ``chunk`` rows at a time, and both splits are cut to whole chunks.
   """
   keys = (inputs, "labels")
-  train, valid, num_valid = _carve(
-    {k: data[f"train_{k}"] for k in keys}, valid_fraction
-  )
-  test = {k: data[f"test_{k}"] for k in keys}
-  if chunk:
-    valid, test = (
-      {k: v[: len(v) // chunk * chunk] for k, v in split.items()}
-      for split in (valid, test)
-    )
+  splits = _carve(data, keys, valid_fraction)
+  for split in ("valid", "test") if chunk else ():
+    splits[split] = {k: v[: len(v) // chunk * chunk] for k, v in splits[split].items()}
 
   def loss(params, batch):
     return _cross_entropy(logits(params, batch[inputs]), batch["labels"])
@@ -428,12 +400,8 @@ def _classifier(
     return _chunked_mean(accuracy, rows, size=chunk)
 
   return Workload(
-    name, "test accuracy", True, init, loss, sample, evaluate,
-    train, valid, test, num_valid, steps=steps,
-  )  # fmt: skip
-
-
-# MNIST: a 784-512-256-10 MLP.
+    name, "test accuracy", True, init, loss, sample, evaluate, steps, **splits
+  )
 
 
 def mnist(batch_size: int = 128) -> Workload:
@@ -456,9 +424,6 @@ def mnist(batch_size: int = 128) -> Workload:
     return x
 
   return _classifier("mnist", data, "images", 0.1, init, logits, batch_size, 1000)
-
-
-# Scikit-learn's 8x8 digits: a small convolutional network.
 
 
 def _conv(x, kernel):
@@ -499,10 +464,6 @@ def digits_conv(channels: int = 16, batch_size: int = 64, steps: int = 600) -> W
   )
 
 
-# Shakespeare's speeches: which play is this speech from? A hashed bag of
-# word unigrams and bigrams, averaged embeddings and a linear layer (fastText).
-
-
 def speeches_bow(
   dim: int = 64, batch_size: int = 128, steps: int = 2000, **data
 ) -> Workload:
@@ -532,9 +493,6 @@ def speeches_bow(
     "speeches-bow", data, "ids", 0.1, init, logits, batch_size, steps, 256
   )
 
-
-# Wikipedia, word level: a log-linear n-gram model whose contexts (the last
-# word, the last two, the last three) are hashed into one 2**18-row table.
 
 _SALTS = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D)
 
