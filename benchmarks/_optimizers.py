@@ -1,7 +1,7 @@
 """The optimizers compared, each with a learning-rate grid of the same size.
 
-Every factory takes the (possibly traced) learning rate and the run's step
-count, so one compiled training loop serves the whole grid and every seed.
+Every factory takes the (possibly traced) rate and the run's step count, so
+one compiled loop serves the whole grid.
 """
 
 from __future__ import annotations
@@ -18,14 +18,7 @@ import optax_sm3
 
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
-  """A named optimizer and its learning-rate grid.
-
-  Attributes:
-    name: the label used in tables and plots.
-    make: ``make(learning_rate, total_steps)`` returns the
-      :class:`optax.GradientTransformation`.
-    grid: the learning rates tried on the validation split.
-  """
+  """A named ``make(learning_rate, total_steps)`` and its learning-rate grid."""
 
   name: str
   make: Callable[[Any, int], optax.GradientTransformation]

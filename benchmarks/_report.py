@@ -1,9 +1,6 @@
-"""Reporting: the Markdown tables, the goal check, the JSON files and the plots.
-
-The helpers every benchmark shares come first: :func:`format_bytes` and
-:func:`table` for the tables, :func:`machine` and :func:`save` for the files
-next to a table.
-"""
+"""Reporting: the helpers every benchmark shares (:func:`format_bytes`,
+:func:`table`, :func:`machine`, :func:`save`), then the main job's tables, goal
+check, JSON files and plots."""
 
 from __future__ import annotations
 
@@ -30,12 +27,8 @@ _UNITS = ("B", "KiB", "MiB", "GiB")
 def format_bytes(
   n: float, unit: str | None = None, digits: int = 1, *, label: bool = True
 ) -> str:
-  """``n`` bytes as ``"1.5 MiB"``: in ``unit``, or the largest that keeps it >= 1.
-
-  ``unit`` is one of B, KiB, MiB, GiB (by default GiB at the most); bytes
-  have no decimals, the others ``digits``; ``label=False`` leaves the unit
-  out, for a column whose header names it.
-  """
+  """``n`` bytes as ``"1.5 MiB"``: in ``unit`` (by default the largest, up to GiB,
+  that keeps it >= 1); whole bytes; ``label=False`` leaves the unit out."""
   if unit is None:
     unit = _UNITS[sum(n >= 1024**i for i in range(1, len(_UNITS)))]
   value = n / 1024 ** _UNITS.index(unit)
@@ -44,11 +37,8 @@ def format_bytes(
 
 
 def table(header, rows, align: str = "") -> list[str]:
-  """A Markdown table's lines: ``header`` and ``rows`` are lists of cells.
-
-  ``align`` has one of ``l``, ``r``, ``c`` per column (by default the first
-  column left, the others right).
-  """
+  """A Markdown table's lines; ``align`` has ``l``, ``r`` or ``c`` per column (by
+  default the first left, the others right)."""
   rules = {"l": "---", "r": "---:", "c": ":-:"}
   align = align or "l" + "r" * (len(header) - 1)
 
@@ -59,11 +49,8 @@ def table(header, rows, align: str = "") -> list[str]:
 
 
 def machine(backend: bool = True) -> dict:
-  """The versions and the machine of a run; ``backend`` adds JAX's devices.
-
-  ``backend=False`` leaves JAX's backend unstarted (a parent process that
-  runs the measurements in children must not take the accelerator).
-  """
+  """The versions and the machine of a run; ``backend`` adds JAX's devices
+  (which a parent of measuring children must leave unstarted)."""
   info = {
     "jax": jax.__version__,
     "optax": optax.__version__,
@@ -89,11 +76,8 @@ def save(folder: pathlib.Path | str, stem: str, table: str, result) -> None:
 
 
 def tuned_adam(result: dict) -> str | None:
-  """The Adam variant (of :data:`ADAMS`) with the best validation metric.
-
-  The choice uses the validation split only, like the learning rates: each
-  variant's metric at its chosen rate. ``None`` if no variant ran.
-  """
+  """The Adam variant (of :data:`ADAMS`) with the best validation metric at its
+  chosen rate; ``None`` if none ran."""
   opts, sign = result["optimizers"], -1 if result["higher_is_better"] else 1
   present = [name for name in ADAMS if name in opts]
 
@@ -104,13 +88,9 @@ def tuned_adam(result: dict) -> str | None:
 
 
 def goal(result: dict, name: str = RECIPE) -> dict | None:
-  """``name`` against the tuned Adam on one workload (``None`` if either is absent).
-
-  Returns ``adam`` (the tuned variant's name), ``gap`` (how much worse
-  ``name``'s mean test metric is, as a fraction of Adam's; negative when it
-  is better), ``memory`` (its state bytes over Adam's) and ``met`` (within
-  2% with at most 3% of the memory).
-  """
+  """``name`` against the tuned Adam on one workload (``None`` if either is absent):
+  the ``adam`` variant, the relative ``gap`` (positive: worse), the state
+  ``memory`` ratio and whether the goal is ``met``."""
   opts = result["optimizers"]
   adam_name = tuned_adam(result)
   if name not in opts or adam_name is None:

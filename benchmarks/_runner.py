@@ -1,14 +1,9 @@
 """The protocol: tune each optimizer's rate on validation, then run seeds on test.
 
-For each optimizer, every rate of its grid (all grids have the same size)
-trains once with seed 0 on the training split minus the validation rows; the
-rate with the best validation metric then trains on the whole training split
-with each seed, and only those runs are scored on the test split. All runs of
-a workload take the same number of steps.
-
-A run is compiled once per (workload, optimizer): the learning rate, the seed
-and the number of usable training rows are arguments of the compiled loop, and
-``lax.scan`` runs ``chunk`` steps per dispatch.
+Every rate of an optimizer's grid trains once (seed 0) without the validation
+rows; the best then trains on the whole training split with each seed, scored
+on the test split. A run is compiled once per (workload, optimizer): the rate,
+the seed and the usable rows are arguments of a ``lax.scan`` of ``chunk`` steps.
 """
 
 from __future__ import annotations
@@ -51,15 +46,10 @@ def tree_bytes(tree) -> int:
 class Trainer:
   """One compiled training loop for a workload and an optimizer.
 
-  With ``polyak`` (an :func:`optax_sm3.polyak_averaging`), the optimizer is
-  chained with it and every run is also scored with the averaged
-  parameters; ``state_bytes`` counts the optimizer alone and
-  ``polyak_bytes`` the average.
-
-  With ``sparse`` and a workload with ``tables``, the tables train through
-  the sparse path (:func:`optax_sm3.sparse_tables` over the optimizer, which
-  equals it with dense gradients to float rounding); ``path`` says which
-  path ran (``"sparse"`` or ``"dense"``).
+  With ``polyak`` (:func:`optax_sm3.polyak_averaging`), runs are also scored
+  with the averaged parameters (``polyak_bytes``, apart from ``state_bytes``).
+  With ``sparse``, a workload's ``tables`` train through
+  :func:`optax_sm3.sparse_tables` (``path`` says which path ran).
   """
 
   def __init__(
@@ -132,14 +122,8 @@ class Trainer:
       self.state_bytes -= self.polyak_bytes
 
   def run(self, lr: float, seed: int, split: str) -> dict:
-    """Trains once; ``split`` is ``"tune"`` (validation) or ``"final"`` (test).
-
-    Returns:
-      A dict with the ``metric`` on the split, ``losses`` (the mean training
-      loss of each chunk) and ``step_ms`` (median step time of the chunks,
-      compilation excluded); with ``polyak``, also ``polyak_metric``, the
-      metric of the averaged parameters.
-    """
+    """Trains once, scored on ``split`` (``"tune"``: validation; ``"final"``:
+    test): the ``metric``, each chunk's mean loss, the median ``step_ms``."""
     key = jax.random.key(seed)
     init_key, key = jax.random.split(key)
     lr = jnp.float32(lr)
@@ -178,13 +162,8 @@ def run_workload(
   grid_size: int,
   progress: Callable[[str], None] = lambda _: None,
 ) -> dict:
-  """Runs the protocol on one workload: ``steps`` per run, ``seeds`` final runs.
-
-  Each optimizer tries the ``grid_size`` middle rates of its grid;
-  ``progress`` is called with a short label after every run. Returns a
-  JSON-ready dict of the settings and, per optimizer, the validation metric
-  of each rate, the chosen rate, the state's bytes, and the runs.
-  """
+  """The protocol on one workload, each optimizer at the ``grid_size`` middle
+  rates of its grid; ``progress(label)`` after every run. JSON-ready."""
   out = {
     "metric": workload.metric,
     "higher_is_better": workload.higher_is_better,

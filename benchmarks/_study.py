@@ -213,10 +213,8 @@ class Study:
     return self.record["runs"][key]
 
   def test(self, name, candidate, lr, seeds, factor=1.0, polyak=False) -> dict:
-    """Seeds ``0 .. seeds - 1`` on the test split: the metric's mean and spread.
-
-    ``polyak``: scored with the Polyak average of the parameters.
-    """
+    """Seeds ``0 .. seeds - 1`` on the test split (``polyak``: scored with the
+    average): the metric's mean and spread."""
     runs = [self.run(name, candidate, lr, s, "final", factor) for s in range(seeds)]
     metrics = [r["polyak_metric" if polyak else "metric"] for r in runs]
     return {
@@ -267,11 +265,8 @@ def _mean_std(metric: str, test: dict) -> str:
 
 
 def gap_table(title: str, first: str, names, rows, *extra: str) -> list[str]:
-  """``title`` over a table of validation gaps, a column per workload of ``names``.
-
-  ``rows`` holds ``(label, gaps, *cells)``, ``cells`` under the ``extra``
-  headers; a column gives each row's worst gap.
-  """
+  """``title`` over a table of ``rows``, ``(label, gaps, *cells)``: a column per
+  workload of ``names``, the worst gap, then ``cells`` under ``extra``."""
   body = [
     [label, *(f"{g:+.2%}" for g in gaps), f"{_nan_max(gaps):+.2%}", *cells]
     for label, gaps, *cells in rows
@@ -287,10 +282,7 @@ BUDGETS = (0.03, 0.30)  # optimizer state / Adam's
 
 
 def tuned_table(study: Study, names: Sequence[str], factor: float = 1.0) -> dict:
-  """Per workload and candidate: validation metric, rate and state share.
-
-  ``+polyak`` variants of the SM3 candidates are scored from the same runs.
-  """
+  """Per workload and candidate (and ``+polyak``): validation metric, rate, state."""
   table = {}
   for name in names:
     workload = study.workload(name)
@@ -370,9 +362,7 @@ def leave_one_out(study: Study, table: dict) -> list[dict]:
 def long_runs(study: Study, table: dict, factor: float) -> list[dict]:
   """The recipe, its base and the tuned Adam on the first workload, at 1x and ``factor`` x.
 
-  Both keep their settings from the 1x study. At ``factor`` x the rate is
-  re-tuned between the 1x rate and half of it (longer runs tend to want
-  lower peaks), on the validation split with seed 0; then 3 seeds on test.
+  At ``factor`` x the rate is re-tuned between the 1x rate and half of it.
   """
   name = next(iter(table))
   workload = study.workload(name)

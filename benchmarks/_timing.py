@@ -12,11 +12,8 @@ import jax
 
 
 def carried(jitted, *carry, out: int = -1):
-  """``step(*args)`` that calls ``jitted(*carry, *args)`` and keeps the carry.
-
-  ``jitted`` returns the new carry with one more value at position ``out``,
-  which ``step`` returns (a loss, say).
-  """
+  """``step(*args)`` that calls ``jitted(*carry, *args)``, keeps the new carry and
+  returns the one more value ``jitted`` returns at position ``out``."""
   carry = list(carry)
 
   def step(*args):
@@ -49,12 +46,8 @@ def seconds_per_call(call, calls: int) -> float:
 
 
 def in_child(module: str, *argv: str, devices: int = 1) -> dict:
-  """Runs ``python -m module *argv`` and reads its last line of output as JSON.
-
-  ``devices > 1`` gives the child that many CPU devices (set before it imports
-  JAX). Raises ``RuntimeError`` with the exit status and the end of its stderr
-  when it fails (killed for memory: ``exit -9``).
-  """
+  """Runs ``python -m module *argv`` (on ``devices`` CPU devices) and reads its last
+  line of output as JSON; ``RuntimeError`` with its stderr's end if it fails."""
   env = dict(os.environ)
   if devices > 1:
     env["JAX_PLATFORMS"] = "cpu"

@@ -1,9 +1,7 @@
 """The benchmark workloads: real data, a small model, a loss and a metric.
 
-Each workload keeps its training set on the device and samples minibatches
-inside the compiled step, so a training run is a few ``lax.scan`` dispatches.
-The last ``num_valid`` training rows form the validation split used to pick
-learning rates; sampling only from the first ``pool`` rows trains without them.
+Each keeps its training set on the device and samples batches inside the
+compiled step, so a run is a few ``lax.scan`` dispatches.
 """
 
 from __future__ import annotations
@@ -131,11 +129,8 @@ def movielens(dim: int = 128, batch_size: int = 1024, l2: float = 0.05) -> Workl
 
 
 def _chunked_mean(fn, rows, size: int = 32):
-  """Mean of ``fn`` over chunks of ``size`` rows (bounds the logits' memory).
-
-  Rows past the last whole chunk are dropped (the eval sets are multiples of
-  ``size``); fewer than ``size`` rows are evaluated at once.
-  """
+  """Mean of ``fn`` over whole chunks of ``size`` rows (bounds the logits' memory);
+  fewer rows are evaluated at once."""
   if rows.shape[0] < size:
     return fn(rows)
   whole = rows.shape[0] // size * size
@@ -161,9 +156,8 @@ def _ngram_model(
 ) -> Workload:
   """Next token from the ``context`` before it; metric held-out cross-entropy.
 
-  A batch is ``(batch_size, context + 1)`` windows at random positions of
-  random rows; ``logits(params, contexts)`` scores the last token of each.
-  Validation and test score every window of ``eval_rows`` (at most) rows.
+  A batch is ``(batch_size, context + 1)`` windows at random positions;
+  validation and test score every window of (at most) ``eval_rows`` rows.
   """
   width = data["train"].shape[1]
   splits = _lm_splits(data, eval_rows)
@@ -279,8 +273,7 @@ def _language_model(
 ) -> Workload:
   """A causal transformer LM on ``data``'s windows; metric held-out cross-entropy.
 
-  ``tied``: the logits are the features times the input embedding's
-  transpose (no separate unembedding).
+  ``tied``: the input embedding's transpose is the unembedding.
   """
   # Rows are cut to `length + 1` tokens to keep attention cheap on a CPU.
   data = data | {k: data[k][:, : length + 1] for k in ("train", "test")}
@@ -310,10 +303,7 @@ def _language_model(
 
 
 def shakespeare_char(**sizes) -> Workload:
-  """A small character-level transformer; metric held-out cross-entropy.
-
-  ``sizes``: :func:`_language_model`'s model and batch sizes.
-  """
+  """A small character-level transformer (``sizes``: :func:`_language_model`'s)."""
   return _language_model(
     "shakespeare-char", _data.load_text("shakespeare", "char", vocab_size=None), **sizes
   )
@@ -369,13 +359,8 @@ def cmudict_syllables(
 def _classifier(
   name, data, inputs, valid_fraction, init, logits, batch_size, steps, chunk=None
 ) -> Workload:
-  """A classifier's workload from its ``logits(params, inputs)``; test accuracy.
-
-  ``data`` holds ``train_{inputs}``, ``train_labels``, ``test_{inputs}`` and
-  ``test_labels``; ``valid_fraction`` of the training rows are the
-  validation split. With ``chunk``, the (integer) inputs are scored
-  ``chunk`` rows at a time, and both splits are cut to whole chunks.
-  """
+  """A classifier of ``data``'s ``{train,test}_{inputs}`` by its ``_labels``; test
+  accuracy. With ``chunk``, the splits are cut to and scored in whole chunks."""
   keys = (inputs, "labels")
   splits = _carve(data, keys, valid_fraction)
   for split in ("valid", "test") if chunk else ():
@@ -469,8 +454,7 @@ def speeches_bow(
 ) -> Workload:
   """A fastText-style classifier of speeches by play (38 plays); test accuracy.
 
-  ``data``: :func:`benchmarks._data.load_speeches`'s arguments.
-  """
+  ``data``: :func:`benchmarks._data.load_speeches`'s arguments."""
   data = _data.load_speeches(**data)
   buckets = int(data["train_ids"].max())  # the padding id
   classes = data["num_classes"]
@@ -517,9 +501,7 @@ def wiki_hashed(
 ) -> Workload:
   """Next word from hashed 1-, 2- and 3-word contexts; held-out cross-entropy.
 
-  The context table has ``rows`` rows (``2**18`` by default) read only
-  through :func:`optax_sm3.sparse_lookup`, so SM3 may train it row-sparsely
-  (``tables``).
+  The ``rows``-row table is read only through :func:`optax_sm3.sparse_lookup`.
   """
   data = _data.load_text("wikipedia", vocab_size=vocab_size)
   vocab = data["vocab_size"]
@@ -556,8 +538,7 @@ _BUILDERS = {
 def build(name: str, **sizes) -> Workload:
   """The workload ``name``; ``sizes`` go to its builder (tests use small models).
 
-  Raises ``ValueError`` for an unknown name, and
-  :class:`benchmarks._data.MissingDataError` if its data package is missing.
+  Raises ``ValueError`` for an unknown name (``MissingDataError``: no data).
   """
   if name not in _BUILDERS:
     allowed = ", ".join(_BUILDERS)

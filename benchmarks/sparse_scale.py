@@ -1,22 +1,14 @@
 """How the sparse step's cost grows with the table, up to ``2**24`` and ``2**25`` rows.
 
-Three sections, each writing ``results/sparse_scale_<section>.md`` and ``.json``;
-docs/guides/performance.md and scaling_out.md say what each measures:
-
-* ``curve``: ``optax_sm3.sparse_rows(optimizer).update``, jitted with the
-  table and state donated, on ``V x 64`` float32 tables of ``2**16`` to
-  ``2**24`` rows, 4,096 ids a step (uniform, Zipf(1.2) hashed across the
-  table, or a sliding window of consecutive rows), for each optimizer in
-  ``CURVE``: the median step time and XLA's temporaries of the compiled step.
-  ``--docs`` also writes ``docs/_data/sparse_scale.json`` (the guide's plot).
-* ``nnx``: ``benchmarks._bags``' NNX train step, sparse and dense, on a
-  ``2**24 x 64`` float32 table and a ``2**25 x 64`` bfloat16 one, each case in
-  its own process: the median step time, the peak resident memory while the
-  model is built and while it trains, and the optimizer state's bytes per row.
-  A case the machine cannot hold (killed, or out of memory) did not fit.
-* ``plan``: a ``10**9 x 128`` float32 table on 8, 64 and 512 devices, computed,
-  not run: the state's bytes from ``jax.eval_shape`` and the bytes a step moves
-  from the collectives of the compiled sharded step.
+Three sections, each writing ``results/sparse_scale_<section>.md`` and
+``.json`` (docs/guides/performance.md and scaling_out.md say what each
+measures): ``curve`` times ``optax_sm3.sparse_rows(optimizer).update`` on
+``2**16`` to ``2**24``-row tables, 4,096 ids a step, three id laws (``--docs``
+also writes ``docs/_data/sparse_scale.json``); ``nnx`` times
+``benchmarks._bags``' NNX train step, sparse and dense, each case in its own
+process, with its peak memory (a case that is killed did not fit); ``plan``
+computes, without running, a ``10**9 x 128`` table's state and traffic on 8,
+64 and 512 devices.
 
 Run from the repository root::
 
@@ -148,8 +140,7 @@ def _curve_row(records, name, law):
 
 
 def _cheap_init(key, shape, dtype):
-  """A table made without a random generator, which needs 16 bytes an entry
-  for a moment (2**30 entries: 16 GiB), more than the table itself."""
+  """A table made without a random generator (which needs 16 bytes an entry)."""
   del key
   rows = jax.lax.broadcasted_iota(jnp.float32, shape, 0)
   return (0.01 * (rows % 17 - 8)).astype(dtype)

@@ -1,12 +1,8 @@
 """The sparse train steps the README and the guides teach, against dense SM3.
 
-Each route's sparse step below is the docs' code, line for line
-(``tests/test_docs_donation.py`` checks it), on the bag-of-ids model of
-``benchmarks._bags``: ``nnx`` (called through ``nnx.cached_partial``, as
-taught) and ``nnx_plain`` (the same step called directly), ``linen``
-(``sparse_tables``) and ``linen_state`` (``SparseTrainState``), and
-``equinox``. Each route's dense twin is the same step with the framework's
-dense pieces and ``_bags.dense_tx``, jitted, donated and called the same way;
+Each route's sparse step is the docs' code, line for line
+(``tests/test_docs_donation.py`` checks it), on ``benchmarks._bags``' model;
+its dense twin is the same step with dense pieces and ``_bags.dense_tx``, and
 their first losses must agree. docs/guides/sparse_embeddings.md describes the
 protocol and quotes the table.
 
@@ -57,15 +53,9 @@ def _tables(params):
   )
 
 
-# --- NNX --------------------------------------------------------------------
-
-
 def nnx_route(rows, momentum, sparse, call="cached_partial"):
-  """``step(ids, y) -> loss`` of the taught NNX code (or its dense twin).
-
-  ``call``: ``"cached_partial"`` (as taught) or ``"plain"`` (the same
-  ``nnx.jit`` step called directly).
-  """
+  """``step(ids, y) -> loss`` of the taught NNX code (or its dense twin), called
+  through ``nnx.cached_partial`` (as taught) or directly (``"plain"``)."""
   if not sparse:
     model, optimizer, dense_step = _bags.build("dense", rows, momentum)
     if call == "plain":
@@ -91,9 +81,6 @@ def nnx_route(rows, momentum, sparse, call="cached_partial"):
     return functools.partial(train_step, model, optimizer)
   step = nnx.cached_partial(train_step, model, optimizer)  # walks the graphs once
   return step
-
-
-# --- linen ------------------------------------------------------------------
 
 
 class LinenModel(nn.Module):
@@ -188,9 +175,6 @@ def linen_state_route(rows, momentum, sparse):
   return carried(state_step, state)
 
 
-# --- Equinox ----------------------------------------------------------------
-
-
 class EqxModel(eqx.Module):
   items: optax_sm3.equinox.SparseEmbedding
   head: eqx.nn.Linear
@@ -240,8 +224,6 @@ def equinox_route(rows, momentum, sparse):
   return carried(eqx_step, model, state, out=0)
 
 
-# --- The timing ---------------------------------------------------------------
-
 BUILDERS = {
   "nnx": nnx_route,
   "nnx_plain": functools.partial(nnx_route, call="plain"),
@@ -258,10 +240,8 @@ def _losses(step, data) -> list[float]:
 def time_group(routes, rows, momentum, steps, dense_steps, runs) -> list[dict]:
   """Routes of one group at one size and momentum: ``runs`` records per route.
 
-  Each run times, in blocks of ``steps + 1`` (``dense_steps + 1``) calls, the
-  first untimed, every route's sparse step, then every route's dense step:
-  one run's blocks are close in time, so that its ratios see one load on a
-  shared machine.
+  Each run times every route's sparse steps, then its dense steps (a first
+  call untimed), so that one run's ratios see one load on a shared machine.
   """
   data = _bags.batches(rows, WARMUP + max(steps, dense_steps) + 1, seed=rows)
   sparse = {r: BUILDERS[r](rows, momentum, True) for r in routes}

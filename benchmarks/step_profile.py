@@ -1,16 +1,10 @@
 """Where SM3's step time goes: each pass of the step timed on its own.
 
-``python -m benchmarks.step_time`` times whole train steps; this script times,
-round-robin in one run, the pieces a step is made of on one embedding-sized
-parameter (200000 x 128 float32 by default): a plain read (``g.sum()``, the
-floor for any pass over the gradient); sgd's ``p - lr * g`` (three
-parameter-sized streams, the unit of the table); SM3's update pass from the
-*old* accumulators, as XLA fuses it into ``optax.apply_updates``; its
-accumulator pass with the blocked CPU loop (the default) and without it
-(``block_size=0``); the row and the column maxima of ``nu = min(r, c) + g**2``
-alone, each one fused pass (see ``optax_sm3/_accumulate.py``); and whole steps
-of ``optax_sm3.sm3`` (momentum 0 and 0.9) and ``optax.adam``. Each time is also
-given in *stream-equivalents*: time / (sgd time / 3).
+On one embedding-sized parameter (200000 x 128 float32 by default), round-robin:
+a plain read, sgd's step (three parameter-sized streams, the unit of the table),
+SM3's update pass and its accumulator pass (blocked and direct), the row and
+the column maxima of ``nu`` alone, and whole steps of ``optax_sm3.sm3`` and
+``optax.adam``; each time also in *stream-equivalents*: time / (sgd time / 3).
 
 Usage (from the repository root)::
 
@@ -32,10 +26,8 @@ from optax_sm3 import _accumulate, _blocks, _cover
 
 
 def _timer(fn, args, donate, steps):
-  """A compiled ``fn`` and a closure timing ``steps`` calls of it (seconds per call).
-
-  The outputs replace the donated arguments, in order, for the next call.
-  """
+  """A compiled ``fn`` and a closure timing ``steps`` calls of it (seconds per
+  call); the outputs replace the donated arguments, in order."""
   compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
   state = [jax.tree.map(lambda x: jnp.array(x, copy=True), a) for a in args]
 
@@ -142,14 +134,9 @@ def table(result, rows: int, cols: int) -> str:
     )
     for name, r in result.items()
   ]
-  return "\n".join(
-    [
-      f"Parameter {rows} x {cols} float32 ({size}); "
-      "one stream = one parameter-sized read or write at sgd's speed.",
-      "",
-      *_report.table(header, body),
-    ]
-  )
+  title = f"Parameter {rows} x {cols} float32 ({size}); "
+  title += "one stream = one parameter-sized read or write at sgd's speed."
+  return "\n".join([title, "", *_report.table(header, body)])
 
 
 def main(argv=None) -> dict:

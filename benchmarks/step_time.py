@@ -1,13 +1,11 @@
 """Step time and memory of SM3 next to optax's optimizers.
 
-One jitted train step (``update`` + ``optax.apply_updates``, parameters and
-state donated) per optimizer, on a 34.6 M-parameter tree (:data:`BASE_SHAPES`)
-or, with ``--tree transformer``, a stack of mid-sized matrices. By default all
-optimizers share one process and are timed round-robin, with a size sweep;
-with ``--isolated`` each measurement is a fresh process (the figures the docs
-quote); ``--devices N`` shards the tree over N CPU devices. Ratios are medians
-of per-round ratios (:func:`add_ratios`). docs/guides/performance.md describes
-the modes and quotes their tables.
+One jitted, donated train step per optimizer on a 34.6 M-parameter tree
+(:data:`BASE_SHAPES`) or, with ``--tree transformer``, a stack of mid-sized
+matrices: all optimizers in one process, round-robin, with a size sweep; or
+with ``--isolated`` each measurement in a fresh process (the figures the docs
+quote); ``--devices N`` shards the tree over N CPU devices.
+docs/guides/performance.md describes the modes and quotes their tables.
 
 Usage (from the repository root)::
 
@@ -16,7 +14,7 @@ Usage (from the repository root)::
   python -m benchmarks.step_time --isolated --devices 8 --repeats 3 --with-direct
 
 Writes ``step_time.md`` and ``.json`` (``step_isolated.*`` when isolated)
-under ``--out`` (``results/step_time`` by default) and prints the Markdown.
+under ``--out`` and prints the Markdown.
 """
 
 from __future__ import annotations
@@ -112,11 +110,8 @@ ROW_SHARDED = ("embedding", "dense_out", "/o", "/down")
 
 
 def mesh_spec(name: str, shape: tuple[int, ...], devices: int) -> P:
-  """How the tree is sharded on the ``("x",)`` mesh, as the sharding tests do.
-
-  Embedding and down-projection matrices by rows, other kernels by their
-  last axis; vectors and axes that ``devices`` does not divide stay replicated.
-  """
+  """The tree's sharding on the ``("x",)`` mesh (:data:`ROW_SHARDED` by rows, other
+  kernels by their last axis; vectors and indivisible axes replicated)."""
   if len(shape) < 2:
     return P()
   axis = 0 if any(key in name for key in ROW_SHARDED) else len(shape) - 1
@@ -137,11 +132,8 @@ def device_bytes(tree) -> int:
 
 
 class Case:
-  """One optimizer on one tree: a compiled, donated train step.
-
-  With ``devices > 1``, on a mesh of them, the tree sharded by
-  :func:`mesh_spec` and the state by :func:`optax_sm3.state_shardings`.
-  """
+  """One optimizer on one tree: a compiled, donated train step (on ``devices > 1``,
+  sharded by :func:`mesh_spec` and :func:`optax_sm3.state_shardings`)."""
 
   def __init__(self, tx, shapes, dtype, devices: int = 1):
     self.params = make_tree(shapes, dtype, seed=0)
@@ -172,7 +164,6 @@ class Case:
     start = time.perf_counter()
     self.step = step.lower(self.params, self.state, self.grads).compile()
     info = {
-      # Lowering and compiling the donated train step.
       "compile_s": time.perf_counter() - start,
       "param_bytes": device_bytes(self.params),
       "state_bytes": device_bytes(self.state),
@@ -200,12 +191,10 @@ class Case:
 
 
 def round_robin(names, sample, repeats: int, progress) -> dict[str, dict]:
-  """Each name's ``sample`` once per round, ``repeats`` rounds; a row per name.
+  """Each name's ``sample(name)`` (``{"ms": ..., **Case.info}``) once per round.
 
-  ``sample(name)`` returns ``{"ms": ..., **Case.info}``. The order is shuffled
-  every round (seeded): a step that runs right after another optimizer's pays
-  for what that one left behind, and no optimizer should always follow the
-  same neighbour.
+  The order is shuffled every round (seeded), so that no optimizer always
+  pays for what the same neighbour left behind.
   """
   order = random.Random(0)
   samples = {name: [] for name in names}
@@ -271,12 +260,8 @@ RATIOS = (
 
 
 def add_ratios(rows):
-  """Ratios to the baselines: the median over rounds of each round's ratio.
-
-  Optimizers are timed round-robin, so the times of one round are taken
-  moments apart; their ratio cancels the slow drifts of a shared machine's
-  speed that a ratio of two medians would keep.
-  """
+  """Ratios to the baselines: the median of per-round ratios (a round's times
+  are moments apart, so their ratio cancels a shared machine's slow drifts)."""
   for row in rows.values():
     for key, base, figure in RATIOS:
       if base in rows and figure in row:
@@ -285,17 +270,13 @@ def add_ratios(rows):
         )
 
 
-# The size sweep's growth exponent is fitted on points with at least this many
-# parameters (32 MiB of float32: past the last-level cache of the machines we
-# run on), so fixed per-step costs and cache-resident small trees do not bend it.
+# The growth exponent is fitted on trees past the last-level cache (32 MiB of
+# float32), which fixed per-step costs and cache-resident trees do not bend.
 GROWTH_FROM_PARAMS = 8_000_000
 
 
 def growth_exponent(sizes, times) -> float:
-  """Least-squares slope of log(time) against log(size): 1 for linear growth.
-
-  NaN when the sizes do not differ (there is no slope to fit).
-  """
+  """Least-squares slope of log(time) on log(size) (1: linear); NaN for one size."""
   if len(set(sizes)) < 2:
     return math.nan
   logs = [math.log(n) for n in sizes], [math.log(t) for t in times]
