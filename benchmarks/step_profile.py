@@ -25,21 +25,6 @@ from benchmarks import _report, _timing
 from optax_sm3 import _accumulate, _blocks, _cover
 
 
-def _timer(fn, args, donate, steps):
-  """A compiled ``fn`` and a closure timing ``steps`` calls of it (seconds per
-  call); the outputs replace the donated arguments, in order."""
-  compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
-  state = [jax.tree.map(lambda x: jnp.array(x, copy=True), a) for a in args]
-
-  def call():
-    out = compiled(*state)
-    for position, index in enumerate(donate):
-      state[index] = out[position] if isinstance(out, tuple) else out
-    return out
-
-  return compiled, lambda: _timing.seconds_per_call(call, steps)
-
-
 def components(rows: int, cols: int, learning_rate: float = 1e-3):
   """name -> (function, arguments, donated argument indices, streams moved)."""
   shape = (rows, cols)
@@ -100,13 +85,14 @@ def components(rows: int, cols: int, learning_rate: float = 1e-3):
 def profile(rows: int, cols: int, rounds: int, steps: int) -> dict[str, dict]:
   timers = {}
   for name, (fn, args, donate, streams) in components(rows, cols).items():
-    compiled, run = _timer(fn, args, donate, steps)
-    run()  # warm-up
+    args = jax.tree.map(lambda x: jnp.array(x, copy=True), args)  # shared arrays
+    compiled, run = _timing.compiled_loop(fn, args, donate)
+    run(steps)  # warm-up
     timers[name] = (run, streams, compiled.memory_analysis().temp_size_in_bytes)
   times = {name: [] for name in timers}
   for _ in range(rounds):
     for name, (run, _, _) in timers.items():
-      times[name].append(run())
+      times[name].append(run(steps))
   stream_ms = 1e3 * statistics.median(times["sgd: p - lr * g"]) / 3
   result = {}
   for name, (_, streams, temp) in timers.items():

@@ -1,10 +1,6 @@
 """Step time and memory of SM3 next to optax's optimizers.
 
-One jitted, donated train step per optimizer on a 34.6 M-parameter tree
-(:data:`BASE_SHAPES`) or, with ``--tree transformer``, a stack of mid-sized
-matrices: all optimizers in one process, round-robin, with a size sweep; or
-with ``--isolated`` each measurement in a fresh process (the figures the docs
-quote); ``--devices N`` shards the tree over N CPU devices.
+One jitted, donated train step per optimizer, timed round-robin;
 docs/guides/performance.md describes the modes and quotes their tables.
 
 Usage (from the repository root)::
@@ -13,14 +9,12 @@ Usage (from the repository root)::
   python -m benchmarks.step_time --isolated [--tree transformer]
   python -m benchmarks.step_time --isolated --devices 8 --repeats 3 --with-direct
 
-Writes ``step_time.md`` and ``.json`` (``step_isolated.*`` when isolated)
-under ``--out`` and prints the Markdown.
+Writes ``step_time.md`` and ``.json`` (``step_isolated.*``) under ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import random
@@ -74,11 +68,8 @@ def optimizers(with_direct: bool = False) -> dict[str, optax.GradientTransformat
 
 
 def scaled_shapes(scale: float, tree: str = "embedding") -> dict[str, tuple[int, ...]]:
-  """The tree with its leading (for the conv, last) axes scaled.
-
-  The transformer tree (per layer, attention kernels 4 x (d, d) and MLP
-  kernels (d, 4d), (4d, d)) scales its number of layers instead.
-  """
+  """The tree with its leading (for the conv, last) axes, or its number of
+  transformer layers, scaled."""
   if tree == "transformer":
     d = WIDTH
     kernels = {**dict.fromkeys("qkvo", (d, d)), "up": (d, 4 * d), "down": (4 * d, d)}
@@ -136,42 +127,40 @@ class Case:
   sharded by :func:`mesh_spec` and :func:`optax_sm3.state_shardings`)."""
 
   def __init__(self, tx, shapes, dtype, devices: int = 1):
-    self.params = make_tree(shapes, dtype, seed=0)
-    self.grads = make_tree(shapes, dtype, seed=1)
+    params, grads = make_tree(shapes, dtype, seed=0), make_tree(shapes, dtype, seed=1)
     shardings = {}
     if devices > 1:
       mesh = jax.make_mesh((devices,), ("x",), axis_types=(AxisType.Auto,))
       param_sh = {
         k: NamedSharding(mesh, mesh_spec(k, s, devices)) for k, s in shapes.items()
       }
-      self.params, self.grads = jax.device_put(
-        (self.params, self.grads), (param_sh, param_sh)
-      )
-      state_sh = optax_sm3.state_shardings(tx, self.params, param_sh)
-      self.state = jax.jit(tx.init, out_shardings=state_sh)(self.params)
+      params, grads = jax.device_put((params, grads), (param_sh, param_sh))
+      state_sh = optax_sm3.state_shardings(tx, params, param_sh)
+      state = jax.jit(tx.init, out_shardings=state_sh)(params)
       shardings = {
         "in_shardings": (param_sh, state_sh, param_sh),
         "out_shardings": (param_sh, state_sh),
       }
     else:
-      self.state = tx.init(self.params)
+      state = tx.init(params)
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1), **shardings)
     def step(params, state, grads):
       updates, state = tx.update(grads, state, params)
       return optax.apply_updates(params, updates), state
 
     start = time.perf_counter()
-    self.step = step.lower(self.params, self.state, self.grads).compile()
+    args = (params, state, grads)
+    # ``run(steps)``: seconds per step.
+    compiled, self.run = _timing.compiled_loop(step, args, (0, 1), **shardings)
     info = {
       "compile_s": time.perf_counter() - start,
-      "param_bytes": device_bytes(self.params),
-      "state_bytes": device_bytes(self.state),
+      "param_bytes": device_bytes(params),
+      "state_bytes": device_bytes(state),
       # A partitioned program is per device: so is its temporary.
-      "temp_bytes": self.step.memory_analysis().temp_size_in_bytes,
+      "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
       "all_gathers": sum(
         " all-gather(" in line or " all-gather-start(" in line
-        for line in self.step.as_text().splitlines()
+        for line in compiled.as_text().splitlines()
       ),
       "num_params": num_params(shapes),
     }
@@ -180,22 +169,10 @@ class Case:
     self.info = info
     self.run(2)  # warm-up
 
-  def run(self, steps: int) -> float:
-    """Runs ``steps`` steps; returns seconds per step."""
-
-    def call():
-      self.params, self.state = self.step(self.params, self.state, self.grads)
-      return self.params
-
-    return _timing.seconds_per_call(call, steps)
-
 
 def round_robin(names, sample, repeats: int, progress) -> dict[str, dict]:
-  """Each name's ``sample(name)`` (``{"ms": ..., **Case.info}``) once per round.
-
-  The order is shuffled every round (seeded), so that no optimizer always
-  pays for what the same neighbour left behind.
-  """
+  """Each name's ``sample(name)`` once per round, in an order shuffled every round
+  so that no optimizer always pays for what the same neighbour left behind."""
   order = random.Random(0)
   samples = {name: [] for name in names}
   for _ in range(repeats):
@@ -295,31 +272,28 @@ def growth_exponents(sweep, min_params: int = GROWTH_FROM_PARAMS) -> dict[str, f
   }
 
 
-def _percent(key):
-  return lambda r: f"{r[key] / r['param_bytes']:.2%}"
-
-
-def _ratio(key):
-  return lambda r: f"{r.get(key, math.nan):.2f}"
-
-
-def _mib(key):
-  return lambda r: _report.format_bytes(r[key], "MiB", label=False)
+def _cell(key, kind="{:.2f}"):
+  """A row's ``key`` in a format, in MiB, or as a share (%) of the parameters."""
+  if kind == "MiB":
+    return lambda r: _report.format_bytes(r[key], "MiB", label=False)
+  if kind == "%":
+    return lambda r: f"{r[key] / r['param_bytes']:.2%}"
+  return lambda r: kind.format(r.get(key, math.nan))
 
 
 # A table column: its header and the cell of a row (", per device" added on a mesh).
 CELLS = {
-  "median step (ms)": lambda r: f"{r['median_ms']:.1f}",
-  "vs adam": _ratio("vs_adam"),
-  "vs optax.sm3 (m=0)": _ratio("vs_optax_sm3_m0"),
-  "vs sgd": _ratio("vs_sgd"),
-  "compile (s)": lambda r: f"{r['compile_s']:.2f}",
-  "compile vs adam": _ratio("compile_vs_adam"),
-  "state (MiB)": _mib("state_bytes"),
-  "state / params": _percent("state_bytes"),
-  "XLA temp (MiB)": _mib("temp_bytes"),
-  "temp / params": _percent("temp_bytes"),
-  "XLA temp / params": _percent("temp_bytes"),
+  "median step (ms)": _cell("median_ms", "{:.1f}"),
+  "vs adam": _cell("vs_adam"),
+  "vs optax.sm3 (m=0)": _cell("vs_optax_sm3_m0"),
+  "vs sgd": _cell("vs_sgd"),
+  "compile (s)": _cell("compile_s"),
+  "compile vs adam": _cell("compile_vs_adam"),
+  "state (MiB)": _cell("state_bytes", "MiB"),
+  "state / params": _cell("state_bytes", "%"),
+  "XLA temp (MiB)": _cell("temp_bytes", "MiB"),
+  "temp / params": _cell("temp_bytes", "%"),
+  "XLA temp / params": _cell("temp_bytes", "%"),
   "all-gathers": lambda r: str(r.get("all_gathers", 0)),
 }
 _TIMES = ["median step (ms)", "vs adam", "vs optax.sm3 (m=0)", "vs sgd"]
@@ -439,10 +413,8 @@ def main(argv=None) -> dict:
     **{k: getattr(args, k) for k in ("tree", "scale", "repeats", "steps")},
     **({"rounds": ROUNDS, "devices": args.devices} if args.isolated else {}),
   }
-  bar = tqdm.tqdm(
-    total=args.repeats * runs, desc="timing", unit="round", file=sys.stderr
-  )
-  with bar:
+  total = args.repeats * runs
+  with tqdm.tqdm(total=total, desc="timing", unit="round", file=sys.stderr) as bar:
     for dtype in dtypes:
       result[dtype] = measure(args, names, dtype, args.scale, bar)
     if sweep_scales:
@@ -453,12 +425,10 @@ def main(argv=None) -> dict:
         }
         for n, scale in sweep_scales.items()
       }
-  if "sweep" in result:
-    result["growth_exponents"] = growth_exponents(result["sweep"])
+      result["growth_exponents"] = growth_exponents(result["sweep"])
   text = markdown(args, result, time.perf_counter() - started)
-  _report.save(
-    args.out, "step_isolated" if args.isolated else "step_time", text, result
-  )
+  stem = "step_isolated" if args.isolated else "step_time"
+  _report.save(args.out, stem, text, result)
   return result
 
 
