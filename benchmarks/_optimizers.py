@@ -25,12 +25,14 @@ class Optimizer:
   grid: tuple[float, ...]
 
 
-def _sm3_warmup(momentum: float):
-  def make(learning_rate, total_steps):
-    schedule = optax_sm3.warmup_schedule(1.0, total_steps)
-    return optax_sm3.sm3(lambda count: learning_rate * schedule(count), momentum)
+def _scheduled(make, **schedule):
+  """``make`` at the rate times ``optax_sm3.warmup_schedule(..., **schedule)``."""
 
-  return make
+  def factory(learning_rate, total_steps):
+    factor = optax_sm3.warmup_schedule(1.0, total_steps, **schedule)
+    return make(lambda count: learning_rate * factor(count))
+
+  return factory
 
 
 # The recipe's schedule, read from optax_sm3.sm3_recipe's defaults (quadratic
@@ -42,11 +44,6 @@ _RECIPE_SCHEDULE = {
 }
 
 
-def _warmup_cooldown(learning_rate, total_steps):
-  schedule = optax_sm3.warmup_schedule(1.0, total_steps, **_RECIPE_SCHEDULE)
-  return lambda count: learning_rate * schedule(count)
-
-
 # The grids are centred on each optimizer's usual rates: SM3 and AdaGrad sum
 # squared gradients, so their steps shrink over time and want larger rates;
 # Adafactor's rate is relative to the parameters' scale.
@@ -55,12 +52,10 @@ OPTIMIZERS = {
   o.name: o
   for o in (
     Optimizer("sm3-recipe", optax_sm3.sm3_recipe, (1e-3, 3e-3, 1e-2, 3e-2)),
-    Optimizer("sm3-m0", _sm3_warmup(0.0), _SUM_GRID),
-    Optimizer("sm3-m0.9", _sm3_warmup(0.9), _SUM_GRID),
+    Optimizer("sm3-m0", _scheduled(lambda lr: optax_sm3.sm3(lr, 0.0)), _SUM_GRID),
+    Optimizer("sm3-m0.9", _scheduled(lambda lr: optax_sm3.sm3(lr, 0.9)), _SUM_GRID),
     Optimizer("adam", lambda lr, _: optax.adam(lr), _ADAM_GRID),
-    Optimizer(
-      "adam-wsd", lambda lr, n: optax.adam(_warmup_cooldown(lr, n)), _ADAM_GRID
-    ),
+    Optimizer("adam-wsd", _scheduled(optax.adam, **_RECIPE_SCHEDULE), _ADAM_GRID),
     Optimizer("adagrad", lambda lr, _: optax.adagrad(lr), (0.01, 0.03, 0.1, 0.3)),
     Optimizer("adafactor", lambda lr, _: optax.adafactor(lr), (3e-3, 1e-2, 3e-2, 0.1)),
     Optimizer("optax.sm3", lambda lr, _: optax.sm3(lr), _SUM_GRID),

@@ -44,13 +44,8 @@ def tree_bytes(tree) -> int:
 
 
 class Trainer:
-  """One compiled training loop for a workload and an optimizer.
-
-  With ``polyak`` (:func:`optax_sm3.polyak_averaging`), runs are also scored
-  with the averaged parameters (``polyak_bytes``, apart from ``state_bytes``).
-  With ``sparse``, a workload's ``tables`` train through
-  :func:`optax_sm3.sparse_tables` (``path`` says which path ran).
-  """
+  """One compiled training loop for a workload and an optimizer; ``polyak`` also
+  scores the averaged parameters, ``sparse`` trains ``tables`` row-sparsely."""
 
   def __init__(
     self,

@@ -1,18 +1,12 @@
 """The transfer studies' candidates, their resumable record of runs, and the lever study.
 
-A :class:`Candidate` is one optimizer setting; a :class:`Study` trains
-candidates on workloads and remembers every run (keyed by workload, setting,
-steps, rate, seed and split), so that an interrupted study resumes.
-
-The lever study (``python -m benchmarks.transfer --levers``; the recipe
-guide gives its protocol): every candidate trains on every workload of
-:data:`WORKLOADS` over a small rate grid (seed 0, validation split); for each
-held-out workload, the SM3 setting within a memory budget (:data:`BUDGETS`)
-with the smallest worst validation gap to the tuned Adam on the *other*
-workloads is scored on its test split (3 seeds). SM3 runs also keep a Polyak
-average of the parameters (decay 0.95, float32; ``+polyak`` candidates).
-Gaps are relative: the loss ratio minus 1, or the error-rate ratio minus 1
-for the classifiers; positive is worse than Adam.
+A :class:`Study` remembers every run of a :class:`Candidate` (an optimizer
+setting), so that an interrupted study resumes. The lever study
+(``python -m benchmarks.transfer --levers``; the recipe guide gives its
+protocol) chooses, for each held-out workload of :data:`WORKLOADS` and each
+memory budget, the setting with the smallest worst validation gap to the tuned
+Adam on the others. Gaps are relative (loss, or error rate, over Adam's minus
+1); positive is worse.
 """
 
 from __future__ import annotations
@@ -36,14 +30,8 @@ SEEDS = 3
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-  """One optimizer setting of the study (``family`` ``"sm3"`` or ``"adam"``).
-
-  ``beta`` may be ``"rising"`` (Adafactor's ``1 - t**-0.8``); ``warmup`` and
-  ``decay`` are fractions of the steps; ``clip_rms`` and ``param_scale`` are
-  Adafactor's update clipping and relative step. ``factory``, where set, is
-  the library optimizer ``make`` calls (the sparse path takes only
-  ``optax_sm3``'s); the other fields still describe it.
-  """
+  """One optimizer setting; ``factory``, where set, is the library optimizer that
+  ``make`` calls (the other fields still describe it)."""
 
   name: str
   family: str = "sm3"
@@ -183,16 +171,11 @@ class Study:
     key = (name, candidate.name, steps)
     if key not in self._trainers:
       self._trainers.clear()  # one compiled loop at a time
-      polyak = None
-      if candidate.family == "sm3" and self.polyak:
-        polyak = optax_sm3.polyak_averaging(POLYAK_DECAY)
+      sm3 = candidate.family == "sm3"
+      polyak = optax_sm3.polyak_averaging(POLYAK_DECAY) if sm3 and self.polyak else None
       optimizer = _optimizers.Optimizer(candidate.name, candidate.make, ())
       self._trainers[key] = _runner.Trainer(
-        self.workload(name),
-        optimizer,
-        steps,
-        polyak=polyak,
-        sparse=candidate.family == "sm3",
+        self.workload(name), optimizer, steps, polyak, sparse=sm3
       )
     return self._trainers[key]
 
@@ -202,11 +185,8 @@ class Study:
     if key not in self.record["runs"]:
       trainer = self.trainer(name, candidate, steps)
       out = trainer.run(lr, seed, split)
-      out.update(
-        state_bytes=trainer.state_bytes,
-        polyak_bytes=trainer.polyak_bytes,
-        param_bytes=trainer.param_bytes,
-      )
+      for field in ("state_bytes", "polyak_bytes", "param_bytes"):
+        out[field] = getattr(trainer, field)
       self.record["runs"][key] = out
       self.save()
       self.progress(f"{key}: {out['metric']:.4f}")
@@ -297,15 +277,10 @@ def tuned_table(study: Study, names: Sequence[str], factor: float = 1.0) -> dict
           "polyak": polyak,
           "valid": metric,
           "learning_rate": lr,
-          "state_bytes": first["state_bytes"]
-          + (first["polyak_bytes"] if polyak else 0),
+          "state_bytes": first["state_bytes"] + polyak * first["polyak_bytes"],
         }
-    adam = {k: r for k, r in rows.items() if k.startswith("adam")}
-    best_adam = _score(
-      {k: {"metric": r["valid"]} for k, r in adam.items()},
-      False,
-      workload.higher_is_better,
-    )[1]
+    adam = {k: {"metric": r["valid"]} for k, r in rows.items() if k.startswith("adam")}
+    best_adam = _score(adam, False, workload.higher_is_better)[1]
     adam_bytes = rows[best_adam]["state_bytes"]
     for row in rows.values():
       row["gap"] = _gap(workload, row["valid"], rows[best_adam]["valid"])
@@ -360,10 +335,8 @@ def leave_one_out(study: Study, table: dict) -> list[dict]:
 
 
 def long_runs(study: Study, table: dict, factor: float) -> list[dict]:
-  """The recipe, its base and the tuned Adam on the first workload, at 1x and ``factor`` x.
-
-  At ``factor`` x the rate is re-tuned between the 1x rate and half of it.
-  """
+  """The recipe, its base and the tuned Adam on the first workload, at 1x and
+  ``factor`` x (the rate re-tuned between the 1x rate and half of it)."""
   name = next(iter(table))
   workload = study.workload(name)
   rows = table[name]["rows"]

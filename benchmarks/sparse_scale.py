@@ -1,14 +1,10 @@
 """How the sparse step's cost grows with the table, up to ``2**24`` and ``2**25`` rows.
 
 Three sections, each writing ``results/sparse_scale_<section>.md`` and
-``.json`` (docs/guides/performance.md and scaling_out.md say what each
-measures): ``curve`` times ``optax_sm3.sparse_rows(optimizer).update`` on
-``2**16`` to ``2**24``-row tables, 4,096 ids a step, three id laws (``--docs``
-also writes ``docs/_data/sparse_scale.json``); ``nnx`` times
-``benchmarks._bags``' NNX train step, sparse and dense, each case in its own
-process, with its peak memory (a case that is killed did not fit); ``plan``
-computes, without running, a ``10**9 x 128`` table's state and traffic on 8,
-64 and 512 devices.
+``.json``: ``curve`` times ``optax_sm3.sparse_rows(optimizer).update``
+(``--docs``: also ``docs/_data/sparse_scale.json``), ``nnx`` the NNX train step
+of ``benchmarks._bags``, and ``plan`` computes a ``10**9 x 128`` table's state
+and traffic. docs/guides/performance.md and scaling_out.md say what each measures.
 
 Run from the repository root::
 

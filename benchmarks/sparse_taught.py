@@ -238,11 +238,8 @@ def _losses(step, data) -> list[float]:
 
 
 def time_group(routes, rows, momentum, steps, dense_steps, runs) -> list[dict]:
-  """Routes of one group at one size and momentum: ``runs`` records per route.
-
-  Each run times every route's sparse steps, then its dense steps (a first
-  call untimed), so that one run's ratios see one load on a shared machine.
-  """
+  """``runs`` records per route; a run times every route's sparse steps, then its
+  dense steps, so that one run's ratios see one load on a shared machine."""
   data = _bags.batches(rows, WARMUP + max(steps, dense_steps) + 1, seed=rows)
   sparse = {r: BUILDERS[r](rows, momentum, True) for r in routes}
   dense = {r: BUILDERS[r](rows, momentum, False) for r in routes}
@@ -259,20 +256,12 @@ def time_group(routes, rows, momentum, steps, dense_steps, runs) -> list[dict]:
     dense_median = {
       r: statistics.median(step_seconds(dense[r], dense_timed)) for r in routes
     }
-    for route in routes:
-      records.append(
-        {
-          "route": route,
-          "rows": rows,
-          "momentum": momentum,
-          "run": number,
-          "sparse_median_s": median[route],
-          "dense_median_s": dense_median[route],
-          "speedup": dense_median[route] / median[route],
-          "max_loss_rel_diff": difference[route],
-          "warmup_losses": losses[route],
-        }
-      )
+    for r in routes:
+      record = {"route": r, "rows": rows, "momentum": momentum, "run": number}
+      record["sparse_median_s"], record["dense_median_s"] = median[r], dense_median[r]
+      record["speedup"] = dense_median[r] / median[r]
+      record["max_loss_rel_diff"], record["warmup_losses"] = difference[r], losses[r]
+      records.append(record)
     print(
       f"momentum {momentum:g} run {number}: "
       + ", ".join(f"{r['route']} {r['speedup']:.0f}x" for r in records[-len(routes) :]),
@@ -285,24 +274,15 @@ def summarize(records: list[dict]) -> list[dict]:
   """One row per (route, momentum, rows): medians over the runs."""
   rows = []
   keys = sorted({(r["route"], r["momentum"], r["rows"]) for r in records}, key=str)
-  for route in ROUTES:
-    for key in [k for k in keys if k[0] == route]:
-      runs = [r for r in records if (r["route"], r["momentum"], r["rows"]) == key]
-      speedups = [r["speedup"] for r in runs]
-      rows.append(
-        {
-          "route": route,
-          "momentum": key[1],
-          "rows": key[2],
-          "runs": len(runs),
-          "sparse_median_s": statistics.median(r["sparse_median_s"] for r in runs),
-          "dense_median_s": statistics.median(r["dense_median_s"] for r in runs),
-          "speedup": statistics.median(speedups),
-          "speedup_min": min(speedups),
-          "speedup_max": max(speedups),
-          "max_loss_rel_diff": max(r["max_loss_rel_diff"] for r in runs),
-        }
-      )
+  for key in [k for route in ROUTES for k in keys if k[0] == route]:
+    runs = [r for r in records if (r["route"], r["momentum"], r["rows"]) == key]
+    speedups = [r["speedup"] for r in runs]
+    row = dict(zip(("route", "momentum", "rows"), key, strict=True), runs=len(runs))
+    for field in ("sparse_median_s", "dense_median_s", "speedup"):
+      row[field] = statistics.median(r[field] for r in runs)
+    row |= {"speedup_min": min(speedups), "speedup_max": max(speedups)}
+    row["max_loss_rel_diff"] = max(r["max_loss_rel_diff"] for r in runs)
+    rows.append(row)
   return rows
 
 

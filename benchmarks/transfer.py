@@ -1,13 +1,9 @@
 """A drop-in that needs no tuning: the recipe's default rate and cool-down, chosen by leaving workloads out.
 
-:func:`optax_sm3.sm3_recipe` (its second-moment settings chosen by the lever
-study, ``--levers``, :mod:`benchmarks._study`) trains at every ``(cool-down,
-rate)`` of :data:`GRID` on every workload (seed 0, validation split), Adam at
-each of three schedules. The default is the setting whose worst validation
-gap to the tuned Adam is smallest; each fold chooses without its held-out
-workload. All are scored on the test splits (3 seeds; 5 on the syllable
-classifier, which also trains at ``--long`` x the steps). The recipe guide
-(docs/guides/recipe.md) gives the protocol and the tables.
+:func:`optax_sm3.sm3_recipe` trains at every ``(cool-down, rate)`` of :data:`GRID`;
+the default is the setting whose worst validation gap to the tuned Adam is
+smallest; docs/guides/recipe.md gives the protocol. ``--levers`` runs the study
+that chose the recipe's other settings (:mod:`benchmarks._study`).
 
 Usage (from the repository root)::
 
@@ -16,10 +12,8 @@ Usage (from the repository root)::
   python -m benchmarks.transfer --levers     # the settings' study
   python -m benchmarks.transfer --quick      # a smoke run: 1/10 of the steps
 
-Results go to ``--out`` (``results/recipe``; ``results/transfer`` with
-``--levers``): ``transfer.json`` (every run; a study resumes from it),
-``transfer.md`` and ``summary.json`` (kept as ``docs/_data/recipe.json``, or
-``docs/_data/transfer.json`` for ``--levers``).
+Writes ``transfer.json`` (every run; a study resumes from it), ``transfer.md``
+and ``summary.json`` (``docs/_data/recipe.json`` or ``transfer.json``) to ``--out``.
 """
 
 from __future__ import annotations
