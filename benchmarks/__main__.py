@@ -93,23 +93,18 @@ def main(argv=None) -> int:
   import tqdm  # (the bench extra: `import benchmarks.__main__` runs without it)
 
   start = time.perf_counter()
-  with tqdm.tqdm(
-    total=len(workloads) * runs, unit="run", disable=args.no_progress
-  ) as bar:
+  runs *= len(workloads)
+  with tqdm.tqdm(total=runs, unit="run", disable=args.no_progress) as bar:
 
     def progress(label):
       bar.set_postfix_str(label)
       bar.update()
 
+    settings = {"seeds": args.seeds, "grid_size": args.grid_size, "progress": progress}
     for workload in workloads:
       quick_steps = max(workload.steps // 4, 1) if args.quick else workload.steps
       results["workloads"][workload.name] = _runner.run_workload(
-        workload,
-        optimizers,
-        steps=args.steps or quick_steps,
-        seeds=args.seeds,
-        grid_size=args.grid_size,
-        progress=progress,
+        workload, optimizers, steps=args.steps or quick_steps, **settings
       )
   results["wall_s"] = time.perf_counter() - start
   paths = _report.write(results, args.out)

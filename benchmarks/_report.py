@@ -96,10 +96,8 @@ def goal(result: dict, name: str = RECIPE) -> dict | None:
   if name not in opts or adam_name is None:
     return None
   ours, adam = opts[name], opts[adam_name]
-  worse = ours["metric_mean"] - adam["metric_mean"]
-  if result["higher_is_better"]:
-    worse = -worse
-  gap = worse / abs(adam["metric_mean"])
+  sign = -1 if result["higher_is_better"] else 1
+  gap = sign * (ours["metric_mean"] - adam["metric_mean"]) / abs(adam["metric_mean"])
   memory = ours["state_bytes"] / adam["state_bytes"]
   met = bool(gap <= _GOAL_GAP and memory <= _GOAL_MEMORY)
   return {"adam": adam_name, "gap": gap, "memory": memory, "met": met}

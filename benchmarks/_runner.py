@@ -58,11 +58,9 @@ class Trainer:
   ):
     self.workload = workload
     self.polyak = polyak
-    self.optimizer = optimizer
     self.steps = steps
-    self.path = "dense"
-    if sparse and workload.tables is not None and polyak is None:
-      self.path = "sparse"
+    sparse = sparse and workload.tables is not None and polyak is None
+    self.path = "sparse" if sparse else "dense"
     self.chunk = chunk_size(steps)
     self.train = {k: jnp.asarray(v) for k, v in workload.train.items()}
     size = len(next(iter(workload.train.values())))
@@ -110,11 +108,8 @@ class Trainer:
     self._compiled = None
     shapes = jax.eval_shape(init, jax.random.key(0), 1.0)
     self.param_bytes = tree_bytes(shapes[0])
-    self.state_bytes = tree_bytes(shapes[1])
-    self.polyak_bytes = 0
-    if polyak is not None:
-      self.polyak_bytes = tree_bytes(shapes[1][1])
-      self.state_bytes -= self.polyak_bytes
+    self.polyak_bytes = 0 if polyak is None else tree_bytes(shapes[1][1])
+    self.state_bytes = tree_bytes(shapes[1]) - self.polyak_bytes
 
   def run(self, lr: float, seed: int, split: str) -> dict:
     """Trains once, scored on ``split`` (``"tune"``: validation; ``"final"``:

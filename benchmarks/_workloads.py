@@ -33,13 +33,8 @@ TRANSFER_NAMES = (
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-  """A training problem: ``init(key)``, ``loss(params, batch)``,
-  ``sample(key, train)`` (a batch from the first ``train["pool"]`` rows) and
-  ``evaluate(params, split)`` (the ``metric``) on its splits; ``valid`` is the
-  last ``num_valid`` rows of ``train``. ``tables``, if set, maps the
-  parameters to the mask of the tables ``loss`` reads only through
-  :func:`optax_sm3.sparse_lookup` (which SM3 may train row-sparsely).
-  """
+  """A training problem; ``sample`` draws from the first ``train["pool"]`` rows,
+  ``tables`` masks the tables ``loss`` reads through ``sparse_lookup``."""
 
   name: str
   metric: str
@@ -154,11 +149,8 @@ def _lm_splits(data: dict, eval_rows: int) -> dict:
 def _ngram_model(
   name, data, context, init, logits, batch_size, steps, eval_rows, tables=None
 ) -> Workload:
-  """Next token from the ``context`` before it; metric held-out cross-entropy.
-
-  A batch is ``(batch_size, context + 1)`` windows at random positions;
-  validation and test score every window of (at most) ``eval_rows`` rows.
-  """
+  """Next token from the ``context`` before it, scored on every window of (at
+  most) ``eval_rows`` rows; metric held-out cross-entropy."""
   width = data["train"].shape[1]
   splits = _lm_splits(data, eval_rows)
   offsets = np.arange(-context, 1)[None, :]
@@ -240,10 +232,7 @@ def _transformer_init(key, vocab, dim, layers, length, outputs):
 
 
 def _transformer(params, tokens, mask, layers, heads):
-  """A pre-norm transformer's final normalised features, ``(batch, length, dim)``.
-
-  ``mask`` is ``(batch or 1, length, length)``: which keys each query sees.
-  """
+  """A pre-norm transformer's final features; ``mask``: which keys each query sees."""
   b, length = tokens.shape
   dim = params["embedding"].shape[1]
   x = params["embedding"][tokens] + params["position"][None, :length, :]
@@ -271,10 +260,8 @@ def _language_model(
   tied: bool = False,
   steps: int = 400,
 ) -> Workload:
-  """A causal transformer LM on ``data``'s windows; metric held-out cross-entropy.
-
-  ``tied``: the input embedding's transpose is the unembedding.
-  """
+  """A causal transformer LM (``tied``: unembedding = the embedding's transpose)
+  on ``data``'s windows; metric held-out cross-entropy."""
   # Rows are cut to `length + 1` tokens to keep attention cheap on a CPU.
   data = data | {k: data[k][:, : length + 1] for k in ("train", "test")}
   vocab = data["vocab_size"]
@@ -452,9 +439,7 @@ def digits_conv(channels: int = 16, batch_size: int = 64, steps: int = 600) -> W
 def speeches_bow(
   dim: int = 64, batch_size: int = 128, steps: int = 2000, **data
 ) -> Workload:
-  """A fastText-style classifier of speeches by play (38 plays); test accuracy.
-
-  ``data``: :func:`benchmarks._data.load_speeches`'s arguments."""
+  """A fastText-style classifier of speeches by play (38 plays); test accuracy."""
   data = _data.load_speeches(**data)
   buckets = int(data["train_ids"].max())  # the padding id
   classes = data["num_classes"]
@@ -499,10 +484,8 @@ def wiki_hashed(
   batch_size: int = 256,
   steps: int = 800,
 ) -> Workload:
-  """Next word from hashed 1-, 2- and 3-word contexts; held-out cross-entropy.
-
-  The ``rows``-row table is read only through :func:`optax_sm3.sparse_lookup`.
-  """
+  """Next word from 1-, 2- and 3-word contexts hashed into a ``rows``-row table
+  (read through :func:`optax_sm3.sparse_lookup`); held-out cross-entropy."""
   data = _data.load_text("wikipedia", vocab_size=vocab_size)
   vocab = data["vocab_size"]
 
@@ -536,10 +519,8 @@ _BUILDERS = {
 
 
 def build(name: str, **sizes) -> Workload:
-  """The workload ``name``; ``sizes`` go to its builder (tests use small models).
-
-  Raises ``ValueError`` for an unknown name (``MissingDataError``: no data).
-  """
+  """The workload ``name``, ``sizes`` going to its builder; ``ValueError`` for an
+  unknown name (``MissingDataError`` without its data)."""
   if name not in _BUILDERS:
     allowed = ", ".join(_BUILDERS)
     raise ValueError(f"unknown workload {name!r}; allowed: {allowed}")

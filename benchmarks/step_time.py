@@ -347,10 +347,8 @@ def parse_args(argv):
   args = parser.parse_args(argv)
   args.isolated = args.isolated or args.devices > 1
   args.repeats = args.repeats or (7 if args.isolated else 11)
-  if min(args.repeats, args.steps, args.devices) < 1:
-    parser.error("--repeats, --steps and --devices must be >= 1")
-  if not args.scale > 0:
-    parser.error("--scale must be > 0")
+  if min(args.repeats, args.steps, args.devices) < 1 or not args.scale > 0:
+    parser.error("--repeats, --steps and --devices must be >= 1, --scale > 0")
   return args
 
 
