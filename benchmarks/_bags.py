@@ -36,17 +36,24 @@ def mse(model, ids, y):
   return jnp.mean((model(ids) - y) ** 2)
 
 
+def optimizers(momentum: float) -> tuple[optax.GradientTransformation, ...]:
+  """The head's optimizer (adam) and the table's (``sm3`` with ``momentum``)."""
+  return optax.adam(HEAD_LEARNING_RATE), optax_sm3.sm3(LEARNING_RATE, momentum=momentum)
+
+
+def tables(params):
+  """Which of ``params`` are the table: the ``items`` embedding's."""
+  return jax.tree.map_with_path(
+    lambda path, _: "items" in jax.tree_util.keystr(path), params
+  )
+
+
 def dense_tx(momentum: float) -> optax.GradientTransformation:
-  """The sparse optimizers' dense twin: ``sm3`` on the table (``items``), adam on the rest."""
+  """The sparse optimizers' dense twin: ``sm3`` on the table, adam on the rest."""
+  head, table = optimizers(momentum)
   return optax.multi_transform(
-    {
-      "table": optax_sm3.sm3(LEARNING_RATE, momentum=momentum),
-      "head": optax.adam(HEAD_LEARNING_RATE),
-    },
-    lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, _: "table" if "items" in jax.tree_util.keystr(path) else "head",
-      params,
-    ),
+    {"table": table, "head": head},
+    lambda params: jax.tree.map(lambda t: "table" if t else "head", tables(params)),
   )
 
 
@@ -55,11 +62,7 @@ def build(kind: str, rows: int, momentum: float, param_dtype=jnp.float32, **kw):
   ``kw`` goes to the embedding, the step donates the model and the optimizer."""
   if kind == "sparse":
     model = Model(optax_sm3.nnx.SparseEmbed, rows, nnx.Rngs(0), param_dtype, **kw)
-    optimizer = optax_sm3.nnx.SparseOptimizer(
-      model,
-      optax.adam(HEAD_LEARNING_RATE),
-      optax_sm3.sm3(LEARNING_RATE, momentum=momentum),
-    )
+    optimizer = optax_sm3.nnx.SparseOptimizer(model, *optimizers(momentum))
     value_and_grad = optax_sm3.nnx.value_and_grad
   elif kind == "dense":
     model = Model(nnx.Embed, rows, nnx.Rngs(0), param_dtype, **kw)

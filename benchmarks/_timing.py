@@ -9,6 +9,7 @@ import sys
 import time
 
 import jax
+import optax
 
 
 def carried(jitted, *carry, out: int = -1):
@@ -21,6 +22,16 @@ def carried(jitted, *carry, out: int = -1):
     value = new.pop(out)
     carry[:] = new
     return value
+
+  return step
+
+
+def train_step(tx):
+  """``step(params, state, grads) -> (params, state)``: one update of ``tx``."""
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
 
   return step
 

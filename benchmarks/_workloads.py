@@ -436,6 +436,16 @@ def digits_conv(channels: int = 16, batch_size: int = 64, steps: int = 600) -> W
   )
 
 
+def _table_and_head(key, table: str, rows: int, dim: int, outputs: int) -> dict:
+  """A ``rows x dim`` table named ``table`` and a linear head (``out``) to ``outputs``."""
+  k = jax.random.split(key)
+  return {
+    table: _normal(k[0], (rows, dim), 0.1),
+    "out": _dense_init(k[1], dim, outputs),
+    "out_bias": jnp.zeros((outputs,), jnp.float32),
+  }
+
+
 def speeches_bow(
   dim: int = 64, batch_size: int = 128, steps: int = 2000, **data
 ) -> Workload:
@@ -445,12 +455,7 @@ def speeches_bow(
   classes = data["num_classes"]
 
   def init(key):
-    k = jax.random.split(key)
-    return {
-      "embedding": _normal(k[0], (buckets, dim), 0.1),
-      "out": _dense_init(k[1], dim, classes),
-      "out_bias": jnp.zeros((classes,), jnp.float32),
-    }
+    return _table_and_head(key, "embedding", buckets, dim, classes)
 
   def logits(params, ids):
     present = ids < buckets
@@ -490,12 +495,7 @@ def wiki_hashed(
   vocab = data["vocab_size"]
 
   def init(key):
-    k = jax.random.split(key)
-    return {
-      "table": _normal(k[0], (rows, dim), 0.1),
-      "out": _dense_init(k[1], dim, vocab),
-      "out_bias": jnp.zeros((vocab,), jnp.float32),
-    }
+    return _table_and_head(key, "table", rows, dim, vocab)
 
   def logits(params, contexts):
     x = optax_sm3.sparse_lookup(params["table"], _hash_contexts(contexts, rows))

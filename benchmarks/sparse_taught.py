@@ -34,7 +34,7 @@ import optax_sm3.equinox
 import optax_sm3.linen
 import optax_sm3.nnx
 from benchmarks import _bags, _report
-from benchmarks._bags import BAG, BAGS, DIM, HEAD_LEARNING_RATE, LEARNING_RATE, MOMENTA
+from benchmarks._bags import BAG, BAGS, DIM, MOMENTA
 from benchmarks._timing import carried, step_seconds
 
 ROUTES = ("nnx", "nnx_plain", "linen", "linen_state", "equinox")
@@ -46,36 +46,21 @@ TARGETS = {(0.0, 1 << 20): 50.0, (0.9, 1 << 20): 25.0}
 LOSS_RTOL = 1e-4
 
 
-def _tables(params):
-  """The sparse tables of the linen model: its ``items``."""
-  return jax.tree.map_with_path(
-    lambda path, _: "items" in jax.tree_util.keystr(path), params
-  )
-
-
 def nnx_route(rows, momentum, sparse, call="cached_partial"):
   """``step(ids, y) -> loss`` of the taught NNX code (or its dense twin), called
   through ``nnx.cached_partial`` (as taught) or directly (``"plain"``)."""
-  if not sparse:
-    model, optimizer, dense_step = _bags.build("dense", rows, momentum)
-    if call == "plain":
-      return functools.partial(dense_step, model, optimizer)
-    return nnx.cached_partial(dense_step, model, optimizer)
-
-  model = _bags.Model(optax_sm3.nnx.SparseEmbed, rows, nnx.Rngs(0))
-  optimizer = optax_sm3.nnx.SparseOptimizer(
-    model,
-    optax.adam(HEAD_LEARNING_RATE),
-    optax_sm3.sm3(LEARNING_RATE, momentum=momentum),
+  # Dense: `_bags.build`'s step; sparse: its model and optimizer, the README's step.
+  model, optimizer, train_step = _bags.build(
+    "sparse" if sparse else "dense", rows, momentum
   )
-
-  # The README's step:
-  @nnx.jit(donate_argnums=(0, 1))  # model and optimizer are updated in place
-  def train_step(model, optimizer, ids, y):
-    loss_fn = lambda m: jnp.mean((m(ids) - y) ** 2)
-    loss, grads = optax_sm3.nnx.value_and_grad(loss_fn)(model)  # table: (ids, rows)
-    optimizer.update(model, grads)
-    return loss
+  if sparse:
+    # The README's step:
+    @nnx.jit(donate_argnums=(0, 1))  # model and optimizer are updated in place
+    def train_step(model, optimizer, ids, y):
+      loss_fn = lambda m: jnp.mean((m(ids) - y) ** 2)
+      loss, grads = optax_sm3.nnx.value_and_grad(loss_fn)(model)  # table: (ids, rows)
+      optimizer.update(model, grads)
+      return loss
 
   if call == "plain":
     return functools.partial(train_step, model, optimizer)
@@ -111,9 +96,7 @@ def linen_route(rows, momentum, sparse):
 
   if sparse:
     opt = optax_sm3.linen.sparse_tables(
-      optax.adam(HEAD_LEARNING_RATE),
-      optax_sm3.sm3(LEARNING_RATE, momentum=momentum),
-      tables=_tables,
+      *_bags.optimizers(momentum), tables=_bags.tables
     )
     opt_state = opt.init(params)
 
@@ -147,11 +130,7 @@ def linen_state_route(rows, momentum, sparse):
     state = optax_sm3.linen.SparseTrainState.create(
       apply_fn=linen_model.apply,
       params=params,
-      tx=optax_sm3.sparse_tables(
-        optax.adam(HEAD_LEARNING_RATE),
-        optax_sm3.sm3(LEARNING_RATE, momentum=momentum),
-        tables=_tables,
-      ),
+      tx=optax_sm3.sparse_tables(*_bags.optimizers(momentum), tables=_bags.tables),
     )
 
     # The sparse guide's step:
@@ -188,8 +167,7 @@ class EqxModel(eqx.Module):
     return jax.vmap(self.head)(self.items(ids).mean(axis=1))
 
 
-def eqx_loss(model, ids, y):
-  return jnp.mean((model(ids) - y) ** 2)
+eqx_loss = _bags.mse  # the mean squared error of the model's outputs
 
 
 def equinox_route(rows, momentum, sparse):
@@ -198,9 +176,7 @@ def equinox_route(rows, momentum, sparse):
   # gradient, as for eqx.nn.Embedding).
   model = EqxModel(rows, jax.random.key(0))
   if sparse:
-    opt = optax_sm3.equinox.SparseOptimizer(
-      optax.adam(HEAD_LEARNING_RATE), optax_sm3.sm3(LEARNING_RATE, momentum=momentum)
-    )
+    opt = optax_sm3.equinox.SparseOptimizer(*_bags.optimizers(momentum))
     state = opt.init(model)
 
     # The sparse guide's step:

@@ -49,13 +49,6 @@ def components(rows: int, cols: int, learning_rate: float = 1e-3):
 
     return fn
 
-  def train_step(tx):
-    def fn(p, state, g):
-      updates, state = tx.update(g, state, p)
-      return optax.apply_updates(p, updates), state
-
-    return fn, (p, tx.init(p), g), (0, 1)
-
   def one_reduction(axis):
     def fn(g, r, c):
       return jnp.max(_blocks.estimate(g, (r, c), shapes, one, one), axis=axis)
@@ -78,7 +71,7 @@ def components(rows: int, cols: int, learning_rate: float = 1e-3):
     ("optax_sm3.sm3 (m=0.9) step", optax_sm3.sm3(lr, momentum=0.9), 7),
     ("optax.adam step", optax.adam(lr), 10),
   ):
-    steps[name] = (*train_step(tx), streams)
+    steps[name] = (_timing.train_step(tx), (p, tx.init(p), g), (0, 1), streams)
   return steps
 
 

@@ -144,12 +144,8 @@ class Case:
     else:
       state = tx.init(params)
 
-    def step(params, state, grads):
-      updates, state = tx.update(grads, state, params)
-      return optax.apply_updates(params, updates), state
-
     start = time.perf_counter()
-    args = (params, state, grads)
+    step, args = _timing.train_step(tx), (params, state, grads)
     # ``run(steps)``: seconds per step.
     compiled, self.run = _timing.compiled_loop(step, args, (0, 1), **shardings)
     info = {
