@@ -320,8 +320,27 @@ def test_rate_study_end_to_end_on_fake_runs(monkeypatch):
   assert long["other_settings"] == report["scores"][0]["other_settings"]
   assert {k[2] for k in study.record["runs"] if k[0] == "classifier"} == {1.0, 5.0}
   text = transfer.rate_markdown(report | {"wall_s": 60.0, "command": "c"})
-  for name in names:  # a row in the results, the state and the leave-one-out tables
-    assert sum(line.startswith(f"| {name} |") for line in text.splitlines()) == 3
+  # A row in the results, the other settings', the state and the leave-one-out
+  # tables.
+  for name in names:
+    assert sum(line.startswith(f"| {name} |") for line in text.splitlines()) == 4
+  # The validation gaps: the loss workloads' table, then the classifiers' with
+  # the worst over every column (the 5x steps' too).
+  gaps = text.split("at each setting (seed 0), the loss workloads:")[1]
+  loss, classifiers = gaps.split("at each setting (seed 0), the classifiers:")
+  assert "| cool-down, rate | lm | code | worst |" in loss
+  header = (
+    "| cool-down, rate | classifier | classifier (5x steps) | worst | worst of all |"
+  )
+  assert header in classifiers
+  for i, setting in enumerate(transfer.GRID):
+    every = [table[n]["gaps"][i] for n in names] + [table["classifier"]["long_gaps"][i]]
+    (row,) = [
+      r
+      for r in classifiers.splitlines()
+      if r.startswith(f"| {transfer.label(setting)} |")
+    ]
+    assert row.endswith(f" {max(every):+.2%} |"), row
   assert "classifier at 500 steps (5 seeds; every setting as chosen at the 1x" in text
 
 
@@ -361,6 +380,7 @@ def test_every_folds_setting_is_scored_on_every_workload():
       "tuned_adam": "adam constant",
       "adam_lr": 4e-3,
       "tuned": list(grid[1]),
+      "higher_is_better": name == "classifier",
     }
     for name, gaps in {
       "lm": {a: 0.00, b: 0.02},
@@ -386,10 +406,16 @@ def test_every_folds_setting_is_scored_on_every_workload():
     "wall_s": 60.0,
     "command": "c",
   }
-  header, rule, *_ = transfer.rate_markdown(report).split("\n\n")[1].splitlines()
+  tables = transfer.rate_markdown(report).split("\n\n")
+  header, rule, *_ = tables[1].splitlines()
   assert header.count("|") == rule.count("|")
-  assert f"untuned at {transfer.label(a)} (a fold's choice)" in header
-  assert f"untuned at {transfer.label(previous)} (the previous default)" in header
+  # The other settings' table, a column each.
+  assert tables[2].startswith("The recipe untuned at the other settings")
+  header, rule, *rows = tables[3].splitlines()
+  assert header.count("|") == rule.count("|") == 4
+  assert f"| {transfer.label(a)} (a fold's choice) |" in header
+  assert f"| {transfer.label(previous)} (the previous default) |" in header
+  assert [r.count("|") for r in rows] == [4, 4]
 
 
 def test_guide_tables_are_the_committed_rate_study():
