@@ -100,11 +100,15 @@ def main(argv=None) -> int:
       bar.set_postfix_str(label)
       bar.update()
 
-    settings = {"seeds": args.seeds, "grid_size": args.grid_size, "progress": progress}
     for workload in workloads:
       quick_steps = max(workload.steps // 4, 1) if args.quick else workload.steps
       results["workloads"][workload.name] = _runner.run_workload(
-        workload, optimizers, steps=args.steps or quick_steps, **settings
+        workload,
+        optimizers,
+        steps=args.steps or quick_steps,
+        seeds=args.seeds,
+        grid_size=args.grid_size,
+        progress=progress,
       )
   results["wall_s"] = time.perf_counter() - start
   paths = _report.write(results, args.out)

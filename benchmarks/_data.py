@@ -237,7 +237,10 @@ def load_cmudict(
       continue  # alternative pronunciations, long words, other letters
     words.append([index[c] for c in word] + [0] * (max_length - len(word)))
     labels.append(sum(p[-1].isdigit() for p in phones))
-  arrays = {"words": np.int32(words), "labels": np.int32(labels)}
+  arrays = {
+    "words": np.asarray(words, np.int32),
+    "labels": np.asarray(labels, np.int32),
+  }
   data = _split(arrays, split_seed, test_fraction)
   return data | {"alphabet_size": len(alphabet) + 1}
 

@@ -30,8 +30,30 @@ SEEDS = 3
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-  """One optimizer setting; ``factory``, where set, is the library optimizer that
-  ``make`` calls (the other fields still describe it)."""
+  """One optimizer setting of the study.
+
+  Attributes:
+    name: the label in tables.
+    family: ``"sm3"`` or ``"adam"``.
+    beta: SM3's second-moment decay, or ``"rising"`` for Adafactor's
+      ``1 - t**-0.8``.
+    bias_correction: SM3's ``bias_correction``.
+    schedule: ``"constant"``, ``"cooldown"`` or ``"cosine"`` (see
+      :meth:`schedule_fn`).
+    warmup: warm-up length as a fraction of the steps.
+    decay: the cool-down's length as a fraction of the steps.
+    momentum: SM3's momentum (0: no buffer).
+    mu_dtype: the momentum's dtype name.
+    merge_axes_up_to: SM3's cover option.
+    clip_rms: clip each parameter's update to this RMS (Adafactor's update
+      clipping, :func:`optax.clip_by_block_rms`), or ``None``.
+    param_scale: scale each update by its parameter's RMS (Adafactor's
+      relative step, :func:`optax.scale_by_param_block_rms`).
+    factory: where the setting is a library optimizer, its
+      ``factory(learning_rate, total_steps)``, which ``make`` calls (the
+      sparse path takes only optimizers that ``optax_sm3`` made); the
+      fields above still describe it.
+  """
 
   name: str
   family: str = "sm3"
@@ -185,8 +207,11 @@ class Study:
     if key not in self.record["runs"]:
       trainer = self.trainer(name, candidate, steps)
       out = trainer.run(lr, seed, split)
-      for field in ("state_bytes", "polyak_bytes", "param_bytes"):
-        out[field] = getattr(trainer, field)
+      out.update(
+        state_bytes=trainer.state_bytes,
+        polyak_bytes=trainer.polyak_bytes,
+        param_bytes=trainer.param_bytes,
+      )
       self.record["runs"][key] = out
       self.save()
       self.progress(f"{key}: {out['metric']:.4f}")
@@ -277,7 +302,8 @@ def tuned_table(study: Study, names: Sequence[str], factor: float = 1.0) -> dict
           "polyak": polyak,
           "valid": metric,
           "learning_rate": lr,
-          "state_bytes": first["state_bytes"] + polyak * first["polyak_bytes"],
+          "state_bytes": first["state_bytes"]
+          + (first["polyak_bytes"] if polyak else 0),
         }
     adam = {k: {"metric": r["valid"]} for k, r in rows.items() if k.startswith("adam")}
     best_adam = _score(adam, False, workload.higher_is_better)[1]

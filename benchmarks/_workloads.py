@@ -33,8 +33,28 @@ TRANSFER_NAMES = (
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-  """A training problem; ``sample`` draws from the first ``train["pool"]`` rows,
-  ``tables`` masks the tables ``loss`` reads through ``sparse_lookup``."""
+  """A training problem.
+
+  Attributes:
+    name: its name in :data:`WORKLOAD_NAMES` or :data:`TRANSFER_NAMES`.
+    metric: the metric's name, e.g. ``"test RMSE"``.
+    higher_is_better: whether a larger metric is better.
+    init: ``init(key)`` returns the parameters.
+    loss: ``loss(params, batch)`` returns the scalar training loss.
+    sample: ``sample(key, train)`` draws a batch from the first
+      ``train["pool"]`` rows of ``train``.
+    evaluate: ``evaluate(params, split)`` returns the metric on a split.
+    steps: the default number of training steps.
+    tables: ``None``, or a function of the parameters giving the boolean
+      mask of the embedding tables that ``loss`` reads only through
+      :func:`optax_sm3.sparse_lookup` (which SM3 may train row-sparsely).
+    train: the training arrays, validation rows last (keyword-only, as are
+      the three below: :func:`_carve`'s splits); the runner passes
+      ``sample`` them with the scalar ``pool``.
+    valid: the validation split (the last ``num_valid`` training rows).
+    test: the test split, used only for the final runs.
+    num_valid: the number of validation rows.
+  """
 
   name: str
   metric: str
@@ -43,7 +63,7 @@ class Workload:
   loss: Callable[[Any, Any], jax.Array]
   sample: Callable[[jax.Array, dict], Any]
   evaluate: Callable[[Any, dict], jax.Array]
-  steps: int  # the default number of training steps
+  steps: int
   tables: Callable[[Any], Any] | None = None
   _: dataclasses.KW_ONLY
   train: dict
@@ -350,8 +370,11 @@ def _classifier(
   accuracy. With ``chunk``, the splits are cut to and scored in whole chunks."""
   keys = (inputs, "labels")
   splits = _carve(data, keys, valid_fraction)
-  for split in ("valid", "test") if chunk else ():
-    splits[split] = {k: v[: len(v) // chunk * chunk] for k, v in splits[split].items()}
+  if chunk:
+    for split in ("valid", "test"):
+      splits[split] = {
+        k: v[: len(v) // chunk * chunk] for k, v in splits[split].items()
+      }
 
   def loss(params, batch):
     return _cross_entropy(logits(params, batch[inputs]), batch["labels"])

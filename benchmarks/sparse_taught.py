@@ -232,12 +232,18 @@ def time_group(routes, rows, momentum, steps, dense_steps, runs) -> list[dict]:
     dense_median = {
       r: statistics.median(step_seconds(dense[r], dense_timed)) for r in routes
     }
-    for r in routes:
-      record = {"route": r, "rows": rows, "momentum": momentum, "run": number}
-      record["sparse_median_s"], record["dense_median_s"] = median[r], dense_median[r]
-      record["speedup"] = dense_median[r] / median[r]
-      record["max_loss_rel_diff"], record["warmup_losses"] = difference[r], losses[r]
-      records.append(record)
+    for route in routes:
+      records.append({
+        "route": route,
+        "rows": rows,
+        "momentum": momentum,
+        "run": number,
+        "sparse_median_s": median[route],
+        "dense_median_s": dense_median[route],
+        "speedup": dense_median[route] / median[route],
+        "max_loss_rel_diff": difference[route],
+        "warmup_losses": losses[route],
+      })  # fmt: skip
     print(
       f"momentum {momentum:g} run {number}: "
       + ", ".join(f"{r['route']} {r['speedup']:.0f}x" for r in records[-len(routes) :]),
@@ -253,12 +259,19 @@ def summarize(records: list[dict]) -> list[dict]:
   for key in [k for route in ROUTES for k in keys if k[0] == route]:
     runs = [r for r in records if (r["route"], r["momentum"], r["rows"]) == key]
     speedups = [r["speedup"] for r in runs]
-    row = dict(zip(("route", "momentum", "rows"), key, strict=True), runs=len(runs))
-    for field in ("sparse_median_s", "dense_median_s", "speedup"):
-      row[field] = statistics.median(r[field] for r in runs)
-    row |= {"speedup_min": min(speedups), "speedup_max": max(speedups)}
-    row["max_loss_rel_diff"] = max(r["max_loss_rel_diff"] for r in runs)
-    rows.append(row)
+    route, momentum, size = key
+    rows.append({
+      "route": route,
+      "momentum": momentum,
+      "rows": size,
+      "runs": len(runs),
+      "sparse_median_s": statistics.median(r["sparse_median_s"] for r in runs),
+      "dense_median_s": statistics.median(r["dense_median_s"] for r in runs),
+      "speedup": statistics.median(speedups),
+      "speedup_min": min(speedups),
+      "speedup_max": max(speedups),
+      "max_loss_rel_diff": max(r["max_loss_rel_diff"] for r in runs),
+    })  # fmt: skip
   return rows
 
 

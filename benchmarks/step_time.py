@@ -268,28 +268,31 @@ def growth_exponents(sweep, min_params: int = GROWTH_FROM_PARAMS) -> dict[str, f
   }
 
 
-def _cell(key, kind="{:.2f}"):
-  """A row's ``key`` in a format, in MiB, or as a share (%) of the parameters."""
-  if kind == "MiB":
-    return lambda r: _report.format_bytes(r[key], "MiB", label=False)
-  if kind == "%":
-    return lambda r: f"{r[key] / r['param_bytes']:.2%}"
-  return lambda r: kind.format(r.get(key, math.nan))
+def _percent(key):
+  return lambda r: f"{r[key] / r['param_bytes']:.2%}"
+
+
+def _ratio(key):
+  return lambda r: f"{r.get(key, math.nan):.2f}"
+
+
+def _mib(key):
+  return lambda r: _report.format_bytes(r[key], "MiB", label=False)
 
 
 # A table column: its header and the cell of a row (", per device" added on a mesh).
 CELLS = {
-  "median step (ms)": _cell("median_ms", "{:.1f}"),
-  "vs adam": _cell("vs_adam"),
-  "vs optax.sm3 (m=0)": _cell("vs_optax_sm3_m0"),
-  "vs sgd": _cell("vs_sgd"),
-  "compile (s)": _cell("compile_s"),
-  "compile vs adam": _cell("compile_vs_adam"),
-  "state (MiB)": _cell("state_bytes", "MiB"),
-  "state / params": _cell("state_bytes", "%"),
-  "XLA temp (MiB)": _cell("temp_bytes", "MiB"),
-  "temp / params": _cell("temp_bytes", "%"),
-  "XLA temp / params": _cell("temp_bytes", "%"),
+  "median step (ms)": lambda r: f"{r['median_ms']:.1f}",
+  "vs adam": _ratio("vs_adam"),
+  "vs optax.sm3 (m=0)": _ratio("vs_optax_sm3_m0"),
+  "vs sgd": _ratio("vs_sgd"),
+  "compile (s)": lambda r: f"{r['compile_s']:.2f}",
+  "compile vs adam": _ratio("compile_vs_adam"),
+  "state (MiB)": _mib("state_bytes"),
+  "state / params": _percent("state_bytes"),
+  "XLA temp (MiB)": _mib("temp_bytes"),
+  "temp / params": _percent("temp_bytes"),
+  "XLA temp / params": _percent("temp_bytes"),
   "all-gathers": lambda r: str(r.get("all_gathers", 0)),
 }
 _TIMES = ["median step (ms)", "vs adam", "vs optax.sm3 (m=0)", "vs sgd"]
@@ -343,8 +346,10 @@ def parse_args(argv):
   args = parser.parse_args(argv)
   args.isolated = args.isolated or args.devices > 1
   args.repeats = args.repeats or (7 if args.isolated else 11)
-  if min(args.repeats, args.steps, args.devices) < 1 or not args.scale > 0:
-    parser.error("--repeats, --steps and --devices must be >= 1, --scale > 0")
+  if min(args.repeats, args.steps, args.devices) < 1:
+    parser.error("--repeats, --steps and --devices must be >= 1")
+  if not args.scale > 0:
+    parser.error("--scale must be > 0")
   return args
 
 
