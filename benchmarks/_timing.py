@@ -47,28 +47,23 @@ def step_seconds(step, data, untimed: int = 1) -> list[float]:
   return times
 
 
-def seconds_per_call(call, calls: int) -> float:
-  """Seconds per call of ``calls`` calls of ``call()``, waited for at the end."""
-  start = time.perf_counter()
-  for _ in range(calls):
-    out = call()
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / calls
-
-
 def compiled_loop(fn, args, donate=(), **jit):
   """``fn`` compiled for ``args``, and ``run(calls)``: seconds per call of ``calls``
-  calls, each call's outputs replacing the donated arguments, in order."""
+  calls (waited for at the end), each call's outputs replacing the donated
+  arguments, in order."""
   compiled = jax.jit(fn, donate_argnums=donate, **jit).lower(*args).compile()
   args = list(args)
 
-  def call():
-    out = compiled(*args)
-    for position, index in enumerate(donate):
-      args[index] = out[position] if isinstance(out, tuple) else out
-    return out
+  def run(calls):
+    start = time.perf_counter()
+    for _ in range(calls):
+      out = compiled(*args)
+      for position, index in enumerate(donate):
+        args[index] = out[position]
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / calls
 
-  return compiled, lambda calls: seconds_per_call(call, calls)
+  return compiled, run
 
 
 def in_child(module: str, *argv: str, devices: int = 1) -> dict:

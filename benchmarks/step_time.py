@@ -7,6 +7,7 @@ Usage (from the repository root)::
 
   python -m benchmarks.step_time [--tree transformer] [--with-direct]
   python -m benchmarks.step_time --isolated [--tree transformer]
+  python -m benchmarks.step_time --isolated --tree table --with-direct --no-bf16
   python -m benchmarks.step_time --isolated --devices 8 --repeats 3 --with-direct
 
 Writes ``step_time.md`` and ``.json`` (``step_isolated.*``) under ``--out``.
@@ -69,7 +70,7 @@ def optimizers(with_direct: bool = False) -> dict[str, optax.GradientTransformat
 
 def scaled_shapes(scale: float, tree: str = "embedding") -> dict[str, tuple[int, ...]]:
   """The tree with its leading (for the conv, last) axes, or its number of
-  transformer layers, scaled."""
+  transformer layers, scaled; ``"table"`` is the embedding tree's table alone."""
   if tree == "transformer":
     d = WIDTH
     kernels = {**dict.fromkeys("qkvo", (d, d)), "up": (d, 4 * d), "down": (4 * d, d)}
@@ -81,7 +82,7 @@ def scaled_shapes(scale: float, tree: str = "embedding") -> dict[str, tuple[int,
       shapes[name] = (*shape[:3], max(1, round(shape[3] * scale)))
     elif name != "bias":
       shapes[name] = (max(1, round(shape[0] * scale)), *shape[1:])
-  return shapes
+  return {"embedding": shapes["embedding"]} if tree == "table" else shapes
 
 
 def num_params(shapes) -> int:
@@ -337,7 +338,7 @@ def parse_args(argv):
   add("--steps", type=int, default=3, help="steps per timed round")
   add("--no-sweep", action="store_true", help="skip the size sweep (in-process only)")
   add("--no-bf16", action="store_true", help="skip the bfloat16 run")
-  add("--tree", choices=("embedding", "transformer"), default="embedding")
+  add("--tree", choices=("embedding", "transformer", "table"), default="embedding")
   add("--scale", type=float, default=1.0, help="scale the tree (and the sweep)")
   add("--with-direct", action="store_true", help=f"also time {DIRECT!r}")
   add("--devices", type=int, default=1, help="> 1: a mesh of CPU devices, isolated")
