@@ -2,7 +2,8 @@
 
 Run ``python -m benchmarks`` (MovieLens-100k) or ``python -m benchmarks
 --workloads all``; ``--help`` lists the flags. Results go to ``results/``:
-``results.json``, ``results.md`` and one PNG per workload.
+``results.json`` and ``results.md`` (docs/_ext draws the docs' plots from
+the JSON).
 """
 
 from __future__ import annotations

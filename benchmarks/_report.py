@@ -1,11 +1,10 @@
 """Reporting: the helpers every benchmark shares (:func:`format_bytes`,
 :func:`table`, :func:`machine`, :func:`save`), then the main job's tables, goal
-check, JSON files and plots."""
+check and files."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import pathlib
 import platform
@@ -143,50 +142,11 @@ def markdown(results: dict) -> str:
   return "\n".join(lines)
 
 
-def plot(results: dict, folder: pathlib.Path) -> list[pathlib.Path]:
-  """One PNG per workload: loss vs step, and metric vs optimizer memory."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt
-
-  paths = []
-  for name, result in results["workloads"].items():
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    chunk = result["chunk"]
-    for opt_name, opt in result["optimizers"].items():
-      curves = [run["losses"] for run in opt["runs"]]
-      mean = [sum(c) / len(c) for c in zip(*curves, strict=True)]
-      steps = [chunk * (i + 1) for i in range(len(mean))]
-      left.plot(steps, mean, label=opt_name)
-      right.errorbar(
-        opt["state_bytes"], opt["metric_mean"], yerr=opt["metric_std"],
-        fmt="o", capsize=3, label=opt_name,
-      )  # fmt: skip
-    finite = [x for o in result["optimizers"].values() for r in o["runs"]
-              for x in r["losses"] if math.isfinite(x)]  # fmt: skip
-    if finite:
-      low = min(finite)
-      left.set_ylim(low - 0.05 * abs(low), sorted(finite)[len(finite) * 9 // 10])
-    left.set(xlabel="step", ylabel="training loss (mean over seeds)", title=name)
-    left.legend()
-    right.set_xscale("log")
-    right.set(xlabel="optimizer state (bytes)", ylabel=result["metric"], title=name)
-    right.legend()
-    fig.tight_layout()
-    path = folder / f"{name}.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    paths.append(path)
-  return paths
-
-
 def write(results: dict, folder: pathlib.Path) -> dict[str, pathlib.Path]:
-  """Writes ``results.json``, ``results.md`` and the plots into ``folder``."""
+  """Writes ``results.json`` and ``results.md`` into ``folder``."""
   folder.mkdir(parents=True, exist_ok=True)
   json_path = folder / "results.json"
   json_path.write_text(json.dumps(results, indent=1))
   md_path = folder / "results.md"
   md_path.write_text(markdown(results))
-  pngs = plot(results, folder)
-  return {"json": json_path, "markdown": md_path, **{p.stem: p for p in pngs}}
+  return {"json": json_path, "markdown": md_path}
