@@ -109,3 +109,19 @@ def test_no_module_is_over_max_lines():
   }
   long = {module: n for module, n in counts.items() if n > MAX_LINES}
   assert not long, f"modules over {MAX_LINES} lines (split each by concern): {long}"
+
+
+# The benchmarks may be at most this share of the library's lines (issue #30:
+# a benchmark that outgrows what it measures is retired or folded into another).
+MAX_BENCHMARK_SHARE = 0.35
+
+
+def test_benchmarks_stay_under_their_share_of_the_library():
+  def lines(folder: pathlib.Path) -> int:
+    return sum(len(p.read_text().splitlines()) for p in folder.rglob("*.py"))
+
+  library, benchmarks = lines(ROOT), lines(ROOT.parent / "benchmarks")
+  assert benchmarks <= MAX_BENCHMARK_SHARE * library, (
+    f"benchmarks are {benchmarks} lines, {benchmarks / library:.1%} of the "
+    f"library's {library}; at most {MAX_BENCHMARK_SHARE:.0%}"
+  )
