@@ -1,12 +1,15 @@
 """Shared pytest configuration.
 
 Tests marked ``slow`` (multi-device worker processes, long trainings, tiny
-benchmark runs) are skipped unless pytest gets ``--slow``; with ``--slow`` the
-property tests also run the ``full`` hypothesis profile.
+benchmark runs, and the parametrizations ``_tiers.fast_first`` leaves out of
+the default run) are skipped unless pytest gets ``--slow``; with ``--slow`` the
+property tests also run the ``full`` hypothesis profile. CI runs both: the
+default run, then ``-m "slow or hypothesis" --slow``.
 """
 
 import os
 
+import _tiers
 import hypothesis
 import jax
 import pytest
@@ -15,7 +18,7 @@ import pytest
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 hypothesis.settings.register_profile(
-  "ci", max_examples=20, deadline=None, derandomize=True, print_blob=True
+  "ci", max_examples=10, deadline=None, derandomize=True, print_blob=True
 )
 hypothesis.settings.register_profile(
   "full", max_examples=45, deadline=None, derandomize=True, print_blob=True
@@ -36,7 +39,8 @@ def pytest_configure(config):
   config.addinivalue_line(
     "markers", "slow: multi-device workers, long trainings; run with --slow"
   )
-  if config.getoption("--slow", default=False):
+  _tiers.slow_run = config.getoption("--slow", default=False)
+  if _tiers.slow_run:
     hypothesis.settings.load_profile("full")
 
 

@@ -79,7 +79,7 @@ _TINY = {
 
 
 # Two workloads by default; the others (same code path, other data) with --slow.
-_QUICK_WORKLOADS = ("movielens", "shakespeare-char")
+_QUICK_WORKLOADS = ("movielens",)
 
 
 @pytest.mark.parametrize(
@@ -205,6 +205,7 @@ def test_trees():
   assert len(step_time.scaled_shapes(0.25, "transformer")) == 6 * 3
 
 
+@pytest.mark.slow  # a benchmark run
 def test_step_time_cli_writes_tables(tmp_path):
   from benchmarks import step_time
 

@@ -7,6 +7,7 @@ import math
 import pathlib
 import zlib
 
+import _tiers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,7 +40,7 @@ def _train(tx, steps=20):
   return params
 
 
-@pytest.mark.parametrize("cooldown", transfer.COOLDOWNS)
+@pytest.mark.parametrize("cooldown", _tiers.fast_first(transfer.COOLDOWNS, [0.3]))
 def test_recipe_candidate_is_the_library_recipe_bit_for_bit(cooldown):
   # The candidates' fields spell the library's recipe (which they call) at
   # each cool-down: the lever study's RECIPE is the recipe at 10%.
@@ -80,6 +81,7 @@ def _candidate(name):
   return next(c for c in _study.CANDIDATES if c.name == name)
 
 
+@pytest.mark.slow  # every study candidate's training
 def test_every_candidate_trains_and_states_cost_what_they_say():
   param_bytes = _runner.tree_bytes(PARAMS)
   sizes = {}

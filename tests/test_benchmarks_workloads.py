@@ -23,14 +23,11 @@ _TINY = {
 }  # fmt: skip
 
 
-# One workload by default (the tied one); the others with --slow (the hashed
+# With --slow (the main job's tiny run trains movielens by default; the hashed
 # model trains in its sparse-path test below).
 @pytest.mark.parametrize(
   "name",
-  [
-    n if n == "wiki-word" else pytest.param(n, marks=pytest.mark.slow)
-    for n in _workloads.TRANSFER_NAMES
-  ],
+  [pytest.param(n, marks=pytest.mark.slow) for n in _workloads.TRANSFER_NAMES],
 )
 def test_transfer_workload_trains_and_scores(name):
   workload = _workloads.build(name, **_TINY[name])
@@ -49,6 +46,7 @@ def test_transfer_workload_trains_and_scores(name):
   assert workload.num_valid > 0
 
 
+@pytest.mark.slow  # a benchmark workload's training
 def test_wiki_word_ties_its_embeddings():
   workload = _workloads.build("wiki-word", **_TINY["wiki-word"])
   params = workload.init(jax.random.key(0))
@@ -107,6 +105,7 @@ def test_loaders_name_bad_arguments(loader, kwargs, match):
     loader(**kwargs)
 
 
+@pytest.mark.slow  # a benchmark workload's training
 def test_wiki_hashed_trains_its_table_through_the_sparse_path():
   """The sparse path (optax_sm3.sparse_tables in _runner.Trainer) equals the dense one."""
   assert inspect.signature(_workloads.wiki_hashed).parameters["rows"].default >= 2**18

@@ -1,6 +1,7 @@
 """The direct and blocked forms (optax_sm3._blocks): tiling, and non-finite
 gradients, which count as zero in the accumulators on every path."""
 
+import _tiers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +19,7 @@ def test_at_least_two_blocks():
 
 @pytest.mark.parametrize("variant", ["II", "I"])
 @pytest.mark.parametrize("shape", [(6, 5), (512, 256)])  # direct, blocked
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("bad", _tiers.fast_first([np.nan, np.inf, -np.inf], [np.inf]))
 def test_non_finite_entries_count_as_zero_in_the_accumulators(variant, shape, bad):
   rng = np.random.default_rng(0)
   g = rng.standard_normal(shape).astype(np.float32)

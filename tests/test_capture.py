@@ -8,6 +8,7 @@ gradient *is* a ``SparseGrad`` (no silent dense fallback).
 
 from __future__ import annotations
 
+import _tiers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,7 +118,7 @@ def _as_dense_loss(loss):
   return dense
 
 
-@pytest.mark.parametrize("outer_jit", [False, True])
+@pytest.mark.parametrize("outer_jit", _tiers.fast_first([False, True], [True]))
 @pytest.mark.parametrize("kind", KINDS)
 def test_gradient_equals_jax_grad_and_is_sparse(kind, outer_jit):
   loss, ids = _wrap(kind)
@@ -301,7 +302,7 @@ def test_int64_ids_at_or_above_2_31_do_not_wrap_onto_a_row():
 # Property: random batch layouts under vmap train exactly like dense SM3.
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=_tiers.examples(6, 2), deadline=None)
 @given(
   batch=st.integers(1, 3),
   width=st.integers(1, 4),

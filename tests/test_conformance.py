@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import _tiers
 import chex
 import jax
 import jax.numpy as jnp
@@ -137,7 +138,7 @@ def test_jit_and_sharded_init_equal_eager_init(name):
 # optax.inject_hyperparams.
 
 
-@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("jit", _tiers.fast_first([False, True], [True]))
 @pytest.mark.parametrize("name", INJECTABLE)
 def test_inject_hyperparams_gives_the_plain_state_and_updates(name, jit):
   # optax's test_optimizers_can_be_wrapped_in_inject_hyperparams.
@@ -314,7 +315,9 @@ def test_no_recompilation_over_steps(name):
   assert step._cache_size() == 1
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize(
+  "dtype", _tiers.fast_first([jnp.bfloat16, jnp.float32], [jnp.bfloat16])
+)
 @pytest.mark.parametrize("name", CASES)
 def test_multi_steps(name, dtype):
   opt = optax.MultiSteps(CASES[name].optimizer(), every_k_schedule=4)
@@ -332,7 +335,9 @@ def test_multi_steps(name, dtype):
   assert int(state.gradient_step) == 2
 
 
-@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize(
+  "dtype", _tiers.fast_first([jnp.float16, jnp.bfloat16, jnp.float32], [jnp.bfloat16])
+)
 @pytest.mark.parametrize("name", CASES)
 def test_state_dtype_stable_under_cond(name, dtype):
   # optax's test_state_shape_dtype_shard_stability: both branches of a

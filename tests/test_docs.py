@@ -214,6 +214,7 @@ def test_transfer_tables_are_the_committed_results():
   not any(shutil.which(b) for b in ("chromium", "chromium-browser")),
   reason="no chromium (scripts/docs.sh checks the tables where it has one)",
 )
+@pytest.mark.slow  # a browser; scripts/docs.sh makes the same check on every build
 def test_built_tables_fit_a_1280_pixel_page():
   """No table is clipped at 1280 px (tables.css); measured in headless Chromium."""
   sys.path.insert(0, str(DOCS.parent / "scripts"))

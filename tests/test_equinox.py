@@ -9,6 +9,7 @@ import functools
 import pathlib
 import re
 
+import _tiers
 import chex
 import equinox as eqx
 import hypothesis
@@ -294,7 +295,7 @@ def test_optimizer_matches_dense_sm3_over_steps(momentum, weight_decay):
   assert int(model.count) == 7
 
 
-@hypothesis.settings(max_examples=10, deadline=None)
+@hypothesis.settings(max_examples=_tiers.examples(10, 4), deadline=None)
 @hypothesis.given(
   ids=hnp.arrays(np.int32, (4, BAGS, BAG), elements=st.integers(0, ROWS - 1)),
   momentum=st.sampled_from([0.0, 0.9]),
@@ -342,7 +343,7 @@ def test_sync_is_the_dense_table_with_momentum():
 @pytest.mark.parametrize(
   "loss", [_vmap_loss, _filter_vmap_loss], ids=["vmap", "filter_vmap"]
 )
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("momentum", _tiers.fast_first([0.0, 0.9], [0.9]))
 def test_vmap_over_batch_matches_dense(loss, momentum):
   """``jax.vmap(model)(ids)`` / ``eqx.filter_vmap`` in the loss, under filter_jit."""
   key = jax.random.key(8)

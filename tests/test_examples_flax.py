@@ -20,6 +20,7 @@ def _load(name):
   return module
 
 
+@pytest.mark.slow  # a whole example's training (the embedding one runs by default)
 def test_flax_mlp_example():
   # Starts near 0.6 (the variance of the target).
   assert _load("flax_mlp").main(steps=80) < 0.1

@@ -11,6 +11,7 @@ catch-up) or the default one.
 
 import functools
 
+import _tiers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,11 +92,12 @@ def _check(momentum, schedule, steps, beta=0.0, weight_decay=0.0, sweep=True):
   assert (moved > 1e-3) == bool(weight_decay), moved
 
 
-@pytest.mark.parametrize("momentum", [0.5, 0.9, 0.99, 0.999])
+@pytest.mark.parametrize("momentum", _tiers.fast_first([0.5, 0.9, 0.99, 0.999], [0.9]))
 def test_momentum_betas_over_a_long_gap(momentum):
   _check(momentum, "cosine", 10_000, weight_decay=0.1, sweep=False)
 
 
+@pytest.mark.slow  # 10**5 steps
 def test_a_row_untouched_for_100000_steps():
   _check(0.999, "cosine", 100_000, beta=0.99, weight_decay=0.05, sweep=False)
 

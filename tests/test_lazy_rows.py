@@ -1,5 +1,6 @@
 """The catch-up ring of _lazy_rows against the step-by-step recurrence."""
 
+import _tiers
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -60,7 +61,7 @@ def test_geometry_spans_the_window_and_a_block(window):
   assert block <= np.sqrt(window) + 1 and blocks <= np.sqrt(window) + 3
 
 
-@hypothesis.settings(max_examples=25, deadline=None)
+@hypothesis.settings(max_examples=_tiers.examples(25, 8), deadline=None)
 @hypothesis.given(
   window=st.integers(1, 30),
   steps=st.integers(0, 90),

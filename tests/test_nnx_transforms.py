@@ -8,6 +8,7 @@ and that the sparse route's table gradient is a ``SparseGrad``.
 
 from __future__ import annotations
 
+import _tiers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,7 +112,9 @@ MODES = [
 ]
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+  "mode", _tiers.fast_first(MODES, ["plain", "nnx.vmap", "jax.checkpoint", "nnx.jit"])
+)
 def test_training_under_a_transform_equals_dense_sm3(mode):
   _, _, grads = _train(mode)
   assert isinstance(grads["embed"]["embedding"].get_value(), SparseGrad)

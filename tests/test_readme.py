@@ -159,6 +159,15 @@ def test_readme_says_what_the_test_script_prints():
   assert "`running the tests: python -m pytest -n 2 --dist loadfile`" in door
 
 
+def test_ci_runs_what_the_default_test_run_skips():
+  """The README's test command skips the slow tier; CI runs it right after."""
+  ci = (ROOT / ".ci" / "run").read_text()
+  readme = (ROOT / "README.md").read_text()
+  slow_tier = 'bash scripts/test.sh -m "slow or hypothesis" --slow'
+  assert ci.index("\nbash scripts/test.sh\n") < ci.index(f"\n{slow_tier}\n")
+  assert f"`{slow_tier}`" in readme
+
+
 def test_readme_is_a_front_door():
   """At most 200 lines, holding what a newcomer needs and pointing to the rest."""
   readme = (ROOT / "README.md").read_text()

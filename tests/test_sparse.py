@@ -5,6 +5,7 @@ import importlib.util
 import pathlib
 import sys
 
+import _tiers
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -175,7 +176,7 @@ SHAPES = st.sampled_from([(1,), (9,), (1, 3), (9, 4), (16, 1), (7, 2, 3), (5, 1,
 
 # Each example compiles a sparse and a dense step (about 1 s on a CPU core):
 # a fixed, modest number of examples, each running up to 10 steps.
-@hypothesis.settings(max_examples=12, deadline=None)
+@hypothesis.settings(max_examples=_tiers.examples(12, 4), deadline=None)
 @hypothesis.given(
   shape=SHAPES,
   steps=st.integers(1, 10),
@@ -275,7 +276,7 @@ def test_no_row_falls_more_than_sweep_period_behind():
     assert last.min() >= step - 3, (step, last)
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.9])
+@pytest.mark.parametrize("beta", _tiers.fast_first([0.0, 0.9], [0.9]))
 @pytest.mark.parametrize("shape", [(64, 8), (32, 3, 5)])
 def test_long_run_matches_dense(shape, beta):
   # Many steps with rows seen at very different rates: accumulators of rows

@@ -3,6 +3,7 @@
 import os
 import tempfile
 
+import _tiers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -143,7 +144,7 @@ def test_sparse_grad_through_vmap_scan_and_orbax():
 # sparse_grad_sum and sparse_grad_mean.
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=_tiers.examples(10, 4), deadline=None)
 @given(
   ks=st.lists(st.integers(0, 4), min_size=1, max_size=4),
   seed=st.integers(0, 2**16),
@@ -189,7 +190,10 @@ def test_sum_rejects_other_structures_and_nothing():
   "hyper",
   [
     dict(learning_rate=0.1, momentum=0.0),
-    dict(learning_rate=0.1, momentum=0.9, beta=0.5, weight_decay=1e-2),
+    pytest.param(
+      dict(learning_rate=0.1, momentum=0.9, beta=0.5, weight_decay=1e-2),
+      marks=pytest.mark.slow,
+    ),
   ],
   ids=["plain", "momentum-decay"],
 )

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 
+import _tiers
 import equinox as eqx
 import flax.linen as nn
 import jax
@@ -47,7 +48,7 @@ def _table():
   return jax.random.normal(jax.random.key(0), (ROWS, 3))
 
 
-@pytest.mark.parametrize("dtype", DTYPES_32)
+@pytest.mark.parametrize("dtype", _tiers.fast_first(DTYPES_32, [jnp.int8, jnp.uint32]))
 def test_nnx_sparse_embed_reads_and_trains_nnx_embeds_rows(dtype):
   ids = _ids(dtype)
   sparse = optax_sm3.nnx.SparseEmbed(ROWS, 3, rngs=nnx.Rngs(0))
@@ -96,7 +97,7 @@ def test_equinox_sparse_embedding_reads_eqx_embeddings_rows(dtype):
   np.testing.assert_allclose(_dense(grads.weight, ROWS), dense.weight, rtol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", DTYPES_32)
+@pytest.mark.parametrize("dtype", _tiers.fast_first(DTYPES_32, [jnp.int8, jnp.uint32]))
 def test_sparse_lookup_and_update_take_every_dtype(dtype):
   ids = _ids(dtype, (6,))
   table = _table()
@@ -172,6 +173,7 @@ X64_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a worker process with x64 on
 def test_64_bit_ids_with_x64_on():
   env = {**__import__("os").environ, "JAX_ENABLE_X64": "1"}
   out = subprocess.run(

@@ -11,6 +11,7 @@ stored behind, so the read must see the caught-up table), eagerly and under
 
 from __future__ import annotations
 
+import _tiers
 import equinox as eqx
 import flax.linen as nn
 import jax
@@ -84,8 +85,10 @@ def _sometimes_loss(p, ids, step):  # "u" read densely on odd steps only
   return jnp.sum(jnp.tanh(rows @ p["w"])) + extra
 
 
-@pytest.mark.parametrize("jit", [False, True])
-@pytest.mark.parametrize("loss", [_index_loss, _whole_loss, _sometimes_loss])
+@pytest.mark.parametrize("jit", _tiers.fast_first([False, True], [False]))
+@pytest.mark.parametrize(
+  "loss", _tiers.fast_first([_index_loss, _whole_loss, _sometimes_loss], [_index_loss])
+)
 def test_plain_route_marked_leaves_read_other_ways(loss, jit):
   params = _params()
   opt = optax_sm3.sparse_tables(_optimizer(), tables={"u": True, "b": True, "w": False})
@@ -117,7 +120,7 @@ def _alternating_loss(p, ids, step):
   return (_index_loss if int(step) % 2 else _lookup_loss)(p, ids, step)
 
 
-@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("jit", _tiers.fast_first([False, True], [False]))
 def test_plain_route_a_table_read_densely_on_some_steps_only(jit):
   # The dense read must see the rows the lazy steps left behind caught up.
   params = _params()
@@ -152,7 +155,7 @@ class _LinenEmbedModel(nn.Module):
     return jnp.sum(jnp.tanh(nn.Dense(1, name="head")(rows)))
 
 
-@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("jit", _tiers.fast_first([False, True], [True]))
 def test_linen_train_state_mask_selecting_nn_embed(jit):
   model = _LinenEmbedModel()
   params = model.init(jax.random.key(0), _ids(0))["params"]

@@ -8,6 +8,7 @@ exercised over gaps), each option set on its own.
 
 from __future__ import annotations
 
+import _tiers
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -60,7 +61,12 @@ def _batches(rows, seed):
   return out
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+# By default a few cases that between them exercise momentum, Nesterov, weight
+# decay, bias correction, SM3-I and a stacked cover; --slow runs every case.
+FAST = ("momentum", "nesterov_decay", "bias_correction", "sm3_i", "stacked")
+
+
+@pytest.mark.parametrize("case", _tiers.fast_first(sorted(CASES), FAST))
 def test_sparse_rows_equals_dense_for_every_option(case):
   opt = CASES[case]()
   rng = np.random.default_rng(0)
