@@ -112,8 +112,8 @@ class Trainer:
     self.state_bytes = tree_bytes(shapes[1]) - self.polyak_bytes
 
   def run(self, lr: float, seed: int, split: str) -> dict:
-    """Trains once, scored on ``split`` (``"tune"``: validation; ``"final"``:
-    test): the ``metric``, each chunk's mean loss, the median ``step_ms``."""
+    """Trains once, scored on ``split`` (``"tune"``: validation; ``"final"``: test):
+    the ``metric`` (and ``polyak_metric``), each chunk's loss, the ``step_ms``."""
     key = jax.random.key(seed)
     init_key, key = jax.random.split(key)
     lr = jnp.float32(lr)

@@ -329,17 +329,16 @@ def rate_markdown(report: dict) -> str:
     for higher, what in ((False, "the loss workloads"), (True, "the classifiers"))
   ]
   groups = [(what, group) for what, group in groups if group]
-  for what, group in groups:
+  for number, (what, group) in enumerate(groups):
     names = [n if key == "gaps" else f"{n} ({report['long_factor']:g}x steps)"
              for n, key in group]  # fmt: skip
-    rows, extra = [], ()
+    last = len(groups) > 1 and number == len(groups) - 1
+    extra = ("worst of all",) if last else ()
+    rows = []
     for i, setting in enumerate(report["grid"]):
-      rows.append((label(setting), [table[n][key][i] for n, key in group]))
-    if len(groups) > 1 and what == groups[-1][0]:
-      extra = ("worst of all",)
-      for i, row in enumerate(rows):
-        worst = _nan_max(table[n][key][i] for n, key in columns)
-        rows[i] = (*row, f"{worst:+.2%}")
+      row = (label(setting), [table[n][key][i] for n, key in group])
+      worst = _nan_max(table[n][key][i] for n, key in columns)
+      rows.append((*row, f"{worst:+.2%}") if last else row)
     title = (
       f"The recipe's validation gap to the tuned Adam at each setting (seed 0), {what}:"
     )

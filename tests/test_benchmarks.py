@@ -78,7 +78,7 @@ _TINY = {
 }
 
 
-# Two workloads by default; the others (same code path, other data) with --slow.
+# One workload by default; the others (same code path, other data) with --slow.
 _QUICK_WORKLOADS = ("movielens",)
 
 

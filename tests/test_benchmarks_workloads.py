@@ -23,12 +23,10 @@ _TINY = {
 }  # fmt: skip
 
 
-# With --slow (the main job's tiny run trains movielens by default; the hashed
-# model trains in its sparse-path test below).
-@pytest.mark.parametrize(
-  "name",
-  [pytest.param(n, marks=pytest.mark.slow) for n in _workloads.TRANSFER_NAMES],
-)
+# Slow: workload trainings (the main job's tiny run trains movielens by default;
+# the hashed model trains in its sparse-path test below).
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _workloads.TRANSFER_NAMES)
 def test_transfer_workload_trains_and_scores(name):
   workload = _workloads.build(name, **_TINY[name])
   params = workload.init(jax.random.key(0))
